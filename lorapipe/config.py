@@ -1,0 +1,235 @@
+"""The run configuration: one typed model, validated once, with errors that name the key.
+
+YAML < `--set dotted.key=value` overrides, both validated the same way. Cross-field checks live here,
+not in the pipeline body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem (or several), each naming the key and what is allowed."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name_or_path: str = Field(description="Hub id (e.g. meta-llama/Llama-3.1-8B-Instruct) or local folder")
+    revision: Optional[str] = Field(None, description="Hub revision/commit; recorded with the adapter")
+    trust_remote_code: bool = False
+    chat_template: Optional[str] = Field(
+        None, description="Jinja template (or path to one) used when the tokenizer ships none"
+    )
+
+
+class DataSection(_Section):
+    paths: list[str] = Field(min_length=1, description="JSONL/JSON files; relative to the config's folder's repo")
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = "auto"
+    prompt_key: str = "prompt"
+    completion_key: str = "completion"
+
+
+class ValidationSection(_Section):
+    on_bad_rows: Literal["fail", "quarantine"] = "fail"
+    max_bad_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    overlength: Literal["drop", "truncate", "fail"] = "fail"
+    min_rows: int = Field(10, ge=1)
+
+
+class SplitSection(_Section):
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    salt: str = Field("lorapipe", description="Changes which rows land in which split, deterministically")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "SplitSection":
+        if self.eval_fraction + self.test_fraction >= 0.9:
+            raise ValueError("split.eval_fraction + split.test_fraction must leave at least 10% for training")
+        return self
+
+
+class LoraSection(_Section):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Union[list[str], Literal["all-linear"]] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class TrainSection(_Section):
+    backend: Literal["auto", "hf", "unsloth", "mlx"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        "none", description="QLoRA = LoRA + this; nf4 uses double quantisation"
+    )
+    max_seq_length: int = Field(1024, ge=16)
+    micro_batch_size: Union[int, Literal["auto"]] = "auto"
+    max_micro_batch_size: int = Field(8, ge=1)
+    effective_batch_size: int = Field(16, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1, description="-1: run `epochs`")
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw_torch"
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(5, ge=1)
+    save_steps: int = Field(200, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    resume: bool = Field(True, description="Resume from the last checkpoint of the same training inputs")
+    output_root: str = Field("runs", description="Working folder for checkpoints (not the artifact store)")
+    lora: LoraSection = Field(default_factory=LoraSection)
+
+    @model_validator(mode="after")
+    def _cross(self) -> "TrainSection":
+        if self.quantization != "none" and self.backend == "mlx":
+            # mlx quantises by converting the model (mlx_lm convert -q), not by a bitsandbytes config.
+            pass
+        if isinstance(self.micro_batch_size, int) and self.micro_batch_size < 1:
+            raise ValueError("train.micro_batch_size must be 'auto' or an integer >= 1")
+        return self
+
+
+class EvaluateSection(_Section):
+    max_samples: int = Field(64, ge=1, description="Test rows scored for loss/perplexity")
+    generation_samples: int = Field(8, ge=0, description="Test rows generated for ROUGE-L and the stop rate")
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(4, ge=1)
+
+
+class MergeSection(_Section):
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    check_samples: int = Field(4, ge=1, description="Rows whose logits are compared, merged vs base+adapter")
+    logits_atol: Optional[float] = Field(None, gt=0, description="null: by dtype (f32 1e-4, f16/bf16 scaled)")
+
+
+class RegisterSection(_Section):
+    model_name: str = Field("lorapipe-model", min_length=1)
+    stage_if_better: Literal["staging", "production", "none"] = "staging"
+    min_perplexity_gain: float = Field(
+        0.0, ge=0.0, description="Relative gain in test perplexity over the base needed to promote"
+    )
+
+
+class LorapipeConfig(_Section):
+    seed: int = 42
+    model: ModelSection
+    data: DataSection
+    validation: ValidationSection = Field(default_factory=ValidationSection)
+    split: SplitSection = Field(default_factory=SplitSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    merge: MergeSection = Field(default_factory=MergeSection)
+    register: RegisterSection = Field(default_factory=RegisterSection)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("seed must be >= 0")
+        return v
+
+    def resolve_paths(self, base_dir: Path) -> "LorapipeConfig":
+        """Make relative data/model paths absolute against `base_dir` (the repo or the config's folder)."""
+        out = self.model_copy(deep=True)
+        out.data.paths = [str((base_dir / p).resolve()) if not Path(p).is_absolute() else p for p in self.data.paths]
+        local = base_dir / self.model.name_or_path
+        if not Path(self.model.name_or_path).is_absolute() and local.exists():
+            out.model.name_or_path = str(local.resolve())
+        out.train.output_root = str((base_dir / self.train.output_root).resolve())
+        return out
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical config, the part of the model version's name that is not data."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    cur: Any = model
+    for part in loc[:-1]:
+        field = cur.model_fields.get(part) if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if cur is None:
+            return []
+    return sorted(cur.model_fields) if cur is not None else []
+
+
+def _explain(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not isinstance(p, int) or True)
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(LorapipeConfig, loc)
+            problems.append(f"unknown key '{key}'; allowed keys here: {', '.join(allowed)}")
+        elif e["type"] == "missing":
+            problems.append(f"missing required key '{key}'")
+        else:
+            msg = e["msg"].replace("Value error, ", "")
+            problems.append(f"'{key}': {msg} (got {e.get('input')!r})")
+    return problems
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError([f"override '{text}' must look like dotted.key=value, e.g. train.epochs=2"], "--set")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        cur = data
+        for k in keys[:-1]:
+            nxt = cur.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError([f"override '{text}': '{k}' is a value, not a section"], "--set")
+            cur = nxt
+        cur[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> LorapipeConfig:
+    """Read, override and validate a YAML config; every problem is collected and raised once."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError([f"config file not found: {path}"], str(path))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError(["the top level must be a mapping of sections (model, data, train, ...)"], str(path))
+    data = apply_overrides(data, overrides or [])
+    return validate_config(data, str(path))
+
+
+def validate_config(data: dict, source: str = "config") -> LorapipeConfig:
+    try:
+        return LorapipeConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_explain(err), source) from None

@@ -1,0 +1,56 @@
+"""A real Great Expectations (1.x) suite over per-row facts, run in an ephemeral context (no project folder).
+
+ZenML's GE integration pins GE < 1.0, so lorapipe calls GE directly. The facts are the numbers a reviewer
+would check by hand: message counts, response lengths, token counts against the sequence limit, and that
+every row has trained tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+SUITE_NAME = "lorapipe_row_facts"
+
+
+def build_suite(columns: list[str], max_seq_length: Optional[int], min_rows: int) -> Any:
+    import great_expectations as gx
+
+    suite = gx.ExpectationSuite(name=SUITE_NAME)
+    E = gx.expectations
+    suite.add_expectation(E.ExpectTableRowCountToBeBetween(min_value=min_rows))
+    suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="n_messages", min_value=1))
+    suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="response_chars", min_value=1))
+    if "n_tokens" in columns:
+        suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column="n_tokens"))
+        suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="n_tokens", min_value=1, max_value=max_seq_length))
+        suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="n_trainable_tokens", min_value=1))
+    return suite
+
+
+def run_suite(row_facts: list[dict], max_seq_length: Optional[int], min_rows: int):
+    from lorapipe.data.validation import ExpectationsReport
+
+    import great_expectations as gx
+    import pandas as pd
+
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    df = pd.DataFrame(row_facts)
+    context = gx.get_context(mode="ephemeral")
+    source = context.data_sources.add_pandas("lorapipe")
+    asset = source.add_dataframe_asset(name="row_facts")
+    batch_def = asset.add_batch_definition_whole_dataframe("all_rows")
+    suite = context.suites.add(build_suite(list(df.columns), max_seq_length, min_rows))
+    result = batch_def.get_batch(batch_parameters={"dataframe": df}).validate(suite)
+    results, failed = [], []
+    for r in result.results:
+        cfg = r.expectation_config
+        name = cfg.type + (f"({cfg.kwargs.get('column')})" if cfg.kwargs.get("column") else "")
+        observed = r.result.get("observed_value", r.result.get("unexpected_count"))
+        results.append({"expectation": name, "success": bool(r.success), "kwargs": {k: v for k, v in cfg.kwargs.items() if k != "batch_id"},
+                        "observed": observed if isinstance(observed, (int, float, str, type(None))) else str(observed),
+                        "unexpected_percent": r.result.get("unexpected_percent")})
+        if not r.success:
+            failed.append(name)
+    return ExpectationsReport(suite_name=SUITE_NAME, success=bool(result.success), evaluated=len(results),
+                              failed=failed, results=results)

@@ -1,0 +1,419 @@
+"""Read the files people really feed fine-tuning tools and normalise every row to one conversation form.
+
+Formats: Alpaca, chat `messages` (OpenAI roles), ShareGPT `conversations`, `prompt`/`completion`
+(mlx-lm's convention, keys configurable) and plain `text`. JSONL (optionally gzipped) is streamed a line
+at a time; a JSON array (also inside a `.jsonl` file) is decoded element by element so every row keeps the
+line it starts on. Reading never raises for bad data: each problem becomes a `Problem` with file and line,
+and the row's original text is kept so nothing the user gave is lost.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
+TRAINABLE_ROLES = ("assistant",)
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class Problem:
+    """One thing wrong with the input, located precisely enough to fix it."""
+
+    source: str
+    line: int
+    field: str
+    message: str
+    fix: str
+    code: str
+    severity: str = "error"  # "error" rejects the row; "warning" keeps it
+    column: Optional[int] = None
+    other_line: Optional[int] = None
+
+    @property
+    def where(self) -> str:
+        col = f":{self.column}" if self.column else ""
+        return f"{self.source}:{self.line}{col}"
+
+    def render(self) -> str:
+        return f"{self.where}: [{self.code}] {self.field}: {self.message} (fix: {self.fix})"
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class RawRow:
+    source: str
+    line: int
+    raw: str
+    obj: Any = None
+
+
+@dataclass
+class Record:
+    """A row in lorapipe's internal form: a conversation (or a plain text) plus where it came from."""
+
+    source: str
+    line: int
+    raw: str
+    format: str
+    messages: list[dict] = field(default_factory=list)
+    text: Optional[str] = None
+    tools: Optional[str] = None
+
+    def content_key(self) -> str:
+        """Whitespace-normalised content, for duplicate detection and content-hash splitting."""
+        if self.text is not None:
+            body = " ".join(self.text.split())
+        else:
+            body = "\x1e".join(f"{m['role']}\x1f{' '.join(str(m.get('content') or '').split())}" for m in self.messages)
+        return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"source": self.source, "line": self.line, "format": self.format}
+        if self.text is not None:
+            out["text"] = self.text
+        else:
+            out["messages"] = self.messages
+        if self.tools:
+            out["tools"] = self.tools
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict, raw: str = "") -> "Record":
+        return cls(
+            source=d["source"],
+            line=d["line"],
+            raw=raw,
+            format=d["format"],
+            messages=d.get("messages", []),
+            text=d.get("text"),
+            tools=d.get("tools"),
+        )
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _decode(raw: bytes, source: str, line: int, problems: list[Problem]) -> Optional[str]:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problems.append(
+            Problem(source, line, "(line)", f"invalid UTF-8 at byte {exc.start}", "re-save the file as UTF-8",
+                    "invalid_utf8", column=exc.start + 1)
+        )
+        return None
+
+
+def _first_char(path: Path) -> str:
+    with _open_bytes(path) as fh:
+        head = fh.read(4096).lstrip(b"\xef\xbb\xbf").lstrip()
+    return head[:1].decode("ascii", "replace")
+
+
+def iter_raw_rows(path: str | Path, problems: list[Problem]) -> Iterator[RawRow]:
+    """Yield each row's parsed object with its file and line; append reading problems to `problems`."""
+    path = Path(path)
+    source = str(path)
+    if not path.exists():
+        problems.append(Problem(source, 0, "(file)", "file not found", "check data.paths in the config", "not_found"))
+        return
+    if _first_char(path) == "[":
+        yield from _iter_json_array(path, problems)
+        return
+    with _open_bytes(path) as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            text = _decode(raw, source, lineno, problems)
+            if text is None:
+                yield RawRow(source, lineno, raw.decode("utf-8", "backslashreplace").rstrip("\r\n"), None)
+                continue
+            stripped = text.strip()
+            if not stripped:
+                continue  # blank lines (and trailing CRLF) are not rows
+            try:
+                obj = json.loads(stripped)
+            except json.JSONDecodeError as exc:
+                hint = "a stray ']' or '[': JSONL has one object per line, no array brackets" if stripped in ("]", "[", "],") else "make the line one complete JSON object"
+                problems.append(Problem(source, lineno, "(line)", f"invalid JSON: {exc.msg}", hint, "invalid_json",
+                                        column=exc.colno))
+                yield RawRow(source, lineno, stripped, None)
+                continue
+            if not isinstance(obj, dict):
+                problems.append(Problem(source, lineno, "(line)", f"a JSON {type(obj).__name__}, not an object",
+                                        "each row must be a JSON object like {\"prompt\": ..., \"completion\": ...}",
+                                        "not_object"))
+                yield RawRow(source, lineno, stripped, None)
+                continue
+            yield RawRow(source, lineno, stripped, obj)
+
+
+def _iter_json_array(path: Path, problems: list[Problem]) -> Iterator[RawRow]:
+    # JSON arrays are read whole (they are the small Alpaca/ShareGPT demo files in practice); each element
+    # keeps the line it starts on. Use JSONL for large data: it streams.
+    source = str(path)
+    with _open_bytes(path) as fh:
+        data = fh.read()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        problems.append(Problem(source, line, "(file)", f"invalid UTF-8 at byte {exc.start}", "re-save the file as UTF-8",
+                                "invalid_utf8"))
+        return
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    n = len(text)
+    line_at = _LineCounter(text)
+    while True:
+        while pos < n and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= n:
+            problems.append(Problem(source, line_at(n), "(file)", "the JSON array is not closed with ']'",
+                                    "add the closing ']' (the file may be truncated)", "invalid_json"))
+            return
+        if text[pos] == "]":
+            rest = text[pos + 1:].strip()
+            if rest:
+                problems.append(Problem(source, line_at(pos + 1 + text[pos + 1:].index(rest[0])), "(file)",
+                                        "text after the closing ']'", "remove it", "invalid_json"))
+            return
+        start = pos
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            problems.append(Problem(source, exc.lineno, "(row)", f"invalid JSON: {exc.msg}",
+                                    "fix the element; the rest of the array cannot be read past it", "invalid_json",
+                                    column=exc.colno))
+            return
+        line = line_at(start)
+        if not isinstance(obj, dict):
+            problems.append(Problem(source, line, "(row)", f"a JSON {type(obj).__name__}, not an object",
+                                    "each element must be a JSON object", "not_object"))
+            yield RawRow(source, line, text[start:pos], None)
+            continue
+        yield RawRow(source, line, text[start:pos], obj)
+
+
+class _LineCounter:
+    """Offset -> 1-based line, incrementally (offsets only grow)."""
+
+    def __init__(self, text: str):
+        self.text, self.pos, self.line = text, 0, 1
+
+    def __call__(self, offset: int) -> int:
+        if offset < self.pos:
+            return self.text.count("\n", 0, offset) + 1
+        self.line += self.text.count("\n", self.pos, offset)
+        self.pos = offset
+        return self.line
+
+
+# --------------------------------------------------------------------------------------------- formats
+
+
+def detect_format(obj: dict, prompt_key: str = "prompt", completion_key: str = "completion") -> Optional[str]:
+    if "messages" in obj:
+        return "messages"
+    if "conversations" in obj:
+        return "sharegpt"
+    if "instruction" in obj:
+        return "alpaca"
+    if prompt_key in obj and completion_key in obj:
+        return "prompt_completion"
+    if "text" in obj:
+        return "text"
+    return None
+
+
+def _expect_str(obj: dict, key: str, row: RawRow, problems: list[Problem], required: bool = True, label: str = "") -> Optional[str]:
+    name = label or key
+    if key not in obj or obj[key] is None:
+        if required:
+            problems.append(Problem(row.source, row.line, name, "missing", f"add a string '{key}' field", "missing_field"))
+        return None
+    value = obj[key]
+    if not isinstance(value, str):
+        problems.append(Problem(row.source, row.line, name, f"expected a string, got {type(value).__name__}",
+                                f"make '{key}' a string", "wrong_type"))
+        return None
+    return value
+
+
+def normalise(row: RawRow, fmt: str, problems: list[Problem], prompt_key: str = "prompt",
+              completion_key: str = "completion") -> Optional[Record]:
+    """Turn one parsed row into a Record; append field problems and return None when it cannot be built."""
+    obj, n_before = row.obj, len(problems)
+    rec = Record(row.source, row.line, row.raw, fmt)
+    if fmt == "text":
+        rec.text = _expect_str(obj, "text", row, problems)
+    elif fmt == "prompt_completion":
+        prompt = _expect_str(obj, prompt_key, row, problems)
+        completion = _expect_str(obj, completion_key, row, problems)
+        rec.messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    elif fmt == "alpaca":
+        instruction = _expect_str(obj, "instruction", row, problems)
+        extra = _expect_str(obj, "input", row, problems, required=False)
+        output = _expect_str(obj, "output", row, problems)
+        system = _expect_str(obj, "system", row, problems, required=False)
+        if system:
+            rec.messages.append({"role": "system", "content": system})
+        history = obj.get("history") or []
+        if not isinstance(history, list) or not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history):
+            problems.append(Problem(row.source, row.line, "history", "expected a list of [question, answer] string pairs",
+                                    "fix or remove 'history'", "wrong_type"))
+            history = []
+        for q, a in history:
+            rec.messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        user = instruction if not extra else f"{instruction}\n\n{extra}" if instruction is not None else None
+        rec.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    elif fmt == "messages":
+        msgs = obj.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            problems.append(Problem(row.source, row.line, "messages", "expected a non-empty list of {role, content}",
+                                    "give 'messages' as [{\"role\": \"user\", \"content\": ...}, ...]", "wrong_type"))
+        else:
+            for i, m in enumerate(msgs):
+                fld = f"messages[{i}]"
+                if not isinstance(m, dict):
+                    problems.append(Problem(row.source, row.line, fld, "expected an object", "use {role, content}", "wrong_type"))
+                    continue
+                role = m.get("role")
+                if role not in CHAT_ROLES:
+                    problems.append(Problem(row.source, row.line, f"{fld}.role", f"unknown role {role!r}",
+                                            f"use one of {', '.join(CHAT_ROLES)}", "bad_role"))
+                    continue
+                content = m.get("content")
+                if content is not None and not isinstance(content, str):
+                    problems.append(Problem(row.source, row.line, f"{fld}.content",
+                                            f"expected a string, got {type(content).__name__}", "make content a string",
+                                            "wrong_type"))
+                    continue
+                msg = {"role": role, "content": content}
+                if m.get("tool_calls"):
+                    msg["tool_calls"] = m["tool_calls"]
+                    if content is None:
+                        msg["content"] = json.dumps(m["tool_calls"], ensure_ascii=False)
+                elif content is None:
+                    problems.append(Problem(row.source, row.line, f"{fld}.content", "missing",
+                                            "add a string 'content' (or 'tool_calls' for an assistant call)", "missing_field"))
+                    continue
+                rec.messages.append(msg)
+        if obj.get("tools") is not None:
+            rec.tools = obj["tools"] if isinstance(obj["tools"], str) else json.dumps(obj["tools"], ensure_ascii=False)
+    elif fmt == "sharegpt":
+        turns = obj.get("conversations")
+        if not isinstance(turns, list) or not turns:
+            problems.append(Problem(row.source, row.line, "conversations", "expected a non-empty list of {from, value}",
+                                    "give 'conversations' as [{\"from\": \"human\", \"value\": ...}, ...]", "wrong_type"))
+        else:
+            if isinstance(obj.get("system"), str) and obj["system"]:
+                rec.messages.append({"role": "system", "content": obj["system"]})
+            for i, t in enumerate(turns):
+                fld = f"conversations[{i}]"
+                if not isinstance(t, dict):
+                    problems.append(Problem(row.source, row.line, fld, "expected an object", "use {from, value}", "wrong_type"))
+                    continue
+                role = SHAREGPT_ROLES.get(t.get("from"))
+                if role is None:
+                    problems.append(Problem(row.source, row.line, f"{fld}.from", f"unknown speaker {t.get('from')!r}",
+                                            f"use one of {', '.join(SHAREGPT_ROLES)}", "bad_role"))
+                    continue
+                value = t.get("value")
+                if not isinstance(value, str):
+                    problems.append(Problem(row.source, row.line, f"{fld}.value", "expected a string",
+                                            "make 'value' a string", "wrong_type"))
+                    continue
+                rec.messages.append({"role": role, "content": value})
+        if obj.get("tools") is not None:
+            rec.tools = obj["tools"] if isinstance(obj["tools"], str) else json.dumps(obj["tools"], ensure_ascii=False)
+    if len(problems) > n_before and any(p.severity == "error" for p in problems[n_before:]):
+        return None
+    return rec
+
+
+@dataclass
+class ReadResult:
+    records: list[Record]
+    problems: list[Problem]
+    rejected: list[RawRow]
+    formats: dict[str, str]  # file -> detected format
+
+
+def read_records(paths: list[str], fmt: str = "auto", prompt_key: str = "prompt",
+                 completion_key: str = "completion") -> ReadResult:
+    """Read and normalise every file; collect every problem; keep the raw text of every rejected row."""
+    records: list[Record] = []
+    problems: list[Problem] = []
+    rejected: list[RawRow] = []
+    formats: dict[str, str] = {}
+    for path in paths:
+        file_fmt: Optional[str] = None if fmt == "auto" else fmt
+        first_line = 0
+        for row in iter_raw_rows(path, problems):
+            if row.obj is None:  # unreadable: the problem is recorded, the raw text is kept
+                rejected.append(row)
+                continue
+            row_fmt = detect_format(row.obj, prompt_key, completion_key)
+            if file_fmt is None:
+                if row_fmt is None:
+                    problems.append(Problem(row.source, row.line, "(row)", f"no known format in keys {sorted(row.obj)[:8]}",
+                                            f"use one of: {', '.join(FORMATS)} (prompt/completion keys: data.prompt_key, data.completion_key)",
+                                            "unknown_format"))
+                    rejected.append(row)
+                    continue
+                file_fmt, first_line = row_fmt, row.line
+            elif row_fmt != file_fmt and not (fmt != "auto" and row_fmt is None):
+                problems.append(Problem(row.source, row.line, "(row)",
+                                        f"format {row_fmt or 'unknown'} differs from {file_fmt} (detected at line {first_line or 1})",
+                                        "keep one format per file, or split the file", "mixed_format"))
+                rejected.append(row)
+                continue
+            rec = normalise(row, file_fmt, problems, prompt_key, completion_key)
+            if rec is None:
+                rejected.append(row)
+            else:
+                records.append(rec)
+        if file_fmt:
+            formats[str(path)] = file_fmt
+    return ReadResult(records, problems, rejected, formats)
+
+
+def file_fingerprint(paths: list[str]) -> str:
+    """sha256 over the bytes of every data file, in order: the data part of the cache key and lineage."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(b"\x00file\x00")
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+PLACEHOLDER_RE = re.compile(r"\{\{\s*[A-Za-z_][\w.]*\s*\}\}")
+CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")

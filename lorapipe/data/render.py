@@ -1,0 +1,99 @@
+"""Render a conversation with the model's chat template and build the assistant-only loss mask.
+
+One implementation serves training, evaluation and the learns-to-stop audit, so what the audit checks is
+exactly what the trainer sees. Trainable spans are found by rendering growing prefixes of the conversation
+(`messages[:i]` with the generation prompt, then `messages[:i+1]`): everything the template emits for an
+assistant turn, its turn-end/EOS token included, is trained; everything else is masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from lorapipe.data.formats import Record
+
+# Used only when the tokenizer ships no chat template (base models): Alpaca-style, EOS after every answer,
+# like the seed notebook's template, so the model learns to stop.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'tool' %}### Tool result:\n{{ m['content'] }}\n\n"
+    "{% else %}### Response:\n{{ m['content'] }}{{ eos_token }}\n\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}"
+)
+
+
+class RenderError(ValueError):
+    pass
+
+
+def ensure_chat_template(tokenizer: Any, override: Optional[str] = None) -> str:
+    """Give the tokenizer a chat template: the config's, else its own, else the fallback. Returns its source."""
+    if override:
+        path = Path(override)
+        tokenizer.chat_template = path.read_text(encoding="utf-8") if path.exists() else override
+        return "config"
+    if getattr(tokenizer, "chat_template", None):
+        return "tokenizer"
+    tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return "fallback"
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    assistant_mask: list[int]
+    rendered: str
+    full_length: int  # tokens before truncation
+    truncated: bool
+
+
+def _render(tokenizer: Any, messages: list[dict], tools: Optional[str], add_generation_prompt: bool) -> str:
+    kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt}
+    return tokenizer.apply_chat_template(messages, **kwargs)
+
+
+def trainable_spans(tokenizer: Any, record: Record) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character spans [start, end) of every assistant turn."""
+    if record.text is not None:
+        text = record.text + (tokenizer.eos_token or "")
+        return text, [(0, len(text))]
+    msgs = record.messages
+    full = _render(tokenizer, msgs, record.tools, add_generation_prompt=False)
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, msgs[:i], record.tools, add_generation_prompt=True) if i else ""
+        through = _render(tokenizer, msgs[: i + 1], record.tools, add_generation_prompt=False)
+        if not full.startswith(through) or not through.startswith(before):
+            raise RenderError(
+                "the chat template does not render conversations prefix by prefix, so assistant turns cannot be "
+                "located; set model.chat_template to a template that does"
+            )
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def encode(tokenizer: Any, record: Record, max_length: Optional[int] = None) -> Encoded:
+    """Token ids and assistant mask (1 = trained) for one record, truncated to `max_length` if given."""
+    text, spans = trainable_spans(tokenizer, record)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = enc["input_ids"]
+    mask = []
+    for start, end in enc["offset_mapping"]:
+        inside = any(start < s_end and end > s_start for s_start, s_end in spans) if end > start else False
+        mask.append(1 if inside else 0)
+    # a token like EOS may have an empty offset span: it belongs to the span it closes
+    for k, (start, end) in enumerate(enc["offset_mapping"]):
+        if end <= start:
+            mask[k] = 1 if any(s_start < start <= s_end for s_start, s_end in spans) else 0
+    full = len(ids)
+    truncated = max_length is not None and full > max_length
+    if truncated:
+        ids, mask = ids[:max_length], mask[:max_length]
+    return Encoded(ids, mask, text, full, truncated)

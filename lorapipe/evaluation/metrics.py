@@ -1,0 +1,146 @@
+"""Offline evaluation: masked loss / perplexity of base vs tuned, and generation metrics.
+
+`evaluate.load("rouge")` needs the hub, so ROUGE-L is computed here (LCS over whitespace tokens).
+The stop rate counts generations that ended on EOS before `max_new_tokens`: the symptom of a model
+that never learned to stop.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from pydantic import BaseModel
+
+from lorapipe.data.dataset import ConversationDataset
+from lorapipe.data.formats import Record
+
+
+class ModelScores(BaseModel):
+    loss: float
+    perplexity: float
+    rouge_l: Optional[float] = None
+    exact_match: Optional[float] = None
+    stop_rate: Optional[float] = None
+
+
+class EvalMetrics(BaseModel):
+    test_rows: int
+    scored_rows: int
+    generated_rows: int
+    scored_tokens: int
+    base: ModelScores
+    tuned: ModelScores
+    perplexity_gain: float  # relative: (base - tuned) / base
+    tuned_beats_base: bool
+    samples: list[dict]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    a, b = prediction.split(), reference.split()
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b, start=1):
+            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+def masked_loss(model: Any, tokenizer: Any, records: list[Record], max_length: int, batch_size: int) -> tuple[float, int]:
+    """Mean token NLL over assistant tokens only, and the number of tokens scored."""
+    import torch
+
+    from lorapipe.data.render import encode
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    encs = [encode(tokenizer, r, max_length) for r in records]
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(encs), batch_size):
+            batch = encs[i:i + batch_size]
+            width = max(len(e.input_ids) for e in batch)
+            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            att = torch.zeros((len(batch), width), dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            for k, e in enumerate(batch):
+                n = len(e.input_ids)
+                ids[k, :n] = torch.tensor(e.input_ids)
+                att[k, :n] = 1
+                labels[k, :n] = torch.tensor([t if m else -100 for t, m in zip(e.input_ids, e.assistant_mask)])
+            logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float()
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
+            nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                                                    shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+            total += float(nll)
+            count += int((shift_labels != -100).sum())
+    return (total / count if count else float("nan")), count
+
+
+def generate_scores(model: Any, tokenizer: Any, records: list[Record], max_new_tokens: int) -> tuple[dict, list[dict]]:
+    import torch
+
+    device = next(model.parameters()).device
+    rouge, exact, stops, samples = [], [], [], []
+    for rec in records:
+        if rec.text is not None or not rec.messages or rec.messages[-1]["role"] != "assistant":
+            continue
+        prompt_msgs, reference = rec.messages[:-1], rec.messages[-1]["content"]
+        prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        new = out[0, ids.shape[1]:].tolist()
+        stopped = tokenizer.eos_token_id in new
+        text = tokenizer.decode(new, skip_special_tokens=True).strip()
+        rouge.append(rouge_l(text, reference))
+        exact.append(float(text == reference.strip()))
+        stops.append(float(stopped))
+        samples.append({"source": f"{rec.source}:{rec.line}", "prediction": text[:500], "reference": reference[:500],
+                        "stopped": stopped})
+    n = len(rouge)
+    scores = {"rouge_l": sum(rouge) / n if n else None, "exact_match": sum(exact) / n if n else None,
+              "stop_rate": sum(stops) / n if n else None}
+    return scores, samples
+
+
+def evaluate_adapter(base_name: str, adapter_dir: str, test: ConversationDataset, max_samples: int,
+                     generation_samples: int, max_new_tokens: int, max_length: int, batch_size: int,
+                     dtype: str = "float32", device: str = "cpu", revision: Optional[str] = None,
+                     chat_template: Optional[str] = None) -> EvalMetrics:
+    """Score the base and base+adapter on the same test rows, in one loaded model (adapter toggled off)."""
+    from peft import PeftModel
+
+    from lorapipe.models.loading import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(adapter_dir, chat_template=chat_template)
+    base = load_model(base_name, dtype, revision, device=device)
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    scored = test.records[:max_samples]
+    gen = test.records[:generation_samples]
+    if not scored:
+        raise ValueError("the test split is empty: raise split.test_fraction or add data")
+    results = {}
+    samples: list[dict] = []
+    tokens = 0
+    for label in ("base", "tuned"):
+        if label == "base":
+            with model.disable_adapter():
+                loss, tokens = masked_loss(model, tokenizer, scored, max_length, batch_size)
+                gscores, _ = generate_scores(model, tokenizer, gen, max_new_tokens) if gen else ({}, [])
+        else:
+            loss, tokens = masked_loss(model, tokenizer, scored, max_length, batch_size)
+            gscores, samples = generate_scores(model, tokenizer, gen, max_new_tokens) if gen else ({}, [])
+        results[label] = ModelScores(loss=loss, perplexity=math.exp(min(loss, 50.0)), **gscores)
+    gain = (results["base"].perplexity - results["tuned"].perplexity) / results["base"].perplexity
+    return EvalMetrics(test_rows=len(test), scored_rows=len(scored), generated_rows=len(samples), scored_tokens=tokens,
+                       base=results["base"], tuned=results["tuned"], perplexity_gain=gain,
+                       tuned_beats_base=results["tuned"].perplexity < results["base"].perplexity, samples=samples)
