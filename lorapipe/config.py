@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -25,7 +26,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # protected_namespaces=(): sections are named `model` and `register`, which pydantic would flag
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
 class ModelSection(_Section):
@@ -101,9 +103,6 @@ class TrainSection(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> "TrainSection":
-        if self.quantization != "none" and self.backend == "mlx":
-            # mlx quantises by converting the model (mlx_lm convert -q), not by a bitsandbytes config.
-            pass
         if isinstance(self.micro_batch_size, int) and self.micro_batch_size < 1:
             raise ValueError("train.micro_batch_size must be 'auto' or an integer >= 1")
         return self
@@ -128,6 +127,10 @@ class RegisterSection(_Section):
     min_perplexity_gain: float = Field(
         0.0, ge=0.0, description="Relative gain in test perplexity over the base needed to promote"
     )
+
+
+# `register` shadows ABCMeta.register on the class, never on instances: the warning is noise.
+warnings.filterwarnings("ignore", message='Field name "register"')
 
 
 class LorapipeConfig(_Section):
@@ -180,7 +183,7 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
 def _explain(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not isinstance(p, int) or True)
+        loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(LorapipeConfig, loc)

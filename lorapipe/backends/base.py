@@ -9,7 +9,7 @@ from typing import Any, Optional, Protocol
 
 from pydantic import BaseModel
 
-from lorapipe.config import LorapipeConfig
+from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
 
@@ -41,34 +41,34 @@ class AdapterInfo(BaseModel):
 class TrainingBackend(Protocol):
     name: str
 
-    def train(self, config: LorapipeConfig, plan: TrainingPlan, train: ConversationDataset,
-              eval: ConversationDataset, work_dir: Path, adapter_dir: Path) -> AdapterInfo:
+    def train(self, model: ModelSection, train_cfg: TrainSection, seed: int, plan: TrainingPlan,
+              train: ConversationDataset, eval: ConversationDataset, work_dir: Path, adapter_dir: Path) -> AdapterInfo:
         """Train (resuming from the last checkpoint in `work_dir` if allowed) and save the adapter."""
         ...
 
 
-def training_key(config: LorapipeConfig, plan: TrainingPlan, train: ConversationDataset,
-                 eval: ConversationDataset) -> str:
+def training_key(model: ModelSection, train_cfg: TrainSection, seed: int, plan: TrainingPlan,
+                 train: ConversationDataset, eval: ConversationDataset) -> str:
     """Fingerprint of everything that shapes training: the checkpoint folder's name, so a re-run resumes."""
     blob = json.dumps({
         "train": train.fingerprint, "eval": eval.fingerprint, "plan": plan.model_dump(mode="json", exclude={"memory", "reasons", "warnings"}),
-        "train_config": config.train.model_dump(mode="json", exclude={"resume", "output_root"}),
-        "model": config.model.model_dump(mode="json"), "seed": config.seed,
+        "train_config": train_cfg.model_dump(mode="json", exclude={"resume", "output_root"}),
+        "model": model.model_dump(mode="json"), "seed": seed,
     }, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def write_adapter_metadata(adapter_dir: Path, config: LorapipeConfig, plan: TrainingPlan, info: AdapterInfo,
-                           extra: Optional[dict[str, Any]] = None) -> None:
+def write_adapter_metadata(adapter_dir: Path, model: ModelSection, train_cfg: TrainSection, seed: int,
+                           plan: TrainingPlan, info: AdapterInfo, extra: Optional[dict[str, Any]] = None) -> None:
     """Every adapter folder describes itself: merge and register need nothing else."""
     meta = {
-        "base_model": config.model.name_or_path,
-        "base_revision": config.model.revision,
+        "base_model": model.name_or_path,
+        "base_revision": model.revision,
         "data_fingerprint": info.data_fingerprint,
-        "seed": config.seed,
+        "seed": seed,
         "plan": plan.model_dump(mode="json"),
-        "training_config": config.train.model_dump(mode="json"),
-        "chat_template_override": config.model.chat_template,
+        "training_config": train_cfg.model_dump(mode="json"),
+        "chat_template_override": model.chat_template,
         "result": info.model_dump(mode="json", exclude={"path"}),
         **(extra or {}),
     }

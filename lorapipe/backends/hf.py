@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lorapipe.backends.base import AdapterInfo, write_adapter_metadata
-from lorapipe.config import LorapipeConfig
+from lorapipe.config import LoraSection, ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
 
@@ -27,10 +27,9 @@ def tokenize_dataset(dataset: ConversationDataset, tokenizer: Any, max_length: i
     return Dataset.from_dict(rows)
 
 
-def lora_config(config: LorapipeConfig) -> Any:
+def lora_config(lora: LoraSection) -> Any:
     from peft import LoraConfig
 
-    lora = config.train.lora
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                       target_modules=lora.target_modules, task_type="CAUSAL_LM")
 
@@ -52,8 +51,9 @@ def _peak_memory_gb(device: str) -> float:
 class HFBackend:
     name = "hf"
 
-    def train(self, config: LorapipeConfig, plan: TrainingPlan, train: ConversationDataset,
-              eval: ConversationDataset, work_dir: Path, adapter_dir: Path) -> AdapterInfo:  # noqa: A002
+    def train(self, model_cfg: ModelSection, t: TrainSection, seed: int, plan: TrainingPlan,
+              train: ConversationDataset, eval: ConversationDataset, work_dir: Path,  # noqa: A002
+              adapter_dir: Path) -> AdapterInfo:
         import torch
         import transformers
         from peft import prepare_model_for_kbit_training
@@ -63,9 +63,9 @@ class HFBackend:
         from lorapipe.hardware.probe import package_versions
         from lorapipe.models.loading import load_model, load_tokenizer
 
-        set_seed(config.seed)
+        set_seed(seed)
         transformers.logging.set_verbosity_error()
-        m = config.model
+        m = model_cfg
         tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, m.chat_template)
         model = load_model(m.name_or_path, plan.dtype, m.revision, m.trust_remote_code, plan.quantization, plan.device)
         if plan.quantization != "none":
@@ -75,7 +75,6 @@ class HFBackend:
 
         train_ds = tokenize_dataset(train, tokenizer, plan.max_seq_length)
         eval_ds = tokenize_dataset(eval, tokenizer, plan.max_seq_length) if len(eval) else None
-        t = config.train
         ckpt_dir = work_dir / "checkpoints"
         args = SFTConfig(
             output_dir=str(ckpt_dir),
@@ -94,8 +93,8 @@ class HFBackend:
             save_steps=t.save_steps,
             save_total_limit=t.save_total_limit,
             eval_strategy="no",
-            seed=config.seed,
-            data_seed=config.seed,
+            seed=seed,
+            data_seed=seed,
             bf16=plan.dtype == "bfloat16",
             fp16=plan.dtype == "float16",
             use_cpu=plan.device == "cpu",
@@ -111,7 +110,7 @@ class HFBackend:
                 print(f"checkpoint saved: step {state.global_step}", flush=True)
 
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tokenizer, peft_config=lora_config(config),
+                             processing_class=tokenizer, peft_config=lora_config(t.lora),
                              callbacks=[_SaveAnnouncer()])
         resume_from = last_checkpoint(ckpt_dir) if t.resume else None
         if resume_from is not None:
@@ -129,13 +128,13 @@ class HFBackend:
             for entry in trainer.state.log_history:
                 fh.write(json.dumps(entry) + "\n")
         info = AdapterInfo(
-            path=str(adapter_dir), backend=self.name, device=plan.device, base_model=config.model.name_or_path,
-            base_revision=config.model.revision, data_fingerprint=train.fingerprint, train_rows=len(train),
+            path=str(adapter_dir), backend=self.name, device=plan.device, base_model=m.name_or_path,
+            base_revision=m.revision, data_fingerprint=train.fingerprint, train_rows=len(train),
             steps=trainer.state.global_step, train_loss=float(result.training_loss) if result.training_loss is not None else None,
             train_tokens=tokens, tokens_per_second=tokens / seconds if seconds > 0 else 0.0, train_seconds=seconds,
             peak_memory_gb=round(_peak_memory_gb(plan.device), 3),
             resumed_from=str(resume_from) if resume_from else None, versions=package_versions(),
         )
-        write_adapter_metadata(adapter_dir, config, plan, info)
+        write_adapter_metadata(adapter_dir, m, t, seed, plan, info)
         del trainer, model
         return info

@@ -443,3 +443,9 @@ def _turns_end_with(ids: list[int], mask: list[int], eos_id: Optional[int], wind
             runs.append((start, i))
             start = None
     return bool(runs) and all(eos_id in ids[max(s, e - window):e] for s, e in runs)
+
+
+class RejectedRows(BaseModel):
+    """Every row the user gave that was not accepted, as its original text, with file, line and reasons."""
+
+    rows: list[RejectedRow]

@@ -1,0 +1,231 @@
+"""`lorapipe` command line: run the pipeline, validate data, build the tiny model, show lineage.
+
+User mistakes (bad config, bad data, a plan that cannot run) end with a clear message and exit code 1
+(2 for usage errors), never a bare traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def use_repo_as_source_root() -> None:
+    """ZenML imports steps by module path from its source root: make that this repository."""
+    from zenml.utils import source_utils
+
+    source_utils.set_custom_source_root(str(REPO_ROOT))
+
+
+def _quiet_env() -> None:
+    os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def _user_errors() -> tuple:
+    from lorapipe.backends.base import BackendUnavailable
+    from lorapipe.data.validation import DataValidationError
+    from lorapipe.hardware.plan import PlanError
+    from steps.merge import MergeCheckFailed
+
+    return (DataValidationError, PlanError, BackendUnavailable, MergeCheckFailed)
+
+
+def model_version_name(data_sha: str, config_sha: str) -> str:
+    """Named by data + config, so a cached re-run reuses its version instead of leaving an empty one."""
+    return hashlib.sha256(f"{data_sha}:{config_sha}".encode()).hexdigest()[:16]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lorapipe.config import ConfigError, load_config
+    from lorapipe.data.formats import file_fingerprint
+
+    try:
+        cfg = load_config(args.config, args.set or [])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    base = Path.cwd()
+    resolved = cfg.resolve_paths(base)
+    missing = [p for p in resolved.data.paths if not Path(p).exists()]
+    if missing:
+        print(f"error: {args.config}: data.paths: not found: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    data_sha = file_fingerprint(resolved.data.paths)
+    identity = cfg.model_copy(deep=True)
+    identity.data.paths = [Path(p).name for p in cfg.data.paths]
+    identity.train.output_root, identity.train.resume = "", True
+    config_sha = identity.fingerprint()
+    version = model_version_name(data_sha, config_sha)
+
+    from zenml import Model
+
+    use_repo_as_source_root()
+    from pipelines.finetune import finetune
+
+    USER_ERRORS = _user_errors()
+
+    pipe = finetune.with_options(
+        model=Model(name=cfg.register.model_name, version=version,
+                    description=f"LoRA fine-tune of {cfg.model.name_or_path}",
+                    tags=["lorapipe"]),
+        enable_cache=not args.no_cache,
+    )
+    start = time.perf_counter()
+    try:
+        run = pipe(config=resolved.model_dump(mode="json"), data_files_sha256=data_sha, config_sha256=config_sha)
+    except USER_ERRORS as exc:  # a user's mistake: its message says what to fix; no traceback
+        print(f"\nerror: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - start
+    print_summary(run, cfg.register.model_name, version, seconds)
+    return 0
+
+
+def print_summary(run, model_name: str, version: str, seconds: float) -> None:
+    from zenml.client import Client
+
+    client = Client()
+    run = client.get_pipeline_run(run.id)
+    steps = run.steps
+    cached = sorted(n for n, s in steps.items() if str(s.status).endswith("cached"))
+    mv = client.get_model_version(model_name, version)
+    metrics = steps["evaluate_model"].outputs["eval_metrics"][0].load()
+    adapter_uri = steps["train_adapter"].outputs["adapter"][0].uri
+    merged_uri = steps["merge_model"].outputs["merged_model"][0].uri
+    print("\n" + "=" * 72)
+    print(f"lorapipe run {run.name}: {run.status} in {seconds:.1f}s ({len(cached)} of {len(steps)} steps from cache)")
+    print(f"model        {model_name} version {version}, stage: {mv.stage or 'none'}")
+    print(f"perplexity   base {metrics.base.perplexity:.2f} -> tuned {metrics.tuned.perplexity:.2f} "
+          f"({metrics.perplexity_gain:+.1%}) on {metrics.scored_rows} test rows")
+    if metrics.tuned.rouge_l is not None:
+        print(f"generation   ROUGE-L base {metrics.base.rouge_l:.3f} -> tuned {metrics.tuned.rouge_l:.3f}; "
+              f"stop rate tuned {metrics.tuned.stop_rate:.0%}")
+    print(f"adapter      {adapter_uri}/folder")
+    print(f"merged model {merged_uri}/folder")
+    print(f"store        {client.zen_store.url}")
+    print("look further:")
+    print(f"  lorapipe lineage {model_name} --version {version}")
+    print("  make dashboard        # local ZenML dashboard: runs, artifacts, model versions")
+    print("=" * 72)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from lorapipe.data.validation import validate_dataset
+
+    tokenizer = None
+    if args.model:
+        from lorapipe.models.loading import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(args.model)
+        except Exception as exc:  # noqa: BLE001 - a model that cannot load is a usage error
+            print(f"error: --model {args.model}: cannot load its tokenizer: {exc}", file=sys.stderr)
+            return 2
+    for p in args.paths:
+        if not Path(p).exists():
+            print(f"error: {p}: file not found", file=sys.stderr)
+            return 2
+    outcome = validate_dataset(args.paths, args.format, args.prompt_key, args.completion_key, tokenizer=tokenizer,
+                               max_seq_length=args.max_seq_length, overlength=args.overlength,
+                               on_bad_rows="fail", min_rows=1)
+    if args.json:
+        print(json.dumps(outcome.report.model_dump(mode="json"), indent=2))
+    else:
+        print("\n".join(outcome.report.summary_lines()))
+    return 0 if outcome.report.errors == 0 and outcome.report.passed else 1
+
+
+def cmd_build_tiny_model(args: argparse.Namespace) -> int:
+    from lorapipe.models.tiny import build_tiny_model
+
+    corpus = [Path(p) for p in args.corpus] if args.corpus else [REPO_ROOT / "data" / "quickstart" / "wwdc25_train_slice.jsonl"]
+    out = build_tiny_model(args.out, corpus, seed=args.seed)
+    print(f"tiny model written to {out}")
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from zenml.client import Client
+
+    client = Client()
+    try:
+        if args.version:
+            mv = client.get_model_version(args.model, args.version)
+        else:
+            page = client.list_model_versions(model=args.model, sort_by="desc:created", size=1)
+            if not page.items:
+                raise KeyError(f"model {args.model} has no version yet")
+            mv = client.get_model_version(args.model, page.items[0].name)
+    except KeyError as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 1
+    meta = {k: v for k, v in mv.run_metadata.items()}
+    print(f"model {args.model} version {mv.name} (stage: {mv.stage or 'none'})")
+    data = meta.get("data", {})
+    print(f"  data files sha256      {data.get('files_sha256', '?')}")
+    print(f"  validated rows sha256  {data.get('validated_sha256', '?')}  ({data.get('rows_accepted', '?')} rows accepted, "
+          f"{data.get('rows_rejected', '?')} rejected)")
+    print(f"  base model             {meta.get('base_model', {})}")
+    print(f"  code                   {meta.get('code', {})}")
+    print(f"  metrics                {meta.get('metrics', {})}")
+    print("  artifacts (latest version of each):")
+    for name, versions in sorted({**mv.data_artifacts, **mv.model_artifacts}.items()):
+        latest = max(versions, key=lambda v: int(v) if str(v).isdigit() else 0)
+        print(f"    {name} v{latest}: {versions[latest].uri}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorapipe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the fine-tuning pipeline")
+    run.add_argument("-c", "--config", required=True, help="YAML config, e.g. configs/quickstart.yaml")
+    run.add_argument("--no-cache", action="store_true", help="re-run every step (checkpoints still resume)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set train.epochs=2")
+    run.set_defaults(func=cmd_run)
+
+    val = sub.add_parser("validate", help="validate data files without ZenML")
+    val.add_argument("paths", nargs="+")
+    val.add_argument("--model", help="model folder or hub id: enables the token checks and learns-to-stop audit")
+    val.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"])
+    val.add_argument("--prompt-key", default="prompt")
+    val.add_argument("--completion-key", default="completion")
+    val.add_argument("--max-seq-length", type=int, default=None)
+    val.add_argument("--overlength", default="fail", choices=["drop", "truncate", "fail"])
+    val.add_argument("--json", action="store_true", help="print the full report as JSON")
+    val.set_defaults(func=cmd_validate)
+
+    tiny = sub.add_parser("build-tiny-model", help="build the deterministic tiny Llama used by the quickstart and tests")
+    tiny.add_argument("--out", default="models/tiny-llama")
+    tiny.add_argument("--corpus", nargs="*", help="JSONL files to train the tokenizer on (default: quickstart data)")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_build_tiny_model)
+
+    lin = sub.add_parser("lineage", help="show a model version's lineage back to the data fingerprint")
+    lin.add_argument("model")
+    lin.add_argument("--version", default=None)
+    lin.set_defaults(func=cmd_lineage)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    _quiet_env()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

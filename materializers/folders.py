@@ -1,0 +1,66 @@
+"""Folder artifacts (adapter, merged model) stored file by file: safetensors, JSON, tokenizer files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Dict, Tuple, Type
+
+from zenml.enums import ArtifactType
+from zenml.io import fileio
+from zenml.materializers.base_materializer import BaseMaterializer
+
+from lorapipe.artifacts import AdapterFolder, FolderArtifact, ModelFolder
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    fileio.makedirs(dst)
+    for name in fileio.listdir(src):
+        name = name.decode() if isinstance(name, bytes) else name
+        s, d = os.path.join(src, name), os.path.join(dst, name)
+        if fileio.isdir(s):
+            _copy_tree(s, d)
+        else:
+            fileio.copy(s, d, overwrite=True)
+
+
+class _FolderMaterializer(BaseMaterializer):
+    ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.MODEL
+    ASSOCIATED_TYPES: ClassVar[Tuple[Type[Any], ...]] = (FolderArtifact,)
+    FOLDER: ClassVar[str] = "folder"
+
+    def load(self, data_type: Type[Any]) -> Any:
+        remote = os.path.join(self.uri, self.FOLDER)
+        if os.path.isdir(remote):  # local artifact store: use the stored folder in place
+            return data_type.from_folder(remote)
+        with self.get_temporary_directory(delete_at_exit=False) as tmp:
+            _copy_tree(remote, tmp)
+            return data_type.from_folder(tmp)
+
+    def save(self, data: FolderArtifact) -> None:
+        _copy_tree(data.path, os.path.join(self.uri, self.FOLDER))
+
+    def extract_metadata(self, data: FolderArtifact) -> Dict[str, Any]:
+        files = sorted(p.name for p in Path(data.path).iterdir())
+        return {"files": ", ".join(files)[:1000]}
+
+
+class AdapterFolderMaterializer(_FolderMaterializer):
+    ASSOCIATED_TYPES: ClassVar[Tuple[Type[Any], ...]] = (AdapterFolder,)
+
+    def extract_metadata(self, data: AdapterFolder) -> Dict[str, Any]:
+        meta = super().extract_metadata(data)
+        m = data.metadata
+        meta.update({"base_model": m.get("base_model", ""), "data_fingerprint": m.get("data_fingerprint", ""),
+                     "backend": m.get("result", {}).get("backend", "")})
+        return meta
+
+
+class ModelFolderMaterializer(_FolderMaterializer):
+    ASSOCIATED_TYPES: ClassVar[Tuple[Type[Any], ...]] = (ModelFolder,)
+
+    def extract_metadata(self, data: ModelFolder) -> Dict[str, Any]:
+        meta = super().extract_metadata(data)
+        check = data.metadata.get("check", {})
+        meta.update({k: check[k] for k in ("dtype", "max_abs_logit_diff", "tolerance", "passed") if k in check})
+        return meta

@@ -1,0 +1,3 @@
+from pipelines.finetune import finetune
+
+__all__ = ["finetune"]

@@ -1,0 +1,41 @@
+"""The seven-step fine-tuning DAG. The function only wires steps; each step gets only its config sections,
+so a change to one section re-runs that step and what follows it, and nothing before."""
+
+from zenml import pipeline
+
+from steps import (
+    evaluate_model,
+    merge_model,
+    preflight,
+    register_model,
+    split_data,
+    train_adapter,
+    validate_data,
+)
+
+
+@pipeline
+def finetune(config: dict, data_files_sha256: str, config_sha256: str) -> None:
+    """validate -> preflight -> split -> train -> evaluate -> merge -> register.
+
+    Args:
+        config: the validated config (`LorapipeConfig.model_dump()`), paths made absolute.
+        data_files_sha256: sha256 of the data files' bytes (part of validate's cache key).
+        config_sha256: sha256 of the config, recorded on the model version.
+    """
+    train_cfg = config["train"]
+    micro = train_cfg["micro_batch_size"] if isinstance(train_cfg["micro_batch_size"], int) else train_cfg["max_micro_batch_size"]
+    dataset, report, _rejected = validate_data(
+        data=config["data"], validation=config["validation"], model=config["model"],
+        max_seq_length=train_cfg["max_seq_length"], micro_batch_size=micro, data_fingerprint=data_files_sha256,
+    )
+    hardware, plan = preflight(validation_report=report, model=config["model"], train=train_cfg)
+    train_split, eval_split, test_split = split_data(validated_dataset=dataset, training_plan=plan, split=config["split"])
+    adapter = train_adapter(train_split=train_split, eval_split=eval_split, training_plan=plan, model=config["model"],
+                            train=train_cfg, seed=config["seed"])
+    metrics = evaluate_model(adapter=adapter, test_split=test_split, training_plan=plan, evaluate=config["evaluate"],
+                             model=config["model"])
+    merged = merge_model(adapter=adapter, test_split=test_split, merge=config["merge"])
+    register_model(adapter=adapter, eval_metrics=metrics, merged_model=merged, training_plan=plan,
+                   validation_report=report, preflight_report=hardware, register=config["register"],
+                   seed=config["seed"], data_files_sha256=data_files_sha256, config_sha256=config_sha256)

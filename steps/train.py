@@ -1,0 +1,48 @@
+"""Train the LoRA adapter with the backend the plan chose."""
+
+from pathlib import Path
+from typing import Annotated
+
+from zenml import ArtifactConfig, step
+from zenml.enums import ArtifactType
+from zenml.logger import get_logger
+
+from lorapipe.artifacts import AdapterFolder
+from lorapipe.backends import get_backend
+from lorapipe.backends.base import training_key
+from lorapipe.config import ModelSection, TrainSection
+from lorapipe.data.dataset import ConversationDataset
+from lorapipe.hardware.plan import TrainingPlan
+from materializers import AdapterFolderMaterializer
+
+logger = get_logger(__name__)
+
+
+@step(output_materializers=AdapterFolderMaterializer)
+def train_adapter(
+    train_split: ConversationDataset, eval_split: ConversationDataset, training_plan: TrainingPlan,
+    model: dict, train: dict, seed: int,
+) -> Annotated[AdapterFolder, ArtifactConfig(name="adapter", artifact_type=ArtifactType.MODEL)]:
+    """Train and save a PEFT adapter folder with lorapipe's metadata beside the weights.
+
+    Args:
+        train_split: rows to train on.
+        eval_split: rows to evaluate on during training.
+        training_plan: backend, device, dtype, quantization and batch geometry from preflight.
+        model: the config's `model` section.
+        train: the config's `train` section.
+        seed: the run's seed.
+
+    Returns:
+        The adapter folder.
+    """
+    m, t = ModelSection(**model), TrainSection(**train)
+    # Checkpoints live outside the artifact store, keyed by the training inputs: a re-run after a crash resumes.
+    work_dir = Path(t.output_root) / training_key(m, t, seed, training_plan, train_split, eval_split)
+    adapter_dir = work_dir / "adapter"
+    logger.info("training with backend %s on %s; checkpoints in %s", training_plan.backend, training_plan.device, work_dir)
+    info = get_backend(training_plan.backend).train(m, t, seed, training_plan, train_split, eval_split, work_dir,
+                                                    adapter_dir)
+    logger.info("trained %d steps, loss %.4f, %.0f tokens/s", info.steps, info.train_loss or float("nan"),
+                info.tokens_per_second)
+    return AdapterFolder.from_folder(adapter_dir)

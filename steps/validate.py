@@ -1,0 +1,56 @@
+"""Validate the JSONL/JSON data: every row problem with file and line, the audit, the GE suite."""
+
+from typing import Annotated, Tuple
+
+from zenml import save_artifact, step
+from zenml.logger import get_logger
+
+from lorapipe.config import DataSection, ModelSection, ValidationSection
+from lorapipe.data.dataset import ConversationDataset
+from lorapipe.data.validation import DataValidationError, RejectedRows, ValidationReport, validate_dataset
+from materializers import ConversationDatasetMaterializer, ReportMaterializer
+
+logger = get_logger(__name__)
+
+
+@step(output_materializers={"validated_dataset": ConversationDatasetMaterializer,
+                            "validation_report": ReportMaterializer, "rejected_rows": ReportMaterializer})
+def validate_data(
+    data: dict, validation: dict, model: dict, max_seq_length: int, micro_batch_size: int, data_fingerprint: str,
+) -> Tuple[
+    Annotated[ConversationDataset, "validated_dataset"],
+    Annotated[ValidationReport, "validation_report"],
+    Annotated[RejectedRows, "rejected_rows"],
+]:
+    """Read, check and audit the dataset; fail with the full list of problems when it is bad.
+
+    Args:
+        data: the config's `data` section (paths, format, prompt/completion keys).
+        validation: the config's `validation` section (policies for bad and over-long rows).
+        model: the config's `model` section; its tokenizer and chat template drive the audit.
+        max_seq_length: train.max_seq_length, the limit rows are checked against.
+        micro_batch_size: batch size used to estimate padding waste.
+        data_fingerprint: sha256 of the data files' bytes; part of the cache key, so a changed row re-runs.
+
+    Returns:
+        The accepted rows, the validation report and the rejected rows (original text, file, line).
+    """
+    from lorapipe.models.loading import load_tokenizer
+
+    d, v, m = DataSection(**data), ValidationSection(**validation), ModelSection(**model)
+    tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, m.chat_template)
+    outcome = validate_dataset(
+        d.paths, d.format, d.prompt_key, d.completion_key, tokenizer=tokenizer,
+        chat_template_source="config" if m.chat_template else "tokenizer", max_seq_length=max_seq_length,
+        overlength=v.overlength, on_bad_rows=v.on_bad_rows, max_bad_fraction=v.max_bad_fraction,
+        min_rows=v.min_rows, micro_batch_size=micro_batch_size,
+    )
+    for line in outcome.report.summary_lines():
+        logger.info(line)
+    rejected = RejectedRows(rows=outcome.rejected)
+    if not outcome.report.passed:
+        # A failed step stores no outputs: keep the report and every rejected row in the store first.
+        save_artifact(outcome.report, name="validation_report", materializer=ReportMaterializer)
+        save_artifact(rejected, name="rejected_rows", materializer=ReportMaterializer)
+        raise DataValidationError(outcome.report)
+    return ConversationDataset(outcome.records, "validated"), outcome.report, rejected
