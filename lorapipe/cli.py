@@ -7,6 +7,7 @@ User mistakes (bad config, bad data, a plan that cannot run) end with a clear me
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -39,6 +40,21 @@ def _user_errors() -> tuple:
     from steps.merge import MergeCheckFailed
 
     return (DataValidationError, PlanError, BackendUnavailable, MergeCheckFailed)
+
+
+def failed_step_message(user_errors: tuple) -> Optional[str]:
+    """The message of the latest run's failed step when it failed on a user's mistake, else None."""
+    from zenml.client import Client
+
+    runs = Client().list_pipeline_runs(sort_by="desc:created", size=1).items
+    if not runs:
+        return None
+    names = {e.__name__ for e in user_errors}
+    for name, step in runs[0].steps.items():
+        info = step.exception_info
+        if info is not None and (info.source or "").rsplit(".", 1)[-1] in names:
+            return f"step {name} failed: {info.message}"
+    return None
 
 
 def model_version_name(data_sha: str, config_sha: str) -> str:
@@ -86,6 +102,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         run = pipe(config=resolved.model_dump(mode="json"), data_files_sha256=data_sha, config_sha256=config_sha)
     except USER_ERRORS as exc:  # a user's mistake: its message says what to fix; no traceback
         print(f"\nerror: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError:
+        # ZenML reports a failed step as "Pipeline run has failed ..."; the step's own exception is in the store
+        failure = failed_step_message(USER_ERRORS)
+        if failure is None:
+            raise
+        print(f"\nerror: {failure}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - start
     print_summary(run, cfg.register.model_name, version, seconds)
@@ -136,9 +159,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if not Path(p).exists():
             print(f"error: {p}: file not found", file=sys.stderr)
             return 2
-    outcome = validate_dataset(args.paths, args.format, args.prompt_key, args.completion_key, tokenizer=tokenizer,
-                               max_seq_length=args.max_seq_length, overlength=args.overlength,
-                               on_bad_rows="fail", min_rows=1)
+    # libraries log to stdout; keep stdout for the report alone (pipe-able JSON)
+    with contextlib.redirect_stdout(sys.stderr):
+        outcome = validate_dataset(args.paths, args.format, args.prompt_key, args.completion_key,
+                                   tokenizer=tokenizer, max_seq_length=args.max_seq_length,
+                                   overlength=args.overlength, on_bad_rows="fail", min_rows=1)
     if args.json:
         print(json.dumps(outcome.report.model_dump(mode="json"), indent=2))
     else:

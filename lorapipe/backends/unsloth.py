@@ -1,16 +1,183 @@
-"""Unsloth backend (CUDA; CPU fallback). Its import patches transformers and TRL globally, so it is
-imported only here, inside the functions."""
+"""Unsloth backend: FastLanguageModel + TRL SFTTrainer, on CUDA (and through unsloth's CPU fallback).
+
+`import unsloth` patches transformers, PEFT and TRL for the whole process, so it is imported only here,
+inside `train`; run this backend in a process of its own when the rest of the process must stay unpatched.
+QLoRA is the same path with `load_in_4bit`; the adapter it saves is a plain PEFT folder, like the hf backend's.
+"""
 
 from __future__ import annotations
 
-from lorapipe.backends.base import BackendUnavailable
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from lorapipe.backends.base import AdapterInfo, BackendUnavailable, write_adapter_metadata
+from lorapipe.config import ModelSection, TrainSection
+from lorapipe.data.dataset import ConversationDataset
+from lorapipe.hardware.plan import TrainingPlan
+
+INSTALL_HINT = "pip install -e '.[cuda]'"
+
+
+def _import_unsloth() -> Any:
+    """unsloth's FastLanguageModel, or BackendUnavailable saying why not and what to install."""
+    try:
+        import unsloth  # noqa: F401  (first: it patches transformers/TRL before they are used below)
+        from unsloth import FastLanguageModel
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"train.backend=unsloth needs unsloth, which cannot be imported here ({exc}); install with: "
+            f"{INSTALL_HINT} (or set train.backend: hf)") from None
+    except Exception as exc:  # unsloth raises e.g. NotImplementedError when it finds no usable device
+        raise BackendUnavailable(
+            f"unsloth is installed but refused to start here ({type(exc).__name__}: {exc}); reinstall with "
+            f"{INSTALL_HINT} on a CUDA machine, or set train.backend: hf") from None
+    return FastLanguageModel
+
+
+def _quantization_applied(model: Any) -> str:
+    """What the loaded weights really are: unsloth falls back to 16-bit silently when 4-bit cannot run."""
+    names = {type(m).__name__ for m in model.modules()}
+    if "Linear4bit" in names:
+        return "nf4"
+    if "Linear8bitLt" in names:
+        return "int8"
+    return "none"
+
+
+def _train_tokens(train_ds: Any, t: TrainSection, plan: TrainingPlan) -> int:
+    """Same estimate as the hf backend: all tokens x epochs, or the mean row length x rows seen in max_steps."""
+    lengths = [len(x) for x in train_ds["input_ids"]]
+    if t.max_steps < 0:
+        return int(sum(lengths) * t.epochs)
+    return int(sum(lengths) / max(len(lengths), 1) * t.max_steps * plan.effective_batch_size)
+
+
+def _point_adapter_at_base(adapter_dir: Path, m: ModelSection) -> None:
+    """adapter_config.json names the base we were given (unsloth may have resolved a mirror of it)."""
+    path = adapter_dir / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    if cfg.get("base_model_name_or_path") != m.name_or_path or cfg.get("revision") != m.revision:
+        cfg["base_model_name_or_path"] = m.name_or_path
+        cfg["revision"] = m.revision
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
 class UnslothBackend:
     name = "unsloth"
 
-    def train(self, model, train_cfg, seed, plan, train, eval, work_dir, adapter_dir):  # noqa: A002
-        raise BackendUnavailable(
-            "the unsloth backend's training loop is not in this release yet (tracked as the training-backends "
-            "issue); set train.backend: hf (transformers+PEFT, with bitsandbytes for QLoRA) or auto"
+    def train(self, model_cfg: ModelSection, t: TrainSection, seed: int, plan: TrainingPlan,
+              train: ConversationDataset, eval: ConversationDataset, work_dir: Path,  # noqa: A002
+              adapter_dir: Path) -> AdapterInfo:
+        FastLanguageModel = _import_unsloth()  # noqa: N806
+
+        import torch
+        import transformers
+        from transformers import TrainerCallback, set_seed
+        from trl import SFTConfig, SFTTrainer
+
+        from lorapipe.backends.hf import _peak_memory_gb, last_checkpoint, tokenize_dataset
+        from lorapipe.hardware.probe import package_versions
+        from lorapipe.models.loading import load_tokenizer, torch_dtype
+
+        set_seed(seed)
+        transformers.logging.set_verbosity_error()
+        m = model_cfg
+        work_dir, adapter_dir = Path(work_dir), Path(adapter_dir)
+        if plan.device == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailable("the plan says device cuda but torch sees no CUDA device here")
+        # The project's tokenizer (chat template override, pad token) so rendering and masking match the hf
+        # backend, evaluation and merge exactly; unsloth's own tokenizer is not used.
+        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, m.chat_template)
+        tokenizer.padding_side = "right"
+        checkpointing = "unsloth" if plan.gradient_checkpointing else False
+        model, _ = FastLanguageModel.from_pretrained(
+            model_name=m.name_or_path, max_seq_length=plan.max_seq_length, dtype=torch_dtype(plan.dtype),
+            load_in_4bit=plan.quantization == "nf4", load_in_8bit=plan.quantization == "int8",
+            revision=m.revision, trust_remote_code=m.trust_remote_code,
+            use_exact_model_name=True,  # the base we were given, never a pre-quantized hub mirror of it
+            use_gradient_checkpointing=checkpointing,
         )
+        applied = _quantization_applied(model)
+        if applied != plan.quantization:
+            print(f"warning: the plan asked for quantization {plan.quantization} but unsloth loaded "
+                  f"{applied} weights on {plan.device} (recorded in {adapter_dir.name}/lorapipe_adapter.json)", flush=True)
+        lora = t.lora
+        model = FastLanguageModel.get_peft_model(
+            model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+            bias=lora.bias, use_gradient_checkpointing=checkpointing, random_state=seed,
+            max_seq_length=plan.max_seq_length,
+        )
+        if plan.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+        train_ds = tokenize_dataset(train, tokenizer, plan.max_seq_length)
+        eval_ds = tokenize_dataset(eval, tokenizer, plan.max_seq_length) if len(eval) else None
+        ckpt_dir = work_dir / "checkpoints"
+        args = SFTConfig(
+            output_dir=str(ckpt_dir),
+            per_device_train_batch_size=plan.micro_batch_size,
+            per_device_eval_batch_size=plan.micro_batch_size,
+            gradient_accumulation_steps=plan.gradient_accumulation_steps,
+            num_train_epochs=t.epochs,
+            max_steps=t.max_steps,
+            learning_rate=t.learning_rate,
+            lr_scheduler_type=t.lr_scheduler,
+            warmup_steps=t.warmup_steps,
+            weight_decay=t.weight_decay,
+            optim=plan.optimizer,
+            logging_steps=t.logging_steps,
+            save_strategy="steps",
+            save_steps=t.save_steps,
+            save_total_limit=t.save_total_limit,
+            eval_strategy="no",
+            seed=seed,
+            data_seed=seed,
+            bf16=plan.dtype == "bfloat16",
+            fp16=plan.dtype == "float16",
+            use_cpu=plan.device == "cpu",
+            # get_peft_model above already set checkpointing up (unsloth's offloaded variant on CUDA);
+            # the Trainer enabling it again would replace that with the stock one.
+            gradient_checkpointing=False,
+            max_length=plan.max_seq_length,
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+
+        class _SaveAnnouncer(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+                print(f"checkpoint saved: step {state.global_step}", flush=True)
+
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=tokenizer, callbacks=[_SaveAnnouncer()])
+        resume_from = last_checkpoint(ckpt_dir) if t.resume else None
+        if resume_from is not None:
+            print(f"resuming from {resume_from} (set train.resume=false to start over)", flush=True)
+        start = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        seconds = time.perf_counter() - start
+        tokens = _train_tokens(train_ds, t, plan)
+
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(adapter_dir))
+        _point_adapter_at_base(adapter_dir, m)
+        with open(adapter_dir / "training_log.jsonl", "w") as fh:
+            for entry in trainer.state.log_history:
+                fh.write(json.dumps(entry) + "\n")
+        info = AdapterInfo(
+            path=str(adapter_dir), backend=self.name, device=plan.device, base_model=m.name_or_path,
+            base_revision=m.revision, data_fingerprint=train.fingerprint, train_rows=len(train),
+            steps=trainer.state.global_step,
+            train_loss=float(result.training_loss) if result.training_loss is not None else None,
+            train_tokens=tokens, tokens_per_second=tokens / seconds if seconds > 0 else 0.0, train_seconds=seconds,
+            peak_memory_gb=round(_peak_memory_gb(plan.device), 3),
+            resumed_from=str(resume_from) if resume_from else None, versions=package_versions(),
+        )
+        write_adapter_metadata(adapter_dir, m, t, seed, plan, info, extra={
+            "quantization_applied": applied, "optimizer_applied": str(getattr(args.optim, "value", args.optim)),
+        })
+        del trainer, model
+        return info

@@ -34,9 +34,14 @@ def run_suite(row_facts: list[dict], max_seq_length: Optional[int], min_rows: in
     import great_expectations as gx
     import pandas as pd
 
-    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    # GE logs set-up chatter at INFO; ZenML may have given every existing logger its own level, so quiet each
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("great_expectations")] + ["great_expectations"]:
+        logging.getLogger(name).setLevel(logging.ERROR)
     df = pd.DataFrame(row_facts)
     context = gx.get_context(mode="ephemeral")
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     source = context.data_sources.add_pandas("lorapipe")
     asset = source.add_dataframe_asset(name="row_facts")
     batch_def = asset.add_batch_definition_whole_dataframe("all_rows")

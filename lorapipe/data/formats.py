@@ -210,6 +210,7 @@ def _iter_json_array(path: Path, problems: list[Problem]) -> Iterator[RawRow]:
             problems.append(Problem(source, exc.lineno, "(row)", f"invalid JSON: {exc.msg}",
                                     "fix the element; the rest of the array cannot be read past it", "invalid_json",
                                     column=exc.colno))
+            yield RawRow(source, line_at(start), text[start:], None)  # keep everything not read
             return
         line = line_at(start)
         if not isinstance(obj, dict):

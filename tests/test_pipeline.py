@@ -1,0 +1,154 @@
+"""End to end on a real (temporary) ZenML store: seven steps, caching, the model version and its lineage."""
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from lorapipe.cli import main
+from tests.conftest import QUICKSTART_DATA, REPO_ROOT
+
+pytestmark = pytest.mark.slow
+STEPS = ["validate_data", "preflight", "split_data", "train_adapter", "evaluate_model", "merge_model", "register_model"]
+
+
+def _config(tmp, tiny_model_dir, data_path, model_name="lorapipe-test"):
+    cfg = yaml.safe_load((REPO_ROOT / "configs" / "quickstart.yaml").read_text())
+    cfg["model"]["name_or_path"] = str(tiny_model_dir)
+    cfg["data"]["paths"] = [str(data_path)]
+    cfg["train"].update(epochs=1, max_seq_length=128, output_root=str(tmp / "runs"))
+    cfg["evaluate"].update(max_samples=16, generation_samples=2, max_new_tokens=8)
+    cfg["register"]["model_name"] = model_name
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _last_run():
+    from zenml.client import Client
+
+    return Client().list_pipeline_runs(sort_by="desc:created", size=1).items[0]
+
+
+def _status(run):
+    return {name: str(step.status).split(".")[-1].lower() for name, step in run.steps.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipe")
+    data = tmp / "data.jsonl"
+    shutil.copy(QUICKSTART_DATA, data)
+    cfg = _config(tmp, tiny_model_dir, data)
+    out = {"cfg": cfg, "data": data}
+    assert main(["run", "-c", str(cfg)]) == 0
+    out["first"] = _last_run()
+    assert main(["run", "-c", str(cfg)]) == 0
+    out["cached"] = _last_run()
+    assert main(["run", "-c", str(cfg), "--set", "evaluate.max_new_tokens=4"]) == 0
+    out["eval_changed"] = _last_run()
+    lines = data.read_text().splitlines(keepends=True)
+    row = json.loads(lines[10])
+    row["completion"] += " (edited)"
+    lines[10] = json.dumps(row) + "\n"
+    data.write_text("".join(lines))
+    assert main(["run", "-c", str(cfg)]) == 0
+    out["data_changed"] = _last_run()
+    return out
+
+
+def test_all_seven_steps_complete_on_the_first_run(runs):
+    assert _status(runs["first"]) == {s: "completed" for s in STEPS}
+
+
+def test_a_rerun_is_served_from_cache_except_register(runs):
+    status = _status(runs["cached"])
+    assert status.pop("register_model") == "completed"
+    assert set(status.values()) == {"cached"}
+
+
+def test_changing_an_evaluation_setting_reruns_evaluate_onward_not_train(runs):
+    status = _status(runs["eval_changed"])
+    assert status["train_adapter"] == "cached" and status["validate_data"] == "cached"
+    assert status["evaluate_model"] == "completed" and status["register_model"] == "completed"
+
+
+def test_changing_one_row_reruns_from_validate(runs):
+    status = _status(runs["data_changed"])
+    assert status["validate_data"] == "completed" and status["train_adapter"] == "completed"
+
+
+def test_model_version_carries_lineage_and_no_empty_duplicates(runs):
+    from zenml.client import Client
+
+    client = Client()
+    versions = client.list_model_versions(model="lorapipe-test", size=50).items
+    # the first run and its cached re-run share one version (no empty duplicate); the evaluation change
+    # and the data change each make a new one
+    assert len(versions) == 3
+    assert runs["first"].model_version.id == runs["cached"].model_version.id
+    latest = runs["data_changed"]
+    mv = client.get_model_version("lorapipe-test", latest.model_version.name)
+    meta = mv.run_metadata
+    for key in ("metrics", "plan", "data", "seed", "package_versions", "code", "merge_check", "base_model"):
+        assert key in meta, key
+    assert len(meta["data"]["files_sha256"]) == 64 and meta["seed"] == 42
+    assert meta["package_versions"]["torch"].startswith("2.")
+    assert meta["merge_check"]["passed"] is True
+    assert len(meta["code"]["commit"]) == 40 or meta["code"]["commit"] == "unknown"
+    metrics = latest.steps["evaluate_model"].outputs["eval_metrics"][0].load()
+    assert meta["metrics"]["tuned_perplexity"] == pytest.approx(metrics.tuned.perplexity)
+    # promotion rule: staging only when tuned beats base; promoting a newer version archives the older one
+    assert (mv.stage or None) == ("staging" if metrics.tuned_beats_base else None)
+    if metrics.tuned_beats_base:
+        first = client.get_model_version("lorapipe-test", runs["first"].model_version.name)
+        assert first.stage == "archived"
+
+
+def test_adapter_artifact_is_a_peft_folder_loadable_from_the_store(runs, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = runs["first"].steps["train_adapter"].outputs["adapter"][0]
+    from zenml.enums import ArtifactType
+
+    assert adapter.type == ArtifactType.MODEL
+    folder = adapter.load()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), folder.path)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+    merged = runs["first"].steps["merge_model"].outputs["merged_model"][0].load()
+    assert AutoModelForCausalLM.from_pretrained(merged.path) is not None
+    assert merged.metadata["check"]["passed"]
+
+
+def test_no_artifact_is_pickled(runs):
+    import os
+
+    for step in runs["first"].steps.values():
+        for outputs in step.outputs.values():
+            for art in outputs:
+                for root, _, files in os.walk(art.uri):
+                    assert not any(f.endswith((".pkl", ".pickle")) or f == "artifact.pkl" for f in files), root
+
+
+def test_bad_data_fails_with_file_and_line_and_keeps_rejected_rows(tiny_model_dir, tmp_path, capsys):
+    from zenml.client import Client
+
+    data = tmp_path / "bad.jsonl"
+    rows = QUICKSTART_DATA.read_text().splitlines(keepends=True)[:60]
+    rows[4] = '{"prompt": "cut short", "completion": \n'
+    data.write_text("".join(rows))
+    cfg = _config(tmp_path, tiny_model_dir, data, model_name="lorapipe-bad")
+    assert main(["run", "-c", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert f"{data}:5" in err and "invalid JSON" in err and "Traceback" not in err
+    rejected = Client().get_artifact_version("rejected_rows").load()
+    assert [(r.line, r.raw.startswith('{"prompt": "cut short"')) for r in rejected.rows] == [(5, True)]
+    # the CLI validator reports the same findings as the pipeline's validate step
+    report = Client().get_artifact_version("validation_report").load()
+    assert main(["validate", str(data), "--model", str(tiny_model_dir), "--max-seq-length", "128",
+                 "--overlength", "truncate", "--json"]) == 1
+    cli_report = json.loads(capsys.readouterr().out)  # stdout is pure JSON: logs go to stderr
+    assert cli_report["problems"] == [p.model_dump(mode="json") for p in report.problems]
+    assert cli_report["problem_counts"] == report.problem_counts

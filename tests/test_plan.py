@@ -1,0 +1,73 @@
+"""The one decision point. Probes for CUDA and Apple machines are built by hand here: no such hardware exists
+on this CPU-only machine, so the probe object (plain data) is what we fake, never the decision code."""
+
+import pytest
+
+from lorapipe.config import TrainSection
+from lorapipe.hardware.plan import ModelSize, PlanError, decide_plan
+from lorapipe.hardware.probe import CudaDevice, HardwareProbe, probe
+
+ALL = {"torch": "2.13.0", "transformers": "5.17.0", "peft": "0.21", "trl": "1.14", "bitsandbytes": "0.50.2",
+       "unsloth": "2026.10.9", "mlx": "0.32", "mlx_lm": "0.32.2"}
+SMALL = ModelSize(parameters=8_000_000_000, hidden_size=4096, layers=32, vocab_size=128256)
+
+
+def make_probe(cuda_gb=None, apple=False, packages=None, ram_gb=64.0, disk_gb=500.0):
+    devices = [CudaDevice(index=0, name="NVIDIA RTX 4090", total_memory_gb=cuda_gb, capability="8.9", bf16=True)] if cuda_gb else []
+    return HardwareProbe(os="Darwin" if apple else "Linux", machine="arm64" if apple else "x86_64", python="3.11",
+                         cpu_count=16, ram_total_gb=ram_gb, ram_available_gb=ram_gb, disk_free_gb=disk_gb,
+                         disk_path="/data", cuda_available=bool(cuda_gb), cuda_devices=devices, apple_silicon=apple,
+                         mps_available=apple, packages=ALL if packages is None else packages)
+
+
+def test_auto_picks_unsloth_on_cuda_with_unsloth():
+    plan = decide_plan(TrainSection(quantization="nf4"), make_probe(cuda_gb=24), SMALL)
+    assert (plan.backend, plan.device, plan.dtype, plan.quantization) == ("unsloth", "cuda", "bfloat16", "nf4")
+
+
+def test_auto_picks_hf_with_bitsandbytes_on_cuda_without_unsloth():
+    pk = {k: v for k, v in ALL.items() if k != "unsloth"}
+    plan = decide_plan(TrainSection(quantization="nf4"), make_probe(cuda_gb=24, packages=pk), SMALL)
+    assert (plan.backend, plan.device) == ("hf", "cuda")
+
+
+def test_auto_picks_mlx_on_apple_silicon():
+    plan = decide_plan(TrainSection(max_seq_length=256, quantization="nf4"), make_probe(apple=True, ram_gb=16), SMALL)
+    assert (plan.backend, plan.device) == ("mlx", "mlx")
+
+
+def test_auto_picks_hf_on_this_cpu():
+    plan = decide_plan(TrainSection(max_seq_length=128), probe("."), ModelSize(parameters=200_000, hidden_size=64, layers=2, vocab_size=1024))
+    assert (plan.backend, plan.device, plan.dtype) == ("hf", "cpu", "float32")
+    assert plan.micro_batch_size * plan.gradient_accumulation_steps == plan.effective_batch_size
+
+
+def test_explicit_backend_that_cannot_run_names_the_install_command():
+    pk = {k: v for k, v in ALL.items() if k not in ("unsloth", "mlx", "mlx_lm")}
+    with pytest.raises(PlanError) as err:
+        decide_plan(TrainSection(backend="unsloth"), make_probe(cuda_gb=24, packages=pk), SMALL)
+    assert "pip install -e '.[cuda]'" in str(err.value)
+    with pytest.raises(PlanError) as err:
+        decide_plan(TrainSection(backend="mlx"), make_probe(packages=pk), SMALL)
+    assert ".[mlx]" in str(err.value)
+
+
+def test_memory_refusal_collects_every_reason():
+    with pytest.raises(PlanError) as err:
+        decide_plan(TrainSection(device="cuda", dtype="float16", max_seq_length=8192, micro_batch_size=1),
+                    make_probe(cuda_gb=None, ram_gb=4, disk_gb=1), SMALL)
+    msg = str(err.value)
+    assert "cuda is not available" in msg
+    assert "exceeds the budget" in msg and "nf4" in msg
+    assert "GB free" in msg
+    assert len(err.value.problems) >= 3
+
+
+def test_auto_micro_batch_backs_off_to_fit_and_keeps_the_effective_batch():
+    big = decide_plan(TrainSection(effective_batch_size=16, max_seq_length=2048), make_probe(cuda_gb=80), SMALL)
+    small = decide_plan(TrainSection(effective_batch_size=16, max_seq_length=2048, quantization="nf4"),
+                        make_probe(cuda_gb=24), SMALL)
+    assert small.micro_batch_size <= big.micro_batch_size
+    for plan in (big, small):
+        assert plan.micro_batch_size * plan.gradient_accumulation_steps == 16
+        assert plan.memory.total_gb <= plan.memory.budget_gb

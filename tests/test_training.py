@@ -1,0 +1,109 @@
+"""The transformers+PEFT+TRL backend, evaluation and merge on the tiny model: real training, real files."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorapipe.backends import get_backend
+from lorapipe.backends.base import BackendUnavailable
+from lorapipe.config import ModelSection, TrainSection
+from lorapipe.data.dataset import ConversationDataset
+from lorapipe.data.split import split_records
+from lorapipe.hardware.plan import decide_plan, model_size
+from lorapipe.hardware.probe import probe
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, quickstart_records, tmp_path_factory):
+    work = tmp_path_factory.mktemp("train")
+    train, evals, test = split_records(quickstart_records, 0.1, 0.1)
+    model = ModelSection(name_or_path=str(tiny_model_dir))
+    cfg = TrainSection(max_seq_length=128, epochs=1, learning_rate=5e-3, effective_batch_size=8, save_steps=10,
+                       save_total_limit=2, output_root=str(work))
+    plan = decide_plan(cfg, probe(str(work)), model_size(str(tiny_model_dir)))
+    base_before = load_file(str(tiny_model_dir / "model.safetensors"))
+    info = get_backend(plan.backend).train(model, cfg, 7, plan, train, evals, work / "w", work / "w" / "adapter")
+    return {"info": info, "plan": plan, "work": work, "test": test, "model": model, "cfg": cfg,
+            "base_before": base_before, "train": train, "eval": evals}
+
+
+def test_adapter_weights_moved_and_base_weights_did_not(trained, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir = Path(trained["info"].path)
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "lora_B starts at zero and must have moved"
+    base_after = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert all(torch.equal(trained["base_before"][k], base_after[k]) for k in base_after)
+    # the adapter loads in its ecosystem's loader and changes the model's output
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(adapter_dir))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert not torch.allclose(base(input_ids=ids).logits, tuned(input_ids=ids).logits)
+    for name, p in tuned.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(p, base.state_dict()[name.replace("base_model.model.", "").replace(".base_layer", "")])
+
+
+def test_adapter_folder_describes_itself(trained, tiny_model_dir):
+    adapter_dir = Path(trained["info"].path)
+    meta = json.loads((adapter_dir / "lorapipe_adapter.json").read_text())
+    assert meta["base_model"] == str(tiny_model_dir)
+    assert meta["data_fingerprint"] == trained["train"].fingerprint
+    assert meta["plan"]["backend"] == "hf" and meta["training_config"]["lora"]["r"] == 16
+    assert meta["result"]["steps"] == trained["info"].steps > 0
+    peft_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert peft_cfg["base_model_name_or_path"] == str(tiny_model_dir)
+    assert (adapter_dir / "tokenizer.json").exists() and (adapter_dir / "training_log.jsonl").exists()
+
+
+def test_checkpoints_are_announced_and_limited(trained):
+    ckpts = sorted((trained["work"] / "w" / "checkpoints").glob("checkpoint-*"))
+    assert 1 <= len(ckpts) <= trained["cfg"].save_total_limit
+
+
+def test_rerun_resumes_from_the_last_checkpoint(trained, capsys):
+    info = trained["info"]
+    again = get_backend("hf").train(trained["model"], trained["cfg"], 7, trained["plan"], trained["train"],
+                                    trained["eval"], trained["work"] / "w", trained["work"] / "w" / "adapter2")
+    out = capsys.readouterr().out
+    assert "resuming from" in out and again.resumed_from is not None
+    assert again.steps == info.steps
+
+
+def test_evaluation_scores_base_and_tuned(trained, tiny_model_dir):
+    from lorapipe.evaluation.metrics import evaluate_adapter
+
+    m = evaluate_adapter(str(tiny_model_dir), trained["info"].path, trained["test"], max_samples=16,
+                         generation_samples=2, max_new_tokens=8, max_length=128, batch_size=4)
+    assert m.scored_rows == min(16, len(trained["test"])) and m.scored_tokens > 0
+    assert m.tuned.perplexity < m.base.perplexity and m.tuned_beats_base
+    assert m.generated_rows == 2 and 0.0 <= m.tuned.rouge_l <= 1.0 and m.tuned.stop_rate is not None
+
+
+def test_merge_matches_base_plus_adapter_and_is_idempotent(trained, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lorapipe.merge import merge_adapter
+
+    out = tmp_path / "merged"
+    check = merge_adapter(trained["info"].path, str(out), trained["test"], dtype="float32")
+    assert check.passed and check.max_abs_logit_diff <= 1e-4 and check.rows_checked > 0
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(str(out))
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    again = merge_adapter(trained["info"].path, str(out), trained["test"], dtype="float32")
+    assert "already merged" in capsys.readouterr().out and again == check
+    bf16 = merge_adapter(trained["info"].path, str(tmp_path / "bf16"), trained["test"], dtype="bfloat16")
+    assert bf16.passed and bf16.tolerance == 0.1 and bf16.max_abs_logit_diff > check.max_abs_logit_diff
+
+
+def test_the_selection_point_names_unknown_backends():
+    with pytest.raises(ValueError, match="auto, hf, unsloth, mlx"):
+        get_backend("jax")
+    assert issubclass(BackendUnavailable, RuntimeError)

@@ -1,0 +1,110 @@
+"""Row checks, the learns-to-stop audit, token statistics and the Great Expectations suite."""
+
+import json
+
+from lorapipe.data.formats import Record
+from lorapipe.data.render import encode
+from lorapipe.data.validation import padding_waste, validate_dataset
+from tests.conftest import QUICKSTART_DATA, write_lines
+
+
+def _chat(path, rows):
+    return write_lines(path, [json.dumps({"messages": m}) + "\n" for m in rows])
+
+
+def test_role_order_placeholders_control_chars_and_duplicates(tmp_path):
+    u, a, s = "user", "assistant", "system"
+    rows = [
+        [{"role": u, "content": "hi"}, {"role": a, "content": "hello"}],                      # 1 ok
+        [{"role": u, "content": "hi"}, {"role": s, "content": "late"}, {"role": a, "content": "x"}],  # 2 system late
+        [{"role": a, "content": "first"}],                                                    # 3 starts with assistant
+        [{"role": u, "content": "q"}, {"role": u, "content": "q2"}, {"role": a, "content": "a"}],  # 4 user twice
+        [{"role": u, "content": "q"}],                                                        # 5 ends with user
+        [{"role": u, "content": "I am {{name}}"}, {"role": a, "content": "ok"}],              # 6 placeholder
+        [{"role": u, "content": "bell\x07"}, {"role": a, "content": "ring"}],                 # 7 control char (warning)
+        [{"role": u, "content": " hi "}, {"role": a, "content": "hello\n"}],                  # 8 duplicate of 1
+    ]
+    outcome = validate_dataset([str(_chat(tmp_path / "c.jsonl", rows))], run_expectations=False)
+    codes = {(p.line, p.code) for p in outcome.report.problems}
+    assert {(2, "role_order"), (3, "role_order"), (4, "role_order"), (5, "role_order"), (6, "placeholder"),
+            (7, "control_char"), (8, "duplicate")} <= codes
+    dup = next(p for p in outcome.report.problems if p.code == "duplicate")
+    assert dup.other_line == 1 and "line 1" in dup.message
+    # warnings keep the row, errors reject it
+    assert sorted(r.line for r in outcome.rejected) == [2, 3, 4, 5, 6]
+    assert outcome.report.rows_accepted == 3
+    assert all(p.fix for p in outcome.report.problems)
+
+
+def test_quarantine_trains_on_the_rest_within_the_bad_fraction(tmp_path):
+    rows = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(9)]
+    rows.append([{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}])
+    path = _chat(tmp_path / "c.jsonl", rows)
+    ok = validate_dataset([str(path)], on_bad_rows="quarantine", max_bad_fraction=0.2, run_expectations=False)
+    assert ok.report.passed and ok.report.rows_accepted == 9 and len(ok.rejected) == 1
+    strict = validate_dataset([str(path)], on_bad_rows="quarantine", max_bad_fraction=0.05, run_expectations=False)
+    assert not strict.report.passed and "max_bad_fraction" in strict.report.verdict
+    failing = validate_dataset([str(path)], on_bad_rows="fail", run_expectations=False)
+    assert not failing.report.passed and "quarantine" in failing.report.verdict
+
+
+def test_mask_trains_assistant_turns_and_their_stop_token(tiny_tokenizer):
+    rec = Record("f", 1, "", "messages", messages=[
+        {"role": "system", "content": "S"}, {"role": "user", "content": "question one"},
+        {"role": "assistant", "content": "answer one"}, {"role": "user", "content": "question two"},
+        {"role": "assistant", "content": "answer two"}])
+    enc = encode(tiny_tokenizer, rec)
+    trained = tiny_tokenizer.decode([t for t, m in zip(enc.input_ids, enc.assistant_mask) if m])
+    masked = tiny_tokenizer.decode([t for t, m in zip(enc.input_ids, enc.assistant_mask) if not m])
+    assert "answer one" in trained and "answer two" in trained
+    assert "question" not in trained and "S" not in trained.replace("answer", "")
+    assert trained.count("<|im_end|>") == 2  # each assistant turn ends with the trained stop token
+    assert "question one" in masked and "answer" not in masked
+
+
+def test_audit_passes_with_a_stop_token_and_reports_token_stats(tiny_tokenizer):
+    outcome = validate_dataset([str(QUICKSTART_DATA)], tokenizer=tiny_tokenizer, max_seq_length=4096,
+                               micro_batch_size=4, run_expectations=False)
+    audit, stats = outcome.report.audit, outcome.report.token_stats
+    assert audit.passed and audit.stop_token_trained_fraction == 1.0 and audit.trainable_rows_fraction == 1.0
+    assert audit.roundtrip_fraction == 1.0 and not audit.pad_is_eos
+    assert stats.p50 <= stats.p95 <= stats.max and stats.trainable_tokens < stats.total_tokens
+    assert stats.padding_waste_length_grouped < stats.padding_waste_in_order
+
+
+def test_audit_fails_when_the_template_never_trains_the_stop_token(tiny_model_dir, quickstart_records):
+    from lorapipe.models.loading import load_tokenizer
+
+    no_eos = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+              "{% if add_generation_prompt %}assistant: {% endif %}")
+    tok = load_tokenizer(str(tiny_model_dir), chat_template=no_eos)
+    outcome = validate_dataset([str(QUICKSTART_DATA)], tokenizer=tok, run_expectations=False)
+    assert not outcome.report.audit.passed
+    assert outcome.report.audit.stop_token_trained_fraction == 0.0
+    assert "never learn to stop" in outcome.report.verdict
+
+
+def test_overlength_policies(tiny_tokenizer):
+    common = dict(tokenizer=tiny_tokenizer, max_seq_length=64, run_expectations=False, on_bad_rows="fail")
+    fail = validate_dataset([str(QUICKSTART_DATA)], overlength="fail", **common)
+    drop = validate_dataset([str(QUICKSTART_DATA)], overlength="drop", **common)
+    trunc = validate_dataset([str(QUICKSTART_DATA)], overlength="truncate", **common)
+    n_long = fail.report.problem_counts["overlength"]
+    assert n_long > 0 and not fail.report.passed
+    assert drop.report.passed and drop.report.problem_counts["overlength_dropped"] == n_long
+    assert drop.report.rows_accepted == 240 - n_long and len(drop.rejected) == n_long
+    assert trunc.report.passed and trunc.report.token_stats.truncated_rows == n_long
+    assert trunc.report.token_stats.max == 64
+
+
+def test_great_expectations_suite_runs_and_can_fail(tiny_tokenizer):
+    ok = validate_dataset([str(QUICKSTART_DATA)], tokenizer=tiny_tokenizer, max_seq_length=1024, min_rows=10)
+    assert ok.report.expectations.success and ok.report.expectations.evaluated >= 5
+    too_few = validate_dataset([str(QUICKSTART_DATA)], tokenizer=tiny_tokenizer, max_seq_length=1024, min_rows=10_000)
+    assert not too_few.report.passed
+    assert any("ExpectTableRowCount" in name or "row_count" in name.lower() for name in too_few.report.expectations.failed)
+
+
+def test_padding_waste_arithmetic():
+    assert padding_waste([4, 4, 2, 2], 2) == 0.0
+    assert padding_waste([4, 2], 2) == 0.25
