@@ -25,41 +25,72 @@ class MergeCheck(BaseModel):
     rows_checked: int
 
 
+def _reference_logits(adapter_dir: str, meta: dict):
+    """ids -> float32 logits of base+adapter, unmerged, in the adapter's own ecosystem."""
+    import torch
+
+    if meta.get("adapter_format") == "mlx-lm":
+        import mlx.core as mx
+        import numpy as np
+
+        from lorapipe.backends.mlx import MLXBackend
+
+        model, _ = MLXBackend().load_adapter(adapter_dir)
+        return lambda ids: torch.from_numpy(np.array(model(mx.array(ids.numpy())).astype(mx.float32)))
+    from peft import PeftModel
+
+    from lorapipe.models.loading import load_model
+
+    model = PeftModel.from_pretrained(load_model(meta["base_model"], "float32", meta.get("base_revision")),
+                                      adapter_dir).eval()
+    return lambda ids: model(input_ids=ids).logits.float()
+
+
+def _write_merged(adapter_dir: str, out: Path, meta: dict, dtype: str) -> None:
+    if meta.get("adapter_format") == "mlx-lm":
+        from lorapipe.backends.mlx import MLXBackend
+
+        MLXBackend().fuse(adapter_dir, str(out), dtype)
+        return
+    from peft import PeftModel
+
+    from lorapipe.models.loading import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(adapter_dir, chat_template=meta.get("chat_template_override"))
+    merged = PeftModel.from_pretrained(load_model(meta["base_model"], dtype, meta.get("base_revision")),
+                                       adapter_dir).merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+
+
 def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDataset, dtype: str = "bfloat16",
                   check_samples: int = 4, atol: Optional[float] = None, max_length: int = 256) -> MergeCheck:
+    """Merge (PEFT) or fuse (mlx-lm) the adapter, reload the saved folder, compare its logits with base+adapter."""
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from lorapipe.data.render import encode
-    from lorapipe.models.loading import load_model, load_tokenizer, torch_dtype
+    from lorapipe.models.loading import load_tokenizer, torch_dtype
 
     meta = read_adapter_metadata(adapter_dir)
-    base_name, revision = meta["base_model"], meta.get("base_revision")
     out = Path(out_dir)
     if (out / MERGE_METADATA).exists():
         print(f"{out} is already merged; nothing to do")
         return MergeCheck(**json.loads((out / MERGE_METADATA).read_text())["check"])
-    tokenizer = load_tokenizer(adapter_dir, chat_template=meta.get("chat_template_override"))
-    merged = PeftModel.from_pretrained(load_model(base_name, dtype, revision), adapter_dir).merge_and_unload()
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
-    del merged
-
-    # reference: base + adapter in float32; candidate: the saved merged model reloaded as written
-    reference = PeftModel.from_pretrained(load_model(base_name, "float32", revision), adapter_dir).eval()
-    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch_dtype(dtype)).eval()
     rows = check_rows.records[:check_samples]
     if not rows:
         raise ValueError("no rows to check the merge on")
+    _write_merged(adapter_dir, out, meta, dtype)
+
+    tokenizer = load_tokenizer(str(out), chat_template=meta.get("chat_template_override"))
+    reference = _reference_logits(adapter_dir, meta)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch_dtype(dtype)).eval()
     max_diff, diffs = 0.0, []
     with torch.no_grad():
         for rec in rows:
             ids = torch.tensor([encode(tokenizer, rec, max_length).input_ids])
-            a = reference(input_ids=ids).logits.float()
-            b = reloaded(input_ids=ids).logits.float()
-            d = (a - b).abs()
+            d = (reference(ids) - reloaded(input_ids=ids).logits.float()).abs()
             max_diff = max(max_diff, float(d.max()))
             diffs.append(float(d.mean()))
     tol = atol if atol is not None else DEFAULT_ATOL[dtype]

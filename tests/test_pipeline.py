@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -152,3 +153,24 @@ def test_bad_data_fails_with_file_and_line_and_keeps_rejected_rows(tiny_model_di
     cli_report = json.loads(capsys.readouterr().out)  # stdout is pure JSON: logs go to stderr
     assert cli_report["problems"] == [p.model_dump(mode="json") for p in report.problems]
     assert cli_report["problem_counts"] == report.problem_counts
+
+
+@pytest.mark.mlx
+def test_the_mlx_backend_runs_the_whole_pipeline(tiny_model_dir, tmp_path):
+    """train.backend=mlx on this Linux CPU (mlx[cpu]): an mlx-lm adapter, evaluated and fused by the same steps."""
+    pytest.importorskip("mlx_lm", reason="mlx-lm is not installed (pip install -e '.[mlx]')")
+    from lorapipe.backends.mlx import ADAPTER_WEIGHTS
+
+    cfg = _config(tmp_path, tiny_model_dir, QUICKSTART_DATA, model_name="lorapipe-mlx")
+    assert main(["run", "-c", str(cfg), "--set", "train.backend=mlx", "--set", "train.max_steps=6"]) == 0
+    run = _last_run()
+    assert _status(run) == {s: "completed" for s in STEPS}
+    plan = run.steps["preflight"].outputs["training_plan"][0].load()
+    assert (plan.backend, plan.device) == ("mlx", "mlx")
+    adapter = run.steps["train_adapter"].outputs["adapter"][0].load()
+    assert adapter.metadata["adapter_format"] == "mlx-lm"
+    assert (Path(adapter.path) / ADAPTER_WEIGHTS).exists()
+    merged = run.steps["merge_model"].outputs["merged_model"][0].load()
+    assert merged.metadata["check"]["passed"]
+    metrics = run.steps["evaluate_model"].outputs["eval_metrics"][0].load()
+    assert metrics.tuned.perplexity != metrics.base.perplexity

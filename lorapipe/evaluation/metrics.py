@@ -7,6 +7,7 @@ that never learned to stop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Optional
 
@@ -116,29 +117,48 @@ def evaluate_adapter(base_name: str, adapter_dir: str, test: ConversationDataset
                      generation_samples: int, max_new_tokens: int, max_length: int, batch_size: int,
                      dtype: str = "float32", device: str = "cpu", revision: Optional[str] = None,
                      chat_template: Optional[str] = None) -> EvalMetrics:
-    """Score the base and base+adapter on the same test rows, in one loaded model (adapter toggled off)."""
-    from peft import PeftModel
+    """Score the base and base+adapter on the same test rows with transformers.
 
+    A PEFT adapter is toggled off for the base in one loaded model; an mlx-lm adapter is first fused into a
+    float32 folder (mlx-lm's own fuse), so both kinds are scored by the same code.
+    """
+    import tempfile
+
+    from lorapipe.backends.base import read_adapter_metadata
     from lorapipe.models.loading import load_model, load_tokenizer
 
-    tokenizer = load_tokenizer(adapter_dir, chat_template=chat_template)
-    base = load_model(base_name, dtype, revision, device=device)
-    model = PeftModel.from_pretrained(base, adapter_dir)
     scored = test.records[:max_samples]
     gen = test.records[:generation_samples]
     if not scored:
         raise ValueError("the test split is empty: raise split.test_fraction or add data")
+    tokenizer = load_tokenizer(adapter_dir, chat_template=chat_template)
+    meta = read_adapter_metadata(adapter_dir)
+    if meta.get("adapter_format") == "mlx-lm":
+        from lorapipe.backends.mlx import MLXBackend
+
+        fused_dir = MLXBackend().fuse(adapter_dir, tempfile.mkdtemp(prefix="lorapipe-eval-fused-"), "float32")
+        models = {"base": lambda: contextlib.nullcontext(load_model(base_name, dtype, revision, device=device)),
+                  "tuned": lambda: contextlib.nullcontext(load_model(fused_dir, dtype, device=device))}
+    else:
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(load_model(base_name, dtype, revision, device=device), adapter_dir)
+
+        @contextlib.contextmanager
+        def _base():
+            with peft_model.disable_adapter():
+                yield peft_model
+
+        models = {"base": _base, "tuned": lambda: contextlib.nullcontext(peft_model)}
     results = {}
     samples: list[dict] = []
     tokens = 0
-    for label in ("base", "tuned"):
-        if label == "base":
-            with model.disable_adapter():
-                loss, tokens = masked_loss(model, tokenizer, scored, max_length, batch_size)
-                gscores, _ = generate_scores(model, tokenizer, gen, max_new_tokens) if gen else ({}, [])
-        else:
+    for label, enter in models.items():
+        with enter() as model:
             loss, tokens = masked_loss(model, tokenizer, scored, max_length, batch_size)
-            gscores, samples = generate_scores(model, tokenizer, gen, max_new_tokens) if gen else ({}, [])
+            gscores, gen_samples = generate_scores(model, tokenizer, gen, max_new_tokens) if gen else ({}, [])
+        if label == "tuned":
+            samples = gen_samples
         results[label] = ModelScores(loss=loss, perplexity=math.exp(min(loss, 50.0)), **gscores)
     gain = (results["base"].perplexity - results["tuned"].perplexity) / results["base"].perplexity
     return EvalMetrics(test_rows=len(test), scored_rows=len(scored), generated_rows=len(samples), scored_tokens=tokens,
