@@ -37,6 +37,9 @@ class ModelSection(_Section):
     chat_template: Optional[str] = Field(
         None, description="Jinja template (or path to one) used when the tokenizer ships none"
     )
+    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = Field(
+        None, description="null: transformers' default; flash_attention_2 needs the flash-attn package and a GPU"
+    )
 
 
 class DataSection(_Section):
@@ -57,6 +60,8 @@ class SplitSection(_Section):
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     salt: str = Field("lorapipe", description="Changes which rows land in which split, deterministically")
+    group_key: Optional[str] = Field(None, description="Row field whose value keeps rows together in one split")
+    stratify_key: Optional[str] = Field(None, description="Row field (a class label) to keep proportions per split")
 
     @model_validator(mode="after")
     def _fractions(self) -> "SplitSection":
@@ -98,6 +103,14 @@ class TrainSection(_Section):
     save_steps: int = Field(200, ge=1)
     save_total_limit: int = Field(2, ge=1)
     resume: bool = Field(True, description="Resume from the last checkpoint of the same training inputs")
+    init_adapter: Optional[str] = Field(
+        None, description="Continue training an existing adapter folder on new data (no new LoRA layers)")
+    eval_steps: Optional[int] = Field(None, ge=1, description="Evaluate on the eval split every N steps; null: never")
+    early_stopping_patience: Optional[int] = Field(
+        None, ge=1, description="Stop after N evaluations without improvement (needs eval_steps)")
+    load_best_model_at_end: bool = Field(False, description="Keep the checkpoint with the best eval loss (needs eval_steps)")
+    group_by_length: bool = Field(False, description="Batch rows of similar length together: less padding")
+    packing: bool = Field(False, description="Padding-free packing of rows, without attention across rows")
     output_root: str = Field("runs", description="Working folder for checkpoints (not the artifact store)")
     lora: LoraSection = Field(default_factory=LoraSection)
 
@@ -105,6 +118,12 @@ class TrainSection(_Section):
     def _cross(self) -> "TrainSection":
         if isinstance(self.micro_batch_size, int) and self.micro_batch_size < 1:
             raise ValueError("train.micro_batch_size must be 'auto' or an integer >= 1")
+        if (self.early_stopping_patience or self.load_best_model_at_end) and not self.eval_steps:
+            raise ValueError("train.early_stopping_patience and train.load_best_model_at_end need train.eval_steps")
+        if self.load_best_model_at_end and self.save_steps % self.eval_steps:
+            raise ValueError("train.load_best_model_at_end needs train.save_steps to be a multiple of train.eval_steps")
+        if self.packing and self.group_by_length:
+            raise ValueError("train.packing and train.group_by_length are alternatives: set one")
         return self
 
 

@@ -28,6 +28,7 @@ def finetune(config: dict, data_files_sha256: str, config_sha256: str) -> None:
     dataset, report, _rejected = validate_data(
         data=config["data"], validation=config["validation"], model=config["model"],
         max_seq_length=train_cfg["max_seq_length"], micro_batch_size=micro, data_fingerprint=data_files_sha256,
+        group_key=config["split"]["group_key"], stratify_key=config["split"]["stratify_key"],
     )
     hardware, plan = preflight(validation_report=report, model=config["model"], train=train_cfg)
     train_split, eval_split, test_split = split_data(validated_dataset=dataset, training_plan=plan, split=config["split"])

@@ -1,6 +1,6 @@
 """Validate the JSONL/JSON data: every row problem with file and line, the audit, the GE suite."""
 
-from typing import Annotated, Tuple
+from typing import Annotated, Optional, Tuple
 
 from zenml import save_artifact, step
 from zenml.logger import get_logger
@@ -17,6 +17,7 @@ logger = get_logger(__name__)
                             "validation_report": ReportMaterializer, "rejected_rows": ReportMaterializer})
 def validate_data(
     data: dict, validation: dict, model: dict, max_seq_length: int, micro_batch_size: int, data_fingerprint: str,
+    group_key: Optional[str] = None, stratify_key: Optional[str] = None,
 ) -> Tuple[
     Annotated[ConversationDataset, "validated_dataset"],
     Annotated[ValidationReport, "validation_report"],
@@ -31,6 +32,8 @@ def validate_data(
         max_seq_length: train.max_seq_length, the limit rows are checked against.
         micro_batch_size: batch size used to estimate padding waste.
         data_fingerprint: sha256 of the data files' bytes; part of the cache key, so a changed row re-runs.
+        group_key: split.group_key, the row field read to keep a group's rows in one split.
+        stratify_key: split.stratify_key, the row field (a class label) read for stratified splitting.
 
     Returns:
         The accepted rows, the validation report and the rejected rows (original text, file, line).
@@ -43,7 +46,7 @@ def validate_data(
         d.paths, d.format, d.prompt_key, d.completion_key, tokenizer=tokenizer,
         chat_template_source="config" if m.chat_template else "tokenizer", max_seq_length=max_seq_length,
         overlength=v.overlength, on_bad_rows=v.on_bad_rows, max_bad_fraction=v.max_bad_fraction,
-        min_rows=v.min_rows, micro_batch_size=micro_batch_size,
+        min_rows=v.min_rows, micro_batch_size=micro_batch_size, group_key=group_key, stratify_key=stratify_key,
     )
     for line in outcome.report.summary_lines():
         logger.info(line)

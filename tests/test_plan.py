@@ -71,3 +71,23 @@ def test_auto_micro_batch_backs_off_to_fit_and_keeps_the_effective_batch():
     for plan in (big, small):
         assert plan.micro_batch_size * plan.gradient_accumulation_steps == 16
         assert plan.memory.total_gb <= plan.memory.budget_gb
+
+
+def test_seed_configs_plan_on_their_target_hardware_without_weights():
+    """Each seed config, validated and planned against a probe of the machine it was written for."""
+    from lorapipe.config import load_config
+    from tests.conftest import REPO_ROOT
+
+    llama = ModelSize(parameters=8_030_000_000, hidden_size=4096, layers=32, vocab_size=128256)
+    mistral = ModelSize(parameters=7_240_000_000, hidden_size=4096, layers=32, vocab_size=32768)
+    deepseek = ModelSize(parameters=6_740_000_000, hidden_size=4096, layers=32, vocab_size=32256)
+    cases = [("llama-3.1-8b-unsloth-cuda", make_probe(cuda_gb=24), llama, ("unsloth", "cuda", 2, 8)),
+             ("mistral-7b-mlx-16gb", make_probe(apple=True, ram_gb=16), mistral, ("mlx", "mlx", 1, 4))]
+    for profile, accumulation in (("conservative", 8), ("balanced", 16), ("quality", 32)):
+        cases.append((f"deepseek-coder-6.7b-qlora-24gb-{profile}", make_probe(cuda_gb=24), deepseek,
+                      ("hf", "cuda", 1, accumulation)))
+    for name, hw, size, expected in cases:
+        cfg = load_config(REPO_ROOT / "configs" / f"{name}.yaml")
+        plan = decide_plan(cfg.train, hw, size)
+        assert (plan.backend, plan.device, plan.micro_batch_size, plan.gradient_accumulation_steps) == expected, name
+        assert plan.memory.total_gb < plan.memory.budget_gb

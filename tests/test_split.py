@@ -41,3 +41,46 @@ def test_duplicates_never_straddle_splits_and_other_rows_do_not_move():
 def test_salt_draws_another_split():
     recs = _records(200)
     assert _keys(split_records(recs, 0.2, 0.2, "a")[2]) != _keys(split_records(recs, 0.2, 0.2, "b")[2])
+
+
+def _labelled(n, label_every=None, group_of=None):
+    out = []
+    for i in range(n):
+        r = Record("f.jsonl", i + 1, "", "prompt_completion",
+                   messages=[{"role": "user", "content": f"text {i}"}, {"role": "assistant", "content": f"c{i}"}])
+        if label_every:
+            r.label = "pos" if i % label_every == 0 else "neg"
+        if group_of:
+            r.group = str(i // group_of)
+        out.append(r)
+    return out
+
+
+def test_group_key_keeps_a_conversations_rows_in_one_split():
+    recs = _labelled(300, group_of=5)
+    splits = split_records(recs, 0.2, 0.2)
+    where = {}
+    for s in splits:
+        for r in s.records:
+            where.setdefault(r.group, set()).add(s.name)
+    assert all(len(names) == 1 for names in where.values())
+    assert all(len(s) > 0 for s in splits)
+
+
+def test_stratification_keeps_label_proportions():
+    recs = _labelled(1000, label_every=10)  # 10% positive
+    train, evals, test = split_records(recs, 0.1, 0.2)
+    for ds, expected in ((train, 700), (evals, 100), (test, 200)):
+        pos = sum(r.label == "pos" for r in ds.records)
+        assert abs(len(ds) - expected) <= 2
+        assert pos == round(len(ds) * 0.1) or abs(pos / len(ds) - 0.1) < 0.01
+
+
+def test_train_valid_test_files_are_honoured(tmp_path):
+    recs = []
+    for name, n in (("train.jsonl", 20), ("valid.jsonl", 5), ("test.jsonl", 4)):
+        for i in range(n):
+            recs.append(Record(str(tmp_path / name), i + 1, "", "text", text=f"{name} {i}"))
+    train, evals, test = split_records(recs, 0.3, 0.3)
+    assert (len(train), len(evals), len(test)) == (20, 5, 4)
+    assert {r.source.split("/")[-1] for r in evals.records} == {"valid.jsonl"}

@@ -108,3 +108,36 @@ def test_great_expectations_suite_runs_and_can_fail(tiny_tokenizer):
 def test_padding_waste_arithmetic():
     assert padding_waste([4, 4, 2, 2], 2) == 0.0
     assert padding_waste([4, 2], 2) == 0.25
+
+
+def test_span_mask_sweep_equals_the_plain_definition():
+    """The one-sweep mask (hot path) against the obvious O(tokens x spans) definition, on random layouts."""
+    import random
+
+    from lorapipe.data.render import span_mask
+
+    def reference(offsets, spans):
+        out = []
+        for a, b in offsets:
+            hit = any(a < e and b > s for s, e in spans) if b > a else any(s < a <= e for s, e in spans)
+            out.append(1 if hit else 0)
+        return out
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        pos, offsets = 0, []
+        for _ in range(rng.randint(0, 40)):
+            width = rng.choice([0, 1, 2, 3])
+            offsets.append((pos, pos + width))
+            pos += width
+        points = sorted(rng.sample(range(pos + 2), min(pos + 2, 2 * rng.randint(0, 3))))
+        spans = [(points[i], points[i + 1]) for i in range(0, len(points) - 1, 2) if points[i] < points[i + 1]]
+        assert span_mask(offsets, spans) == reference(offsets, spans), (offsets, spans)
+
+
+def test_expectation_results_come_with_ge_data_docs(tiny_tokenizer):
+    ok = validate_dataset([str(QUICKSTART_DATA)], tokenizer=tiny_tokenizer, max_seq_length=1024, min_rows=10)
+    html = ok.report.expectations.data_docs_html
+    assert html and "Great Expectations" in html and "n_tokens" in html
+    assert "data_docs_html" not in ok.report.model_dump()  # shown in the dashboard, not stored in the JSON
+    assert ok.report.token_stats.histogram and sum(b[1] for b in ok.report.token_stats.histogram) == ok.report.rows_accepted

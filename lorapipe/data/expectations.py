@@ -28,7 +28,12 @@ def build_suite(columns: list[str], max_seq_length: Optional[int], min_rows: int
     return suite
 
 
-def run_suite(row_facts: list[dict], max_seq_length: Optional[int], min_rows: int):
+def run_suite(row_facts: dict, max_seq_length: Optional[int], min_rows: int):
+    """Validate the per-row facts (column name -> values) with a GE checkpoint that also renders data docs."""
+    import glob
+    import shutil
+    from pathlib import Path
+
     from lorapipe.data.validation import ExpectationsReport
 
     import great_expectations as gx
@@ -37,7 +42,7 @@ def run_suite(row_facts: list[dict], max_seq_length: Optional[int], min_rows: in
     # GE logs set-up chatter at INFO; ZenML may have given every existing logger its own level, so quiet each
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("great_expectations")] + ["great_expectations"]:
         logging.getLogger(name).setLevel(logging.ERROR)
-    df = pd.DataFrame(row_facts)
+    df = pd.DataFrame({name: list(values) for name, values in row_facts.items()})
     context = gx.get_context(mode="ephemeral")
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -46,7 +51,19 @@ def run_suite(row_facts: list[dict], max_seq_length: Optional[int], min_rows: in
     asset = source.add_dataframe_asset(name="row_facts")
     batch_def = asset.add_batch_definition_whole_dataframe("all_rows")
     suite = context.suites.add(build_suite(list(df.columns), max_seq_length, min_rows))
-    result = batch_def.get_batch(batch_parameters={"dataframe": df}).validate(suite)
+    definition = context.validation_definitions.add(gx.ValidationDefinition(name="row_facts", data=batch_def, suite=suite))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name="lorapipe", validation_definitions=[definition],
+        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")]))
+    run = checkpoint.run(batch_parameters={"dataframe": df})
+    result = next(iter(run.run_results.values()))
+    html = None
+    sites = context.get_docs_sites_urls()
+    if sites:
+        site_root = Path(sites[0]["site_url"].replace("file://", "")).parent
+        pages = sorted(glob.glob(str(site_root / "validations" / "**" / "*.html"), recursive=True))
+        html = Path(pages[-1]).read_text(encoding="utf-8") if pages else None
+        shutil.rmtree(site_root, ignore_errors=True)  # the ephemeral site's temp folder
     results, failed = [], []
     for r in result.results:
         cfg = r.expectation_config
@@ -58,4 +75,4 @@ def run_suite(row_facts: list[dict], max_seq_length: Optional[int], min_rows: in
         if not r.success:
             failed.append(name)
     return ExpectationsReport(suite_name=SUITE_NAME, success=bool(result.success), evaluated=len(results),
-                              failed=failed, results=results)
+                              failed=failed, results=results, data_docs_html=html)

@@ -66,7 +66,7 @@ class RawRow:
     obj: Any = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     """A row in lorapipe's internal form: a conversation (or a plain text) plus where it came from."""
 
@@ -77,6 +77,8 @@ class Record:
     messages: list[dict] = field(default_factory=list)
     text: Optional[str] = None
     tools: Optional[str] = None
+    group: Optional[str] = None  # split.group_key's value: rows of one group stay in one split
+    label: Optional[str] = None  # split.stratify_key's value
 
     def content_key(self) -> str:
         """Whitespace-normalised content, for duplicate detection and content-hash splitting."""
@@ -92,8 +94,9 @@ class Record:
             out["text"] = self.text
         else:
             out["messages"] = self.messages
-        if self.tools:
-            out["tools"] = self.tools
+        for key in ("tools", "group", "label"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
         return out
 
     @classmethod
@@ -106,6 +109,8 @@ class Record:
             messages=d.get("messages", []),
             text=d.get("text"),
             tools=d.get("tools"),
+            group=d.get("group"),
+            label=d.get("label"),
         )
 
 
@@ -366,19 +371,16 @@ class ReadResult:
     formats: dict[str, str]  # file -> detected format
 
 
-def read_records(paths: list[str], fmt: str = "auto", prompt_key: str = "prompt",
-                 completion_key: str = "completion") -> ReadResult:
-    """Read and normalise every file; collect every problem; keep the raw text of every rejected row."""
-    records: list[Record] = []
-    problems: list[Problem] = []
-    rejected: list[RawRow] = []
-    formats: dict[str, str] = {}
+def iter_records(paths: list[str], fmt: str, prompt_key: str, completion_key: str, problems: list[Problem],
+                 formats: dict[str, str], group_key: Optional[str] = None,
+                 label_key: Optional[str] = None) -> Iterator[tuple[RawRow, Optional[Record]]]:
+    """Stream (raw row, record or None when rejected) over every file; problems are appended as found."""
     for path in paths:
         file_fmt: Optional[str] = None if fmt == "auto" else fmt
         first_line = 0
         for row in iter_raw_rows(path, problems):
             if row.obj is None:  # unreadable: the problem is recorded, the raw text is kept
-                rejected.append(row)
+                yield row, None
                 continue
             row_fmt = detect_format(row.obj, prompt_key, completion_key)
             if file_fmt is None:
@@ -386,22 +388,46 @@ def read_records(paths: list[str], fmt: str = "auto", prompt_key: str = "prompt"
                     problems.append(Problem(row.source, row.line, "(row)", f"no known format in keys {sorted(row.obj)[:8]}",
                                             f"use one of: {', '.join(FORMATS)} (prompt/completion keys: data.prompt_key, data.completion_key)",
                                             "unknown_format"))
-                    rejected.append(row)
+                    yield row, None
                     continue
                 file_fmt, first_line = row_fmt, row.line
+                formats[str(path)] = file_fmt
             elif row_fmt != file_fmt and not (fmt != "auto" and row_fmt is None):
                 problems.append(Problem(row.source, row.line, "(row)",
                                         f"format {row_fmt or 'unknown'} differs from {file_fmt} (detected at line {first_line or 1})",
                                         "keep one format per file, or split the file", "mixed_format"))
-                rejected.append(row)
+                yield row, None
                 continue
             rec = normalise(row, file_fmt, problems, prompt_key, completion_key)
-            if rec is None:
-                rejected.append(row)
-            else:
-                records.append(rec)
+            if rec is not None:
+                for key, attr in ((group_key, "group"), (label_key, "label")):
+                    if key:
+                        value = row.obj.get(key)
+                        if value is None:
+                            problems.append(Problem(row.source, row.line, key, "missing",
+                                                    f"add '{key}' to every row, or unset split.{attr}_key" if attr == "group"
+                                                    else f"add '{key}' to every row, or unset split.stratify_key",
+                                                    "missing_field"))
+                            rec = None
+                            break
+                        setattr(rec, attr, str(value))
+            yield row, rec
         if file_fmt:
             formats[str(path)] = file_fmt
+
+
+def read_records(paths: list[str], fmt: str = "auto", prompt_key: str = "prompt",
+                 completion_key: str = "completion") -> ReadResult:
+    """Read and normalise every file into memory; collect every problem; keep every rejected row's raw text."""
+    records: list[Record] = []
+    problems: list[Problem] = []
+    rejected: list[RawRow] = []
+    formats: dict[str, str] = {}
+    for row, rec in iter_records(paths, fmt, prompt_key, completion_key, problems, formats):
+        if rec is None:
+            rejected.append(row)
+        else:
+            records.append(rec)
     return ReadResult(records, problems, rejected, formats)
 
 

@@ -79,21 +79,52 @@ def trainable_spans(tokenizer: Any, record: Record) -> tuple[str, list[tuple[int
     return full, spans
 
 
+def _tokenize_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the Rust tokenizer directly: ~3x less overhead per row than __call__
+        enc = backend.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], enc["offset_mapping"]
+
+
+def span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for tokens overlapping a span, in one sweep (offsets and spans both ascend).
+
+    A token with an empty offset span (e.g. a special token like EOS) belongs to the span it closes."""
+    mask = [0] * len(offsets)
+    k, n_spans = 0, len(spans)
+    for i, (start, end) in enumerate(offsets):
+        while k < n_spans and spans[k][1] < start:
+            k += 1
+        if k == n_spans:
+            break
+        s_start, s_end = spans[k]
+        if end > start:
+            inside = start < s_end and end > s_start
+            if not inside and k + 1 < n_spans:
+                inside = start < spans[k + 1][1] and end > spans[k + 1][0]
+        else:
+            inside = s_start < start <= s_end
+        mask[i] = 1 if inside else 0
+    return mask
+
+
 def encode(tokenizer: Any, record: Record, max_length: Optional[int] = None) -> Encoded:
     """Token ids and assistant mask (1 = trained) for one record, truncated to `max_length` if given."""
     text, spans = trainable_spans(tokenizer, record)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = enc["input_ids"]
-    mask = []
-    for start, end in enc["offset_mapping"]:
-        inside = any(start < s_end and end > s_start for s_start, s_end in spans) if end > start else False
-        mask.append(1 if inside else 0)
-    # a token like EOS may have an empty offset span: it belongs to the span it closes
-    for k, (start, end) in enumerate(enc["offset_mapping"]):
-        if end <= start:
-            mask[k] = 1 if any(s_start < start <= s_end for s_start, s_end in spans) else 0
+    ids, offsets = _tokenize_with_offsets(tokenizer, text)
+    ids = list(ids)
+    mask = span_mask(offsets, spans)
     full = len(ids)
     truncated = max_length is not None and full > max_length
     if truncated:
         ids, mask = ids[:max_length], mask[:max_length]
     return Encoded(ids, mask, text, full, truncated)
+
+
+def decode(tokenizer: Any, ids: list[int]) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.decode(ids, skip_special_tokens=False)
+    return tokenizer.decode(ids, skip_special_tokens=False)

@@ -9,21 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from pydantic import BaseModel, Field
 
-from lorapipe.data.formats import (
-    CONTROL_RE,
-    PLACEHOLDER_RE,
-    Problem,
-    RawRow,
-    Record,
-    ReadResult,
-    read_records,
-)
+from lorapipe.data.formats import CONTROL_RE, PLACEHOLDER_RE, Problem, RawRow, Record
 
 
 class ProblemRecord(BaseModel):
@@ -49,6 +42,7 @@ class TokenStats(BaseModel):
     micro_batch_size: int = 1
     padding_waste_in_order: float = Field(description="Fraction of padded slots, batches in file order")
     padding_waste_length_grouped: float = Field(description="Same, batches grouped by length")
+    histogram: list[list[float]] = Field(default_factory=list, description="[bin start, rows] pairs of token lengths")
 
 
 class AuditReport(BaseModel):
@@ -72,6 +66,8 @@ class ExpectationsReport(BaseModel):
     evaluated: int
     failed: list[str]
     results: list[dict[str, Any]]
+    # GE's own HTML data docs page for this validation; shown in the dashboard, not stored in the JSON
+    data_docs_html: Optional[str] = Field(None, exclude=True)
 
 
 class ValidationReport(BaseModel):
@@ -138,7 +134,7 @@ class ValidationOutcome:
     records: list[Record]
     rejected: list[RejectedRow]
     report: ValidationReport
-    row_facts: list[dict] = field(default_factory=list)
+    row_facts: dict[str, "array"] = field(default_factory=dict)  # column -> per-row values (GE suite input)
 
 
 class DataValidationError(ValueError):
@@ -172,7 +168,7 @@ def check_record(rec: Record, problems: list[Problem]) -> None:
                                         "write the prompt, or remove the row", "empty_prompt"))
         _check_roles(rec, roles, problems)
     for fld, text in contents:
-        m = PLACEHOLDER_RE.search(text)
+        m = PLACEHOLDER_RE.search(text) if "{{" in text else None
         if m:
             problems.append(Problem(src, line, fld, f"unfilled template placeholder {m.group(0)}",
                                     "fill the placeholder in (e.g. replace {{name}} by the assistant's name)", "placeholder"))
@@ -251,62 +247,84 @@ def validate_dataset(
     min_rows: int = 1,
     micro_batch_size: int = 1,
     run_expectations: bool = True,
+    keep_records: bool = True,
+    group_key: Optional[str] = None,
+    stratify_key: Optional[str] = None,
 ) -> ValidationOutcome:
-    read: ReadResult = read_records(paths, fmt, prompt_key, completion_key)
-    problems = list(read.problems)
+    """One streaming pass: read, normalise, check, de-duplicate and (with a tokenizer) audit every row.
+
+    Memory is bounded by what is kept: the accepted records (`keep_records=False` keeps none, as
+    `lorapipe validate` does), the problems, the rejected rows and one 16-byte digest per distinct row.
+    """
+    from lorapipe.data.formats import iter_records
+
+    problems: list[Problem] = []
+    formats: dict[str, str] = {}
     rejected: dict[tuple[str, int], RejectedRow] = {}
-
-    def reject(raw: RawRow | Record, reason: str) -> None:
-        key = (raw.source, raw.line)
-        if key not in rejected:
-            rejected[key] = RejectedRow(source=raw.source, line=raw.line, raw=raw.raw, reasons=[])
-        rejected[key].reasons.append(reason)
-
-    for row in read.rejected:
-        for p in problems:
-            if p.source == row.source and p.line == row.line:
-                reject(row, p.code)
-        if (row.source, row.line) not in rejected:
-            reject(row, "unreadable")
-
-    seen: dict[str, Record] = {}
+    sources: dict[str, int] = {}  # file -> index, for the packed first-seen positions
+    source_names: list[str] = []
+    first_seen: dict[bytes, int] = {}  # content digest -> (file index << 32 | line)
     kept: list[Record] = []
-    for rec in read.records:
+    fingerprint = hashlib.sha256()
+    audit = _TokenAudit(tokenizer, max_seq_length, overlength) if tokenizer is not None else None
+    facts: dict[str, array] = {}  # columnar: a million rows of facts cost megabytes, not a dict per row
+    rows_read = n_kept = 0
+
+    def reject(row: RawRow | Record, reasons: list[str]) -> None:
+        key = (row.source, row.line)
+        if key not in rejected:
+            rejected[key] = RejectedRow(source=row.source, line=row.line, raw=row.raw, reasons=[])
+        rejected[key].reasons.extend(reasons)
+
+    mark = 0  # problems[mark:] are the ones the reader found for the row it just yielded
+    for row, rec in iter_records(paths, fmt, prompt_key, completion_key, problems, formats, group_key, stratify_key):
+        rows_read += 1
+        if rec is None:
+            reject(row, [p.code for p in problems[mark:] if p.line == row.line] or ["unreadable"])
+            mark = len(problems)
+            continue
         before = len(problems)
         check_record(rec, problems)
         key = rec.content_key()
-        if key in seen:
-            first = seen[key]
-            where = f"line {first.line}" if first.source == rec.source else f"{first.source}:{first.line}"
+        digest = bytes.fromhex(key[:32])
+        if row.source not in sources:
+            sources[row.source] = len(source_names)
+            source_names.append(row.source)
+        if digest in first_seen:
+            packed = first_seen[digest]
+            f_src, f_line = source_names[packed >> 32], packed & 0xFFFFFFFF
+            where = f"line {f_line}" if f_src == rec.source else f"{f_src}:{f_line}"
             problems.append(Problem(rec.source, rec.line, "(row)", f"exact duplicate of {where} (after whitespace normalisation)",
                                     "remove one copy; both always land in the same split", "duplicate",
-                                    severity="warning", other_line=first.line))
+                                    severity="warning", other_line=f_line))
         else:
-            seen[key] = rec
-        errors = [p for p in problems[before:] if p.severity == "error"]
+            first_seen[digest] = (sources[row.source] << 32) | rec.line
+        errors = [p.code for p in problems[before:] if p.severity == "error"]
+        if not errors and audit is not None:
+            errors = audit.add(rec, problems)
+        mark = len(problems)
         if errors:
-            for p in errors:
-                reject(rec, p.code)
-        else:
+            reject(rec, errors)
+            continue
+        rec.raw = ""  # accepted rows live on in normalised form; raw text is kept only for rejected rows
+        n_kept += 1
+        fingerprint.update(key.encode())
+        for name, value in (audit.last_facts if audit is not None else _facts(rec)).items():
+            facts.setdefault(name, array("q")).append(value)
+        if keep_records:
             kept.append(rec)
 
-    row_facts: list[dict] = []
-    token_stats = audit = None
-    if tokenizer is not None:
-        kept, token_stats, audit, row_facts = _tokenize_pass(
-            kept, tokenizer, chat_template_source, max_seq_length, overlength, micro_batch_size, problems, reject)
-    else:
-        row_facts = [_facts(r) for r in kept]
+    token_stats = audit_report = None
+    if audit is not None:
+        token_stats, audit_report = audit.finish(micro_batch_size, chat_template_source)
 
-    rows_read = len(read.records) + len(read.rejected)
     n_rejected = len(rejected)
     errors = [p for p in problems if p.severity == "error"]
     warnings = [p for p in problems if p.severity != "error"]
     bad_fraction = n_rejected / rows_read if rows_read else 1.0
     verdicts = []
     passed = True
-    file_level = [p for p in errors if p.line == 0]
-    if file_level:
+    if any(p.line == 0 for p in errors):
         passed = False
         verdicts.append("a data file could not be read")
     if errors and on_bad_rows == "fail":
@@ -316,39 +334,39 @@ def validate_dataset(
     elif bad_fraction > max_bad_fraction and on_bad_rows == "quarantine":
         passed = False
         verdicts.append(f"{bad_fraction:.1%} of rows rejected, above validation.max_bad_fraction={max_bad_fraction}")
-    if len(kept) < min_rows:
+    if n_kept < min_rows:
         passed = False
-        verdicts.append(f"only {len(kept)} usable row(s); validation.min_rows is {min_rows}")
-    if audit is not None and not audit.passed:
+        verdicts.append(f"only {n_kept} usable row(s); validation.min_rows is {min_rows}")
+    if audit_report is not None and not audit_report.passed:
         passed = False
-        verdicts.append(audit.explanation)
+        verdicts.append(audit_report.explanation)
 
     expectations = None
-    if run_expectations and row_facts:
+    if run_expectations and facts:
         from lorapipe.data.expectations import run_suite
 
-        expectations = run_suite(row_facts, max_seq_length if overlength != "fail" or tokenizer else None, min_rows)
+        expectations = run_suite(facts, max_seq_length if tokenizer is not None else None, min_rows)
         if not expectations.success:
             passed = False
             verdicts.append(f"expectation suite failed: {', '.join(expectations.failed)}")
 
     report = ValidationReport(
-        files=read.formats,
-        data_fingerprint=dataset_fingerprint(kept),
+        files=formats,
+        data_fingerprint=fingerprint.hexdigest(),
         rows_read=rows_read,
-        rows_accepted=len(kept),
+        rows_accepted=n_kept,
         rows_rejected=n_rejected,
         errors=len(errors),
         warnings=len(warnings),
         problem_counts=dict(Counter(p.code for p in problems)),
         problems=[_problem(p) for p in problems],
         token_stats=token_stats,
-        audit=audit,
+        audit=audit_report,
         expectations=expectations,
         passed=passed,
         verdict="PASSED" if passed else "FAILED: " + "; ".join(verdicts),
     )
-    return ValidationOutcome(kept, sorted(rejected.values(), key=lambda r: (r.source, r.line)), report, row_facts)
+    return ValidationOutcome(kept, sorted(rejected.values(), key=lambda r: (r.source, r.line)), report, facts)
 
 
 def _facts(rec: Record) -> dict:
@@ -359,76 +377,91 @@ def _facts(rec: Record) -> dict:
     return {"n_messages": len(rec.messages), "prompt_chars": prompt, "response_chars": resp}
 
 
-def _tokenize_pass(records, tokenizer, template_source, max_len, overlength, micro_batch, problems, reject):
-    from lorapipe.data.render import RenderError, encode
+HISTOGRAM_BINS = 20
 
-    eos_id = tokenizer.eos_token_id
-    kept, lengths, facts = [], [], []
-    trainable_rows = stop_rows = roundtrip = truncated = total = trained = 0
-    for rec in records:
+
+class _TokenAudit:
+    """Per-row tokenizing pass: over-length policy, trainable tokens, the stop token, round-trip, lengths."""
+
+    def __init__(self, tokenizer: Any, max_len: Optional[int], overlength: str):
+        self.tok, self.max_len, self.overlength = tokenizer, max_len, overlength
+        self.eos_id = tokenizer.eos_token_id
+        self.lengths: list[int] = []
+        self.rows = self.trainable_rows = self.stop_rows = self.roundtrip = self.truncated = 0
+        self.total = self.trained = 0
+        self.last_facts: dict = {}
+
+    def add(self, rec: Record, problems: list[Problem]) -> list[str]:
+        """Audit one record; return the error codes that reject it (empty when accepted)."""
+        from lorapipe.data.render import RenderError, decode, encode
+
+        self.rows += 1
         try:
-            enc = encode(tokenizer, rec, max_len if overlength == "truncate" else None)
+            enc = encode(self.tok, rec, self.max_len if self.overlength == "truncate" else None)
         except RenderError as exc:
             problems.append(Problem(rec.source, rec.line, "(template)", str(exc), "set model.chat_template", "template_error"))
-            reject(rec, "template_error")
-            continue
-        if max_len is not None and enc.full_length > max_len:
-            if overlength == "fail" or overlength == "drop":
-                sev = "error" if overlength == "fail" else "dropped"  # drop: rejected and kept, not fatal
+            return ["template_error"]
+        if self.max_len is not None and enc.full_length > self.max_len:
+            if self.overlength in ("fail", "drop"):
+                code = "overlength" if self.overlength == "fail" else "overlength_dropped"
                 problems.append(Problem(rec.source, rec.line, "(row)",
-                                        f"{enc.full_length} tokens after the chat template, above train.max_seq_length={max_len}",
+                                        f"{enc.full_length} tokens after the chat template, above train.max_seq_length={self.max_len}",
                                         "raise train.max_seq_length, shorten the row, or set validation.overlength to "
-                                        "'truncate' or 'drop'", "overlength" if overlength == "fail" else "overlength_dropped",
-                                        severity=sev))
-                reject(rec, "overlength")
-                continue
-            truncated += 1
-            problems.append(Problem(rec.source, rec.line, "(row)",
-                                    f"{enc.full_length} tokens truncated to {max_len}", "none needed, or raise train.max_seq_length",
-                                    "overlength_truncated", severity="warning"))
+                                        "'truncate' or 'drop'", code,
+                                        severity="error" if self.overlength == "fail" else "dropped"))
+                return [code]
+            self.truncated += 1
+            problems.append(Problem(rec.source, rec.line, "(row)", f"{enc.full_length} tokens truncated to {self.max_len}",
+                                    "none needed, or raise train.max_seq_length", "overlength_truncated", severity="warning"))
         n_trained = sum(enc.assistant_mask)
         if n_trained == 0:
             problems.append(Problem(rec.source, rec.line, "(row)", "no trainable token after masking (and truncation)",
                                     "shorten the prompt or raise train.max_seq_length", "no_trainable_tokens"))
-            reject(rec, "no_trainable_tokens")
-            continue
-        trainable_rows += 1
-        if _turns_end_with(enc.input_ids, enc.assistant_mask, eos_id):
-            stop_rows += 1
-        if not enc.truncated and tokenizer.decode(enc.input_ids, skip_special_tokens=False) == enc.rendered:
-            roundtrip += 1
-        kept.append(rec)
-        lengths.append(len(enc.input_ids))
-        total += len(enc.input_ids)
-        trained += n_trained
-        f = _facts(rec)
-        f.update(n_tokens=len(enc.input_ids), n_trainable_tokens=n_trained)
-        facts.append(f)
-    n = len(kept)
-    s = sorted(lengths)
-    stats = TokenStats(rows=n, p50=_percentile(s, 0.5), p95=_percentile(s, 0.95), max=s[-1] if s else 0,
-                       total_tokens=total, trainable_tokens=trained, truncated_rows=truncated,
-                       micro_batch_size=micro_batch, padding_waste_in_order=padding_waste(lengths, micro_batch),
-                       padding_waste_length_grouped=padding_waste(s, micro_batch))
-    stop_frac = stop_rows / n if n else 0.0
-    pad_is_eos = tokenizer.pad_token_id is not None and tokenizer.pad_token_id == eos_id
-    if n == 0:
-        ok, why = False, "no row has a trained token: every label is masked, nothing would be learned"
-    elif stop_rows == 0:
-        ok, why = False, (f"no row trains the stop token {tokenizer.eos_token!r} at the end of an assistant turn: "
-                          "the model would never learn to stop; use a chat template that closes assistant turns with "
-                          "the EOS/turn-end token (model.chat_template)")
-    elif stop_frac < 1.0:
-        ok, why = True, f"{n - stop_rows} row(s) do not train the stop token (truncated rows lose it)"
-    else:
-        ok, why = True, "every row trains the stop token"
-    if pad_is_eos:
-        why += "; PAD is EOS, but padding is masked by position, so EOS stays trained"
-    audit = AuditReport(rows=n, trainable_rows_fraction=trainable_rows / len(records) if records else 0.0,
-                        stop_token_trained_fraction=stop_frac, roundtrip_fraction=roundtrip / n if n else 0.0,
-                        eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token, pad_is_eos=pad_is_eos,
-                        chat_template_source=template_source, passed=ok, explanation=why)
-    return kept, stats, audit, facts
+            return ["no_trainable_tokens"]
+        self.trainable_rows += 1
+        if _turns_end_with(enc.input_ids, enc.assistant_mask, self.eos_id):
+            self.stop_rows += 1
+        if not enc.truncated and decode(self.tok, enc.input_ids) == enc.rendered:
+            self.roundtrip += 1
+        n = len(enc.input_ids)
+        self.lengths.append(n)
+        self.total += n
+        self.trained += n_trained
+        self.last_facts = {**_facts(rec), "n_tokens": n, "n_trainable_tokens": n_trained}
+        return []
+
+    def finish(self, micro_batch: int, template_source: str) -> tuple[TokenStats, AuditReport]:
+        n = len(self.lengths)
+        s = sorted(self.lengths)
+        hist: list[list[float]] = []
+        if s:
+            lo, hi = s[0], s[-1]
+            width = max(1, math.ceil((hi - lo + 1) / HISTOGRAM_BINS))
+            counts = Counter((x - lo) // width for x in s)
+            hist = [[lo + b * width, counts.get(b, 0)] for b in range(HISTOGRAM_BINS) if lo + b * width <= hi]
+        stats = TokenStats(rows=n, p50=_percentile(s, 0.5), p95=_percentile(s, 0.95), max=s[-1] if s else 0,
+                           total_tokens=self.total, trainable_tokens=self.trained, truncated_rows=self.truncated,
+                           micro_batch_size=micro_batch, padding_waste_in_order=padding_waste(self.lengths, micro_batch),
+                           padding_waste_length_grouped=padding_waste(s, micro_batch), histogram=hist)
+        stop_frac = self.stop_rows / n if n else 0.0
+        pad_is_eos = self.tok.pad_token_id is not None and self.tok.pad_token_id == self.eos_id
+        if n == 0:
+            ok, why = False, "no row has a trained token: every label is masked, nothing would be learned"
+        elif self.stop_rows == 0:
+            ok, why = False, (f"no row trains the stop token {self.tok.eos_token!r} at the end of an assistant turn: "
+                              "the model would never learn to stop; use a chat template that closes assistant turns "
+                              "with the EOS/turn-end token (model.chat_template)")
+        elif stop_frac < 1.0:
+            ok, why = True, f"{n - self.stop_rows} row(s) do not train the stop token (truncated rows lose it)"
+        else:
+            ok, why = True, "every row trains the stop token"
+        if pad_is_eos:
+            why += "; PAD is EOS, but padding is masked by position, so EOS stays trained"
+        audit = AuditReport(rows=n, trainable_rows_fraction=self.trainable_rows / self.rows if self.rows else 0.0,
+                            stop_token_trained_fraction=stop_frac, roundtrip_fraction=self.roundtrip / n if n else 0.0,
+                            eos_token=self.tok.eos_token, pad_token=self.tok.pad_token, pad_is_eos=pad_is_eos,
+                            chat_template_source=template_source, passed=ok, explanation=why)
+        return stats, audit
 
 
 def _turns_end_with(ids: list[int], mask: list[int], eos_id: Optional[int], window: int = 3) -> bool:
