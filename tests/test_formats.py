@@ -40,6 +40,7 @@ def test_identity_placeholders_are_flagged_with_line_and_field():
     # the reported line is where that row's object starts in the JSON array
     assert text[first.line - 1].strip().startswith("{")
     assert "{{name}}" in first.message or "{{author}}" in first.message
+    assert first.field in ("output", "instruction/input")  # the user's own field, not an internal index
     # nothing lost: every rejected row is kept with its original text
     assert len(outcome.rejected) == report.rows_rejected > 0
     assert all("{{" in r.raw for r in outcome.rejected)
@@ -121,7 +122,7 @@ def test_broken_lines_are_reported_with_file_line_column_and_kept(tmp_path):
     assert by_line[5][0].code == "not_object"
     assert by_line[6][0].code == "wrong_type" and by_line[6][0].field == "completion"
     assert by_line[7][0].code in ("mixed_format", "missing_field")
-    assert by_line[8][0].code == "empty_response"
+    assert by_line[8][0].code == "empty_response" and by_line[8][0].field == "completion"
     assert all(p.source == str(path) for p in outcome.report.problems)
     # every problem collected, nothing lost: 7 rejected rows kept with their raw text
     assert outcome.report.rows_accepted == 1

@@ -1,5 +1,6 @@
 """End to end on a real (temporary) ZenML store: seven steps, caching, the model version and its lineage."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -151,7 +152,7 @@ def test_bad_data_fails_with_file_and_line_and_keeps_rejected_rows(tiny_model_di
     assert main(["validate", str(data), "--model", str(tiny_model_dir), "--max-seq-length", "128",
                  "--overlength", "truncate", "--json"]) == 1
     cli_report = json.loads(capsys.readouterr().out)  # stdout is pure JSON: logs go to stderr
-    assert cli_report["problems"] == [p.model_dump(mode="json") for p in report.problems]
+    assert cli_report["problems"] == [dataclasses.asdict(p) for p in report.problems]
     assert cli_report["problem_counts"] == report.problem_counts
 
 

@@ -330,8 +330,6 @@ def normalise(row: RawRow, fmt: str, problems: list[Problem], prompt_key: str = 
                                             "add a string 'content' (or 'tool_calls' for an assistant call)", "missing_field"))
                     continue
                 rec.messages.append(msg)
-        if obj.get("tools") is not None:
-            rec.tools = obj["tools"] if isinstance(obj["tools"], str) else json.dumps(obj["tools"], ensure_ascii=False)
     elif fmt == "sharegpt":
         turns = obj.get("conversations")
         if not isinstance(turns, list) or not turns:
@@ -356,8 +354,8 @@ def normalise(row: RawRow, fmt: str, problems: list[Problem], prompt_key: str = 
                                             "make 'value' a string", "wrong_type"))
                     continue
                 rec.messages.append({"role": role, "content": value})
-        if obj.get("tools") is not None:
-            rec.tools = obj["tools"] if isinstance(obj["tools"], str) else json.dumps(obj["tools"], ensure_ascii=False)
+    if fmt in ("messages", "sharegpt") and obj.get("tools") is not None:
+        rec.tools = obj["tools"] if isinstance(obj["tools"], str) else json.dumps(obj["tools"], ensure_ascii=False)
     if len(problems) > n_before and any(p.severity == "error" for p in problems[n_before:]):
         return None
     return rec

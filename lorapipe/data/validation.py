@@ -19,18 +19,6 @@ from pydantic import BaseModel, Field
 from lorapipe.data.formats import CONTROL_RE, PLACEHOLDER_RE, Problem, RawRow, Record
 
 
-class ProblemRecord(BaseModel):
-    source: str
-    line: int
-    field: str
-    message: str
-    fix: str
-    code: str
-    severity: str = "error"
-    column: Optional[int] = None
-    other_line: Optional[int] = None
-
-
 class TokenStats(BaseModel):
     rows: int
     p50: float
@@ -79,7 +67,7 @@ class ValidationReport(BaseModel):
     errors: int
     warnings: int
     problem_counts: dict[str, int]
-    problems: list[ProblemRecord]
+    problems: list[Problem]
     token_stats: Optional[TokenStats] = None
     audit: Optional[AuditReport] = None
     expectations: Optional[ExpectationsReport] = None
@@ -145,11 +133,25 @@ class DataValidationError(ValueError):
         super().__init__("dataset validation failed:\n" + "\n".join(report.summary_lines(max_rows_per_kind=5)))
 
 
-def _problem(p: Problem) -> ProblemRecord:
-    return ProblemRecord(**p.to_dict())
+def source_field(rec: Record, i: int, prompt_key: str = "prompt", completion_key: str = "completion") -> str:
+    """The field of the user's own row that message i came from, so a problem points at what to edit."""
+    n = len(rec.messages)
+    if rec.format == "prompt_completion":
+        return prompt_key if i == 0 else completion_key
+    if rec.format == "alpaca":
+        offset = 1 if rec.messages and rec.messages[0]["role"] == "system" else 0
+        if i < offset:
+            return "system"
+        if i >= n - 2:
+            return "instruction/input" if i == n - 2 else "output"
+        return f"history[{(i - offset) // 2}][{(i - offset) % 2}]"
+    if rec.format == "sharegpt":
+        return f"conversations[{i}].value"
+    return f"messages[{i}].content"
 
 
-def check_record(rec: Record, problems: list[Problem]) -> None:
+def check_record(rec: Record, problems: list[Problem], prompt_key: str = "prompt",
+                 completion_key: str = "completion") -> None:
     """Content checks on one normalised record (fields are known to be well-typed here)."""
     src, line = rec.source, rec.line
     if rec.text is not None:
@@ -157,14 +159,15 @@ def check_record(rec: Record, problems: list[Problem]) -> None:
             problems.append(Problem(src, line, "text", "empty or whitespace-only", "remove the row or fill it", "empty_response"))
         contents = [("text", rec.text)]
     else:
-        contents = [(f"messages[{i}].content", m.get("content") or "") for i, m in enumerate(rec.messages)]
+        fields = [source_field(rec, i, prompt_key, completion_key) for i in range(len(rec.messages))]
+        contents = [(fields[i], m.get("content") or "") for i, m in enumerate(rec.messages)]
         roles = [m["role"] for m in rec.messages]
         for i, m in enumerate(rec.messages):
             if m["role"] == "assistant" and not (m.get("content") or "").strip():
-                problems.append(Problem(src, line, f"messages[{i}].content", "empty or whitespace-only response",
+                problems.append(Problem(src, line, fields[i], "empty or whitespace-only response",
                                         "write the answer, or remove the row", "empty_response"))
             if m["role"] == "user" and not (m.get("content") or "").strip():
-                problems.append(Problem(src, line, f"messages[{i}].content", "empty or whitespace-only prompt",
+                problems.append(Problem(src, line, fields[i], "empty or whitespace-only prompt",
                                         "write the prompt, or remove the row", "empty_prompt"))
         _check_roles(rec, roles, problems)
     for fld, text in contents:
@@ -284,7 +287,7 @@ def validate_dataset(
             mark = len(problems)
             continue
         before = len(problems)
-        check_record(rec, problems)
+        check_record(rec, problems, prompt_key, completion_key)
         key = rec.content_key()
         digest = bytes.fromhex(key[:32])
         if row.source not in sources:
@@ -359,7 +362,7 @@ def validate_dataset(
         errors=len(errors),
         warnings=len(warnings),
         problem_counts=dict(Counter(p.code for p in problems)),
-        problems=[_problem(p) for p in problems],
+        problems=problems,
         token_stats=token_stats,
         audit=audit_report,
         expectations=expectations,
