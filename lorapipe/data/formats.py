@@ -46,17 +46,6 @@ class Problem:
     column: Optional[int] = None
     other_line: Optional[int] = None
 
-    @property
-    def where(self) -> str:
-        col = f":{self.column}" if self.column else ""
-        return f"{self.source}:{self.line}{col}"
-
-    def render(self) -> str:
-        return f"{self.where}: [{self.code}] {self.field}: {self.message} (fix: {self.fix})"
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
 
 @dataclass
 class RawRow:
