@@ -1,8 +1,24 @@
-"""transformers + PEFT + TRL backend: CPU, CUDA, and QLoRA via a bitsandbytes quantization config."""
+"""transformers + PEFT + TRL backend: CPU, CUDA, and QLoRA via a bitsandbytes quantization config.
+
+Beyond a plain SFTTrainer run, `HFBackend.train`:
+
+- resumes bit-identically on CPU: data order comes from `data_seed` (accelerate's seedable sampler, or, with
+  `train.group_by_length`, a length-grouped sampler re-seeded from `data_seed + epoch`), and the Trainer restores the
+  RNG state (dropout) saved in the checkpoint;
+- continues an existing adapter (`train.init_adapter`) instead of adding new LoRA layers;
+- evaluates every `train.eval_steps`, with early stopping and best-model reloading on `eval_loss`;
+- groups rows by length or packs them padding-free (TRL's BFD packing: position ids restart per row, so rows do not
+  attend across each other), and reports the padding actually fed (`padding_waste` in the adapter metadata);
+- writes metrics/plots and prints progress through `lorapipe.training.monitoring.TrainingMonitor`;
+- backs off on a CUDA out-of-memory error in the first steps: half the micro-batch, twice the accumulation;
+- runs data-parallel under `accelerate launch` / `torchrun` (only the main process writes the adapter folder).
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -11,6 +27,10 @@ from lorapipe.backends.base import AdapterInfo, write_adapter_metadata
 from lorapipe.config import LoraSection, ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
+
+# A CUDA OOM before this many optimizer steps of an attempt have completed triggers the micro-batch backoff; a later
+# one is raised (it is then a long-row problem, not a batch-geometry one).
+OOM_BACKOFF_WITHIN_STEPS = 10
 
 
 def tokenize_dataset(dataset: ConversationDataset, tokenizer: Any, max_length: int) -> Any:
@@ -40,12 +60,96 @@ def last_checkpoint(folder: Path) -> Optional[Path]:
 
 
 def _peak_memory_gb(device: str) -> float:
-    import psutil
-    import torch
+    from lorapipe.training.monitoring import memory_gb
 
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return psutil.Process().memory_info().rss / 2**30
+    return memory_gb(device)
+
+
+class PaddingCounter:
+    """Counts the real and the padded token positions of every micro-batch the trainer fed to the model.
+
+    Counted in `training_step` (not in the collator, which accelerate's dataloader runs one batch ahead)."""
+
+    def __init__(self) -> None:
+        self.real_tokens = 0
+        self.padded_tokens = 0
+        self.batches = 0
+        self.padding_free = False
+
+    def count(self, inputs: dict[str, Any]) -> None:
+        ids = inputs["input_ids"]
+        total = int(ids.numel())
+        mask = inputs.get("attention_mask")
+        # padding-free batches (packing) are one flattened row with position ids and no mask: nothing is padding
+        real = int(mask.sum()) if mask is not None else total
+        self.real_tokens += real
+        self.padded_tokens += total - real
+        self.batches += 1
+        self.padding_free = mask is None and "position_ids" in inputs
+
+    def summary(self) -> dict[str, Any]:
+        total = self.real_tokens + self.padded_tokens
+        return {"real_tokens": self.real_tokens, "padded_tokens": self.padded_tokens, "batches": self.batches,
+                "fraction": round(self.padded_tokens / total, 6) if total else 0.0,
+                "padding_free": self.padding_free}
+
+
+_TRAINER_CLS: Any = None
+
+
+def _trainer_class() -> Any:
+    """SFTTrainer with a reproducible length-grouped sampler and a count of the padding it trains on."""
+    global _TRAINER_CLS
+    if _TRAINER_CLS is not None:
+        return _TRAINER_CLS
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+    from trl import SFTTrainer
+
+    class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+        """Length-grouped order drawn from `seed + epoch`, never from the global RNG: the same order on a resumed
+        run (whose global RNG differs when the dataloader starts) and on every data-parallel rank."""
+
+        def __init__(self, *args: Any, seed: int, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.seed = seed
+            self.epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):  # noqa: ANN204
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
+
+    class LorapipeSFTTrainer(SFTTrainer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.padding_counter = PaddingCounter()
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            if self.args.train_sampling_strategy == "group_by_length":
+                ds = train_dataset if train_dataset is not None else self.train_dataset
+                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                return EpochSeededLengthGroupedSampler(
+                    self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                    lengths=[len(x) for x in ds["input_ids"]], seed=seed)
+            return super()._get_train_sampler(train_dataset)
+
+        def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            self.padding_counter.count(inputs)
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    _TRAINER_CLS = LorapipeSFTTrainer
+    return _TRAINER_CLS
+
+
+def _backed_off(plan: TrainingPlan) -> TrainingPlan:
+    mb = max(1, plan.micro_batch_size // 2)
+    ga = max(1, math.ceil(plan.effective_batch_size / mb))
+    return plan.model_copy(update={"micro_batch_size": mb, "gradient_accumulation_steps": ga,
+                                   "effective_batch_size": mb * ga})
 
 
 class HFBackend:
@@ -53,29 +157,162 @@ class HFBackend:
 
     def train(self, model_cfg: ModelSection, t: TrainSection, seed: int, plan: TrainingPlan,
               train: ConversationDataset, eval: ConversationDataset, work_dir: Path,  # noqa: A002
-              adapter_dir: Path) -> AdapterInfo:
+              adapter_dir: Path, extra_callbacks: Optional[list[Any]] = None) -> AdapterInfo:
+        """Train and save the adapter. `extra_callbacks`: more `TrainerCallback`s (tests use it to inject crashes
+        and simulated OOMs); the same instances are reused by an OOM retry."""
         import torch
         import transformers
-        from peft import prepare_model_for_kbit_training
-        from transformers import TrainerCallback, set_seed
-        from trl import SFTConfig, SFTTrainer
+        from transformers import set_seed
 
         from lorapipe.hardware.probe import package_versions
-        from lorapipe.models.loading import load_model, load_tokenizer
+        from lorapipe.models.loading import load_tokenizer
+        from lorapipe.training.monitoring import free_memory
 
-        set_seed(seed)
         transformers.logging.set_verbosity_error()
         m = model_cfg
+        work_dir, adapter_dir = Path(work_dir), Path(adapter_dir)
+        if t.eval_steps and not len(eval):
+            raise ValueError("train.eval_steps (and early stopping / load_best_model_at_end) need a non-empty eval "
+                             "split: raise split.eval_fraction or set train.eval_steps: null")
+        init_adapter = self._check_init_adapter(t, m)
         tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, m.chat_template)
-        model = load_model(m.name_or_path, plan.dtype, m.revision, m.trust_remote_code, plan.quantization, plan.device)
-        if plan.quantization != "none":
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
-        if plan.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-
         train_ds = tokenize_dataset(train, tokenizer, plan.max_seq_length)
         eval_ds = tokenize_dataset(eval, tokenizer, plan.max_seq_length) if len(eval) else None
         ckpt_dir = work_dir / "checkpoints"
+
+        backoffs: list[dict[str, Any]] = []
+        while True:
+            set_seed(seed)
+            model = self._load_model(m, plan, init_adapter)
+            trainer = self._trainer(model, t, seed, plan, tokenizer, train_ds, eval_ds, ckpt_dir, adapter_dir,
+                                    init_adapter, extra_callbacks)
+            resume_from = last_checkpoint(ckpt_dir) if t.resume else None
+            if resume_from is not None:
+                print(f"resuming from {resume_from} (set train.resume=false to start over)", flush=True)
+            oom_step: Optional[int] = None
+            start = time.perf_counter()
+            try:
+                result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            except torch.cuda.OutOfMemoryError as exc:
+                oom_step = trainer.state.global_step
+                suffix = resume_from.name.split("-")[-1] if resume_from is not None else "0"
+                first_step = int(suffix) if suffix.isdigit() else 0
+                if plan.micro_batch_size <= 1 or oom_step - first_step >= OOM_BACKOFF_WITHIN_STEPS:
+                    why = "already 1" if plan.micro_batch_size <= 1 else "past the first steps"
+                    exc.add_note(f"lorapipe: out of memory at step {oom_step} with micro-batch {plan.micro_batch_size}"
+                                 f" (no backoff: {why}); lower train.max_seq_length, set train.quantization: nf4 or "
+                                 "turn on train.gradient_checkpointing")
+                    raise
+            if oom_step is None:
+                break
+            smaller = _backed_off(plan)
+            backoffs.append({"from": plan.micro_batch_size, "to": smaller.micro_batch_size, "step": oom_step,
+                             "gradient_accumulation_steps": {"from": plan.gradient_accumulation_steps,
+                                                             "to": smaller.gradient_accumulation_steps},
+                             "effective_batch_size": smaller.effective_batch_size})
+            print(f"CUDA out of memory at step {oom_step} with micro-batch {plan.micro_batch_size}: retrying with "
+                  f"micro-batch {smaller.micro_batch_size} x accumulation {smaller.gradient_accumulation_steps} "
+                  f"(effective {smaller.effective_batch_size})", flush=True)
+            del trainer, model
+            free_memory(plan.device)
+            plan = smaller
+
+        seconds = time.perf_counter() - start
+        tokens = int(sum(len(x) for x in train_ds["input_ids"]) * t.epochs) if t.max_steps < 0 else \
+            int(sum(len(x) for x in train_ds["input_ids"]) / max(len(train_ds), 1) * t.max_steps * plan.effective_batch_size)
+        state = trainer.state
+        info = AdapterInfo(
+            path=str(adapter_dir), backend=self.name, device=plan.device, base_model=m.name_or_path,
+            base_revision=m.revision, data_fingerprint=train.fingerprint, train_rows=len(train),
+            steps=state.global_step, train_loss=float(result.training_loss) if result.training_loss is not None else None,
+            train_tokens=tokens, tokens_per_second=tokens / seconds if seconds > 0 else 0.0, train_seconds=seconds,
+            peak_memory_gb=round(_peak_memory_gb(plan.device), 3),
+            resumed_from=str(resume_from) if resume_from else None, versions=package_versions(),
+        )
+        if trainer.is_world_process_zero():
+            adapter_dir.mkdir(parents=True, exist_ok=True)
+            trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
+            tokenizer.save_pretrained(str(adapter_dir))
+            with open(adapter_dir / "training_log.jsonl", "w") as fh:
+                for entry in state.log_history:
+                    fh.write(json.dumps(entry) + "\n")
+            extra: dict[str, Any] = {
+                "padding_waste": trainer.padding_counter.summary(),
+                "batching": {"group_by_length": t.group_by_length, "packing": t.packing,
+                             "packing_strategy": "bfd" if t.packing else None},
+                "oom_backoff": backoffs,
+                "world_size": trainer.args.world_size,
+                "init_adapter": str(init_adapter) if init_adapter else None,
+            }
+            if t.eval_steps:
+                extra["evaluation"] = {
+                    "eval_steps": t.eval_steps, "best_eval_loss": state.best_metric,
+                    "best_checkpoint": state.best_model_checkpoint,
+                    "stopped_early": bool(t.early_stopping_patience) and state.global_step < state.max_steps,
+                    "loaded_best_model": t.load_best_model_at_end,
+                }
+            write_adapter_metadata(adapter_dir, m, t, seed, plan, info, extra=extra)
+        trainer.accelerator.wait_for_everyone()
+        device = plan.device
+        del trainer, model, result
+        free_memory(device)
+        return info
+
+    # -- pieces ----------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_init_adapter(t: TrainSection, m: ModelSection) -> Optional[Path]:
+        if not t.init_adapter:
+            return None
+        path = Path(t.init_adapter).expanduser().resolve()
+        cfg_path = path / "adapter_config.json"
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"train.init_adapter: {path} is not a PEFT adapter folder (no adapter_config.json)")
+        cfg = json.loads(cfg_path.read_text())
+        base = cfg.get("base_model_name_or_path")
+        if base and base != m.name_or_path:
+            print(f"warning: train.init_adapter {path} was trained on {base}, continuing it on {m.name_or_path}",
+                  flush=True)
+        if cfg.get("r") != t.lora.r or cfg.get("lora_alpha") != t.lora.alpha:
+            print(f"note: train.init_adapter keeps its own LoRA shape (r={cfg.get('r')}, "
+                  f"alpha={cfg.get('lora_alpha')}); train.lora is not applied", flush=True)
+        return path
+
+    @staticmethod
+    def _load_model(m: ModelSection, plan: TrainingPlan, init_adapter: Optional[Path]) -> Any:
+        import torch
+        from peft import prepare_model_for_kbit_training
+
+        from lorapipe.models.loading import load_model
+
+        model = load_model(m.name_or_path, plan.dtype, m.revision, m.trust_remote_code, plan.quantization, plan.device)
+        if plan.quantization != "none":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
+        if init_adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+        if plan.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        return model
+
+    @staticmethod
+    def _trainer(model: Any, t: TrainSection, seed: int, plan: TrainingPlan, tokenizer: Any, train_ds: Any,
+                 eval_ds: Any, ckpt_dir: Path, adapter_dir: Path, init_adapter: Optional[Path],
+                 extra_callbacks: Optional[list[Any]]) -> Any:
+        from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
+        from trl import SFTConfig
+
+        from lorapipe.training.monitoring import TrainingMonitor
+
+        evaluating = bool(t.eval_steps) and eval_ds is not None
+        if t.packing:
+            # Padding-free batches carry position ids and no attention mask; transformers turns restarting position
+            # ids into a block-diagonal causal mask (sdpa/eager/flex) or varlen kernels (flash), provided no KV cache.
+            model.config.use_cache = False
+            impl = str(getattr(model.config, "_attn_implementation", None))
+            if impl not in ("sdpa", "eager", "flex_attention") and "flash" not in impl:
+                print(f"warning: train.packing with attention implementation {impl!r}: rows may attend across each "
+                      "other unless the model builds its mask from position ids", flush=True)
         args = SFTConfig(
             output_dir=str(ckpt_dir),
             per_device_train_batch_size=plan.micro_batch_size,
@@ -92,12 +329,25 @@ class HFBackend:
             save_strategy="steps",
             save_steps=t.save_steps,
             save_total_limit=t.save_total_limit,
-            eval_strategy="no",
+            eval_strategy="steps" if evaluating else "no",
+            eval_steps=t.eval_steps if evaluating else None,
+            metric_for_best_model="eval_loss" if evaluating else None,
+            greater_is_better=False if evaluating else None,
+            load_best_model_at_end=t.load_best_model_at_end and evaluating,
+            # transformers 5 names group_by_length a sampling strategy; the sampler itself is seeded below
+            train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+            packing=t.packing,
+            packing_strategy="bfd",
+            padding_free=t.packing,
             seed=seed,
             data_seed=seed,
             bf16=plan.dtype == "bfloat16",
             fp16=plan.dtype == "float16",
             use_cpu=plan.device == "cpu",
+            # CPU data parallelism (accelerate launch --cpu / torchrun) speaks gloo; a single process must not
+            # name a backend (accelerate would then expect a process group)
+            ddp_backend="gloo" if plan.device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+            ddp_find_unused_parameters=False,
             gradient_checkpointing=plan.gradient_checkpointing,
             max_length=plan.max_seq_length,
             report_to="none",
@@ -107,34 +357,16 @@ class HFBackend:
 
         class _SaveAnnouncer(TrainerCallback):
             def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
-                print(f"checkpoint saved: step {state.global_step}", flush=True)
+                if state.is_world_process_zero:
+                    print(f"checkpoint saved: step {state.global_step}", flush=True)
 
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tokenizer, peft_config=lora_config(t.lora),
-                             callbacks=[_SaveAnnouncer()])
-        resume_from = last_checkpoint(ckpt_dir) if t.resume else None
-        if resume_from is not None:
-            print(f"resuming from {resume_from} (set train.resume=false to start over)", flush=True)
-        start = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        seconds = time.perf_counter() - start
-        tokens = int(sum(len(x) for x in train_ds["input_ids"]) * t.epochs) if t.max_steps < 0 else \
-            int(sum(len(x) for x in train_ds["input_ids"]) / max(len(train_ds), 1) * t.max_steps * plan.effective_batch_size)
-
-        adapter_dir.mkdir(parents=True, exist_ok=True)
-        trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
-        tokenizer.save_pretrained(str(adapter_dir))
-        with open(adapter_dir / "training_log.jsonl", "w") as fh:
-            for entry in trainer.state.log_history:
-                fh.write(json.dumps(entry) + "\n")
-        info = AdapterInfo(
-            path=str(adapter_dir), backend=self.name, device=plan.device, base_model=m.name_or_path,
-            base_revision=m.revision, data_fingerprint=train.fingerprint, train_rows=len(train),
-            steps=trainer.state.global_step, train_loss=float(result.training_loss) if result.training_loss is not None else None,
-            train_tokens=tokens, tokens_per_second=tokens / seconds if seconds > 0 else 0.0, train_seconds=seconds,
-            peak_memory_gb=round(_peak_memory_gb(plan.device), 3),
-            resumed_from=str(resume_from) if resume_from else None, versions=package_versions(),
-        )
-        write_adapter_metadata(adapter_dir, m, t, seed, plan, info)
-        del trainer, model
-        return info
+        callbacks: list[Any] = [_SaveAnnouncer(), TrainingMonitor(adapter_dir, plan.device)]
+        if evaluating and t.early_stopping_patience:
+            callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
+        callbacks.extend(extra_callbacks or [])
+        trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                   processing_class=tokenizer,
+                                   peft_config=None if init_adapter is not None else lora_config(t.lora),
+                                   callbacks=callbacks)
+        trainer.remove_callback(PrinterCallback)  # the monitor prints one compact line per log instead
+        return trainer

@@ -43,11 +43,14 @@ def quantization_config(quantization: str, compute_dtype: str) -> Any:
 
 
 def load_model(name_or_path: str, dtype: str = "float32", revision: Optional[str] = None,
-               trust_remote_code: bool = False, quantization: str = "none", device: str = "cpu") -> Any:
+               trust_remote_code: bool = False, quantization: str = "none", device: str = "cpu",
+               attn_implementation: Optional[str] = None) -> Any:
     from transformers import AutoModelForCausalLM
 
     qconf = quantization_config(quantization, dtype)
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code, "dtype": torch_dtype(dtype)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if qconf is not None:
         kwargs["quantization_config"] = qconf
         kwargs["device_map"] = {"": device if device != "cuda" else 0}

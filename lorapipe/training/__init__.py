@@ -1,0 +1,1 @@
+"""Training helpers shared by backends: monitoring (metrics files, progress lines, plots) and memory care."""
