@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Tuple, Type
 
-from zenml.enums import ArtifactType
+from zenml.enums import ArtifactType, VisualizationType
 from zenml.io import fileio
 from zenml.materializers.base_materializer import BaseMaterializer
 
@@ -47,6 +47,13 @@ class _FolderMaterializer(BaseMaterializer):
 
 class AdapterFolderMaterializer(_FolderMaterializer):
     ASSOCIATED_TYPES: ClassVar[Tuple[Type[Any], ...]] = (AdapterFolder,)
+    PLOTS: ClassVar[Tuple[str, ...]] = ("loss.png", "learning_rate.png", "memory.png")
+
+    def save_visualizations(self, data: AdapterFolder) -> Dict[str, VisualizationType]:
+        """The training monitor's plots, already copied into the store with the folder, shown in the dashboard."""
+        stored = os.path.join(self.uri, self.FOLDER)
+        return {os.path.join(stored, name): VisualizationType.IMAGE
+                for name in self.PLOTS if (Path(data.path) / name).exists()}
 
     def extract_metadata(self, data: AdapterFolder) -> Dict[str, Any]:
         meta = super().extract_metadata(data)

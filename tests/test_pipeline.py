@@ -119,6 +119,11 @@ def test_adapter_artifact_is_a_peft_folder_loadable_from_the_store(runs, tiny_mo
     folder = adapter.load()
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), folder.path)
     assert any("lora_A" in n for n, _ in model.named_parameters())
+    shown = {v.uri.rsplit("/", 1)[-1] for v in adapter.visualizations}
+    assert {"loss.png", "learning_rate.png", "memory.png"} <= shown  # the training plots, in the dashboard
+    report = runs["first"].steps["validate_data"].outputs["validation_report"][0]
+    assert {"token_lengths.png", "great_expectations.html", "report.md"} <= {
+        v.uri.rsplit("/", 1)[-1] for v in report.visualizations}
     merged = runs["first"].steps["merge_model"].outputs["merged_model"][0].load()
     assert AutoModelForCausalLM.from_pretrained(merged.path) is not None
     assert merged.metadata["check"]["passed"]

@@ -152,6 +152,35 @@ def _backed_off(plan: TrainingPlan) -> TrainingPlan:
                                    "effective_batch_size": mb * ga})
 
 
+def sft_config_kwargs(t: TrainSection, plan: TrainingPlan, seed: int, ckpt_dir: Path) -> dict[str, Any]:
+    """The SFTConfig every TRL-based backend shares: batch geometry, schedule, checkpoints, precision, seed."""
+    return dict(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=plan.micro_batch_size,
+        per_device_eval_batch_size=plan.micro_batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        optim=plan.optimizer,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=seed,
+        data_seed=seed,
+        bf16=plan.dtype == "bfloat16",
+        fp16=plan.dtype == "float16",
+        use_cpu=plan.device == "cpu",
+        max_length=plan.max_seq_length,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
 class HFBackend:
     name = "hf"
 
@@ -284,7 +313,8 @@ class HFBackend:
 
         from lorapipe.models.loading import load_model
 
-        model = load_model(m.name_or_path, plan.dtype, m.revision, m.trust_remote_code, plan.quantization, plan.device)
+        model = load_model(m.name_or_path, plan.dtype, m.revision, m.trust_remote_code, plan.quantization, plan.device,
+                           m.attn_implementation)
         if plan.quantization != "none":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
         if init_adapter is not None:
@@ -299,10 +329,10 @@ class HFBackend:
     def _trainer(model: Any, t: TrainSection, seed: int, plan: TrainingPlan, tokenizer: Any, train_ds: Any,
                  eval_ds: Any, ckpt_dir: Path, adapter_dir: Path, init_adapter: Optional[Path],
                  extra_callbacks: Optional[list[Any]]) -> Any:
-        from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
+        from transformers import EarlyStoppingCallback, PrinterCallback
         from trl import SFTConfig
 
-        from lorapipe.training.monitoring import TrainingMonitor
+        from lorapipe.training.monitoring import CheckpointAnnouncer, TrainingMonitor, report_to
 
         evaluating = bool(t.eval_steps) and eval_ds is not None
         if t.packing:
@@ -314,21 +344,7 @@ class HFBackend:
                 print(f"warning: train.packing with attention implementation {impl!r}: rows may attend across each "
                       "other unless the model builds its mask from position ids", flush=True)
         args = SFTConfig(
-            output_dir=str(ckpt_dir),
-            per_device_train_batch_size=plan.micro_batch_size,
-            per_device_eval_batch_size=plan.micro_batch_size,
-            gradient_accumulation_steps=plan.gradient_accumulation_steps,
-            num_train_epochs=t.epochs,
-            max_steps=t.max_steps,
-            learning_rate=t.learning_rate,
-            lr_scheduler_type=t.lr_scheduler,
-            warmup_steps=t.warmup_steps,
-            weight_decay=t.weight_decay,
-            optim=plan.optimizer,
-            logging_steps=t.logging_steps,
-            save_strategy="steps",
-            save_steps=t.save_steps,
-            save_total_limit=t.save_total_limit,
+            **sft_config_kwargs(t, plan, seed, ckpt_dir),
             eval_strategy="steps" if evaluating else "no",
             eval_steps=t.eval_steps if evaluating else None,
             metric_for_best_model="eval_loss" if evaluating else None,
@@ -339,28 +355,15 @@ class HFBackend:
             packing=t.packing,
             packing_strategy="bfd",
             padding_free=t.packing,
-            seed=seed,
-            data_seed=seed,
-            bf16=plan.dtype == "bfloat16",
-            fp16=plan.dtype == "float16",
-            use_cpu=plan.device == "cpu",
             # CPU data parallelism (accelerate launch --cpu / torchrun) speaks gloo; a single process must not
             # name a backend (accelerate would then expect a process group)
             ddp_backend="gloo" if plan.device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
             ddp_find_unused_parameters=False,
             gradient_checkpointing=plan.gradient_checkpointing,
-            max_length=plan.max_seq_length,
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
+            report_to=report_to(),
         )
 
-        class _SaveAnnouncer(TrainerCallback):
-            def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
-                if state.is_world_process_zero:
-                    print(f"checkpoint saved: step {state.global_step}", flush=True)
-
-        callbacks: list[Any] = [_SaveAnnouncer(), TrainingMonitor(adapter_dir, plan.device)]
+        callbacks: list[Any] = [CheckpointAnnouncer(), TrainingMonitor(adapter_dir, plan.device)]
         if evaluating and t.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
         callbacks.extend(extra_callbacks or [])

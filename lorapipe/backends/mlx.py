@@ -40,6 +40,7 @@ CHECKPOINT_PREFIX = "step-"
 # QLoRA on mlx: mlx's affine quantisation (what `mlx_lm convert -q` does), not bitsandbytes' NF4 data type.
 QUANTIZATION = {"nf4": {"bits": 4, "group_size": 64, "mode": "affine"},
                 "int8": {"bits": 8, "group_size": 64, "mode": "affine"}}
+CLEAR_CACHE_EVERY = 10
 INSTALL_HINT = "pip install -e '.[mlx]'  (on Linux: pip install 'mlx[cpu]' mlx-lm)"
 
 
@@ -294,6 +295,10 @@ class MLXBackend:
         random.seed(seed)
         np.random.seed(seed)
         mx.random.seed(seed)
+        # the plan's memory budget as mlx's limit: mlx then frees its cache rather than grow into swap
+        if plan.memory.budget_gb > 0:
+            mx.set_memory_limit(int(plan.memory.budget_gb * 2**30))
+        mx.clear_cache()
         mx.reset_peak_memory()
 
         m = model_cfg
@@ -361,6 +366,8 @@ class MLXBackend:
             seconds = time.perf_counter() - start
 
             step += 1
+            if step % CLEAR_CACHE_EVERY == 0:  # as the seed MLX notes: free the buffer cache every few steps
+                mx.clear_cache()
             loss_value = loss.item()
             state["step"] = step
             state["micro_batches_consumed"] += accum
@@ -393,6 +400,7 @@ class MLXBackend:
 
         model.eval()
         adapter_dir.mkdir(parents=True, exist_ok=True)
+        mx.clear_cache()  # between phases: training's buffers are not needed to save, evaluate or fuse
         mx.save_safetensors(str(adapter_dir / ADAPTER_WEIGHTS), dict(tree_flatten(model.trainable_parameters())))
         (adapter_dir / ADAPTER_CONFIG).write_text(json.dumps(
             _adapter_config(m, num_layers, params, plan.dtype, quant), indent=2))

@@ -74,10 +74,11 @@ class UnslothBackend:
 
         import torch
         import transformers
-        from transformers import TrainerCallback, set_seed
+        from transformers import set_seed
         from trl import SFTConfig, SFTTrainer
 
-        from lorapipe.backends.hf import _peak_memory_gb, last_checkpoint, tokenize_dataset
+        from lorapipe.backends.hf import _peak_memory_gb, last_checkpoint, sft_config_kwargs, tokenize_dataset
+        from lorapipe.training.monitoring import CheckpointAnnouncer, report_to
         from lorapipe.hardware.probe import package_versions
         from lorapipe.models.loading import load_tokenizer, torch_dtype
 
@@ -116,42 +117,16 @@ class UnslothBackend:
         eval_ds = tokenize_dataset(eval, tokenizer, plan.max_seq_length) if len(eval) else None
         ckpt_dir = work_dir / "checkpoints"
         args = SFTConfig(
-            output_dir=str(ckpt_dir),
-            per_device_train_batch_size=plan.micro_batch_size,
-            per_device_eval_batch_size=plan.micro_batch_size,
-            gradient_accumulation_steps=plan.gradient_accumulation_steps,
-            num_train_epochs=t.epochs,
-            max_steps=t.max_steps,
-            learning_rate=t.learning_rate,
-            lr_scheduler_type=t.lr_scheduler,
-            warmup_steps=t.warmup_steps,
-            weight_decay=t.weight_decay,
-            optim=plan.optimizer,
-            logging_steps=t.logging_steps,
-            save_strategy="steps",
-            save_steps=t.save_steps,
-            save_total_limit=t.save_total_limit,
+            **sft_config_kwargs(t, plan, seed, ckpt_dir),
             eval_strategy="no",
-            seed=seed,
-            data_seed=seed,
-            bf16=plan.dtype == "bfloat16",
-            fp16=plan.dtype == "float16",
-            use_cpu=plan.device == "cpu",
             # get_peft_model above already set checkpointing up (unsloth's offloaded variant on CUDA);
             # the Trainer enabling it again would replace that with the stock one.
             gradient_checkpointing=False,
-            max_length=plan.max_seq_length,
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
+            report_to=report_to(),
         )
 
-        class _SaveAnnouncer(TrainerCallback):
-            def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
-                print(f"checkpoint saved: step {state.global_step}", flush=True)
-
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tokenizer, callbacks=[_SaveAnnouncer()])
+                             processing_class=tokenizer, callbacks=[CheckpointAnnouncer()])
         resume_from = last_checkpoint(ckpt_dir) if t.resume else None
         if resume_from is not None:
             print(f"resuming from {resume_from} (set train.resume=false to start over)", flush=True)

@@ -236,3 +236,21 @@ class TrainingMonitor(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
         if state.is_world_process_zero and self.plots:
             write_plots(self.rows, self.out_dir)
+
+
+class CheckpointAnnouncer(TrainerCallback):
+    """Prints `checkpoint saved: step N` on each save (once, from the main process)."""
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+        if state.is_world_process_zero:
+            print(f"checkpoint saved: step {state.global_step}", flush=True)
+
+
+def report_to() -> str:
+    """"wandb" when an experiment tracker already started a W&B run for this step (ZenML's wandb flavor),
+    so the Trainer logs into that run; "none" otherwise (never a stray run of its own)."""
+    try:
+        import wandb
+    except ImportError:
+        return "none"
+    return "wandb" if wandb.run is not None else "none"
