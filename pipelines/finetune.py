@@ -2,6 +2,7 @@
 so a change to one section re-runs that step and what follows it, and nothing before."""
 
 from zenml import pipeline
+from zenml.client import Client
 
 from steps import (
     evaluate_model,
@@ -32,7 +33,10 @@ def finetune(config: dict, data_files_sha256: str, config_sha256: str) -> None:
     )
     hardware, plan = preflight(validation_report=report, model=config["model"], train=train_cfg)
     train_split, eval_split, test_split = split_data(validated_dataset=dataset, training_plan=plan, split=config["split"])
-    adapter = train_adapter(train_split=train_split, eval_split=eval_split, training_plan=plan, model=config["model"],
+    # The stack decides tracking: with an experiment tracker (e.g. W&B) on the active stack, training logs to it.
+    tracker = Client().active_stack.experiment_tracker
+    train_step = train_adapter.with_options(experiment_tracker=tracker.name) if tracker else train_adapter
+    adapter = train_step(train_split=train_split, eval_split=eval_split, training_plan=plan, model=config["model"],
                             train=train_cfg, seed=config["seed"])
     metrics = evaluate_model(adapter=adapter, test_split=test_split, training_plan=plan, evaluate=config["evaluate"],
                              model=config["model"])

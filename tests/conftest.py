@@ -12,6 +12,9 @@ os.environ["ZENML_ANALYTICS_OPT_IN"] = "false"
 os.environ["ZENML_LOGGING_VERBOSITY"] = "WARN"
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# wandb/weave report their own errors to an outside service at import time; nothing here may call out
+os.environ["WANDB_ERROR_REPORTING"] = "false"
+os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.pop("ZENML_STORE_URL", None)
 
 import pytest  # noqa: E402
