@@ -1,6 +1,6 @@
 """Benchmark: tokens/s and peak memory of each training backend on the same tiny job, plus bare TRL.
 
-The job: the tiny Llama (models/tiny-llama), the first 64 rows of the quickstart data, one epoch, micro-batch 4,
+The job: the tiny Llama (models/tiny-llama), the first 128 rows of the quickstart data, two epochs, micro-batch 4,
 no accumulation, max 128 tokens, LoRA r16 on all projections. Each run is a fresh process (peak RSS is the
 run's own, model load included); tokens are counted the same way for every backend (the trained rows' token
 ids after truncation); time is the training loop only. Medians of RUNS runs. "bare_trl" is a plain TRL
@@ -19,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
-ROWS, MAX_LEN, MICRO = 64, 128, 4
+ROWS, MAX_LEN, MICRO, EPOCHS = 128, 128, 4, 2
 
 CHILD = r"""
 import json, resource, sys, tempfile, time
@@ -34,7 +34,7 @@ from lorapipe.data.render import encode
 model_dir = str(repo / "models" / "tiny-llama")
 records = read_records([str(repo / "data" / "quickstart" / "wwdc25_train_slice.jsonl")]).records[:ROWS]
 tok = load_tokenizer(model_dir)
-tokens = sum(len(encode(tok, r, MAX_LEN).input_ids) for r in records)
+tokens = EPOCHS * sum(len(encode(tok, r, MAX_LEN).input_ids) for r in records)
 work = Path(tempfile.mkdtemp())
 if backend == "bare_trl":
     from datasets import Dataset
@@ -42,7 +42,7 @@ if backend == "bare_trl":
     from trl import SFTConfig, SFTTrainer
     from peft import LoraConfig
     ds = Dataset.from_list([{"prompt": r.messages[:-1], "completion": r.messages[-1:]} for r in records])
-    args = SFTConfig(output_dir=str(work), per_device_train_batch_size=MICRO, num_train_epochs=1, max_length=MAX_LEN,
+    args = SFTConfig(output_dir=str(work), per_device_train_batch_size=MICRO, num_train_epochs=EPOCHS, max_length=MAX_LEN,
                      learning_rate=5e-3, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
     lcfg = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"], task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=ds,
@@ -52,7 +52,7 @@ if backend == "bare_trl":
 else:
     from lorapipe.backends import get_backend
     m = ModelSection(name_or_path=model_dir)
-    t = TrainSection(max_seq_length=MAX_LEN, epochs=1, learning_rate=5e-3, save_steps=10_000, resume=False,
+    t = TrainSection(max_seq_length=MAX_LEN, epochs=EPOCHS, learning_rate=5e-3, save_steps=10_000, resume=False,
                      output_root=str(work), effective_batch_size=MICRO)
     plan = TrainingPlan(backend=backend, device="mlx" if backend == "mlx" else "cpu", dtype="float32",
                         quantization=quant, micro_batch_size=MICRO, gradient_accumulation_steps=1,
@@ -66,7 +66,7 @@ else:
 print(json.dumps({"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "backend_reported_peak_gb": reported}))
-""".replace("ROWS", str(ROWS)).replace("MAX_LEN", str(MAX_LEN)).replace("MICRO", str(MICRO))
+""".replace("ROWS", str(ROWS)).replace("MAX_LEN", str(MAX_LEN)).replace("MICRO", str(MICRO)).replace("EPOCHS", str(EPOCHS))
 
 CASES = [("bare_trl", "none"), ("hf", "none"), ("hf", "nf4"), ("unsloth", "none"), ("mlx", "none"), ("mlx", "nf4")]
 
@@ -105,7 +105,7 @@ def main() -> None:
                 r["speed_vs_bare_trl"] = r["median_tokens_per_second"] / base
     out = {"benchmark": "backends", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, CPU only",
-           "job": {"rows": ROWS, "max_seq_length": MAX_LEN, "micro_batch": MICRO, "epochs": 1, "lora_r": 16},
+           "job": {"rows": ROWS, "max_seq_length": MAX_LEN, "micro_batch": MICRO, "epochs": EPOCHS, "lora_r": 16},
            "results": results}
     (REPO / "bench" / "results" / "backends.json").write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
