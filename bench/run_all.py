@@ -1,0 +1,11 @@
+"""Run every benchmark in bench/ in turn (each writes its JSON to bench/results/). Used by `make bench`."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+for script in ("pipeline_cache.py", "validate_throughput.py", "backends.py"):
+    print(f"== {script}", flush=True)
+    subprocess.run([sys.executable, str(HERE / script)], check=True)
