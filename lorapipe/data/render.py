@@ -8,6 +8,7 @@ assistant turn, its turn-end/EOS token included, is trained; everything else is 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -54,6 +55,13 @@ class Encoded:
 
 def _render(tokenizer: Any, messages: list[dict], tools: Optional[str], add_generation_prompt: bool) -> str:
     kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt}
+    if tools:  # templates that render tool schemas get them (ShareGPT `tools`, chat `tools`); others ignore them
+        try:
+            parsed = json.loads(tools)
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, list):
+            kwargs["tools"] = parsed
     return tokenizer.apply_chat_template(messages, **kwargs)
 
 

@@ -39,7 +39,7 @@ class AuditReport(BaseModel):
     rows: int
     trainable_rows_fraction: float
     stop_token_trained_fraction: float
-    roundtrip_fraction: float
+    roundtrip_fraction: float  # over rows not truncated: decode(tokens) == rendered text
     eos_token: Optional[str]
     pad_token: Optional[str]
     pad_is_eos: bool
@@ -390,7 +390,7 @@ class _TokenAudit:
         self.tok, self.max_len, self.overlength = tokenizer, max_len, overlength
         self.eos_id = tokenizer.eos_token_id
         self.lengths: list[int] = []
-        self.rows = self.trainable_rows = self.stop_rows = self.roundtrip = self.truncated = 0
+        self.rows = self.trainable_rows = self.stop_rows = self.roundtrip = self.roundtrip_checked = self.truncated = 0
         self.total = self.trained = 0
         self.last_facts: dict = {}
 
@@ -424,8 +424,9 @@ class _TokenAudit:
         self.trainable_rows += 1
         if _turns_end_with(enc.input_ids, enc.assistant_mask, self.eos_id):
             self.stop_rows += 1
-        if not enc.truncated and decode(self.tok, enc.input_ids) == enc.rendered:
-            self.roundtrip += 1
+        if not enc.truncated:  # a truncated row cannot round-trip by construction: not counted either way
+            self.roundtrip_checked += 1
+            self.roundtrip += decode(self.tok, enc.input_ids) == enc.rendered
         n = len(enc.input_ids)
         self.lengths.append(n)
         self.total += n
@@ -461,7 +462,8 @@ class _TokenAudit:
         if pad_is_eos:
             why += "; PAD is EOS, but padding is masked by position, so EOS stays trained"
         audit = AuditReport(rows=n, trainable_rows_fraction=self.trainable_rows / self.rows if self.rows else 0.0,
-                            stop_token_trained_fraction=stop_frac, roundtrip_fraction=self.roundtrip / n if n else 0.0,
+                            stop_token_trained_fraction=stop_frac,
+                            roundtrip_fraction=self.roundtrip / self.roundtrip_checked if self.roundtrip_checked else 1.0,
                             eos_token=self.tok.eos_token, pad_token=self.tok.pad_token, pad_is_eos=pad_is_eos,
                             chat_template_source=template_source, passed=ok, explanation=why)
         return stats, audit
