@@ -16,14 +16,16 @@ from pathlib import Path
 class FolderArtifact:
     path: str
     metadata: dict = field(default_factory=dict)
+    # a scratch folder (e.g. the merged model) is removed once the materializer has copied it into the store
+    temporary: bool = False
 
     METADATA_FILE = ""
 
     @classmethod
-    def from_folder(cls, path: str | Path) -> "FolderArtifact":
+    def from_folder(cls, path: str | Path, temporary: bool = False) -> "FolderArtifact":
         meta_path = Path(path) / cls.METADATA_FILE
         meta = json.loads(meta_path.read_text()) if cls.METADATA_FILE and meta_path.exists() else {}
-        return cls(path=str(path), metadata=meta)
+        return cls(path=str(path), metadata=meta, temporary=temporary)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Tuple, Type
 
@@ -39,6 +40,8 @@ class _FolderMaterializer(BaseMaterializer):
 
     def save(self, data: FolderArtifact) -> None:
         _copy_tree(data.path, os.path.join(self.uri, self.FOLDER))
+        if data.temporary:  # e.g. a merged model: one copy in the store, none left in /tmp
+            shutil.rmtree(data.path, ignore_errors=True)
 
     def extract_metadata(self, data: FolderArtifact) -> Dict[str, Any]:
         files = sorted(p.name for p in Path(data.path).iterdir())

@@ -36,7 +36,7 @@ def merge_model(
         The merged model folder, with the check written beside the weights.
     """
     mg = MergeSection(**merge)
-    out = Path(tempfile.mkdtemp(prefix="lorapipe-merged-")) / "merged"
+    out = Path(tempfile.mkdtemp(prefix="lorapipe-merged-"))
     check = merge_adapter(adapter.path, str(out), test_split, mg.dtype, mg.check_samples, mg.logits_atol)
     logger.info("merge check: max |logit diff| %.2e (tolerance %.1e, %s)", check.max_abs_logit_diff, check.tolerance,
                 check.dtype)
@@ -44,4 +44,4 @@ def merge_model(
         raise MergeCheckFailed(
             f"the merged model's logits differ from base+adapter by {check.max_abs_logit_diff:.3g}, above the "
             f"tolerance {check.tolerance:.3g} for {check.dtype}; try merge.dtype: float32")
-    return ModelFolder.from_folder(out)
+    return ModelFolder.from_folder(out, temporary=True)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -44,8 +45,11 @@ def runs(tiny_model_dir, tmp_path_factory):
     shutil.copy(QUICKSTART_DATA, data)
     cfg = _config(tmp, tiny_model_dir, data)
     out = {"cfg": cfg, "data": data}
+    scratch = lambda: set(Path(tempfile.gettempdir()).glob("lorapipe-merged-*"))  # noqa: E731
+    before = scratch()
     assert main(["run", "-c", str(cfg)]) == 0
     out["first"] = _last_run()
+    out["merge_scratch_left"] = scratch() - before
     assert main(["run", "-c", str(cfg)]) == 0
     out["cached"] = _last_run()
     assert main(["run", "-c", str(cfg), "--set", "evaluate.max_new_tokens=4"]) == 0
@@ -127,6 +131,10 @@ def test_adapter_artifact_is_a_peft_folder_loadable_from_the_store(runs, tiny_mo
     merged = runs["first"].steps["merge_model"].outputs["merged_model"][0].load()
     assert AutoModelForCausalLM.from_pretrained(merged.path) is not None
     assert merged.metadata["check"]["passed"]
+
+
+def test_the_merged_model_leaves_no_scratch_copy(runs):
+    assert runs["merge_scratch_left"] == set()  # one copy, in the artifact store
 
 
 def test_no_artifact_is_pickled(runs):

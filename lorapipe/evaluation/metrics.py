@@ -160,6 +160,10 @@ def evaluate_adapter(base_name: str, adapter_dir: str, test: ConversationDataset
         if label == "tuned":
             samples = gen_samples
         results[label] = ModelScores(loss=loss, perplexity=math.exp(min(loss, 50.0)), **gscores)
+    if meta.get("adapter_format") == "mlx-lm":
+        import shutil
+
+        shutil.rmtree(fused_dir, ignore_errors=True)  # a scoring copy only; the merge step writes the real one
     gain = (results["base"].perplexity - results["tuned"].perplexity) / results["base"].perplexity
     return EvalMetrics(test_rows=len(test), scored_rows=len(scored), generated_rows=len(samples), scored_tokens=tokens,
                        base=results["base"], tuned=results["tuned"], perplexity_gain=gain,
