@@ -8,7 +8,8 @@ from typing import Optional
 
 from pydantic import BaseModel
 
-from lorapipe.backends.base import read_adapter_metadata
+from lorapipe.backends import get_backend
+from lorapipe.backends.base import backend_of, read_adapter_metadata
 from lorapipe.data.dataset import ConversationDataset
 
 MERGE_METADATA = "lorapipe_merge.json"
@@ -25,48 +26,10 @@ class MergeCheck(BaseModel):
     rows_checked: int
 
 
-def _reference_logits(adapter_dir: str, meta: dict):
-    """ids -> float32 logits of base+adapter, unmerged, in the adapter's own ecosystem."""
-    import torch
-
-    if meta.get("adapter_format") == "mlx-lm":
-        import mlx.core as mx
-        import numpy as np
-
-        from lorapipe.backends.mlx import MLXBackend
-
-        model, _ = MLXBackend().load_adapter(adapter_dir)
-        return lambda ids: torch.from_numpy(np.array(model(mx.array(ids.numpy())).astype(mx.float32)))
-    from peft import PeftModel
-
-    from lorapipe.models.loading import load_model
-
-    model = PeftModel.from_pretrained(load_model(meta["base_model"], "float32", meta.get("base_revision")),
-                                      adapter_dir).eval()
-    return lambda ids: model(input_ids=ids).logits.float()
-
-
-def _write_merged(adapter_dir: str, out: Path, meta: dict, dtype: str) -> None:
-    if meta.get("adapter_format") == "mlx-lm":
-        from lorapipe.backends.mlx import MLXBackend
-
-        MLXBackend().fuse(adapter_dir, str(out), dtype)
-        return
-    from peft import PeftModel
-
-    from lorapipe.models.loading import load_model, load_tokenizer
-
-    tokenizer = load_tokenizer(adapter_dir, chat_template=meta.get("chat_template_override"))
-    merged = PeftModel.from_pretrained(load_model(meta["base_model"], dtype, meta.get("base_revision")),
-                                       adapter_dir).merge_and_unload()
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
-
-
 def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDataset, dtype: str = "bfloat16",
                   check_samples: int = 4, atol: Optional[float] = None, max_length: int = 256) -> MergeCheck:
-    """Merge (PEFT) or fuse (mlx-lm) the adapter, reload the saved folder, compare its logits with base+adapter."""
+    """Merge (PEFT) or fuse (mlx-lm) the adapter with the backend that trained it, reload the saved folder and
+    compare its logits with base+adapter, unmerged."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -81,10 +44,11 @@ def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDatase
     rows = check_rows.records[:check_samples]
     if not rows:
         raise ValueError("no rows to check the merge on")
-    _write_merged(adapter_dir, out, meta, dtype)
+    backend = get_backend(backend_of(adapter_dir))
+    backend.merge(adapter_dir, str(out), dtype)
 
     tokenizer = load_tokenizer(str(out), chat_template=meta.get("chat_template_override"))
-    reference = _reference_logits(adapter_dir, meta)
+    reference = backend.reference_logits(adapter_dir)
     reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch_dtype(dtype)).eval()
     max_diff, diffs = 0.0, []
     with torch.no_grad():

@@ -91,3 +91,11 @@ def test_seed_configs_plan_on_their_target_hardware_without_weights():
         plan = decide_plan(cfg.train, hw, size)
         assert (plan.backend, plan.device, plan.micro_batch_size, plan.gradient_accumulation_steps) == expected, name
         assert plan.memory.total_gb < plan.memory.budget_gb
+
+
+def test_continuing_an_adapter_is_refused_where_the_backend_cannot():
+    with pytest.raises(PlanError, match="init_adapter"):
+        decide_plan(TrainSection(init_adapter="runs/old/adapter"), make_probe(apple=True, ram_gb=64), SMALL)
+    plan = decide_plan(TrainSection(init_adapter="runs/old/adapter", backend="hf", max_seq_length=128),
+                       make_probe(apple=True, ram_gb=64), SMALL)
+    assert plan.backend == "hf"

@@ -79,7 +79,7 @@ def test_rerun_resumes_from_the_last_checkpoint(trained, capsys):
 def test_evaluation_scores_base_and_tuned(trained, tiny_model_dir):
     from lorapipe.evaluation.metrics import evaluate_adapter
 
-    m = evaluate_adapter(str(tiny_model_dir), trained["info"].path, trained["test"], max_samples=16,
+    m = evaluate_adapter(trained["info"].path, trained["test"], max_samples=16,
                          generation_samples=2, max_new_tokens=8, max_length=128, batch_size=4)
     assert m.scored_rows == min(16, len(trained["test"])) and m.scored_tokens > 0
     assert m.tuned.perplexity < m.base.perplexity and m.tuned_beats_base

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, ContextManager, Optional, Protocol
 
 from pydantic import BaseModel
 
@@ -39,12 +39,32 @@ class AdapterInfo(BaseModel):
 
 
 class TrainingBackend(Protocol):
+    """What evaluate and merge need from a backend, besides training: all of it keyed by the adapter folder,
+    which names its backend, so the steps after training never choose one themselves."""
+
     name: str
 
     def train(self, model: ModelSection, train_cfg: TrainSection, seed: int, plan: TrainingPlan,
               train: ConversationDataset, eval: ConversationDataset, work_dir: Path, adapter_dir: Path) -> AdapterInfo:
         """Train (resuming from the last checkpoint in `work_dir` if allowed) and save the adapter."""
         ...
+
+    def eval_models(self, adapter_dir: str, dtype: str, device: str) -> dict[str, Callable[[], ContextManager[Any]]]:
+        """{"base": ..., "tuned": ...}: context managers yielding transformers models to score side by side."""
+        ...
+
+    def merge(self, adapter_dir: str, out_dir: str, dtype: str) -> None:
+        """Write base+adapter folded into one `save_pretrained` folder (safetensors + tokenizer) in `dtype`."""
+        ...
+
+    def reference_logits(self, adapter_dir: str) -> Callable[[Any], Any]:
+        """ids -> float32 logits of base+adapter, unmerged, in the adapter's own ecosystem (the merge check)."""
+        ...
+
+
+def backend_of(adapter_dir: str | Path) -> str:
+    """The backend that trained an adapter, from the metadata written beside its weights."""
+    return read_adapter_metadata(adapter_dir)["plan"]["backend"]
 
 
 def training_key(model: ModelSection, train_cfg: TrainSection, seed: int, plan: TrainingPlan,

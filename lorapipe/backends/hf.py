@@ -16,14 +16,15 @@ Beyond a plain SFTTrainer run, `HFBackend.train`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from lorapipe.backends.base import AdapterInfo, write_adapter_metadata
+from lorapipe.backends.base import AdapterInfo, read_adapter_metadata, write_adapter_metadata
 from lorapipe.config import LoraSection, ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
@@ -288,6 +289,46 @@ class HFBackend:
         return info
 
     # -- pieces ----------------------------------------------------------------------------------------------------
+    def eval_models(self, adapter_dir: str, dtype: str, device: str) -> dict[str, Callable[[], Any]]:
+        """One loaded base with the PEFT adapter on; "base" is the same model with the adapter switched off."""
+        from peft import PeftModel
+
+        from lorapipe.models.loading import load_model
+
+        meta = read_adapter_metadata(adapter_dir)
+        model = PeftModel.from_pretrained(load_model(meta["base_model"], dtype, meta.get("base_revision"),
+                                                     device=device), adapter_dir)
+
+        @contextlib.contextmanager
+        def base() -> Iterator[Any]:
+            with model.disable_adapter():
+                yield model
+
+        return {"base": base, "tuned": lambda: contextlib.nullcontext(model)}
+
+    def merge(self, adapter_dir: str, out_dir: str, dtype: str) -> None:
+        from peft import PeftModel
+
+        from lorapipe.models.loading import load_model, load_tokenizer
+
+        meta = read_adapter_metadata(adapter_dir)
+        tokenizer = load_tokenizer(adapter_dir, chat_template=meta.get("chat_template_override"))
+        merged = PeftModel.from_pretrained(load_model(meta["base_model"], dtype, meta.get("base_revision")),
+                                           adapter_dir).merge_and_unload()
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        merged.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+
+    def reference_logits(self, adapter_dir: str) -> Callable[[Any], Any]:
+        from peft import PeftModel
+
+        from lorapipe.models.loading import load_model
+
+        meta = read_adapter_metadata(adapter_dir)
+        model = PeftModel.from_pretrained(load_model(meta["base_model"], "float32", meta.get("base_revision")),
+                                          adapter_dir).eval()
+        return lambda ids: model(input_ids=ids).logits.float()
+
     @staticmethod
     def _check_init_adapter(t: TrainSection, m: ModelSection) -> Optional[Path]:
         if not t.init_adapter:

@@ -420,6 +420,38 @@ class MLXBackend:
         write_adapter_metadata(adapter_dir, m, t, seed, plan, info, extra={"adapter_format": "mlx-lm"})
         return info
 
+    def eval_models(self, adapter_dir: str, dtype: str, device: str) -> dict[str, Any]:
+        """The base as saved and a float32 fused copy, both scored with transformers like any other adapter."""
+        import contextlib
+        import tempfile
+
+        from lorapipe.models.loading import load_model
+
+        cfg = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+
+        @contextlib.contextmanager
+        def tuned() -> Any:
+            scratch = tempfile.mkdtemp(prefix="lorapipe-eval-fused-")
+            try:  # a scoring copy only; the merge step writes the real one
+                yield load_model(self.fuse(adapter_dir, scratch, "float32"), dtype, device=device)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+        return {"base": lambda: contextlib.nullcontext(load_model(cfg["model"], dtype, cfg.get("revision"),
+                                                                  device=device)),
+                "tuned": tuned}
+
+    def merge(self, adapter_dir: str, out_dir: str, dtype: str) -> None:
+        self.fuse(adapter_dir, out_dir, dtype)
+
+    def reference_logits(self, adapter_dir: str) -> Any:
+        import mlx.core as mx
+        import numpy as np
+        import torch
+
+        model, _ = self.load_adapter(adapter_dir)
+        return lambda ids: torch.from_numpy(np.array(model(mx.array(ids.numpy())).astype(mx.float32)))
+
     def load_adapter(self, adapter_dir: str | Path) -> tuple[Any, Any]:
         """(mlx model, HF tokenizer): the base as training saw it (dtype, quantisation) with the adapter on.
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lorapipe.backends.base import AdapterInfo, BackendUnavailable, write_adapter_metadata
+from lorapipe.backends.hf import HFBackend
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
@@ -64,7 +65,9 @@ def _point_adapter_at_base(adapter_dir: Path, m: ModelSection) -> None:
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
-class UnslothBackend:
+class UnslothBackend(HFBackend):
+    """Trains with Unsloth; its adapters are PEFT folders, so evaluation and merge are the hf backend's."""
+
     name = "unsloth"
 
     def train(self, model_cfg: ModelSection, t: TrainSection, seed: int, plan: TrainingPlan,

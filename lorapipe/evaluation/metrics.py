@@ -7,7 +7,6 @@ that never learned to stop.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, Optional
 
@@ -113,43 +112,21 @@ def generate_scores(model: Any, tokenizer: Any, records: list[Record], max_new_t
     return scores, samples
 
 
-def evaluate_adapter(base_name: str, adapter_dir: str, test: ConversationDataset, max_samples: int,
+def evaluate_adapter(adapter_dir: str, test: ConversationDataset, max_samples: int,
                      generation_samples: int, max_new_tokens: int, max_length: int, batch_size: int,
-                     dtype: str = "float32", device: str = "cpu", revision: Optional[str] = None,
-                     chat_template: Optional[str] = None) -> EvalMetrics:
-    """Score the base and base+adapter on the same test rows with transformers.
-
-    A PEFT adapter is toggled off for the base in one loaded model; an mlx-lm adapter is first fused into a
-    float32 folder (mlx-lm's own fuse), so both kinds are scored by the same code.
-    """
-    import tempfile
-
-    from lorapipe.backends.base import read_adapter_metadata
-    from lorapipe.models.loading import load_model, load_tokenizer
+                     dtype: str = "float32", device: str = "cpu", chat_template: Optional[str] = None) -> EvalMetrics:
+    """Score the base and base+adapter on the same test rows with transformers; the backend that trained the
+    adapter provides the two models (a PEFT adapter toggled off and on, an mlx-lm adapter fused)."""
+    from lorapipe.backends import get_backend
+    from lorapipe.backends.base import backend_of
+    from lorapipe.models.loading import load_tokenizer
 
     scored = test.records[:max_samples]
     gen = test.records[:generation_samples]
     if not scored:
         raise ValueError("the test split is empty: raise split.test_fraction or add data")
     tokenizer = load_tokenizer(adapter_dir, chat_template=chat_template)
-    meta = read_adapter_metadata(adapter_dir)
-    if meta.get("adapter_format") == "mlx-lm":
-        from lorapipe.backends.mlx import MLXBackend
-
-        fused_dir = MLXBackend().fuse(adapter_dir, tempfile.mkdtemp(prefix="lorapipe-eval-fused-"), "float32")
-        models = {"base": lambda: contextlib.nullcontext(load_model(base_name, dtype, revision, device=device)),
-                  "tuned": lambda: contextlib.nullcontext(load_model(fused_dir, dtype, device=device))}
-    else:
-        from peft import PeftModel
-
-        peft_model = PeftModel.from_pretrained(load_model(base_name, dtype, revision, device=device), adapter_dir)
-
-        @contextlib.contextmanager
-        def _base():
-            with peft_model.disable_adapter():
-                yield peft_model
-
-        models = {"base": _base, "tuned": lambda: contextlib.nullcontext(peft_model)}
+    models = get_backend(backend_of(adapter_dir)).eval_models(adapter_dir, dtype, device)
     results = {}
     samples: list[dict] = []
     tokens = 0
@@ -160,10 +137,6 @@ def evaluate_adapter(base_name: str, adapter_dir: str, test: ConversationDataset
         if label == "tuned":
             samples = gen_samples
         results[label] = ModelScores(loss=loss, perplexity=math.exp(min(loss, 50.0)), **gscores)
-    if meta.get("adapter_format") == "mlx-lm":
-        import shutil
-
-        shutil.rmtree(fused_dir, ignore_errors=True)  # a scoring copy only; the merge step writes the real one
     gain = (results["base"].perplexity - results["tuned"].perplexity) / results["base"].perplexity
     return EvalMetrics(test_rows=len(test), scored_rows=len(scored), generated_rows=len(samples), scored_tokens=tokens,
                        base=results["base"], tuned=results["tuned"], perplexity_gain=gain,

@@ -105,6 +105,10 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, size: ModelSize) -> T
         problems.append(f"train.backend={backend} needs {', '.join(missing)}, not installed here; install with: "
                         f"{BACKEND_PACKAGES[backend][1]} (or set train.backend to auto/hf)")
 
+    if train.init_adapter and backend != "hf":
+        problems.append(f"train.init_adapter (continue an existing adapter) is supported by the hf backend; "
+                        f"the plan chose {backend}: set train.backend: hf, or unset train.init_adapter")
+
     # device
     if train.device == "auto":
         device = "cuda" if probe.cuda_available and backend != "mlx" else ("mps" if backend == "mlx" else "cpu")
