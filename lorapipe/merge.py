@@ -24,6 +24,7 @@ class MergeCheck(BaseModel):
     tolerance: float
     passed: bool
     rows_checked: int
+    memory_gb: float = 0.0  # the merge's own peak on CUDA (counter reset first), the process RSS on CPU
 
 
 def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDataset, dtype: str = "bfloat16",
@@ -35,6 +36,7 @@ def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDatase
 
     from lorapipe.data.render import encode
     from lorapipe.models.loading import load_tokenizer, torch_dtype
+    from lorapipe.training.monitoring import PhaseMemory
 
     meta = read_adapter_metadata(adapter_dir)
     out = Path(out_dir)
@@ -45,20 +47,21 @@ def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDatase
     if not rows:
         raise ValueError("no rows to check the merge on")
     backend = get_backend(backend_of(adapter_dir))
-    backend.merge(adapter_dir, str(out), dtype)
-
-    tokenizer = load_tokenizer(str(out), chat_template=meta.get("chat_template_override"))
-    reference = backend.reference_logits(adapter_dir)
-    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch_dtype(dtype)).eval()
-    max_diff, diffs = 0.0, []
-    with torch.no_grad():
-        for rec in rows:
-            ids = torch.tensor([encode(tokenizer, rec, max_length).input_ids])
-            d = (reference(ids) - reloaded(input_ids=ids).logits.float()).abs()
-            max_diff = max(max_diff, float(d.max()))
-            diffs.append(float(d.mean()))
+    with PhaseMemory("cpu") as memory:  # merges run on the CPU: no GPU memory is held while writing shards
+        backend.merge(adapter_dir, str(out), dtype)
+        tokenizer = load_tokenizer(str(out), chat_template=meta.get("chat_template_override"))
+        reference = backend.reference_logits(adapter_dir)
+        reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch_dtype(dtype)).eval()
+        max_diff, diffs = 0.0, []
+        with torch.no_grad():
+            for rec in rows:
+                ids = torch.tensor([encode(tokenizer, rec, max_length).input_ids])
+                d = (reference(ids) - reloaded(input_ids=ids).logits.float()).abs()
+                max_diff = max(max_diff, float(d.max()))
+                diffs.append(float(d.mean()))
+        del reference, reloaded
     tol = atol if atol is not None else DEFAULT_ATOL[dtype]
     check = MergeCheck(dtype=dtype, max_abs_logit_diff=max_diff, mean_abs_logit_diff=sum(diffs) / len(diffs),
-                       tolerance=tol, passed=max_diff <= tol, rows_checked=len(rows))
+                       tolerance=tol, passed=max_diff <= tol, rows_checked=len(rows), memory_gb=memory.gb)
     (out / MERGE_METADATA).write_text(json.dumps({"adapter_metadata": meta, "check": check.model_dump()}, indent=2))
     return check

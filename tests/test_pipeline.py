@@ -133,6 +133,14 @@ def test_adapter_artifact_is_a_peft_folder_loadable_from_the_store(runs, tiny_mo
     assert merged.metadata["check"]["passed"]
 
 
+def test_no_cache_still_resumes_and_resume_false_starts_over(runs, capfd):
+    """--no-cache re-runs every step, but training picks up its finished checkpoint instead of starting over."""
+    assert main(["run", "-c", str(runs["cfg"]), "--no-cache"]) == 0
+    assert "resuming from" in capfd.readouterr().out
+    assert main(["run", "-c", str(runs["cfg"]), "--no-cache", "--set", "train.resume=false"]) == 0
+    assert "resuming from" not in capfd.readouterr().out
+
+
 def test_the_merged_model_leaves_no_scratch_copy(runs):
     assert runs["merge_scratch_left"] == set()  # one copy, in the artifact store
 

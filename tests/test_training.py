@@ -84,6 +84,7 @@ def test_evaluation_scores_base_and_tuned(trained, tiny_model_dir):
     assert m.scored_rows == min(16, len(trained["test"])) and m.scored_tokens > 0
     assert m.tuned.perplexity < m.base.perplexity and m.tuned_beats_base
     assert m.generated_rows == 2 and 0.0 <= m.tuned.rouge_l <= 1.0 and m.tuned.stop_rate is not None
+    assert m.memory_gb > 0  # the phase's memory is recorded with its metrics
 
 
 def test_merge_matches_base_plus_adapter_and_is_idempotent(trained, tmp_path, capsys):

@@ -101,6 +101,9 @@ def test_overlength_policies(tiny_tokenizer):
 def test_great_expectations_suite_runs_and_can_fail(tiny_tokenizer):
     ok = validate_dataset([str(QUICKSTART_DATA)], tokenizer=tiny_tokenizer, max_seq_length=1024, min_rows=10)
     assert ok.report.expectations.success and ok.report.expectations.evaluated >= 5
+    suite = ok.report.expectations.suite  # the suite itself travels with its result
+    assert suite["name"] == "lorapipe_row_facts"
+    assert len(suite["expectations"]) == ok.report.expectations.evaluated
     too_few = validate_dataset([str(QUICKSTART_DATA)], tokenizer=tiny_tokenizer, max_seq_length=1024, min_rows=10_000)
     assert not too_few.report.passed
     assert any("ExpectTableRowCount" in name or "row_count" in name.lower() for name in too_few.report.expectations.failed)

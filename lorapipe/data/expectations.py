@@ -7,6 +7,7 @@ every row has trained tokens.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Optional
 
@@ -74,5 +75,6 @@ def run_suite(row_facts: dict, max_seq_length: Optional[int], min_rows: int):
                         "unexpected_percent": r.result.get("unexpected_percent")})
         if not r.success:
             failed.append(name)
-    return ExpectationsReport(suite_name=SUITE_NAME, success=bool(result.success), evaluated=len(results),
+    return ExpectationsReport(suite_name=SUITE_NAME, suite=json.loads(json.dumps(suite.to_json_dict(), default=str)),
+                              success=bool(result.success), evaluated=len(results),
                               failed=failed, results=results, data_docs_html=html)

@@ -50,6 +50,7 @@ class AuditReport(BaseModel):
 
 class ExpectationsReport(BaseModel):
     suite_name: str
+    suite: dict[str, Any] = Field(default_factory=dict, description="The GE expectation suite itself, as GE's JSON")
     success: bool
     evaluated: int
     failed: list[str]

@@ -34,6 +34,7 @@ class EvalMetrics(BaseModel):
     perplexity_gain: float  # relative: (base - tuned) / base
     tuned_beats_base: bool
     samples: list[dict]
+    memory_gb: float = 0.0  # this phase's peak on CUDA (counter reset first), the process RSS on CPU
 
 
 def rouge_l(prediction: str, reference: str) -> float:
@@ -120,24 +121,28 @@ def evaluate_adapter(adapter_dir: str, test: ConversationDataset, max_samples: i
     from lorapipe.backends import get_backend
     from lorapipe.backends.base import backend_of
     from lorapipe.models.loading import load_tokenizer
+    from lorapipe.training.monitoring import PhaseMemory
 
     scored = test.records[:max_samples]
     gen = test.records[:generation_samples]
     if not scored:
         raise ValueError("the test split is empty: raise split.test_fraction or add data")
     tokenizer = load_tokenizer(adapter_dir, chat_template=chat_template)
-    models = get_backend(backend_of(adapter_dir)).eval_models(adapter_dir, dtype, device)
     results = {}
     samples: list[dict] = []
     tokens = 0
-    for label, enter in models.items():
-        with enter() as model:
-            loss, tokens = masked_loss(model, tokenizer, scored, max_length, batch_size)
-            gscores, gen_samples = generate_scores(model, tokenizer, gen, max_new_tokens) if gen else ({}, [])
-        if label == "tuned":
-            samples = gen_samples
-        results[label] = ModelScores(loss=loss, perplexity=math.exp(min(loss, 50.0)), **gscores)
+    with PhaseMemory(device) as memory:
+        models = get_backend(backend_of(adapter_dir)).eval_models(adapter_dir, dtype, device)
+        for label, enter in models.items():
+            with enter() as model:
+                loss, tokens = masked_loss(model, tokenizer, scored, max_length, batch_size)
+                gscores, gen_samples = generate_scores(model, tokenizer, gen, max_new_tokens) if gen else ({}, [])
+            if label == "tuned":
+                samples = gen_samples
+            results[label] = ModelScores(loss=loss, perplexity=math.exp(min(loss, 50.0)), **gscores)
+        del models
     gain = (results["base"].perplexity - results["tuned"].perplexity) / results["base"].perplexity
     return EvalMetrics(test_rows=len(test), scored_rows=len(scored), generated_rows=len(samples), scored_tokens=tokens,
                        base=results["base"], tuned=results["tuned"], perplexity_gain=gain,
-                       tuned_beats_base=results["tuned"].perplexity < results["base"].perplexity, samples=samples)
+                       tuned_beats_base=results["tuned"].perplexity < results["base"].perplexity, samples=samples,
+                       memory_gb=memory.gb)

@@ -46,6 +46,25 @@ def memory_gb(device: str) -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
+class PhaseMemory:
+    """Memory of one phase (evaluate, merge): CUDA's peak counter is reset on entry, so the figure is the
+    phase's own peak; elsewhere the process's resident set at the end of the phase (no resettable counter)."""
+
+    def __init__(self, device: str):
+        self.device, self.gb = device, 0.0
+
+    def __enter__(self) -> "PhaseMemory":
+        import torch
+
+        if self.device == "cuda" and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.gb = round(memory_gb(self.device), 3)
+        free_memory(self.device)
+
+
 def free_memory(device: str) -> None:
     """Collect garbage and give cached CUDA blocks back (call after dropping the last reference to a model)."""
     gc.collect()
