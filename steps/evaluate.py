@@ -31,4 +31,5 @@ def evaluate_model(
     e, m = EvaluateSection(**evaluate), ModelSection(**model)
     device = training_plan.device if training_plan.device in ("cpu", "cuda") else "cpu"
     return evaluate_adapter(adapter.path, test_split, e.max_samples, e.generation_samples, e.max_new_tokens,
-                            training_plan.max_seq_length, e.batch_size, device=device, chat_template=m.chat_template)
+                            training_plan.max_seq_length, e.batch_size, device=device, chat_template=m.chat_template,
+                            dtype=training_plan.dtype if device == "cuda" else "float32")

@@ -32,7 +32,7 @@ def preflight(
     hw = probe(t.output_root)
     plan = decide_plan(t, hw, model_size(m.name_or_path, m.revision, m.trust_remote_code))
     stats = validation_report.token_stats
-    if stats and stats.max > plan.max_seq_length:
+    if stats and stats.truncated_rows:
         plan.warnings.append(f"{stats.truncated_rows} row(s) are longer than max_seq_length={plan.max_seq_length}")
     for r in plan.reasons + [f"warning: {w}" for w in plan.warnings]:
         logger.info("plan: %s", r)

@@ -43,8 +43,7 @@ def validate_data(
     d, v, m = DataSection(**data), ValidationSection(**validation), ModelSection(**model)
     tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, m.chat_template)
     outcome = validate_dataset(
-        d.paths, d.format, d.prompt_key, d.completion_key, tokenizer=tokenizer,
-        chat_template_source="config" if m.chat_template else "tokenizer", max_seq_length=max_seq_length,
+        d.paths, d.format, d.prompt_key, d.completion_key, tokenizer=tokenizer, max_seq_length=max_seq_length,
         overlength=v.overlength, on_bad_rows=v.on_bad_rows, max_bad_fraction=v.max_bad_fraction,
         min_rows=v.min_rows, micro_batch_size=micro_batch_size, group_key=group_key, stratify_key=stratify_key,
     )
@@ -56,4 +55,6 @@ def validate_data(
         save_artifact(outcome.report, name="validation_report", materializer=ReportMaterializer)
         save_artifact(rejected, name="rejected_rows", materializer=ReportMaterializer)
         raise DataValidationError(outcome.report)
-    return ConversationDataset(outcome.records, "validated"), outcome.report, rejected
+    # the report already hashed the accepted rows: reuse it rather than hash every row again
+    validated = ConversationDataset(outcome.records, "validated", fingerprint=outcome.report.data_fingerprint)
+    return validated, outcome.report, rejected

@@ -68,6 +68,14 @@ def test_all_seven_steps_complete_on_the_first_run(runs):
     assert _status(runs["first"]) == {s: "completed" for s in STEPS}
 
 
+def test_the_validated_dataset_carries_the_reports_fingerprint(runs):
+    from lorapipe.data.validation import dataset_fingerprint
+
+    outputs = runs["first"].steps["validate_data"].outputs
+    dataset, report = outputs["validated_dataset"][0].load(), outputs["validation_report"][0].load()
+    assert dataset.fingerprint == report.data_fingerprint == dataset_fingerprint(dataset.records)
+
+
 def test_a_rerun_is_served_from_cache_except_register(runs):
     status = _status(runs["cached"])
     assert status.pop("register_model") == "completed"

@@ -145,3 +145,21 @@ def test_expectation_results_come_with_ge_data_docs(tiny_tokenizer):
     assert html and "Great Expectations" in html and "n_tokens" in html
     assert "data_docs_html" not in ok.report.model_dump()  # shown in the dashboard, not stored in the JSON
     assert ok.report.token_stats.histogram and sum(b[1] for b in ok.report.token_stats.histogram) == ok.report.rows_accepted
+
+
+def test_a_tokenizer_without_a_template_gets_the_fallback_and_the_audit_says_so(tiny_model_dir, tmp_path):
+    import shutil
+
+    from lorapipe.models.loading import load_tokenizer
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((bare / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = load_tokenizer(str(bare))
+    outcome = validate_dataset([str(QUICKSTART_DATA)], tokenizer=tok, max_seq_length=4096, run_expectations=False)
+    audit = outcome.report.audit
+    assert audit.chat_template_source == "fallback"
+    assert audit.passed and audit.stop_token_trained_fraction == 1.0  # the fallback appends EOS to every answer

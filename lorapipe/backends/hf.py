@@ -297,7 +297,7 @@ class HFBackend:
 
         meta = read_adapter_metadata(adapter_dir)
         model = PeftModel.from_pretrained(load_model(meta["base_model"], dtype, meta.get("base_revision"),
-                                                     device=device), adapter_dir)
+                                                     meta.get("trust_remote_code", False), device=device), adapter_dir)
 
         @contextlib.contextmanager
         def base() -> Iterator[Any]:
@@ -312,8 +312,10 @@ class HFBackend:
         from lorapipe.models.loading import load_model, load_tokenizer
 
         meta = read_adapter_metadata(adapter_dir)
-        tokenizer = load_tokenizer(adapter_dir, chat_template=meta.get("chat_template_override"))
-        merged = PeftModel.from_pretrained(load_model(meta["base_model"], dtype, meta.get("base_revision")),
+        tokenizer = load_tokenizer(adapter_dir, trust_remote_code=meta.get("trust_remote_code", False),
+                                   chat_template=meta.get("chat_template_override"))
+        merged = PeftModel.from_pretrained(load_model(meta["base_model"], dtype, meta.get("base_revision"),
+                                                      meta.get("trust_remote_code", False)),
                                            adapter_dir).merge_and_unload()
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         merged.save_pretrained(out_dir, safe_serialization=True)
@@ -325,8 +327,8 @@ class HFBackend:
         from lorapipe.models.loading import load_model
 
         meta = read_adapter_metadata(adapter_dir)
-        model = PeftModel.from_pretrained(load_model(meta["base_model"], "float32", meta.get("base_revision")),
-                                          adapter_dir).eval()
+        model = PeftModel.from_pretrained(load_model(meta["base_model"], "float32", meta.get("base_revision"),
+                                                     meta.get("trust_remote_code", False)), adapter_dir).eval()
         return lambda ids: model(input_ids=ids).logits.float()
 
     @staticmethod

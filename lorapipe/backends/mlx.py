@@ -438,6 +438,7 @@ class MLXBackend:
                 shutil.rmtree(scratch, ignore_errors=True)
 
         return {"base": lambda: contextlib.nullcontext(load_model(cfg["model"], dtype, cfg.get("revision"),
+                                                                  cfg.get("trust_remote_code", False),
                                                                   device=device)),
                 "tuned": tuned}
 

@@ -53,15 +53,21 @@ class Encoded:
     truncated: bool
 
 
-def _render(tokenizer: Any, messages: list[dict], tools: Optional[str], add_generation_prompt: bool) -> str:
+def tool_schemas(tools: Optional[str]) -> Optional[list]:
+    """A row's `tools` (ShareGPT `tools`, chat `tools`) as the list chat templates take, or None."""
+    if not tools:
+        return None
+    try:
+        parsed = json.loads(tools)
+    except json.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, list) else None
+
+
+def render(tokenizer: Any, messages: list[dict], tools: Optional[list], add_generation_prompt: bool) -> str:
     kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt}
-    if tools:  # templates that render tool schemas get them (ShareGPT `tools`, chat `tools`); others ignore them
-        try:
-            parsed = json.loads(tools)
-        except json.JSONDecodeError:
-            parsed = None
-        if isinstance(parsed, list):
-            kwargs["tools"] = parsed
+    if tools:  # templates that render tool schemas get them; others ignore them
+        kwargs["tools"] = tools
     return tokenizer.apply_chat_template(messages, **kwargs)
 
 
@@ -70,14 +76,14 @@ def trainable_spans(tokenizer: Any, record: Record) -> tuple[str, list[tuple[int
     if record.text is not None:
         text = record.text + (tokenizer.eos_token or "")
         return text, [(0, len(text))]
-    msgs = record.messages
-    full = _render(tokenizer, msgs, record.tools, add_generation_prompt=False)
+    msgs, tools = record.messages, tool_schemas(record.tools)
+    full = render(tokenizer, msgs, tools, add_generation_prompt=False)
     spans = []
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        before = _render(tokenizer, msgs[:i], record.tools, add_generation_prompt=True) if i else ""
-        through = _render(tokenizer, msgs[: i + 1], record.tools, add_generation_prompt=False)
+        before = render(tokenizer, msgs[:i], tools, add_generation_prompt=True) if i else ""
+        through = render(tokenizer, msgs[: i + 1], tools, add_generation_prompt=False)
         if not full.startswith(through) or not through.startswith(before):
             raise RenderError(
                 "the chat template does not render conversations prefix by prefix, so assistant turns cannot be "

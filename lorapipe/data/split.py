@@ -49,10 +49,10 @@ def _units(records: list[Record]) -> dict[str, list[Record]]:
 
     keys = []
     for r in records:
-        content = "c:" + r.content_key()
+        content = "1c:" + r.content_key()
         find(content)
-        if r.group is not None:
-            union(content, "g:" + r.group)
+        if r.group is not None:  # "0g:" sorts first: a group's unit is named by the group, not by a row in it
+            union(content, "0g:" + r.group)
         keys.append(content)
     units: dict[str, list[Record]] = defaultdict(list)
     for r, key in zip(records, keys):

@@ -230,10 +230,15 @@ def padding_waste(lengths: list[int], micro_batch_size: int) -> float:
     return 0.0 if slots == 0 else 1 - real / slots
 
 
+def fingerprint_part(rec: Record, content_key: str) -> bytes:
+    """What a row adds to a dataset fingerprint: its content, and the group/label the split reads."""
+    return f"{content_key}\x1f{rec.group or ''}\x1f{rec.label or ''}".encode()
+
+
 def dataset_fingerprint(records: list[Record]) -> str:
     h = hashlib.sha256()
     for r in records:
-        h.update(r.content_key().encode())
+        h.update(fingerprint_part(r, r.content_key()))
     return h.hexdigest()
 
 
@@ -271,6 +276,7 @@ def validate_dataset(
     kept: list[Record] = []
     fingerprint = hashlib.sha256()
     audit = _TokenAudit(tokenizer, max_seq_length, overlength) if tokenizer is not None else None
+    chat_template_source = getattr(tokenizer, "lorapipe_chat_template_source", chat_template_source)
     facts: dict[str, array] = {}  # columnar: a million rows of facts cost megabytes, not a dict per row
     rows_read = n_kept = 0
 
@@ -312,7 +318,7 @@ def validate_dataset(
             continue
         rec.raw = ""  # accepted rows live on in normalised form; raw text is kept only for rejected rows
         n_kept += 1
-        fingerprint.update(key.encode())
+        fingerprint.update(fingerprint_part(rec, key))
         for name, value in (audit.last_facts if audit is not None else _facts(rec)).items():
             facts.setdefault(name, array("q")).append(value)
         if keep_records:

@@ -88,13 +88,15 @@ def masked_loss(model: Any, tokenizer: Any, records: list[Record], max_length: i
 def generate_scores(model: Any, tokenizer: Any, records: list[Record], max_new_tokens: int) -> tuple[dict, list[dict]]:
     import torch
 
+    from lorapipe.data.render import render, tool_schemas
+
     device = next(model.parameters()).device
     rouge, exact, stops, samples = [], [], [], []
     for rec in records:
         if rec.text is not None or not rec.messages or rec.messages[-1]["role"] != "assistant":
             continue
         prompt_msgs, reference = rec.messages[:-1], rec.messages[-1]["content"]
-        prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+        prompt = render(tokenizer, prompt_msgs, tool_schemas(rec.tools), add_generation_prompt=True)
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,

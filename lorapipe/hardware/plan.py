@@ -16,6 +16,10 @@ from lorapipe.config import TrainSection
 from lorapipe.hardware.probe import BACKEND_PACKAGES, HardwareProbe
 
 
+HF_ONLY = ("init_adapter", "eval_steps", "early_stopping_patience", "load_best_model_at_end", "packing",
+           "group_by_length")
+
+
 class PlanError(RuntimeError):
     def __init__(self, problems: list[str]):
         self.problems = problems
@@ -105,9 +109,11 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, size: ModelSize) -> T
         problems.append(f"train.backend={backend} needs {', '.join(missing)}, not installed here; install with: "
                         f"{BACKEND_PACKAGES[backend][1]} (or set train.backend to auto/hf)")
 
-    if train.init_adapter and backend != "hf":
-        problems.append(f"train.init_adapter (continue an existing adapter) is supported by the hf backend; "
-                        f"the plan chose {backend}: set train.backend: hf, or unset train.init_adapter")
+    if backend != "hf":  # what only the transformers+PEFT backend implements is refused, never ignored
+        for key in HF_ONLY:
+            if getattr(train, key) not in (None, False):
+                problems.append(f"train.{key} is supported by the hf backend only; the plan chose {backend}: "
+                                f"set train.backend: hf, or unset train.{key}")
 
     # device
     if train.device == "auto":

@@ -20,7 +20,8 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    ensure_chat_template(tok, chat_template)
+    # where the template came from (config, tokenizer, fallback): the audit reports it
+    tok.lorapipe_chat_template_source = ensure_chat_template(tok, chat_template)
     if tok.pad_token is None:
         # Prefer a token that is not EOS; if only EOS exists, padding is still masked by position
         # (attention mask), never by token id, so EOS keeps being trained. No new token: no resized embeddings.
