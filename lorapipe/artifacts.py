@@ -28,6 +28,10 @@ class FolderArtifact:
         return cls(path=str(path), metadata=meta, temporary=temporary)
 
 
+# the plots the training monitor draws beside an adapter (shown in the dashboard)
+ADAPTER_PLOTS = ("loss.png", "learning_rate.png", "memory.png")
+
+
 @dataclass
 class AdapterFolder(FolderArtifact):
     METADATA_FILE = "lorapipe_adapter.json"

@@ -11,7 +11,7 @@ from zenml.enums import ArtifactType, VisualizationType
 from zenml.io import fileio
 from zenml.materializers.base_materializer import BaseMaterializer
 
-from lorapipe.artifacts import AdapterFolder, FolderArtifact, ModelFolder
+from lorapipe.artifacts import ADAPTER_PLOTS, AdapterFolder, FolderArtifact, ModelFolder
 
 
 def _copy_tree(src: str, dst: str) -> None:
@@ -50,13 +50,12 @@ class _FolderMaterializer(BaseMaterializer):
 
 class AdapterFolderMaterializer(_FolderMaterializer):
     ASSOCIATED_TYPES: ClassVar[Tuple[Type[Any], ...]] = (AdapterFolder,)
-    PLOTS: ClassVar[Tuple[str, ...]] = ("loss.png", "learning_rate.png", "memory.png")
 
     def save_visualizations(self, data: AdapterFolder) -> Dict[str, VisualizationType]:
         """The training monitor's plots, already copied into the store with the folder, shown in the dashboard."""
         stored = os.path.join(self.uri, self.FOLDER)
         return {os.path.join(stored, name): VisualizationType.IMAGE
-                for name in self.PLOTS if (Path(data.path) / name).exists()}
+                for name in ADAPTER_PLOTS if (Path(data.path) / name).exists()}
 
     def extract_metadata(self, data: AdapterFolder) -> Dict[str, Any]:
         meta = super().extract_metadata(data)

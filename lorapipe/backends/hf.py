@@ -153,6 +153,14 @@ def _backed_off(plan: TrainingPlan) -> TrainingPlan:
                                    "effective_batch_size": mb * ga})
 
 
+def train_tokens(train_ds: Any, t: TrainSection, plan: TrainingPlan) -> int:
+    """Tokens a run trains on: all rows' tokens x epochs, or the mean row length x rows seen in max_steps."""
+    lengths = [len(x) for x in train_ds["input_ids"]]
+    if t.max_steps < 0:
+        return int(sum(lengths) * t.epochs)
+    return int(sum(lengths) / max(len(lengths), 1) * t.max_steps * plan.effective_batch_size)
+
+
 def sft_config_kwargs(t: TrainSection, plan: TrainingPlan, seed: int, ckpt_dir: Path) -> dict[str, Any]:
     """The SFTConfig every TRL-based backend shares: batch geometry, schedule, checkpoints, precision, seed."""
     return dict(
@@ -248,8 +256,7 @@ class HFBackend:
             plan = smaller
 
         seconds = time.perf_counter() - start
-        tokens = int(sum(len(x) for x in train_ds["input_ids"]) * t.epochs) if t.max_steps < 0 else \
-            int(sum(len(x) for x in train_ds["input_ids"]) / max(len(train_ds), 1) * t.max_steps * plan.effective_batch_size)
+        tokens = train_tokens(train_ds, t, plan)
         state = trainer.state
         info = AdapterInfo(
             path=str(adapter_dir), backend=self.name, device=plan.device, base_model=m.name_or_path,

@@ -47,14 +47,6 @@ def _quantization_applied(model: Any) -> str:
     return "none"
 
 
-def _train_tokens(train_ds: Any, t: TrainSection, plan: TrainingPlan) -> int:
-    """Same estimate as the hf backend: all tokens x epochs, or the mean row length x rows seen in max_steps."""
-    lengths = [len(x) for x in train_ds["input_ids"]]
-    if t.max_steps < 0:
-        return int(sum(lengths) * t.epochs)
-    return int(sum(lengths) / max(len(lengths), 1) * t.max_steps * plan.effective_batch_size)
-
-
 def _point_adapter_at_base(adapter_dir: Path, m: ModelSection) -> None:
     """adapter_config.json names the base we were given (unsloth may have resolved a mirror of it)."""
     path = adapter_dir / "adapter_config.json"
@@ -80,7 +72,7 @@ class UnslothBackend(HFBackend):
         from transformers import set_seed
         from trl import SFTConfig, SFTTrainer
 
-        from lorapipe.backends.hf import _peak_memory_gb, last_checkpoint, sft_config_kwargs, tokenize_dataset
+        from lorapipe.backends.hf import _peak_memory_gb, last_checkpoint, sft_config_kwargs, tokenize_dataset, train_tokens
         from lorapipe.training.monitoring import CheckpointAnnouncer, report_to
         from lorapipe.hardware.probe import package_versions
         from lorapipe.models.loading import load_tokenizer, torch_dtype
@@ -136,7 +128,7 @@ class UnslothBackend(HFBackend):
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         seconds = time.perf_counter() - start
-        tokens = _train_tokens(train_ds, t, plan)
+        tokens = train_tokens(train_ds, t, plan)
 
         adapter_dir.mkdir(parents=True, exist_ok=True)
         trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)

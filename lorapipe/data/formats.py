@@ -399,7 +399,7 @@ def iter_records(paths: list[str], fmt: str, prompt_key: str, completion_key: st
                             break
                         setattr(rec, attr, str(value))
             yield row, rec
-        if file_fmt:
+        if file_fmt and fmt != "auto":  # an explicit format is recorded even for a file of unreadable rows
             formats[str(path)] = file_fmt
 
 

@@ -142,7 +142,6 @@ def evaluate_adapter(adapter_dir: str, test: ConversationDataset, max_samples: i
             if label == "tuned":
                 samples = gen_samples
             results[label] = ModelScores(loss=loss, perplexity=math.exp(min(loss, 50.0)), **gscores)
-        del models
     gain = (results["base"].perplexity - results["tuned"].perplexity) / results["base"].perplexity
     return EvalMetrics(test_rows=len(test), scored_rows=len(scored), generated_rows=len(samples), scored_tokens=tokens,
                        base=results["base"], tuned=results["tuned"], perplexity_gain=gain,

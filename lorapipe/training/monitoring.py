@@ -28,9 +28,11 @@ from typing import Any, Iterable, Optional, TextIO
 
 from transformers import TrainerCallback
 
+from lorapipe.artifacts import ADAPTER_PLOTS
+
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
-PLOTS = ("loss.png", "learning_rate.png", "memory.png")
+PLOTS = ADAPTER_PLOTS
 METRIC_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "eval_loss", "tokens_per_second",
                   "memory_gb", "elapsed_s"]
 
