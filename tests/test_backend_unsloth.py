@@ -134,7 +134,8 @@ def test_unsloth_adapter_is_a_peft_folder_that_changes_the_model(trained, tiny):
     assert info["backend"] == "unsloth" and info["device"] == "cpu"
     assert info["steps"] == STEPS and info["train_loss"] is not None and info["train_tokens"] > 0
     assert info["tokens_per_second"] > 0 and info["peak_memory_gb"] > 0
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "training_log.jsonl"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "training_log.jsonl",
+                 "metrics.jsonl", "metrics.csv", "loss.png"):  # the same training monitor as the hf backend
         assert (adapter / name).exists(), name
     assert "checkpoint saved: step 3" in output and "checkpoint saved: step 6" in output
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny)

@@ -69,13 +69,13 @@ class UnslothBackend(HFBackend):
 
         import torch
         import transformers
-        from transformers import set_seed
+        from transformers import PrinterCallback, set_seed
         from trl import SFTConfig, SFTTrainer
 
         from lorapipe.backends.hf import _peak_memory_gb, last_checkpoint, sft_config_kwargs, tokenize_dataset, train_tokens
-        from lorapipe.training.monitoring import CheckpointAnnouncer, report_to
         from lorapipe.hardware.probe import package_versions
         from lorapipe.models.loading import load_tokenizer, torch_dtype
+        from lorapipe.training.monitoring import CheckpointAnnouncer, TrainingMonitor, report_to
 
         set_seed(seed)
         transformers.logging.set_verbosity_error()
@@ -121,7 +121,9 @@ class UnslothBackend(HFBackend):
         )
 
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tokenizer, callbacks=[CheckpointAnnouncer()])
+                             processing_class=tokenizer,
+                             callbacks=[CheckpointAnnouncer(), TrainingMonitor(adapter_dir, plan.device)])
+        trainer.remove_callback(PrinterCallback)  # the monitor prints one compact line per log instead
         resume_from = last_checkpoint(ckpt_dir) if t.resume else None
         if resume_from is not None:
             print(f"resuming from {resume_from} (set train.resume=false to start over)", flush=True)
