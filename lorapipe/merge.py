@@ -9,7 +9,7 @@ from typing import Optional
 from pydantic import BaseModel
 
 from lorapipe.backends import get_backend
-from lorapipe.backends.base import backend_of, read_adapter_metadata
+from lorapipe.backends.base import read_adapter_metadata
 from lorapipe.data.dataset import ConversationDataset
 
 MERGE_METADATA = "lorapipe_merge.json"
@@ -46,7 +46,7 @@ def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDatase
     rows = check_rows.records[:check_samples]
     if not rows:
         raise ValueError("no rows to check the merge on")
-    backend = get_backend(backend_of(adapter_dir))
+    backend = get_backend(meta["plan"]["backend"])  # the metadata read above names it
     with PhaseMemory("cpu") as memory:  # merges run on the CPU: no GPU memory is held while writing shards
         backend.merge(adapter_dir, str(out), dtype)
         tokenizer = load_tokenizer(str(out), chat_template=meta.get("chat_template_override"))

@@ -397,8 +397,7 @@ class _TokenAudit:
         self.tok, self.max_len, self.overlength = tokenizer, max_len, overlength
         self.eos_id = tokenizer.eos_token_id
         self.lengths: list[int] = []
-        self.rows = self.trainable_rows = self.stop_rows = self.roundtrip = self.roundtrip_checked = self.truncated = 0
-        self.total = self.trained = 0
+        self.rows = self.stop_rows = self.roundtrip = self.roundtrip_checked = self.truncated = self.trained = 0
         self.last_facts: dict = {}
 
     def add(self, rec: Record, problems: list[Problem]) -> list[str]:
@@ -428,7 +427,6 @@ class _TokenAudit:
             problems.append(Problem(rec.source, rec.line, "(row)", "no trainable token after masking (and truncation)",
                                     "shorten the prompt or raise train.max_seq_length", "no_trainable_tokens"))
             return ["no_trainable_tokens"]
-        self.trainable_rows += 1
         if _turns_end_with(enc.input_ids, enc.assistant_mask, self.eos_id):
             self.stop_rows += 1
         if not enc.truncated:  # a truncated row cannot round-trip by construction: not counted either way
@@ -436,7 +434,6 @@ class _TokenAudit:
             self.roundtrip += decode(self.tok, enc.input_ids) == enc.rendered
         n = len(enc.input_ids)
         self.lengths.append(n)
-        self.total += n
         self.trained += n_trained
         self.last_facts = {**_facts(rec), "n_tokens": n, "n_trainable_tokens": n_trained}
         return []
@@ -451,7 +448,7 @@ class _TokenAudit:
             counts = Counter((x - lo) // width for x in s)
             hist = [[lo + b * width, counts.get(b, 0)] for b in range(HISTOGRAM_BINS) if lo + b * width <= hi]
         stats = TokenStats(rows=n, p50=_percentile(s, 0.5), p95=_percentile(s, 0.95), max=s[-1] if s else 0,
-                           total_tokens=self.total, trainable_tokens=self.trained, truncated_rows=self.truncated,
+                           total_tokens=sum(self.lengths), trainable_tokens=self.trained, truncated_rows=self.truncated,
                            micro_batch_size=micro_batch, padding_waste_in_order=padding_waste(self.lengths, micro_batch),
                            padding_waste_length_grouped=padding_waste(s, micro_batch), histogram=hist)
         stop_frac = self.stop_rows / n if n else 0.0
@@ -468,7 +465,7 @@ class _TokenAudit:
             ok, why = True, "every row trains the stop token"
         if pad_is_eos:
             why += "; PAD is EOS, but padding is masked by position, so EOS stays trained"
-        audit = AuditReport(rows=n, trainable_rows_fraction=self.trainable_rows / self.rows if self.rows else 0.0,
+        audit = AuditReport(rows=n, trainable_rows_fraction=n / self.rows if self.rows else 0.0,
                             stop_token_trained_fraction=stop_frac,
                             roundtrip_fraction=self.roundtrip / self.roundtrip_checked if self.roundtrip_checked else 1.0,
                             eos_token=self.tok.eos_token, pad_token=self.tok.pad_token, pad_is_eos=pad_is_eos,
