@@ -69,7 +69,7 @@ def test_all_seven_steps_complete_on_the_first_run(runs):
 
 
 def test_the_validated_dataset_carries_the_reports_fingerprint(runs):
-    from lorapipe.data.validation import dataset_fingerprint
+    from lorapipe.data.records import dataset_fingerprint
 
     outputs = runs["first"].steps["validate_data"].outputs
     dataset, report = outputs["validated_dataset"][0].load(), outputs["validation_report"][0].load()

@@ -1,6 +1,6 @@
 import random
 
-from lorapipe.data.formats import Record
+from lorapipe.data.records import Record
 from lorapipe.data.split import split_records
 
 

@@ -2,7 +2,7 @@
 
 import json
 
-from lorapipe.data.formats import Record
+from lorapipe.data.records import Record
 from lorapipe.data.render import encode
 from lorapipe.data.validation import padding_waste, validate_dataset
 from tests.conftest import QUICKSTART_DATA, write_lines

@@ -6,8 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorapipe.data.formats import Record
-from lorapipe.data.validation import dataset_fingerprint
+from lorapipe.data.records import Record, dataset_fingerprint
 
 
 @dataclass

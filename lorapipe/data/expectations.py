@@ -2,7 +2,8 @@
 
 ZenML's GE integration pins GE < 1.0, so lorapipe calls GE directly. The facts are the numbers a reviewer
 would check by hand: message counts, response lengths, token counts against the sequence limit, and that
-every row has trained tokens.
+every row has trained tokens. `ExpectationsReport` is what `run_suite` returns and what the validation report
+embeds; great_expectations and pandas are imported only when the suite runs.
 """
 
 from __future__ import annotations
@@ -11,7 +12,22 @@ import json
 import logging
 from typing import Any, Optional
 
+from pydantic import BaseModel, Field
+
 SUITE_NAME = "lorapipe_row_facts"
+
+
+class ExpectationsReport(BaseModel):
+    """What the suite found, expectation by expectation."""
+
+    suite_name: str
+    suite: dict[str, Any] = Field(default_factory=dict, description="The GE expectation suite itself, as GE's JSON")
+    success: bool
+    evaluated: int
+    failed: list[str]
+    results: list[dict[str, Any]]
+    # GE's own HTML data docs page for this validation; shown in the dashboard, not stored in the JSON
+    data_docs_html: Optional[str] = Field(None, exclude=True)
 
 
 def build_suite(columns: list[str], max_seq_length: Optional[int], min_rows: int) -> Any:
@@ -29,13 +45,11 @@ def build_suite(columns: list[str], max_seq_length: Optional[int], min_rows: int
     return suite
 
 
-def run_suite(row_facts: dict, max_seq_length: Optional[int], min_rows: int):
+def run_suite(row_facts: dict, max_seq_length: Optional[int], min_rows: int) -> ExpectationsReport:
     """Validate the per-row facts (column name -> values) with a GE checkpoint that also renders data docs."""
     import glob
     import shutil
     from pathlib import Path
-
-    from lorapipe.data.validation import ExpectationsReport
 
     import great_expectations as gx
     import pandas as pd

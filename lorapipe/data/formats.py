@@ -4,7 +4,8 @@ Formats: Alpaca, chat `messages` (OpenAI roles), ShareGPT `conversations`, `prom
 (mlx-lm's convention, keys configurable) and plain `text`. JSONL (optionally gzipped) is streamed a line
 at a time; a JSON array (also inside a `.jsonl` file) is decoded element by element so every row keeps the
 line it starts on. Reading never raises for bad data: each problem becomes a `Problem` with file and line,
-and the row's original text is kept so nothing the user gave is lost.
+carried by the row it belongs to, and the row's original text is kept so nothing the user gave is lost.
+The types themselves (`Problem`, `RawRow`, `Record`) live in `lorapipe.data.records`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import gzip
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
+
+from lorapipe.data.records import Problem, RawRow, Record
 
 FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
 TRAINABLE_ROLES = ("assistant",)
@@ -32,77 +35,6 @@ SHAREGPT_ROLES = {
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
-@dataclass
-class Problem:
-    """One thing wrong with the input, located precisely enough to fix it."""
-
-    source: str
-    line: int
-    field: str
-    message: str
-    fix: str
-    code: str
-    severity: str = "error"  # "error" rejects the row; "warning" keeps it
-    column: Optional[int] = None
-    other_line: Optional[int] = None
-
-
-@dataclass
-class RawRow:
-    source: str
-    line: int
-    raw: str
-    obj: Any = None
-
-
-@dataclass(slots=True)
-class Record:
-    """A row in lorapipe's internal form: a conversation (or a plain text) plus where it came from."""
-
-    source: str
-    line: int
-    raw: str
-    format: str
-    messages: list[dict] = field(default_factory=list)
-    text: Optional[str] = None
-    tools: Optional[str] = None
-    group: Optional[str] = None  # split.group_key's value: rows of one group stay in one split
-    label: Optional[str] = None  # split.stratify_key's value
-
-    def content_key(self) -> str:
-        """Whitespace-normalised content, for duplicate detection and content-hash splitting."""
-        if self.text is not None:
-            body = " ".join(self.text.split())
-        else:
-            body = "\x1e".join(f"{m['role']}\x1f{' '.join(str(m.get('content') or '').split())}" for m in self.messages)
-        return hashlib.sha256(body.encode("utf-8")).hexdigest()
-
-    def to_json(self) -> dict:
-        out: dict[str, Any] = {"source": self.source, "line": self.line, "format": self.format}
-        if self.text is not None:
-            out["text"] = self.text
-        else:
-            out["messages"] = self.messages
-        for key in ("tools", "group", "label"):
-            if getattr(self, key):
-                out[key] = getattr(self, key)
-        return out
-
-    @classmethod
-    def from_json(cls, d: dict, raw: str = "") -> "Record":
-        return cls(
-            source=d["source"],
-            line=d["line"],
-            raw=raw,
-            format=d["format"],
-            messages=d.get("messages", []),
-            text=d.get("text"),
-            tools=d.get("tools"),
-            group=d.get("group"),
-            label=d.get("label"),
-        )
-
-
 # --------------------------------------------------------------------------------------------- reading
 
 
@@ -110,15 +42,11 @@ def _open_bytes(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def _decode(raw: bytes, source: str, line: int, problems: list[Problem]) -> Optional[str]:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        problems.append(
-            Problem(source, line, "(line)", f"invalid UTF-8 at byte {exc.start}", "re-save the file as UTF-8",
-                    "invalid_utf8", column=exc.start + 1)
-        )
-        return None
+def _with_problem(row: RawRow, problem: Problem, problems: list[Problem]) -> RawRow:
+    """Put `problem` on the row it belongs to and, in reading order, into the caller's list; return the row."""
+    row.problems.append(problem)
+    problems.append(problem)
+    return row
 
 
 def _first_char(path: Path) -> str:
@@ -128,7 +56,11 @@ def _first_char(path: Path) -> str:
 
 
 def iter_raw_rows(path: str | Path, problems: list[Problem]) -> Iterator[RawRow]:
-    """Yield each row's parsed object with its file and line; append reading problems to `problems`."""
+    """Yield each row's parsed object with its file and line.
+
+    A row's reading problem is on `row.problems`; every problem, including those of the file itself (not found,
+    an unclosed array), is also appended to `problems` in reading order.
+    """
     path = Path(path)
     source = str(path)
     if not path.exists():
@@ -141,9 +73,13 @@ def iter_raw_rows(path: str | Path, problems: list[Problem]) -> Iterator[RawRow]
         for lineno, raw in enumerate(fh, start=1):
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
-            text = _decode(raw, source, lineno, problems)
-            if text is None:
-                yield RawRow(source, lineno, raw.decode("utf-8", "backslashreplace").rstrip("\r\n"), None)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                problem = Problem(source, lineno, "(line)", f"invalid UTF-8 at byte {exc.start}", "re-save the file as UTF-8",
+                                  "invalid_utf8", column=exc.start + 1)
+                row = RawRow(source, lineno, raw.decode("utf-8", "backslashreplace").rstrip("\r\n"))
+                yield _with_problem(row, problem, problems)
                 continue
             stripped = text.strip()
             if not stripped:
@@ -152,15 +88,15 @@ def iter_raw_rows(path: str | Path, problems: list[Problem]) -> Iterator[RawRow]
                 obj = json.loads(stripped)
             except json.JSONDecodeError as exc:
                 hint = "a stray ']' or '[': JSONL has one object per line, no array brackets" if stripped in ("]", "[", "],") else "make the line one complete JSON object"
-                problems.append(Problem(source, lineno, "(line)", f"invalid JSON: {exc.msg}", hint, "invalid_json",
-                                        column=exc.colno))
-                yield RawRow(source, lineno, stripped, None)
+                problem = Problem(source, lineno, "(line)", f"invalid JSON: {exc.msg}", hint, "invalid_json",
+                                  column=exc.colno)
+                yield _with_problem(RawRow(source, lineno, stripped), problem, problems)
                 continue
             if not isinstance(obj, dict):
-                problems.append(Problem(source, lineno, "(line)", f"a JSON {type(obj).__name__}, not an object",
-                                        "each row must be a JSON object like {\"prompt\": ..., \"completion\": ...}",
-                                        "not_object"))
-                yield RawRow(source, lineno, stripped, None)
+                problem = Problem(source, lineno, "(line)", f"a JSON {type(obj).__name__}, not an object",
+                                  "each row must be a JSON object like {\"prompt\": ..., \"completion\": ...}",
+                                  "not_object")
+                yield _with_problem(RawRow(source, lineno, stripped), problem, problems)
                 continue
             yield RawRow(source, lineno, stripped, obj)
 
@@ -201,16 +137,17 @@ def _iter_json_array(path: Path, problems: list[Problem]) -> Iterator[RawRow]:
         try:
             obj, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            problems.append(Problem(source, exc.lineno, "(row)", f"invalid JSON: {exc.msg}",
-                                    "fix the element; the rest of the array cannot be read past it", "invalid_json",
-                                    column=exc.colno))
-            yield RawRow(source, line_at(start), text[start:], None)  # keep everything not read
+            # the problem is at the error's line, the row at the line its element starts on: they can differ
+            problem = Problem(source, exc.lineno, "(row)", f"invalid JSON: {exc.msg}",
+                              "fix the element; the rest of the array cannot be read past it", "invalid_json",
+                              column=exc.colno)
+            yield _with_problem(RawRow(source, line_at(start), text[start:]), problem, problems)  # keep all not read
             return
         line = line_at(start)
         if not isinstance(obj, dict):
-            problems.append(Problem(source, line, "(row)", f"a JSON {type(obj).__name__}, not an object",
-                                    "each element must be a JSON object", "not_object"))
-            yield RawRow(source, line, text[start:pos], None)
+            problem = Problem(source, line, "(row)", f"a JSON {type(obj).__name__}, not an object",
+                              "each element must be a JSON object", "not_object")
+            yield _with_problem(RawRow(source, line, text[start:pos]), problem, problems)
             continue
         yield RawRow(source, line, text[start:pos], obj)
 
@@ -262,26 +199,28 @@ def _expect_str(obj: dict, key: str, row: RawRow, problems: list[Problem], requi
 
 def normalise(row: RawRow, fmt: str, problems: list[Problem], prompt_key: str = "prompt",
               completion_key: str = "completion") -> Optional[Record]:
-    """Turn one parsed row into a Record; append field problems and return None when it cannot be built."""
-    obj, n_before = row.obj, len(problems)
+    """Turn one parsed row into a Record, or None when it cannot be built; its field problems go on `row.problems`
+    and into `problems`."""
+    obj = row.obj
+    found: list[Problem] = []
     rec = Record(row.source, row.line, row.raw, fmt)
     if fmt == "text":
-        rec.text = _expect_str(obj, "text", row, problems)
+        rec.text = _expect_str(obj, "text", row, found)
     elif fmt == "prompt_completion":
-        prompt = _expect_str(obj, prompt_key, row, problems)
-        completion = _expect_str(obj, completion_key, row, problems)
+        prompt = _expect_str(obj, prompt_key, row, found)
+        completion = _expect_str(obj, completion_key, row, found)
         rec.messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
     elif fmt == "alpaca":
-        instruction = _expect_str(obj, "instruction", row, problems)
-        extra = _expect_str(obj, "input", row, problems, required=False)
-        output = _expect_str(obj, "output", row, problems)
-        system = _expect_str(obj, "system", row, problems, required=False)
+        instruction = _expect_str(obj, "instruction", row, found)
+        extra = _expect_str(obj, "input", row, found, required=False)
+        output = _expect_str(obj, "output", row, found)
+        system = _expect_str(obj, "system", row, found, required=False)
         if system:
             rec.messages.append({"role": "system", "content": system})
         history = obj.get("history") or []
         if not isinstance(history, list) or not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history):
-            problems.append(Problem(row.source, row.line, "history", "expected a list of [question, answer] string pairs",
-                                    "fix or remove 'history'", "wrong_type"))
+            found.append(Problem(row.source, row.line, "history", "expected a list of [question, answer] string pairs",
+                                 "fix or remove 'history'", "wrong_type"))
             history = []
         for q, a in history:
             rec.messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
@@ -290,24 +229,24 @@ def normalise(row: RawRow, fmt: str, problems: list[Problem], prompt_key: str = 
     elif fmt == "messages":
         msgs = obj.get("messages")
         if not isinstance(msgs, list) or not msgs:
-            problems.append(Problem(row.source, row.line, "messages", "expected a non-empty list of {role, content}",
-                                    "give 'messages' as [{\"role\": \"user\", \"content\": ...}, ...]", "wrong_type"))
+            found.append(Problem(row.source, row.line, "messages", "expected a non-empty list of {role, content}",
+                                 "give 'messages' as [{\"role\": \"user\", \"content\": ...}, ...]", "wrong_type"))
         else:
             for i, m in enumerate(msgs):
                 fld = f"messages[{i}]"
                 if not isinstance(m, dict):
-                    problems.append(Problem(row.source, row.line, fld, "expected an object", "use {role, content}", "wrong_type"))
+                    found.append(Problem(row.source, row.line, fld, "expected an object", "use {role, content}", "wrong_type"))
                     continue
                 role = m.get("role")
                 if role not in CHAT_ROLES:
-                    problems.append(Problem(row.source, row.line, f"{fld}.role", f"unknown role {role!r}",
-                                            f"use one of {', '.join(CHAT_ROLES)}", "bad_role"))
+                    found.append(Problem(row.source, row.line, f"{fld}.role", f"unknown role {role!r}",
+                                         f"use one of {', '.join(CHAT_ROLES)}", "bad_role"))
                     continue
                 content = m.get("content")
                 if content is not None and not isinstance(content, str):
-                    problems.append(Problem(row.source, row.line, f"{fld}.content",
-                                            f"expected a string, got {type(content).__name__}", "make content a string",
-                                            "wrong_type"))
+                    found.append(Problem(row.source, row.line, f"{fld}.content",
+                                         f"expected a string, got {type(content).__name__}", "make content a string",
+                                         "wrong_type"))
                     continue
                 msg = {"role": role, "content": content}
                 if m.get("tool_calls"):
@@ -315,37 +254,39 @@ def normalise(row: RawRow, fmt: str, problems: list[Problem], prompt_key: str = 
                     if content is None:
                         msg["content"] = json.dumps(m["tool_calls"], ensure_ascii=False)
                 elif content is None:
-                    problems.append(Problem(row.source, row.line, f"{fld}.content", "missing",
-                                            "add a string 'content' (or 'tool_calls' for an assistant call)", "missing_field"))
+                    found.append(Problem(row.source, row.line, f"{fld}.content", "missing",
+                                         "add a string 'content' (or 'tool_calls' for an assistant call)", "missing_field"))
                     continue
                 rec.messages.append(msg)
     elif fmt == "sharegpt":
         turns = obj.get("conversations")
         if not isinstance(turns, list) or not turns:
-            problems.append(Problem(row.source, row.line, "conversations", "expected a non-empty list of {from, value}",
-                                    "give 'conversations' as [{\"from\": \"human\", \"value\": ...}, ...]", "wrong_type"))
+            found.append(Problem(row.source, row.line, "conversations", "expected a non-empty list of {from, value}",
+                                 "give 'conversations' as [{\"from\": \"human\", \"value\": ...}, ...]", "wrong_type"))
         else:
             if isinstance(obj.get("system"), str) and obj["system"]:
                 rec.messages.append({"role": "system", "content": obj["system"]})
             for i, t in enumerate(turns):
                 fld = f"conversations[{i}]"
                 if not isinstance(t, dict):
-                    problems.append(Problem(row.source, row.line, fld, "expected an object", "use {from, value}", "wrong_type"))
+                    found.append(Problem(row.source, row.line, fld, "expected an object", "use {from, value}", "wrong_type"))
                     continue
                 role = SHAREGPT_ROLES.get(t.get("from"))
                 if role is None:
-                    problems.append(Problem(row.source, row.line, f"{fld}.from", f"unknown speaker {t.get('from')!r}",
-                                            f"use one of {', '.join(SHAREGPT_ROLES)}", "bad_role"))
+                    found.append(Problem(row.source, row.line, f"{fld}.from", f"unknown speaker {t.get('from')!r}",
+                                         f"use one of {', '.join(SHAREGPT_ROLES)}", "bad_role"))
                     continue
                 value = t.get("value")
                 if not isinstance(value, str):
-                    problems.append(Problem(row.source, row.line, f"{fld}.value", "expected a string",
-                                            "make 'value' a string", "wrong_type"))
+                    found.append(Problem(row.source, row.line, f"{fld}.value", "expected a string",
+                                         "make 'value' a string", "wrong_type"))
                     continue
                 rec.messages.append({"role": role, "content": value})
     if fmt in ("messages", "sharegpt") and obj.get("tools") is not None:
         rec.tools = obj["tools"] if isinstance(obj["tools"], str) else json.dumps(obj["tools"], ensure_ascii=False)
-    if len(problems) > n_before and any(p.severity == "error" for p in problems[n_before:]):
+    row.problems.extend(found)
+    problems.extend(found)
+    if any(p.severity == "error" for p in found):
         return None
     return rec
 
@@ -361,7 +302,10 @@ class ReadResult:
 def iter_records(paths: list[str], fmt: str, prompt_key: str, completion_key: str, problems: list[Problem],
                  formats: dict[str, str], group_key: Optional[str] = None,
                  label_key: Optional[str] = None) -> Iterator[tuple[RawRow, Optional[Record]]]:
-    """Stream (raw row, record or None when rejected) over every file; problems are appended as found."""
+    """Stream (raw row, record or None when rejected) over every file.
+
+    A rejected row carries its reasons in `row.problems`; every problem is also appended to `problems` as found.
+    """
     for path in paths:
         file_fmt: Optional[str] = None if fmt == "auto" else fmt
         first_line = 0
@@ -372,18 +316,18 @@ def iter_records(paths: list[str], fmt: str, prompt_key: str, completion_key: st
             row_fmt = detect_format(row.obj, prompt_key, completion_key)
             if file_fmt is None:
                 if row_fmt is None:
-                    problems.append(Problem(row.source, row.line, "(row)", f"no known format in keys {sorted(row.obj)[:8]}",
-                                            f"use one of: {', '.join(FORMATS)} (prompt/completion keys: data.prompt_key, data.completion_key)",
-                                            "unknown_format"))
-                    yield row, None
+                    problem = Problem(row.source, row.line, "(row)", f"no known format in keys {sorted(row.obj)[:8]}",
+                                      f"use one of: {', '.join(FORMATS)} (prompt/completion keys: data.prompt_key, data.completion_key)",
+                                      "unknown_format")
+                    yield _with_problem(row, problem, problems), None
                     continue
                 file_fmt, first_line = row_fmt, row.line
                 formats[str(path)] = file_fmt
             elif row_fmt != file_fmt and not (fmt != "auto" and row_fmt is None):
-                problems.append(Problem(row.source, row.line, "(row)",
-                                        f"format {row_fmt or 'unknown'} differs from {file_fmt} (detected at line {first_line or 1})",
-                                        "keep one format per file, or split the file", "mixed_format"))
-                yield row, None
+                problem = Problem(row.source, row.line, "(row)",
+                                  f"format {row_fmt or 'unknown'} differs from {file_fmt} (detected at line {first_line or 1})",
+                                  "keep one format per file, or split the file", "mixed_format")
+                yield _with_problem(row, problem, problems), None
                 continue
             rec = normalise(row, file_fmt, problems, prompt_key, completion_key)
             if rec is not None:
@@ -391,10 +335,10 @@ def iter_records(paths: list[str], fmt: str, prompt_key: str, completion_key: st
                     if key:
                         value = row.obj.get(key)
                         if value is None:
-                            problems.append(Problem(row.source, row.line, key, "missing",
-                                                    f"add '{key}' to every row, or unset split.{attr}_key" if attr == "group"
-                                                    else f"add '{key}' to every row, or unset split.stratify_key",
-                                                    "missing_field"))
+                            _with_problem(row, Problem(row.source, row.line, key, "missing",
+                                                       f"add '{key}' to every row, or unset split.{attr}_key" if attr == "group"
+                                                       else f"add '{key}' to every row, or unset split.stratify_key",
+                                                       "missing_field"), problems)
                             rec = None
                             break
                         setattr(rec, attr, str(value))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from lorapipe.data.formats import Record
+from lorapipe.data.records import Record
 
 # Used only when the tokenizer ships no chat template (base models): Alpaca-style, EOS after every answer,
 # like the seed notebook's template, so the model learns to stop.

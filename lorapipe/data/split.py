@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from lorapipe.data.dataset import ConversationDataset
-from lorapipe.data.formats import Record
+from lorapipe.data.records import Record
 
 FILE_SPLITS = {"train": "train", "valid": "eval", "validation": "eval", "eval": "eval", "dev": "eval", "test": "test"}
 

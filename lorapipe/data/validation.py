@@ -3,6 +3,7 @@
 `validate_dataset` is what both the pipeline's validate step and `lorapipe validate` call, so they report
 the same findings on the same file. It never raises for bad data: it returns every problem, the accepted
 records and the raw text of every rejected row; the caller decides to fail (policy `on_bad_rows`).
+The Great Expectations suite and its report live in `expectations.py`; the row types in `records.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, Field
 
-from lorapipe.data.formats import CONTROL_RE, PLACEHOLDER_RE, Problem, RawRow, Record
+from lorapipe.data.expectations import ExpectationsReport, run_suite
+from lorapipe.data.formats import CONTROL_RE, PLACEHOLDER_RE, iter_records
+from lorapipe.data.records import Problem, RawRow, Record, fingerprint_part
 
 
 class TokenStats(BaseModel):
@@ -46,17 +49,6 @@ class AuditReport(BaseModel):
     chat_template_source: str
     passed: bool
     explanation: str
-
-
-class ExpectationsReport(BaseModel):
-    suite_name: str
-    suite: dict[str, Any] = Field(default_factory=dict, description="The GE expectation suite itself, as GE's JSON")
-    success: bool
-    evaluated: int
-    failed: list[str]
-    results: list[dict[str, Any]]
-    # GE's own HTML data docs page for this validation; shown in the dashboard, not stored in the JSON
-    data_docs_html: Optional[str] = Field(None, exclude=True)
 
 
 class ValidationReport(BaseModel):
@@ -230,18 +222,6 @@ def padding_waste(lengths: list[int], micro_batch_size: int) -> float:
     return 0.0 if slots == 0 else 1 - real / slots
 
 
-def fingerprint_part(rec: Record, content_key: str) -> bytes:
-    """What a row adds to a dataset fingerprint: its content, and the group/label the split reads."""
-    return f"{content_key}\x1f{rec.group or ''}\x1f{rec.label or ''}".encode()
-
-
-def dataset_fingerprint(records: list[Record]) -> str:
-    h = hashlib.sha256()
-    for r in records:
-        h.update(fingerprint_part(r, r.content_key()))
-    return h.hexdigest()
-
-
 def validate_dataset(
     paths: list[str],
     fmt: str = "auto",
@@ -265,8 +245,6 @@ def validate_dataset(
     Memory is bounded by what is kept: the accepted records (`keep_records=False` keeps none, as
     `lorapipe validate` does), the problems, the rejected rows and one 16-byte digest per distinct row.
     """
-    from lorapipe.data.formats import iter_records
-
     problems: list[Problem] = []
     formats: dict[str, str] = {}
     rejected: dict[tuple[str, int], RejectedRow] = {}
@@ -286,15 +264,13 @@ def validate_dataset(
             rejected[key] = RejectedRow(source=row.source, line=row.line, raw=row.raw, reasons=[])
         rejected[key].reasons.extend(reasons)
 
-    mark = 0  # problems[mark:] are the ones the reader found for the row it just yielded
     for row, rec in iter_records(paths, fmt, prompt_key, completion_key, problems, formats, group_key, stratify_key):
         rows_read += 1
         if rec is None:
-            reject(row, [p.code for p in problems[mark:] if p.line == row.line] or ["unreadable"])
-            mark = len(problems)
+            reject(row, [p.code for p in row.problems])
             continue
-        before = len(problems)
-        check_record(rec, problems, prompt_key, completion_key)
+        found: list[Problem] = []  # this row's problems from the checks below
+        check_record(rec, found, prompt_key, completion_key)
         key = rec.content_key()
         digest = bytes.fromhex(key[:32])
         if row.source not in sources:
@@ -304,15 +280,15 @@ def validate_dataset(
             packed = first_seen[digest]
             f_src, f_line = source_names[packed >> 32], packed & 0xFFFFFFFF
             where = f"line {f_line}" if f_src == rec.source else f"{f_src}:{f_line}"
-            problems.append(Problem(rec.source, rec.line, "(row)", f"exact duplicate of {where} (after whitespace normalisation)",
-                                    "remove one copy; both always land in the same split", "duplicate",
-                                    severity="warning", other_line=f_line))
+            found.append(Problem(rec.source, rec.line, "(row)", f"exact duplicate of {where} (after whitespace normalisation)",
+                                 "remove one copy; both always land in the same split", "duplicate",
+                                 severity="warning", other_line=f_line))
         else:
             first_seen[digest] = (sources[row.source] << 32) | rec.line
-        errors = [p.code for p in problems[before:] if p.severity == "error"]
+        errors = [p.code for p in found if p.severity == "error"]
         if not errors and audit is not None:
-            errors = audit.add(rec, problems)
-        mark = len(problems)
+            errors = audit.add(rec, found)
+        problems.extend(found)
         if errors:
             reject(rec, errors)
             continue
@@ -353,8 +329,6 @@ def validate_dataset(
 
     expectations = None
     if run_expectations and facts:
-        from lorapipe.data.expectations import run_suite
-
         expectations = run_suite(facts, max_seq_length if tokenizer is not None else None, min_rows)
         if not expectations.success:
             passed = False

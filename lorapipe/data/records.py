@@ -1,0 +1,97 @@
+"""The data layer's plain types: a `Problem` found in the input, a `RawRow` as read, a normalised `Record`,
+and the fingerprint of a list of records.
+
+Every other module under lorapipe/data/ builds on these; this one imports nothing from lorapipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class Problem:
+    """One thing wrong with the input, located precisely enough to fix it."""
+
+    source: str
+    line: int
+    field: str
+    message: str
+    fix: str
+    code: str
+    severity: str = "error"  # "error" rejects the row; "warning" keeps it
+    column: Optional[int] = None
+    other_line: Optional[int] = None
+
+
+@dataclass
+class RawRow:
+    """One row as read from a file: its text, the parsed object (None when unreadable) and its own problems."""
+
+    source: str
+    line: int
+    raw: str
+    obj: Any = None
+    problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Record:
+    """A row in lorapipe's internal form: a conversation (or a plain text) plus where it came from."""
+
+    source: str
+    line: int
+    raw: str
+    format: str
+    messages: list[dict] = field(default_factory=list)
+    text: Optional[str] = None
+    tools: Optional[str] = None
+    group: Optional[str] = None  # split.group_key's value: rows of one group stay in one split
+    label: Optional[str] = None  # split.stratify_key's value
+
+    def content_key(self) -> str:
+        """Whitespace-normalised content, for duplicate detection and content-hash splitting."""
+        if self.text is not None:
+            body = " ".join(self.text.split())
+        else:
+            body = "\x1e".join(f"{m['role']}\x1f{' '.join(str(m.get('content') or '').split())}" for m in self.messages)
+        return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"source": self.source, "line": self.line, "format": self.format}
+        if self.text is not None:
+            out["text"] = self.text
+        else:
+            out["messages"] = self.messages
+        for key in ("tools", "group", "label"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict, raw: str = "") -> "Record":
+        return cls(
+            source=d["source"],
+            line=d["line"],
+            raw=raw,
+            format=d["format"],
+            messages=d.get("messages", []),
+            text=d.get("text"),
+            tools=d.get("tools"),
+            group=d.get("group"),
+            label=d.get("label"),
+        )
+
+
+def fingerprint_part(rec: Record, content_key: str) -> bytes:
+    """What a row adds to a dataset fingerprint: its content, and the group/label the split reads."""
+    return f"{content_key}\x1f{rec.group or ''}\x1f{rec.label or ''}".encode()
+
+
+def dataset_fingerprint(records: list[Record]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(fingerprint_part(r, r.content_key()))
+    return h.hexdigest()
