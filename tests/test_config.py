@@ -12,6 +12,24 @@ def test_every_shipped_config_validates_without_weights():
         assert cfg.model.name_or_path
 
 
+def test_every_config_names_a_model_a_user_can_load():
+    """A valid hub id (huggingface_hub's own validator: no spaces, no '#', at most one '/') or, for a local path,
+    the folder `make tiny-model` builds. YAML needs a space before '#', or the comment becomes part of the id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
+        name = load_config(path).model.name_or_path
+        if name.startswith(("models/", "./", "/")):
+            assert f"TINY_MODEL := {name}" in makefile or (REPO_ROOT / name).is_dir(), f"{path.name}: {name}"
+            continue
+        try:
+            validate_repo_id(name)
+        except HFValidationError as exc:
+            raise AssertionError(f"{path.name}: model.name_or_path {name!r} is not a hub id: {exc}") from None
+        assert name.count("/") == 1, f"{path.name}: {name!r} should be owner/name"
+
+
 def test_every_config_starts_with_the_command_that_runs_it():
     for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
         first = path.read_text().splitlines()[0]
