@@ -212,6 +212,33 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backends(args: argparse.Namespace) -> int:
+    """The backend catalog, with what is installed here (no torch import)."""
+    from lorapipe.backends.catalog import BACKENDS, OPTIONAL_FEATURES
+    from lorapipe.hardware.probe import package_version
+
+    rows = []
+    for spec in BACKENDS.values():
+        missing = [m for m in spec.modules if not package_version(m)]
+        rows.append({"backend": spec.name, "installed": not missing, "missing": missing, "summary": spec.summary,
+                     "devices": list(spec.devices), "quantization": list(spec.quantization),
+                     "optimizers": list(spec.optimizers), "features": list(spec.features),
+                     "adapter_format": spec.adapter_format, "install": spec.install})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        state = "installed" if r["installed"] else f"not installed (missing {', '.join(r['missing'])})"
+        print(f"{r['backend']}: {r['summary']}")
+        print(f"  {state}; install: {r['install']}")
+        print(f"  devices {', '.join(r['devices'])}; quantization {', '.join(r['quantization'])}; "
+              f"adapter {r['adapter_format']}")
+        print(f"  optimizers {', '.join(r['optimizers'])}")
+        lacks = [f for f in OPTIONAL_FEATURES if f not in r["features"]]
+        print(f"  train options it lacks (refused at preflight): {', '.join(lacks) if lacks else 'none'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorapipe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -238,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--corpus", nargs="*", help="JSONL files to train the tokenizer on (default: quickstart data)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_build_tiny_model)
+
+    bk = sub.add_parser("backends", help="list the training backends, what each supports and what is installed")
+    bk.add_argument("--json", action="store_true")
+    bk.set_defaults(func=cmd_backends)
 
     lin = sub.add_parser("lineage", help="show a model version's lineage back to the data fingerprint")
     lin.add_argument("model")

@@ -82,7 +82,7 @@ class LoraSection(_Section):
 
 class TrainSection(_Section):
     backend: Literal["auto", "hf", "unsloth", "mlx"] = "auto"
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="mps: Apple's GPU (torch MPS or mlx)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "nf4", "int8"] = Field(
         "none", description="QLoRA = LoRA + this; nf4 uses double quantisation"
@@ -102,7 +102,9 @@ class TrainSection(_Section):
     logging_steps: int = Field(5, ge=1)
     save_steps: int = Field(200, ge=1)
     save_total_limit: int = Field(2, ge=1)
-    resume: bool = Field(True, description="Resume from the last checkpoint of the same training inputs")
+    resume: bool = Field(True, description="Resume from the last checkpoint of the same training inputs and code")
+    resume_from: Optional[str] = Field(
+        None, description="Resume from this checkpoint folder on purpose, e.g. one set aside after a code change")
     init_adapter: Optional[str] = Field(
         None, description="Continue training an existing adapter folder on new data (no new LoRA layers)")
     eval_steps: Optional[int] = Field(None, ge=1, description="Evaluate on the eval split every N steps; null: never")
@@ -122,6 +124,8 @@ class TrainSection(_Section):
             raise ValueError("train.early_stopping_patience and train.load_best_model_at_end need train.eval_steps")
         if self.load_best_model_at_end and self.save_steps % self.eval_steps:
             raise ValueError("train.load_best_model_at_end needs train.save_steps to be a multiple of train.eval_steps")
+        if self.resume_from is not None and not self.resume:
+            raise ValueError("train.resume_from resumes a checkpoint and train.resume: false starts over: set one")
         if self.packing and self.group_by_length:
             raise ValueError("train.packing and train.group_by_length are alternatives: set one")
         return self
@@ -178,6 +182,8 @@ class LorapipeConfig(_Section):
         if not Path(self.model.name_or_path).is_absolute() and local.exists():
             out.model.name_or_path = str(local.resolve())
         out.train.output_root = str((base_dir / self.train.output_root).resolve())
+        if self.train.resume_from is not None:
+            out.train.resume_from = str((base_dir / self.train.resume_from).resolve())
         return out
 
     def fingerprint(self) -> str:

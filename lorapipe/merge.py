@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from lorapipe.backends import get_backend
 from lorapipe.backends.base import read_adapter_metadata
 from lorapipe.data.dataset import ConversationDataset
+from lorapipe.hardware.plan import PhasePlan
 
 MERGE_METADATA = "lorapipe_merge.json"
 # Logits differ between merged and base+adapter by rounding only; the tolerance follows the saved dtype.
@@ -27,10 +28,10 @@ class MergeCheck(BaseModel):
     memory_gb: float = 0.0  # the merge's own peak on CUDA (counter reset first), the process RSS on CPU
 
 
-def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDataset, dtype: str = "bfloat16",
+def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDataset, phase: PhasePlan,
                   check_samples: int = 4, atol: Optional[float] = None, max_length: int = 256) -> MergeCheck:
-    """Merge (PEFT) or fuse (mlx-lm) the adapter with the backend that trained it, reload the saved folder and
-    compare its logits with base+adapter, unmerged."""
+    """Merge (PEFT) or fuse (mlx-lm) the adapter with the backend that trained it, on the merge phase's device and
+    in its dtype, reload the saved folder and compare its logits with base+adapter, unmerged."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -47,16 +48,17 @@ def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDatase
     if not rows:
         raise ValueError("no rows to check the merge on")
     backend = get_backend(meta["plan"]["backend"])  # the metadata read above names it
-    with PhaseMemory("cpu") as memory:  # merges run on the CPU: no GPU memory is held while writing shards
-        backend.merge(adapter_dir, str(out), dtype)
+    dtype = phase.dtype
+    with PhaseMemory(phase.device) as memory:
+        backend.merge(adapter_dir, str(out), phase)
         tokenizer = load_tokenizer(str(out), chat_template=meta.get("chat_template_override"))
-        reference = backend.reference_logits(adapter_dir)
-        reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch_dtype(dtype)).eval()
+        reference = backend.reference_logits(adapter_dir, phase)
+        reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch_dtype(dtype)).to(phase.device).eval()
         max_diff, diffs = 0.0, []
         with torch.no_grad():
             for rec in rows:
                 ids = torch.tensor([encode(tokenizer, rec, max_length).input_ids])
-                d = (reference(ids) - reloaded(input_ids=ids).logits.float()).abs()
+                d = (reference(ids) - reloaded(input_ids=ids.to(phase.device)).logits.float().cpu()).abs()
                 max_diff = max(max_diff, float(d.max()))
                 diffs.append(float(d.mean()))
         del reference, reloaded

@@ -13,7 +13,7 @@ from zenml.materializers.pydantic_materializer import PydanticMaterializer
 
 from lorapipe.data.validation import RejectedRows, ValidationReport
 from lorapipe.evaluation.metrics import EvalMetrics
-from lorapipe.hardware.plan import TrainingPlan
+from lorapipe.hardware.plan import PhasePlan, TrainingPlan
 from lorapipe.hardware.probe import HardwareProbe
 
 
@@ -44,7 +44,8 @@ def token_length_histogram_png(report: ValidationReport) -> bytes:
 
 
 class ReportMaterializer(PydanticMaterializer):
-    ASSOCIATED_TYPES: ClassVar[Tuple[Type[Any], ...]] = (ValidationReport, RejectedRows, HardwareProbe, TrainingPlan, EvalMetrics)
+    ASSOCIATED_TYPES: ClassVar[Tuple[Type[Any], ...]] = (ValidationReport, RejectedRows, HardwareProbe, TrainingPlan,
+                                                         PhasePlan, EvalMetrics)
     ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA_ANALYSIS
 
     def save_visualizations(self, data: BaseModel) -> Dict[str, VisualizationType]:
@@ -80,4 +81,6 @@ class ReportMaterializer(PydanticMaterializer):
             return {"backend": data.backend, "device": data.device, "dtype": data.dtype,
                     "micro_batch_size": data.micro_batch_size,
                     "gradient_accumulation_steps": data.gradient_accumulation_steps}
+        if isinstance(data, PhasePlan):
+            return {"phase": data.phase, "device": data.device, "dtype": data.dtype, "batch_size": data.batch_size}
         return {}

@@ -31,16 +31,18 @@ def finetune(config: dict, data_files_sha256: str, config_sha256: str) -> None:
         max_seq_length=train_cfg["max_seq_length"], micro_batch_size=micro, data_fingerprint=data_files_sha256,
         group_key=config["split"]["group_key"], stratify_key=config["split"]["stratify_key"],
     )
-    hardware, plan = preflight(validation_report=report, model=config["model"], train=train_cfg)
+    hardware, plan, evaluation_plan, merge_plan = preflight(
+        validation_report=report, model=config["model"], train=train_cfg, evaluate=config["evaluate"],
+        merge=config["merge"])
     train_split, eval_split, test_split = split_data(validated_dataset=dataset, training_plan=plan, split=config["split"])
     # The stack decides tracking: with an experiment tracker (e.g. W&B) on the active stack, training logs to it.
     tracker = Client().active_stack.experiment_tracker
     train_step = train_adapter.with_options(experiment_tracker=tracker.name) if tracker else train_adapter
     adapter = train_step(train_split=train_split, eval_split=eval_split, training_plan=plan, model=config["model"],
                             train=train_cfg, seed=config["seed"])
-    metrics = evaluate_model(adapter=adapter, test_split=test_split, training_plan=plan, evaluate=config["evaluate"],
-                             model=config["model"])
-    merged = merge_model(adapter=adapter, test_split=test_split, merge=config["merge"])
+    metrics = evaluate_model(adapter=adapter, test_split=test_split, training_plan=plan,
+                             evaluation_plan=evaluation_plan, evaluate=config["evaluate"], model=config["model"])
+    merged = merge_model(adapter=adapter, test_split=test_split, merge_plan=merge_plan, merge=config["merge"])
     register_model(adapter=adapter, eval_metrics=metrics, merged_model=merged, training_plan=plan,
                    validation_report=report, preflight_report=hardware, register=config["register"],
                    seed=config["seed"], data_files_sha256=data_files_sha256, config_sha256=config_sha256)

@@ -7,21 +7,25 @@ from zenml import step
 from lorapipe.artifacts import AdapterFolder
 from lorapipe.config import EvaluateSection, ModelSection
 from lorapipe.data.dataset import ConversationDataset
-from lorapipe.evaluation.metrics import EvalMetrics, evaluate_adapter
-from lorapipe.hardware.plan import TrainingPlan
+from lorapipe.evaluation.compare import evaluate_adapter
+from lorapipe.evaluation.metrics import EvalMetrics
+from lorapipe.hardware.plan import PhasePlan, TrainingPlan
 from materializers import ReportMaterializer
+from steps.caching import library_cache_policy
 
 
-@step(output_materializers=ReportMaterializer)
+@step(output_materializers=ReportMaterializer, cache_policy=library_cache_policy(__file__))
 def evaluate_model(
-    adapter: AdapterFolder, test_split: ConversationDataset, training_plan: TrainingPlan, evaluate: dict, model: dict,
+    adapter: AdapterFolder, test_split: ConversationDataset, training_plan: TrainingPlan, evaluation_plan: PhasePlan,
+    evaluate: dict, model: dict,
 ) -> Annotated[EvalMetrics, "eval_metrics"]:
     """Score base and base+adapter on the same held-out rows.
 
     Args:
         adapter: the trained adapter folder.
         test_split: held-out rows.
-        training_plan: gives the device and sequence length.
+        training_plan: gives the sequence length rows were trained at.
+        evaluation_plan: the device, dtype and batch size to score on.
         evaluate: the config's `evaluate` section.
         model: the config's `model` section.
 
@@ -29,7 +33,5 @@ def evaluate_model(
         Base and tuned metrics.
     """
     e, m = EvaluateSection(**evaluate), ModelSection(**model)
-    device = training_plan.device if training_plan.device in ("cpu", "cuda") else "cpu"
-    return evaluate_adapter(adapter.path, test_split, e.max_samples, e.generation_samples, e.max_new_tokens,
-                            training_plan.max_seq_length, e.batch_size, device=device, chat_template=m.chat_template,
-                            dtype=training_plan.dtype if device == "cuda" else "float32")
+    return evaluate_adapter(adapter.path, test_split, evaluation_plan, e.max_samples, e.generation_samples,
+                            e.max_new_tokens, training_plan.max_seq_length, chat_template=m.chat_template)

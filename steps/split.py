@@ -9,12 +9,14 @@ from lorapipe.data.dataset import ConversationDataset
 from lorapipe.data.split import split_records
 from lorapipe.hardware.plan import TrainingPlan
 from materializers import ConversationDatasetMaterializer
+from steps.caching import library_cache_policy
 
 
 # A dict, not one class for all: with a single class ZenML orders the outputs by set iteration, which changes
 # the cache key from one process to the next (the step would never be served from cache).
 @step(output_materializers={"train_split": ConversationDatasetMaterializer, "eval_split": ConversationDatasetMaterializer,
-                            "test_split": ConversationDatasetMaterializer})
+                            "test_split": ConversationDatasetMaterializer},
+      cache_policy=library_cache_policy(__file__))
 def split_data(
     validated_dataset: ConversationDataset, training_plan: TrainingPlan, split: dict,
 ) -> Tuple[

@@ -1,6 +1,5 @@
 """Train the LoRA adapter with the backend the plan chose."""
 
-from pathlib import Path
 from typing import Annotated
 
 from zenml import ArtifactConfig, step
@@ -9,16 +8,17 @@ from zenml.logger import get_logger
 
 from lorapipe.artifacts import AdapterFolder
 from lorapipe.backends import get_backend
-from lorapipe.backends.base import training_key
+from lorapipe.backends.base import training_code_version, training_key, work_dir_for
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
 from materializers import AdapterFolderMaterializer
+from steps.caching import library_cache_policy
 
 logger = get_logger(__name__)
 
 
-@step(output_materializers=AdapterFolderMaterializer)
+@step(output_materializers=AdapterFolderMaterializer, cache_policy=library_cache_policy(__file__))
 def train_adapter(
     train_split: ConversationDataset, eval_split: ConversationDataset, training_plan: TrainingPlan,
     model: dict, train: dict, seed: int,
@@ -37,8 +37,10 @@ def train_adapter(
         The adapter folder.
     """
     m, t = ModelSection(**model), TrainSection(**train)
-    # Checkpoints live outside the artifact store, keyed by the training inputs: a re-run after a crash resumes.
-    work_dir = Path(t.output_root) / training_key(m, t, seed, training_plan, train_split, eval_split)
+    # Checkpoints live outside the artifact store, keyed by the training inputs and the code: a re-run of the same
+    # code after a crash resumes; checkpoints of older code are set aside (train.resume_from resumes one on purpose).
+    work_dir = work_dir_for(t.output_root, training_key(m, t, seed, training_plan, train_split, eval_split),
+                            training_code_version(training_plan.backend), t.resume_from)
     adapter_dir = work_dir / "adapter"
     logger.info("training with backend %s on %s; checkpoints in %s", training_plan.backend, training_plan.device, work_dir)
     info = get_backend(training_plan.backend).train(m, t, seed, training_plan, train_split, eval_split, work_dir,

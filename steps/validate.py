@@ -9,12 +9,14 @@ from lorapipe.config import DataSection, ModelSection, ValidationSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.data.validation import DataValidationError, RejectedRows, ValidationReport, validate_dataset
 from materializers import ConversationDatasetMaterializer, ReportMaterializer
+from steps.caching import library_cache_policy
 
 logger = get_logger(__name__)
 
 
 @step(output_materializers={"validated_dataset": ConversationDatasetMaterializer,
-                            "validation_report": ReportMaterializer, "rejected_rows": ReportMaterializer})
+                            "validation_report": ReportMaterializer, "rejected_rows": ReportMaterializer},
+      cache_policy=library_cache_policy(__file__))
 def validate_data(
     data: dict, validation: dict, model: dict, max_seq_length: int, micro_batch_size: int, data_fingerprint: str,
     group_key: Optional[str] = None, stratify_key: Optional[str] = None,

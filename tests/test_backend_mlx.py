@@ -25,6 +25,7 @@ from lorapipe.config import LoraSection, ModelSection, TrainSection  # noqa: E40
 from lorapipe.data.dataset import ConversationDataset  # noqa: E402
 from lorapipe.data.formats import read_records  # noqa: E402
 from lorapipe.hardware.plan import MemoryEstimate, TrainingPlan  # noqa: E402
+from tests.monitor_checks import assert_monitor_outputs  # noqa: E402
 
 pytestmark = pytest.mark.mlx
 
@@ -50,7 +51,7 @@ def train_cfg(**over) -> TrainSection:
 
 def plan(quantization: str = "none") -> TrainingPlan:
     return TrainingPlan(
-        backend="mlx", device="mlx", dtype="float32", quantization=quantization, micro_batch_size=2,
+        backend="mlx", device="cpu", dtype="float32", quantization=quantization, micro_batch_size=2,
         gradient_accumulation_steps=2, effective_batch_size=4, max_seq_length=128, gradient_checkpointing=False,
         optimizer="adamw_torch", reasons=[], warnings=[],
         memory=MemoryEstimate(weights_gb=0.001, lora_and_optimizer_gb=0.001, activations_gb=0.01, total_gb=0.012,
@@ -105,7 +106,7 @@ def qlora(tiny, dataset, tmp_path_factory):
 
 def test_training_leaves_the_base_alone_and_moves_the_adapter(tiny, baseline):
     info = baseline["info"]
-    assert info.backend == "mlx" and info.device == "mlx" and info.steps == STEPS and info.resumed_from is None
+    assert info.backend == "mlx" and info.device == "cpu" and info.steps == STEPS and info.resumed_from is None
     assert info.train_rows == 64 and info.train_tokens > 0 and info.tokens_per_second > 0
     assert info.train_loss is not None and np.isfinite(info.train_loss)
     assert info.peak_memory_gb > 0 and info.versions["mlx_lm"]
@@ -265,3 +266,36 @@ def test_missing_mlx_lm_names_the_install_command(monkeypatch):
     with pytest.raises(BackendUnavailable, match=r"pip install -e '\.\[mlx\]'"):
         MLXBackend().train(ModelSection(name_or_path="unused"), train_cfg(), SEED, plan(),
                            ConversationDataset([]), ConversationDataset([]), Path("unused"), Path("unused"))
+
+
+def test_mlx_reports_through_the_same_monitor_as_the_torch_backends(baseline):
+    """metrics.jsonl/.csv with the common columns, the three plots and the common progress line."""
+    rows = assert_monitor_outputs(baseline["adapter"], [2, 4, 6, 7], STEPS, baseline["stdout"])
+    log = [json.loads(line) for line in (baseline["adapter"] / "training_log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == pytest.approx([e["loss"] for e in log])
+
+
+def test_mlx_metrics_reach_the_experiment_tracker(tiny, dataset, tmp_path, monkeypatch):
+    """The same rows go to the W&B run a ZenML wandb tracker opens for the step (W&B's own offline mode)."""
+    wandb = pytest.importorskip("wandb", reason="wandb is not installed (pip install -e '.[tracking]')")
+    from tests.wandb_offline import read_offline_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # offline needs no key; without one wandb may prompt for it
+    run = wandb.init(project="lorapipe-test", mode="offline")
+    try:
+        MLXBackend().train(ModelSection(name_or_path=str(tiny)), train_cfg(max_steps=4), SEED, plan(), dataset,
+                           dataset, tmp_path / "work", tmp_path / "adapter")
+        run_dir = Path(run.dir).parent
+    finally:
+        wandb.finish()
+        wandb.teardown()  # wandb keeps process-wide settings (the run folder): later runs must not inherit them
+    history, _, config = read_offline_run(run_dir)
+    rows = [json.loads(x) for x in (tmp_path / "adapter" / "metrics.jsonl").read_text().splitlines()]
+    logged = [h for h in history if "train/loss" in h]
+    assert [h["train/loss"] for h in logged] == pytest.approx([r["loss"] for r in rows])
+    assert [h["train/tokens_per_second"] for h in logged] == pytest.approx([r["tokens_per_second"] for r in rows])
+    assert config["plan"]["backend"] == "mlx" and config["train"]["max_steps"] == 4

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.monitor_checks import assert_monitor_outputs
+
 if importlib.util.find_spec("unsloth") is None:
     pytest.skip("unsloth is not installed (pip install -e '.[cuda]')", allow_module_level=True)
 
@@ -138,6 +140,7 @@ def test_unsloth_adapter_is_a_peft_folder_that_changes_the_model(trained, tiny):
                  "metrics.jsonl", "metrics.csv", "loss.png"):  # the same training monitor as the hf backend
         assert (adapter / name).exists(), name
     assert "checkpoint saved: step 3" in output and "checkpoint saved: step 6" in output
+    assert_monitor_outputs(adapter, list(range(1, STEPS + 1)), STEPS, output)  # as for hf and mlx
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny)
     log = [json.loads(ln) for ln in (adapter / "training_log.jsonl").read_text().splitlines()]
     assert any("loss" in e for e in log)

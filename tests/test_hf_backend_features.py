@@ -26,6 +26,7 @@ from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import MemoryEstimate, TrainingPlan
 from lorapipe.training.monitoring import METRIC_COLUMNS, PLOTS
+from tests.monitor_checks import assert_monitor_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ = 128
@@ -190,6 +191,7 @@ def test_packing_is_padding_free_and_keeps_the_assistant_labels(env, tiny_model_
 def test_metrics_files_plots_and_progress_lines(uninterrupted):
     ref = uninterrupted["default"]
     folder = Path(ref.info.path)
+    assert_monitor_outputs(folder, [2, 4, 6, 8, 10], 10, ref.stdout)  # as for unsloth and mlx
     rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 10]
     for r in rows:
@@ -347,9 +349,11 @@ class RankReport(TrainerCallback):
 
 
 memory = MemoryEstimate(weights_gb=0, lora_and_optimizer_gb=0, activations_gb=0, total_gb=0, budget_gb=1)
+# the plan is decided where the probe sees WORLD_SIZE (set by torchrun): data parallel over the ranks
 plan = TrainingPlan(backend="hf", device="cpu", dtype="float32", quantization="none", micro_batch_size=2,
                     gradient_accumulation_steps=2, effective_batch_size=4, max_seq_length=96,
-                    gradient_checkpointing=False, optimizer="adamw_torch", memory=memory, reasons=[], warnings=[])
+                    gradient_checkpointing=False, optimizer="adamw_torch", world_size=int(os.environ["WORLD_SIZE"]),
+                    memory=memory, reasons=[], warnings=[])
 t = TrainSection(max_steps=4, save_steps=4, learning_rate=5e-3, warmup_steps=0, logging_steps=2,
                  lora={"r": 8, "alpha": 16})
 rank = int(os.environ["RANK"])

@@ -20,7 +20,8 @@ def _config(tmp, tiny_model_dir, data_path, model_name="lorapipe-test"):
     cfg = yaml.safe_load((REPO_ROOT / "configs" / "quickstart.yaml").read_text())
     cfg["model"]["name_or_path"] = str(tiny_model_dir)
     cfg["data"]["paths"] = [str(data_path)]
-    cfg["train"].update(epochs=1, max_seq_length=128, output_root=str(tmp / "runs"))
+    # hf on the CPU whatever the host (a CUDA box would pick unsloth): these tests are about the pipeline
+    cfg["train"].update(backend="hf", device="cpu", epochs=1, max_seq_length=128, output_root=str(tmp / "runs"))
     cfg["evaluate"].update(max_samples=16, generation_samples=2, max_new_tokens=8)
     cfg["register"]["model_name"] = model_name
     path = tmp / "config.yaml"
@@ -149,6 +150,19 @@ def test_no_cache_still_resumes_and_resume_false_starts_over(runs, capfd):
     assert "resuming from" not in capfd.readouterr().out
 
 
+def test_another_machine_is_planned_again_and_an_equal_plan_keeps_the_cache(runs, monkeypatch):
+    """The machine is part of preflight's cache key. A second machine cannot exist here, so its fingerprint is
+    faked; the probe itself still runs for real and finds this machine, so the plans come out the same and the
+    steps keyed on the plans' content are served from the cache."""
+    import lorapipe.hardware.probe as probe_module
+
+    monkeypatch.setattr(probe_module, "machine_fingerprint", lambda: "a machine with other GPUs")
+    assert main(["run", "-c", str(runs["cfg"])]) == 0
+    status = _status(_last_run())
+    assert status["validate_data"] == "cached" and status["preflight"] == "completed"
+    assert status["split_data"] == "cached" and status["train_adapter"] == "cached"
+
+
 def test_the_merged_model_leaves_no_scratch_copy(runs):
     assert runs["merge_scratch_left"] == set()  # one copy, in the artifact store
 
@@ -196,7 +210,7 @@ def test_the_mlx_backend_runs_the_whole_pipeline(tiny_model_dir, tmp_path):
     run = _last_run()
     assert _status(run) == {s: "completed" for s in STEPS}
     plan = run.steps["preflight"].outputs["training_plan"][0].load()
-    assert (plan.backend, plan.device) == ("mlx", "mlx")
+    assert (plan.backend, plan.device) == ("mlx", "cpu")  # mlx[cpu] on Linux; "mps" on Apple Silicon
     adapter = run.steps["train_adapter"].outputs["adapter"][0].load()
     assert adapter.metadata["adapter_format"] == "mlx-lm"
     assert (Path(adapter.path) / ADAPTER_WEIGHTS).exists()

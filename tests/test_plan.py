@@ -1,15 +1,21 @@
-"""The one decision point. Probes for CUDA and Apple machines are built by hand here: no such hardware exists
-on this CPU-only machine, so the probe object (plain data) is what we fake, never the decision code."""
+"""The one decision point. Every probe is built by hand here (CUDA, Apple, and a CPU box alike), so these tests
+assert the same on any machine: the probe object (plain data) is what we fake, never the decision code."""
 
 import pytest
 
 from lorapipe.config import TrainSection
-from lorapipe.hardware.plan import ModelSize, PlanError, decide_plan
-from lorapipe.hardware.probe import CudaDevice, HardwareProbe, probe
+from lorapipe.hardware import plan as plan_module
+from lorapipe.hardware.plan import ModelSize, PlanError
+from lorapipe.hardware.probe import CudaDevice, HardwareProbe
 
 ALL = {"torch": "2.13.0", "transformers": "5.17.0", "peft": "0.21", "trl": "1.14", "bitsandbytes": "0.50.2",
        "unsloth": "2026.10.9", "mlx": "0.32", "mlx_lm": "0.32.2"}
 SMALL = ModelSize(parameters=8_000_000_000, hidden_size=4096, layers=32, vocab_size=128256)
+
+
+def decide_plan(train, probe, size, evaluate=None, merge=None):
+    """The train phase of the run plan (most tests here are about it)."""
+    return plan_module.decide_plan(train, probe, size, evaluate, merge).train
 
 
 def make_probe(cuda_gb=None, apple=False, packages=None, ram_gb=64.0, disk_gb=500.0):
@@ -33,11 +39,13 @@ def test_auto_picks_hf_with_bitsandbytes_on_cuda_without_unsloth():
 
 def test_auto_picks_mlx_on_apple_silicon():
     plan = decide_plan(TrainSection(max_seq_length=256, quantization="nf4"), make_probe(apple=True, ram_gb=16), SMALL)
-    assert (plan.backend, plan.device) == ("mlx", "mlx")
+    assert (plan.backend, plan.device) == ("mlx", "mps")
 
 
-def test_auto_picks_hf_on_this_cpu():
-    plan = decide_plan(TrainSection(max_seq_length=128), probe("."), ModelSize(parameters=200_000, hidden_size=64, layers=2, vocab_size=1024))
+def test_auto_picks_hf_on_a_cpu_box():
+    cpu_box = make_probe(ram_gb=24, packages={k: v for k, v in ALL.items() if k not in ("unsloth", "mlx", "mlx_lm")})
+    plan = decide_plan(TrainSection(max_seq_length=128), cpu_box,
+                       ModelSize(parameters=200_000, hidden_size=64, layers=2, vocab_size=1024))
     assert (plan.backend, plan.device, plan.dtype) == ("hf", "cpu", "float32")
     assert plan.micro_batch_size * plan.gradient_accumulation_steps == plan.effective_batch_size
 
@@ -82,7 +90,10 @@ def test_seed_configs_plan_on_their_target_hardware_without_weights():
     mistral = ModelSize(parameters=7_240_000_000, hidden_size=4096, layers=32, vocab_size=32768)
     deepseek = ModelSize(parameters=6_740_000_000, hidden_size=4096, layers=32, vocab_size=32256)
     cases = [("llama-3.1-8b-unsloth-cuda", make_probe(cuda_gb=24), llama, ("unsloth", "cuda", 2, 8)),
-             ("mistral-7b-mlx-16gb", make_probe(apple=True, ram_gb=16), mistral, ("mlx", "mlx", 1, 4))]
+             ("mistral-7b-mlx-16gb", make_probe(apple=True, ram_gb=16), mistral, ("mlx", "mps", 1, 4))]
+    tiny = ModelSize(parameters=200_000, hidden_size=64, layers=2, vocab_size=1024)
+    cpu_box = make_probe(ram_gb=24, packages={k: v for k, v in ALL.items() if k not in ("unsloth", "mlx", "mlx_lm")})
+    cases.append(("quickstart", cpu_box, tiny, ("hf", "cpu", 8, 1)))
     for profile, accumulation in (("conservative", 8), ("balanced", 16), ("quality", 32)):
         cases.append((f"deepseek-coder-6.7b-qlora-24gb-{profile}", make_probe(cuda_gb=24), deepseek,
                       ("hf", "cuda", 1, accumulation)))

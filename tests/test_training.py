@@ -1,6 +1,8 @@
-"""The transformers+PEFT+TRL backend, evaluation and merge on the tiny model: real training, real files."""
+"""The transformers+PEFT+TRL backend, evaluation and merge on the tiny model: real training, real files.
+Pinned to hf on the CPU, so they run the same on a CUDA box or a Mac."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from lorapipe.backends.base import BackendUnavailable
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.data.split import split_records
-from lorapipe.hardware.plan import decide_plan, model_size
+from lorapipe.hardware.plan import PhasePlan, decide_plan, model_size
 from lorapipe.hardware.probe import probe
 
 
@@ -21,9 +23,9 @@ def trained(tiny_model_dir, quickstart_records, tmp_path_factory):
     work = tmp_path_factory.mktemp("train")
     train, evals, test = split_records(quickstart_records, 0.1, 0.1)
     model = ModelSection(name_or_path=str(tiny_model_dir))
-    cfg = TrainSection(max_seq_length=128, epochs=1, learning_rate=5e-3, effective_batch_size=8, save_steps=10,
-                       save_total_limit=2, output_root=str(work))
-    plan = decide_plan(cfg, probe(str(work)), model_size(str(tiny_model_dir)))
+    cfg = TrainSection(backend="hf", device="cpu", max_seq_length=128, epochs=1, learning_rate=5e-3,
+                       effective_batch_size=8, save_steps=10, save_total_limit=2, output_root=str(work))
+    plan = decide_plan(cfg, probe(str(work)), model_size(str(tiny_model_dir))).train
     base_before = load_file(str(tiny_model_dir / "model.safetensors"))
     info = get_backend(plan.backend).train(model, cfg, 7, plan, train, evals, work / "w", work / "w" / "adapter")
     return {"info": info, "plan": plan, "work": work, "test": test, "model": model, "cfg": cfg,
@@ -77,10 +79,11 @@ def test_rerun_resumes_from_the_last_checkpoint(trained, capsys):
 
 
 def test_evaluation_scores_base_and_tuned(trained, tiny_model_dir):
-    from lorapipe.evaluation.metrics import evaluate_adapter
+    from lorapipe.evaluation.compare import evaluate_adapter
 
-    m = evaluate_adapter(trained["info"].path, trained["test"], max_samples=16,
-                         generation_samples=2, max_new_tokens=8, max_length=128, batch_size=4)
+    phase = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=4, reason="test")
+    m = evaluate_adapter(trained["info"].path, trained["test"], phase, max_samples=16,
+                         generation_samples=2, max_new_tokens=8, max_length=128)
     assert m.scored_rows == min(16, len(trained["test"])) and m.scored_tokens > 0
     assert m.tuned.perplexity < m.base.perplexity and m.tuned_beats_base
     assert m.generated_rows == 2 and 0.0 <= m.tuned.rouge_l <= 1.0 and m.tuned.stop_rate is not None
@@ -92,15 +95,18 @@ def test_merge_matches_base_plus_adapter_and_is_idempotent(trained, tmp_path, ca
 
     from lorapipe.merge import merge_adapter
 
+    def on_cpu(dtype):
+        return PhasePlan(phase="merge", device="cpu", dtype=dtype, batch_size=1, reason="test")
+
     out = tmp_path / "merged"
-    check = merge_adapter(trained["info"].path, str(out), trained["test"], dtype="float32")
+    check = merge_adapter(trained["info"].path, str(out), trained["test"], on_cpu("float32"))
     assert check.passed and check.max_abs_logit_diff <= 1e-4 and check.rows_checked > 0
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(str(out))
     assert not any("lora" in n for n, _ in merged.named_parameters())
-    again = merge_adapter(trained["info"].path, str(out), trained["test"], dtype="float32")
+    again = merge_adapter(trained["info"].path, str(out), trained["test"], on_cpu("float32"))
     assert "already merged" in capsys.readouterr().out and again == check
-    bf16 = merge_adapter(trained["info"].path, str(tmp_path / "bf16"), trained["test"], dtype="bfloat16")
+    bf16 = merge_adapter(trained["info"].path, str(tmp_path / "bf16"), trained["test"], on_cpu("bfloat16"))
     assert bf16.passed and bf16.tolerance == 0.1 and bf16.max_abs_logit_diff > check.max_abs_logit_diff
 
 
@@ -108,3 +114,27 @@ def test_the_selection_point_names_unknown_backends():
     with pytest.raises(ValueError, match="auto, hf, unsloth, mlx"):
         get_backend("jax")
     assert issubclass(BackendUnavailable, RuntimeError)
+
+
+def test_checkpoints_of_other_code_are_set_aside_and_resumed_only_on_purpose(trained, tmp_path, capsys):
+    from lorapipe.backends.base import work_dir_for
+
+    checkpoint = sorted((trained["work"] / "w" / "checkpoints").glob("checkpoint-*"),
+                        key=lambda p: int(p.name.split("-")[-1]))[-1]
+    older = tmp_path / "runs" / "inputs0123-oldcode0000" / "checkpoints"
+    shutil.copytree(checkpoint, older / checkpoint.name)
+    work_dir = work_dir_for(tmp_path / "runs", "inputs0123", "newcode1111")
+    out = capsys.readouterr().out
+    assert work_dir.name == "inputs0123-newcode1111"
+    assert f"set aside: {older.parent}" in out and f"--set train.resume_from={older / checkpoint.name}" in out
+    # the same inputs and code find their own checkpoints again: nothing is set aside
+    (work_dir / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    assert work_dir_for(tmp_path / "runs", "inputs0123", "newcode1111") == work_dir
+    assert "set aside" not in capsys.readouterr().out
+
+    on_purpose = trained["cfg"].model_copy(update={"resume_from": str(older / checkpoint.name)})
+    info = get_backend("hf").train(trained["model"], on_purpose, 7, trained["plan"], trained["train"],
+                                   trained["eval"], tmp_path / "fresh", tmp_path / "fresh" / "adapter")
+    out = capsys.readouterr().out
+    assert f"resuming from {older / checkpoint.name} (train.resume_from)" in out
+    assert info.resumed_from == str(older / checkpoint.name) and info.steps == trained["info"].steps

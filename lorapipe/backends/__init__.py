@@ -1,12 +1,20 @@
-"""Training backends behind one small interface; the plan's `backend` picks one, here and nowhere else."""
+"""Training backends behind one small interface. `catalog.BACKENDS` describes each; `get_backend` is the one place
+a backend's class is imported, so heavy and platform-specific imports happen only for the backend in use."""
 
 from __future__ import annotations
 
-from lorapipe.backends.base import AdapterInfo, BackendUnavailable, TrainingBackend
+from typing import TYPE_CHECKING
+
+from lorapipe.backends.catalog import BACKENDS, backend_spec
+
+if TYPE_CHECKING:
+    from lorapipe.backends.base import TrainingBackend
 
 
-def get_backend(name: str) -> TrainingBackend:
-    """The one selection point. Heavy imports stay inside each backend's functions."""
+def get_backend(name: str) -> "TrainingBackend":
+    """The backend named by the plan (or by an adapter's metadata). Explicit imports, one per catalog entry: the
+    code fingerprint (lorapipe.code_version) follows them, so a step that trains depends on the backends' code."""
+    backend_spec(name)  # an unknown name fails here, listing the catalog's
     if name == "hf":
         from lorapipe.backends.hf import HFBackend
 
@@ -15,11 +23,9 @@ def get_backend(name: str) -> TrainingBackend:
         from lorapipe.backends.unsloth import UnslothBackend
 
         return UnslothBackend()
-    if name == "mlx":
-        from lorapipe.backends.mlx import MLXBackend
+    from lorapipe.backends.mlx import MLXBackend
 
-        return MLXBackend()
-    raise ValueError(f"train.backend: {name!r} is not one of auto, hf, unsloth, mlx")
+    return MLXBackend()
 
 
-__all__ = ["AdapterInfo", "BackendUnavailable", "TrainingBackend", "get_backend"]
+__all__ = ["BACKENDS", "backend_spec", "get_backend"]

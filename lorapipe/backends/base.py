@@ -1,9 +1,11 @@
-"""The interface every training backend implements, and the metadata written beside every adapter."""
+"""The interface every training backend implements, where its checkpoints live, and the end of every training run:
+the adapter folder that describes itself (weights in the backend's format, tokenizer, training log, metadata)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Optional, Protocol
 
@@ -11,9 +13,10 @@ from pydantic import BaseModel
 
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
-from lorapipe.hardware.plan import TrainingPlan
+from lorapipe.hardware.plan import PhasePlan, TrainingPlan
 
 ADAPTER_METADATA = "lorapipe_adapter.json"
+TRAINING_LOG = "training_log.jsonl"
 
 
 class BackendUnavailable(RuntimeError):
@@ -49,15 +52,17 @@ class TrainingBackend(Protocol):
         """Train (resuming from the last checkpoint in `work_dir` if allowed) and save the adapter."""
         ...
 
-    def eval_models(self, adapter_dir: str, dtype: str, device: str) -> dict[str, Callable[[], ContextManager[Any]]]:
-        """{"base": ..., "tuned": ...}: context managers yielding transformers models to score side by side."""
+    def eval_models(self, adapter_dir: str, phase: PhasePlan) -> dict[str, Callable[[], ContextManager[Any]]]:
+        """{"base": ..., "tuned": ...}: context managers yielding transformers models to score side by side, on the
+        evaluate phase's device and dtype."""
         ...
 
-    def merge(self, adapter_dir: str, out_dir: str, dtype: str) -> None:
-        """Write base+adapter folded into one `save_pretrained` folder (safetensors + tokenizer) in `dtype`."""
+    def merge(self, adapter_dir: str, out_dir: str, phase: PhasePlan) -> None:
+        """Write base+adapter folded into one `save_pretrained` folder (safetensors + tokenizer) in the merge
+        phase's dtype."""
         ...
 
-    def reference_logits(self, adapter_dir: str) -> Callable[[Any], Any]:
+    def reference_logits(self, adapter_dir: str, phase: PhasePlan) -> Callable[[Any], Any]:
         """ids -> float32 logits of base+adapter, unmerged, in the adapter's own ecosystem (the merge check)."""
         ...
 
@@ -69,19 +74,101 @@ def backend_of(adapter_dir: str | Path) -> str:
 
 def training_key(model: ModelSection, train_cfg: TrainSection, seed: int, plan: TrainingPlan,
                  train: ConversationDataset, eval: ConversationDataset) -> str:
-    """Fingerprint of everything that shapes training: the checkpoint folder's name, so a re-run resumes."""
+    """Fingerprint of the inputs that shape training (data, config, plan, seed); with the code version it names the
+    checkpoint folder, so a re-run of the same inputs and code resumes."""
     blob = json.dumps({
         "train": train.fingerprint, "eval": eval.fingerprint, "plan": plan.model_dump(mode="json", exclude={"memory", "reasons", "warnings"}),
-        "train_config": train_cfg.model_dump(mode="json", exclude={"resume", "output_root"}),
+        "train_config": train_cfg.model_dump(mode="json", exclude={"resume", "resume_from", "output_root"}),
         "model": model.model_dump(mode="json"), "seed": seed,
     }, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def training_code_version(backend: str) -> str:
+    """The version of the code a backend trains with: every file its module can run."""
+    from lorapipe.code_version import code_version
+
+    return code_version(f"lorapipe.backends.{backend}")
+
+
+def work_dir_for(output_root: str | Path, inputs_key: str, code: str, resume_from: Optional[str] = None) -> Path:
+    """The folder of one training's checkpoints and adapter: `<inputs>-<code>` under `train.output_root`.
+
+    Checkpoints of the same inputs written by other code are never resumed silently: they are set aside (left where
+    they are) and named in the log, with the setting that resumes one on purpose (`resume_from`, when given, is
+    that purpose: nothing is said then)."""
+    root = Path(output_root)
+    work_dir = root / f"{inputs_key}-{code}"
+    if resume_from is None and not any(work_dir.glob("checkpoints/*")):
+        older = sorted((p for p in root.glob(f"{inputs_key}-*") if p != work_dir and any(p.glob("checkpoints/*"))),
+                       key=lambda p: p.stat().st_mtime)
+        for folder in older:
+            ckpts = sorted(folder.glob("checkpoints/*"), key=lambda p: p.stat().st_mtime)
+            print(f"set aside: {folder} holds checkpoints of this training written by other code (code "
+                  f"{folder.name.rsplit('-', 1)[-1]}, now {code}); starting over. To resume one on purpose: "
+                  f"--set train.resume_from={ckpts[-1]}", flush=True)
+    return work_dir
+
+
+def run_config(model_cfg: ModelSection, t: TrainSection, plan: TrainingPlan, seed: int) -> dict[str, Any]:
+    """What the tracker records about a run, the same for every backend."""
+    return {"model": model_cfg.model_dump(mode="json"), "train": t.model_dump(mode="json"), "seed": seed,
+            "plan": plan.model_dump(mode="json", exclude={"reasons", "warnings"})}
+
+
+def say_resuming(checkpoint: Optional[Path], train_cfg: TrainSection) -> None:
+    if checkpoint is not None:
+        how = "(train.resume_from)" if train_cfg.resume_from else "(set train.resume=false to start over)"
+        print(f"resuming from {checkpoint} {how}", flush=True)
+
+
+@dataclass
+class TrainingRun:
+    """What a backend's training loop reports; `finish_training` turns it into the adapter folder."""
+
+    backend: str
+    steps: int
+    train_loss: Optional[float]
+    train_tokens: int
+    train_seconds: float
+    peak_memory_gb: float
+    resumed_from: Optional[str]
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def finish_training(run: TrainingRun, adapter_dir: Path, model: ModelSection, train_cfg: TrainSection, seed: int,
+                    plan: TrainingPlan, train: ConversationDataset, tokenizer: Any,
+                    save_weights: Callable[[Path], None], extra: Optional[dict[str, Any]] = None,
+                    is_main: bool = True) -> AdapterInfo:
+    """The end of training on every backend: the adapter weights (in the backend's own format, by `save_weights`),
+    the tokenizer, `training_log.jsonl` and `lorapipe_adapter.json`. Only the main process writes."""
+    from lorapipe.hardware.probe import package_versions
+
+    info = AdapterInfo(
+        path=str(adapter_dir), backend=run.backend, device=plan.device, base_model=model.name_or_path,
+        base_revision=model.revision, data_fingerprint=train.fingerprint, train_rows=len(train), steps=run.steps,
+        train_loss=run.train_loss, train_tokens=run.train_tokens,
+        tokens_per_second=run.train_tokens / run.train_seconds if run.train_seconds > 0 else 0.0,
+        train_seconds=run.train_seconds, peak_memory_gb=run.peak_memory_gb, resumed_from=run.resumed_from,
+        versions=package_versions(),
+    )
+    if is_main:
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        save_weights(adapter_dir)
+        tokenizer.save_pretrained(str(adapter_dir))
+        with open(adapter_dir / TRAINING_LOG, "w") as fh:
+            for entry in run.log_history:
+                fh.write(json.dumps(entry) + "\n")
+        write_adapter_metadata(adapter_dir, model, train_cfg, seed, plan, info, extra=extra)
+    return info
 
 
 def write_adapter_metadata(adapter_dir: Path, model: ModelSection, train_cfg: TrainSection, seed: int,
                            plan: TrainingPlan, info: AdapterInfo, extra: Optional[dict[str, Any]] = None) -> None:
     """Every adapter folder describes itself: merge and register need nothing else."""
     meta = {
+        "backend": plan.backend,
+        "code_version": training_code_version(plan.backend),
         "base_model": model.name_or_path,
         "base_revision": model.revision,
         "trust_remote_code": model.trust_remote_code,

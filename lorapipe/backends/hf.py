@@ -9,61 +9,39 @@ Beyond a plain SFTTrainer run, `HFBackend.train`:
 - evaluates every `train.eval_steps`, with early stopping and best-model reloading on `eval_loss`;
 - groups rows by length or packs them padding-free (TRL's BFD packing: position ids restart per row, so rows do not
   attend across each other), and reports the padding actually fed (`padding_waste` in the adapter metadata);
-- writes metrics/plots and prints progress through `lorapipe.training.monitoring.TrainingMonitor`;
+- writes metrics/plots, prints progress and feeds the stack's tracker through the shared
+  `lorapipe.training.monitoring.TrainingMonitor`;
 - backs off on a CUDA out-of-memory error in the first steps: half the micro-batch, twice the accumulation;
 - runs data-parallel under `accelerate launch` / `torchrun` (only the main process writes the adapter folder).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
-from lorapipe.backends.base import AdapterInfo, read_adapter_metadata, write_adapter_metadata
-from lorapipe.config import LoraSection, ModelSection, TrainSection
+from lorapipe.backends import peft_adapter
+from lorapipe.backends.base import AdapterInfo
+from lorapipe.backends.trl_sft import (
+    finish_trainer_run,
+    lora_config,
+    monitor_callback,
+    new_monitor,
+    resume_point,
+    sft_config_kwargs,
+    tokenize_dataset,
+    train_tokens,
+)
+from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
 
 # A CUDA OOM before this many optimizer steps of an attempt have completed triggers the micro-batch backoff; a later
 # one is raised (it is then a long-row problem, not a batch-geometry one).
 OOM_BACKOFF_WITHIN_STEPS = 10
-
-
-def tokenize_dataset(dataset: ConversationDataset, tokenizer: Any, max_length: int) -> Any:
-    """A `datasets.Dataset` of input_ids + labels (-100 outside assistant turns), truncated to max_length."""
-    from datasets import Dataset
-
-    from lorapipe.data.render import encode
-
-    rows = {"input_ids": [], "labels": []}
-    for rec in dataset.records:
-        enc = encode(tokenizer, rec, max_length)
-        rows["input_ids"].append(enc.input_ids)
-        rows["labels"].append([t if m else -100 for t, m in zip(enc.input_ids, enc.assistant_mask)])
-    return Dataset.from_dict(rows)
-
-
-def lora_config(lora: LoraSection) -> Any:
-    from peft import LoraConfig
-
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
-
-
-def last_checkpoint(folder: Path) -> Optional[Path]:
-    ckpts = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
-    return ckpts[-1] if ckpts else None
-
-
-def _peak_memory_gb(device: str) -> float:
-    from lorapipe.training.monitoring import memory_gb
-
-    return memory_gb(device)
 
 
 class PaddingCounter:
@@ -153,43 +131,6 @@ def _backed_off(plan: TrainingPlan) -> TrainingPlan:
                                    "effective_batch_size": mb * ga})
 
 
-def train_tokens(train_ds: Any, t: TrainSection, plan: TrainingPlan) -> int:
-    """Tokens a run trains on: all rows' tokens x epochs, or the mean row length x rows seen in max_steps."""
-    lengths = [len(x) for x in train_ds["input_ids"]]
-    if t.max_steps < 0:
-        return int(sum(lengths) * t.epochs)
-    return int(sum(lengths) / max(len(lengths), 1) * t.max_steps * plan.effective_batch_size)
-
-
-def sft_config_kwargs(t: TrainSection, plan: TrainingPlan, seed: int, ckpt_dir: Path) -> dict[str, Any]:
-    """The SFTConfig every TRL-based backend shares: batch geometry, schedule, checkpoints, precision, seed."""
-    return dict(
-        output_dir=str(ckpt_dir),
-        per_device_train_batch_size=plan.micro_batch_size,
-        per_device_eval_batch_size=plan.micro_batch_size,
-        gradient_accumulation_steps=plan.gradient_accumulation_steps,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay,
-        optim=plan.optimizer,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=seed,
-        data_seed=seed,
-        bf16=plan.dtype == "bfloat16",
-        fp16=plan.dtype == "float16",
-        use_cpu=plan.device == "cpu",
-        max_length=plan.max_seq_length,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-
-
 class HFBackend:
     name = "hf"
 
@@ -202,7 +143,6 @@ class HFBackend:
         import transformers
         from transformers import set_seed
 
-        from lorapipe.hardware.probe import package_versions
         from lorapipe.models.loading import load_tokenizer
         from lorapipe.training.monitoring import free_memory
 
@@ -222,11 +162,9 @@ class HFBackend:
         while True:
             set_seed(seed)
             model = self._load_model(m, plan, init_adapter)
-            trainer = self._trainer(model, t, seed, plan, tokenizer, train_ds, eval_ds, ckpt_dir, adapter_dir,
+            trainer = self._trainer(model, m, t, seed, plan, tokenizer, train_ds, eval_ds, ckpt_dir, adapter_dir,
                                     init_adapter, extra_callbacks)
-            resume_from = last_checkpoint(ckpt_dir) if t.resume else None
-            if resume_from is not None:
-                print(f"resuming from {resume_from} (set train.resume=false to start over)", flush=True)
+            resume_from = resume_point(t, ckpt_dir)
             oom_step: Optional[int] = None
             start = time.perf_counter()
             try:
@@ -256,39 +194,24 @@ class HFBackend:
             plan = smaller
 
         seconds = time.perf_counter() - start
-        tokens = train_tokens(train_ds, t, plan)
         state = trainer.state
-        info = AdapterInfo(
-            path=str(adapter_dir), backend=self.name, device=plan.device, base_model=m.name_or_path,
-            base_revision=m.revision, data_fingerprint=train.fingerprint, train_rows=len(train),
-            steps=state.global_step, train_loss=float(result.training_loss) if result.training_loss is not None else None,
-            train_tokens=tokens, tokens_per_second=tokens / seconds if seconds > 0 else 0.0, train_seconds=seconds,
-            peak_memory_gb=round(_peak_memory_gb(plan.device), 3),
-            resumed_from=str(resume_from) if resume_from else None, versions=package_versions(),
-        )
-        if trainer.is_world_process_zero():
-            adapter_dir.mkdir(parents=True, exist_ok=True)
-            trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
-            tokenizer.save_pretrained(str(adapter_dir))
-            with open(adapter_dir / "training_log.jsonl", "w") as fh:
-                for entry in state.log_history:
-                    fh.write(json.dumps(entry) + "\n")
-            extra: dict[str, Any] = {
-                "padding_waste": trainer.padding_counter.summary(),
-                "batching": {"group_by_length": t.group_by_length, "packing": t.packing,
-                             "packing_strategy": "bfd" if t.packing else None},
-                "oom_backoff": backoffs,
-                "world_size": trainer.args.world_size,
-                "init_adapter": str(init_adapter) if init_adapter else None,
+        extra: dict[str, Any] = {
+            "padding_waste": trainer.padding_counter.summary(),
+            "batching": {"group_by_length": t.group_by_length, "packing": t.packing,
+                         "packing_strategy": "bfd" if t.packing else None},
+            "oom_backoff": backoffs,
+            "world_size": trainer.args.world_size,
+            "init_adapter": str(init_adapter) if init_adapter else None,
+        }
+        if t.eval_steps:
+            extra["evaluation"] = {
+                "eval_steps": t.eval_steps, "best_eval_loss": state.best_metric,
+                "best_checkpoint": state.best_model_checkpoint,
+                "stopped_early": bool(t.early_stopping_patience) and state.global_step < state.max_steps,
+                "loaded_best_model": t.load_best_model_at_end,
             }
-            if t.eval_steps:
-                extra["evaluation"] = {
-                    "eval_steps": t.eval_steps, "best_eval_loss": state.best_metric,
-                    "best_checkpoint": state.best_model_checkpoint,
-                    "stopped_early": bool(t.early_stopping_patience) and state.global_step < state.max_steps,
-                    "loaded_best_model": t.load_best_model_at_end,
-                }
-            write_adapter_metadata(adapter_dir, m, t, seed, plan, info, extra=extra)
+        info = finish_trainer_run(trainer, result, seconds, train_tokens(train_ds, t, plan), self.name, adapter_dir,
+                                  m, t, seed, plan, train, tokenizer, resume_from, extra)
         trainer.accelerator.wait_for_everyone()
         device = plan.device
         del trainer, model, result
@@ -296,47 +219,10 @@ class HFBackend:
         return info
 
     # -- pieces ----------------------------------------------------------------------------------------------------
-    def eval_models(self, adapter_dir: str, dtype: str, device: str) -> dict[str, Callable[[], Any]]:
-        """One loaded base with the PEFT adapter on; "base" is the same model with the adapter switched off."""
-        from peft import PeftModel
-
-        from lorapipe.models.loading import load_model
-
-        meta = read_adapter_metadata(adapter_dir)
-        model = PeftModel.from_pretrained(load_model(meta["base_model"], dtype, meta.get("base_revision"),
-                                                     meta.get("trust_remote_code", False), device=device), adapter_dir)
-
-        @contextlib.contextmanager
-        def base() -> Iterator[Any]:
-            with model.disable_adapter():
-                yield model
-
-        return {"base": base, "tuned": lambda: contextlib.nullcontext(model)}
-
-    def merge(self, adapter_dir: str, out_dir: str, dtype: str) -> None:
-        from peft import PeftModel
-
-        from lorapipe.models.loading import load_model, load_tokenizer
-
-        meta = read_adapter_metadata(adapter_dir)
-        tokenizer = load_tokenizer(adapter_dir, trust_remote_code=meta.get("trust_remote_code", False),
-                                   chat_template=meta.get("chat_template_override"))
-        merged = PeftModel.from_pretrained(load_model(meta["base_model"], dtype, meta.get("base_revision"),
-                                                      meta.get("trust_remote_code", False)),
-                                           adapter_dir).merge_and_unload()
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        merged.save_pretrained(out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
-
-    def reference_logits(self, adapter_dir: str) -> Callable[[Any], Any]:
-        from peft import PeftModel
-
-        from lorapipe.models.loading import load_model
-
-        meta = read_adapter_metadata(adapter_dir)
-        model = PeftModel.from_pretrained(load_model(meta["base_model"], "float32", meta.get("base_revision"),
-                                                     meta.get("trust_remote_code", False)), adapter_dir).eval()
-        return lambda ids: model(input_ids=ids).logits.float()
+    # after training: what every PEFT adapter folder shares, whichever TRL backend wrote it
+    eval_models = staticmethod(peft_adapter.eval_models)
+    merge = staticmethod(peft_adapter.merge)
+    reference_logits = staticmethod(peft_adapter.reference_logits)
 
     @staticmethod
     def _check_init_adapter(t: TrainSection, m: ModelSection) -> Optional[Path]:
@@ -363,8 +249,8 @@ class HFBackend:
 
         from lorapipe.models.loading import load_model
 
-        model = load_model(m.name_or_path, plan.dtype, m.revision, m.trust_remote_code, plan.quantization, plan.device,
-                           m.attn_implementation)
+        model = load_model(m.name_or_path, plan.dtype, m.revision, m.trust_remote_code, plan.quantization,
+                           device=plan.device, attn_implementation=m.attn_implementation)
         if plan.quantization != "none":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
         if init_adapter is not None:
@@ -376,13 +262,11 @@ class HFBackend:
         return model
 
     @staticmethod
-    def _trainer(model: Any, t: TrainSection, seed: int, plan: TrainingPlan, tokenizer: Any, train_ds: Any,
-                 eval_ds: Any, ckpt_dir: Path, adapter_dir: Path, init_adapter: Optional[Path],
+    def _trainer(model: Any, m: ModelSection, t: TrainSection, seed: int, plan: TrainingPlan, tokenizer: Any,
+                 train_ds: Any, eval_ds: Any, ckpt_dir: Path, adapter_dir: Path, init_adapter: Optional[Path],
                  extra_callbacks: Optional[list[Any]]) -> Any:
         from transformers import EarlyStoppingCallback, PrinterCallback
         from trl import SFTConfig
-
-        from lorapipe.training.monitoring import CheckpointAnnouncer, TrainingMonitor, report_to
 
         evaluating = bool(t.eval_steps) and eval_ds is not None
         if t.packing:
@@ -405,15 +289,11 @@ class HFBackend:
             packing=t.packing,
             packing_strategy="bfd",
             padding_free=t.packing,
-            # CPU data parallelism (accelerate launch --cpu / torchrun) speaks gloo; a single process must not
-            # name a backend (accelerate would then expect a process group)
-            ddp_backend="gloo" if plan.device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
             ddp_find_unused_parameters=False,
             gradient_checkpointing=plan.gradient_checkpointing,
-            report_to=report_to(),
         )
 
-        callbacks: list[Any] = [CheckpointAnnouncer(), TrainingMonitor(adapter_dir, plan.device)]
+        callbacks: list[Any] = [monitor_callback(new_monitor(adapter_dir, m, t, plan, seed))]
         if evaluating and t.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
         callbacks.extend(extra_callbacks or [])

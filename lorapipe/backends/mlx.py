@@ -24,16 +24,23 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from lorapipe.backends.base import AdapterInfo, BackendUnavailable, write_adapter_metadata
+from lorapipe.backends.base import (
+    AdapterInfo,
+    BackendUnavailable,
+    TrainingRun,
+    finish_training,
+    run_config,
+    say_resuming,
+)
+from lorapipe.backends.catalog import BACKENDS
 from lorapipe.config import LoraSection, ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
-from lorapipe.hardware.plan import TrainingPlan
+from lorapipe.hardware.plan import PhasePlan, TrainingPlan
 
 ADAPTER_WEIGHTS = "adapters.safetensors"  # mlx-lm's names, read by mlx_lm.load(..., adapter_path=)
 ADAPTER_CONFIG = "adapter_config.json"
-TRAINING_LOG = "training_log.jsonl"
 OPTIMIZER_STATE = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_PREFIX = "step-"
@@ -41,7 +48,7 @@ CHECKPOINT_PREFIX = "step-"
 QUANTIZATION = {"nf4": {"bits": 4, "group_size": 64, "mode": "affine"},
                 "int8": {"bits": 8, "group_size": 64, "mode": "affine"}}
 CLEAR_CACHE_EVERY = 10
-INSTALL_HINT = "pip install -e '.[mlx]'  (on Linux: pip install 'mlx[cpu]' mlx-lm)"
+INSTALL_HINT = BACKENDS["mlx"].install
 
 
 def require_mlx() -> None:
@@ -219,7 +226,6 @@ def _save_checkpoint(folder: Path, step: int, model: Any, optimizer: Any, state:
     os.replace(tmp, final)
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    print(f"checkpoint saved: step {step}", flush=True)
     return final
 
 
@@ -235,12 +241,32 @@ def _load_checkpoint(path: Path, model: Any, optimizer: Any) -> dict:
 
 
 def _make_optimizer(plan: TrainingPlan, t: TrainSection) -> Any:
+    """The catalog's mlx optimizers; preflight refuses the others, so nothing is swapped here."""
     import mlx.optimizers as optim
 
     if plan.optimizer == "sgd":
         return optim.SGD(learning_rate=t.learning_rate, weight_decay=t.weight_decay)
-    # adamw_torch and the bitsandbytes variants all become mlx's AdamW; bias_correction=True is torch's AdamW
-    return optim.AdamW(learning_rate=t.learning_rate, weight_decay=t.weight_decay, bias_correction=True)
+    if plan.optimizer == "adamw_torch":  # bias_correction=True is torch's AdamW
+        return optim.AdamW(learning_rate=t.learning_rate, weight_decay=t.weight_decay, bias_correction=True)
+    raise ValueError(f"train.optimizer={plan.optimizer} is not available on the mlx backend "
+                     f"(allowed: {', '.join(BACKENDS['mlx'].optimizers)}); preflight refuses it")
+
+
+def _memory_reader(device: str) -> Callable[[], float]:
+    """mlx's own peak on Apple's GPU (unified memory); the process RSS on the CPU, as the torch backends report."""
+    import mlx.core as mx
+
+    from lorapipe.training.monitoring import process_memory_gb
+
+    return (lambda: mx.get_peak_memory() / 2**30) if device == "mps" else process_memory_gb
+
+
+def _grad_norm(grads: Any) -> Any:
+    """The global L2 norm of the step's gradient, as the Trainer logs it (an mlx scalar, read once at log time)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    return mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -280,18 +306,15 @@ class MLXBackend:
         from mlx_lm.tuner.utils import linear_to_lora_layers
 
         from lorapipe.data.render import encode
-        from lorapipe.hardware.probe import package_versions
         from lorapipe.models.loading import load_tokenizer
+        from lorapipe.training.monitoring import TrainingMonitor
 
         if len(train) == 0:
             raise ValueError("the training split is empty")
-        if t.lora.bias != "none":
-            raise ValueError(f"train.lora.bias={t.lora.bias!r}: mlx-lm's LoRA layers train no biases; set none")
         if plan.quantization not in ("none", *QUANTIZATION):
             raise ValueError(f"plan.quantization={plan.quantization!r} is not one of none, nf4, int8")
-        if plan.optimizer not in ("adamw_torch", "sgd"):
-            print(f"mlx backend: optimizer {plan.optimizer} is not available in mlx; using AdamW", flush=True)
         work_dir, adapter_dir = Path(work_dir), Path(adapter_dir)
+        mx.set_default_device(mx.gpu if plan.device == "mps" else mx.cpu)  # the plan's device: Apple's GPU or the CPU
         random.seed(seed)
         np.random.seed(seed)
         mx.random.seed(seed)
@@ -327,12 +350,12 @@ class MLXBackend:
         state = {"step": 0, "micro_batches_consumed": 0, "loss_sum": 0.0, "train_tokens": 0, "train_seconds": 0.0,
                  "log_history": [], "log_window": []}
         existing = list_checkpoints(ckpt_dir)
-        resume_from = existing[-1] if t.resume and existing else None
+        resume_from = Path(t.resume_from) if t.resume_from else existing[-1] if t.resume and existing else None
         if not t.resume and ckpt_dir.exists():
             print(f"train.resume=false: removing the checkpoints of an earlier run in {ckpt_dir}", flush=True)
             shutil.rmtree(ckpt_dir)
+        say_resuming(resume_from, t)
         if resume_from is not None:
-            print(f"resuming from {resume_from} (set train.resume=false to start over)", flush=True)
             state = _load_checkpoint(resume_from, model, optimizer)
             saved_order = state["data_order"]
             if state.get("seed") != seed or state.get("rows") != rows or \
@@ -344,6 +367,9 @@ class MLXBackend:
         loss_and_grad = nn.value_and_grad(model, masked_loss)
         model.train()
         step = state["step"]
+        monitor = TrainingMonitor(adapter_dir, _memory_reader(plan.device), run_config(m, t, plan, seed))
+        monitor.begin(step, total_steps)
+        tokens_this_process = 0
         while step < total_steps:
             start = time.perf_counter()
             lr = learning_rate_at(step, t, total_steps)
@@ -361,9 +387,11 @@ class MLXBackend:
                 loss = loss + value
                 tokens += real
                 mx.eval(loss, grads)
+            grad_norm = _grad_norm(grads)  # lazy: evaluated with the update below
             optimizer.update(model, grads)
-            mx.eval(model.trainable_parameters(), optimizer.state)
+            mx.eval(model.trainable_parameters(), optimizer.state, grad_norm)
             seconds = time.perf_counter() - start
+            tokens_this_process += tokens
 
             step += 1
             if step % CLEAR_CACHE_EVERY == 0:  # as the seed MLX notes: free the buffer cache every few steps
@@ -382,8 +410,8 @@ class MLXBackend:
                          "tokens_per_second": sum(w[1] for w in window) / max(sum(w[2] for w in window), 1e-9),
                          "train_tokens": state["train_tokens"]}
                 state["log_history"].append(entry)
-                print(f"step {step}/{total_steps} loss {entry['loss']:.4f} lr {lr:.3g} "
-                      f"tokens/s {entry['tokens_per_second']:.0f}", flush=True)
+                monitor.log(step, loss=entry["loss"], learning_rate=lr, grad_norm=grad_norm.item(),
+                            epoch=entry["epoch"], tokens_seen=tokens_this_process)
                 state["log_window"] = []
             if step % t.save_steps == 0 or step == total_steps:
                 cursor = state["micro_batches_consumed"]
@@ -397,30 +425,26 @@ class MLXBackend:
                                    "rule": "numpy.random.default_rng([seed, epoch]).permutation(rows)"},
                 })
                 _save_checkpoint(ckpt_dir, step, model, optimizer, state, t.save_total_limit)
+                monitor.checkpoint_saved(step)
+        monitor.end()
 
         model.eval()
-        adapter_dir.mkdir(parents=True, exist_ok=True)
         mx.clear_cache()  # between phases: training's buffers are not needed to save, evaluate or fuse
-        mx.save_safetensors(str(adapter_dir / ADAPTER_WEIGHTS), dict(tree_flatten(model.trainable_parameters())))
-        (adapter_dir / ADAPTER_CONFIG).write_text(json.dumps(
-            _adapter_config(m, num_layers, params, plan.dtype, quant), indent=2))
-        tokenizer.save_pretrained(str(adapter_dir))
-        with open(adapter_dir / TRAINING_LOG, "w") as fh:
-            for entry in state["log_history"]:
-                fh.write(json.dumps(entry) + "\n")
-        seconds = state["train_seconds"]
-        info = AdapterInfo(
-            path=str(adapter_dir), backend=self.name, device=plan.device, base_model=m.name_or_path,
-            base_revision=m.revision, data_fingerprint=train.fingerprint, train_rows=rows, steps=step,
-            train_loss=state["loss_sum"] / step if step else None, train_tokens=int(state["train_tokens"]),
-            tokens_per_second=state["train_tokens"] / seconds if seconds > 0 else 0.0, train_seconds=seconds,
-            peak_memory_gb=round(mx.get_peak_memory() / 2**30, 4),
-            resumed_from=str(resume_from) if resume_from else None, versions=package_versions(),
-        )
-        write_adapter_metadata(adapter_dir, m, t, seed, plan, info, extra={"adapter_format": "mlx-lm"})
-        return info
 
-    def eval_models(self, adapter_dir: str, dtype: str, device: str) -> dict[str, Any]:
+        def save_weights(folder: Path) -> None:
+            mx.save_safetensors(str(folder / ADAPTER_WEIGHTS), dict(tree_flatten(model.trainable_parameters())))
+            (folder / ADAPTER_CONFIG).write_text(json.dumps(
+                _adapter_config(m, num_layers, params, plan.dtype, quant), indent=2))
+
+        run = TrainingRun(
+            backend=self.name, steps=step, train_loss=state["loss_sum"] / step if step else None,
+            train_tokens=int(state["train_tokens"]), train_seconds=state["train_seconds"],
+            peak_memory_gb=round(_memory_reader(plan.device)(), 4),
+            resumed_from=str(resume_from) if resume_from else None, log_history=state["log_history"])
+        return finish_training(run, adapter_dir, m, t, seed, plan, train, tokenizer, save_weights,
+                               extra={"adapter_format": "mlx-lm"})
+
+    def eval_models(self, adapter_dir: str, phase: PhasePlan) -> dict[str, Any]:
         """The base as saved and a float32 fused copy, both scored with transformers like any other adapter."""
         import contextlib
         import tempfile
@@ -433,19 +457,20 @@ class MLXBackend:
         def tuned() -> Any:
             scratch = tempfile.mkdtemp(prefix="lorapipe-eval-fused-")
             try:  # a scoring copy only; the merge step writes the real one
-                yield load_model(self.fuse(adapter_dir, scratch, "float32"), dtype, device=device)
+                yield load_model(self.fuse(adapter_dir, scratch, "float32"), phase.dtype, device=phase.device)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
 
-        return {"base": lambda: contextlib.nullcontext(load_model(cfg["model"], dtype, cfg.get("revision"),
+        return {"base": lambda: contextlib.nullcontext(load_model(cfg["model"], phase.dtype, cfg.get("revision"),
                                                                   cfg.get("trust_remote_code", False),
-                                                                  device=device)),
+                                                                  device=phase.device)),
                 "tuned": tuned}
 
-    def merge(self, adapter_dir: str, out_dir: str, dtype: str) -> None:
-        self.fuse(adapter_dir, out_dir, dtype)
+    def merge(self, adapter_dir: str, out_dir: str, phase: PhasePlan) -> None:
+        self.fuse(adapter_dir, out_dir, phase.dtype)
 
-    def reference_logits(self, adapter_dir: str) -> Any:
+    def reference_logits(self, adapter_dir: str, phase: PhasePlan) -> Any:
+        """ids -> float32 logits of the adapter on the base as training saw it, computed by mlx."""
         import mlx.core as mx
         import numpy as np
         import torch

@@ -12,13 +12,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorapipe.backends.base import AdapterInfo, BackendUnavailable, write_adapter_metadata
-from lorapipe.backends.hf import HFBackend
+from lorapipe.backends import peft_adapter
+from lorapipe.backends.base import AdapterInfo, BackendUnavailable
+from lorapipe.backends.catalog import BACKENDS
+from lorapipe.backends.trl_sft import (
+    finish_trainer_run,
+    monitor_callback,
+    new_monitor,
+    resume_point,
+    sft_config_kwargs,
+    tokenize_dataset,
+    train_tokens,
+)
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
 
-INSTALL_HINT = "pip install -e '.[cuda]'"
+INSTALL_HINT = BACKENDS["unsloth"].install
 
 
 def _import_unsloth() -> Any:
@@ -57,8 +67,8 @@ def _point_adapter_at_base(adapter_dir: Path, m: ModelSection) -> None:
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
-class UnslothBackend(HFBackend):
-    """Trains with Unsloth; its adapters are PEFT folders, so evaluation and merge are the hf backend's."""
+class UnslothBackend:
+    """Trains with Unsloth; its adapters are PEFT folders, evaluated and merged like the hf backend's."""
 
     name = "unsloth"
 
@@ -67,22 +77,16 @@ class UnslothBackend(HFBackend):
               adapter_dir: Path) -> AdapterInfo:
         FastLanguageModel = _import_unsloth()  # noqa: N806
 
-        import torch
         import transformers
         from transformers import PrinterCallback, set_seed
         from trl import SFTConfig, SFTTrainer
 
-        from lorapipe.backends.hf import _peak_memory_gb, last_checkpoint, sft_config_kwargs, tokenize_dataset, train_tokens
-        from lorapipe.hardware.probe import package_versions
         from lorapipe.models.loading import load_tokenizer, torch_dtype
-        from lorapipe.training.monitoring import CheckpointAnnouncer, TrainingMonitor, report_to
 
         set_seed(seed)
         transformers.logging.set_verbosity_error()
         m = model_cfg
         work_dir, adapter_dir = Path(work_dir), Path(adapter_dir)
-        if plan.device == "cuda" and not torch.cuda.is_available():
-            raise BackendUnavailable("the plan says device cuda but torch sees no CUDA device here")
         # The project's tokenizer (chat template override, pad token) so rendering and masking match the hf
         # backend, evaluation and merge exactly; unsloth's own tokenizer is not used.
         tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, m.chat_template)
@@ -106,6 +110,8 @@ class UnslothBackend(HFBackend):
             max_seq_length=plan.max_seq_length,
         )
         if plan.device == "cuda":
+            import torch
+
             torch.cuda.reset_peak_memory_stats()
 
         train_ds = tokenize_dataset(train, tokenizer, plan.max_seq_length)
@@ -117,39 +123,24 @@ class UnslothBackend(HFBackend):
             # get_peft_model above already set checkpointing up (unsloth's offloaded variant on CUDA);
             # the Trainer enabling it again would replace that with the stock one.
             gradient_checkpointing=False,
-            report_to=report_to(),
         )
-
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=tokenizer,
-                             callbacks=[CheckpointAnnouncer(), TrainingMonitor(adapter_dir, plan.device)])
+                             callbacks=[monitor_callback(new_monitor(adapter_dir, m, t, plan, seed))])
         trainer.remove_callback(PrinterCallback)  # the monitor prints one compact line per log instead
-        resume_from = last_checkpoint(ckpt_dir) if t.resume else None
-        if resume_from is not None:
-            print(f"resuming from {resume_from} (set train.resume=false to start over)", flush=True)
+        resume_from = resume_point(t, ckpt_dir)
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         seconds = time.perf_counter() - start
-        tokens = train_tokens(train_ds, t, plan)
-
-        adapter_dir.mkdir(parents=True, exist_ok=True)
-        trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
-        tokenizer.save_pretrained(str(adapter_dir))
+        info = finish_trainer_run(
+            trainer, result, seconds, train_tokens(train_ds, t, plan), self.name, adapter_dir, m, t, seed, plan,
+            train, tokenizer, resume_from,
+            extra={"quantization_applied": applied, "optimizer_applied": str(getattr(args.optim, "value", args.optim))})
         _point_adapter_at_base(adapter_dir, m)
-        with open(adapter_dir / "training_log.jsonl", "w") as fh:
-            for entry in trainer.state.log_history:
-                fh.write(json.dumps(entry) + "\n")
-        info = AdapterInfo(
-            path=str(adapter_dir), backend=self.name, device=plan.device, base_model=m.name_or_path,
-            base_revision=m.revision, data_fingerprint=train.fingerprint, train_rows=len(train),
-            steps=trainer.state.global_step,
-            train_loss=float(result.training_loss) if result.training_loss is not None else None,
-            train_tokens=tokens, tokens_per_second=tokens / seconds if seconds > 0 else 0.0, train_seconds=seconds,
-            peak_memory_gb=round(_peak_memory_gb(plan.device), 3),
-            resumed_from=str(resume_from) if resume_from else None, versions=package_versions(),
-        )
-        write_adapter_metadata(adapter_dir, m, t, seed, plan, info, extra={
-            "quantization_applied": applied, "optimizer_applied": str(getattr(args.optim, "value", args.optim)),
-        })
         del trainer, model
         return info
+
+    # after training: what every PEFT adapter folder shares, whichever TRL backend wrote it
+    eval_models = staticmethod(peft_adapter.eval_models)
+    merge = staticmethod(peft_adapter.merge)
+    reference_logits = staticmethod(peft_adapter.reference_logits)

@@ -1,4 +1,4 @@
-"""Offline evaluation: masked loss / perplexity of base vs tuned, and generation metrics.
+"""Offline evaluation's scores and the functions that compute them: masked loss / perplexity, generation metrics.
 
 `evaluate.load("rouge")` needs the hub, so ROUGE-L is computed here (LCS over whitespace tokens).
 The stop rate counts generations that ended on EOS before `max_new_tokens`: the symptom of a model
@@ -7,13 +7,11 @@ that never learned to stop.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 from pydantic import BaseModel
 
-from lorapipe.data.dataset import ConversationDataset
-from lorapipe.data.formats import Record
+from lorapipe.data.records import Record
 
 
 class ModelScores(BaseModel):
@@ -113,37 +111,3 @@ def generate_scores(model: Any, tokenizer: Any, records: list[Record], max_new_t
     scores = {"rouge_l": sum(rouge) / n if n else None, "exact_match": sum(exact) / n if n else None,
               "stop_rate": sum(stops) / n if n else None}
     return scores, samples
-
-
-def evaluate_adapter(adapter_dir: str, test: ConversationDataset, max_samples: int,
-                     generation_samples: int, max_new_tokens: int, max_length: int, batch_size: int,
-                     dtype: str = "float32", device: str = "cpu", chat_template: Optional[str] = None) -> EvalMetrics:
-    """Score the base and base+adapter on the same test rows with transformers; the backend that trained the
-    adapter provides the two models (a PEFT adapter toggled off and on, an mlx-lm adapter fused)."""
-    from lorapipe.backends import get_backend
-    from lorapipe.backends.base import backend_of
-    from lorapipe.models.loading import load_tokenizer
-    from lorapipe.training.monitoring import PhaseMemory
-
-    scored = test.records[:max_samples]
-    gen = test.records[:generation_samples]
-    if not scored:
-        raise ValueError("the test split is empty: raise split.test_fraction or add data")
-    tokenizer = load_tokenizer(adapter_dir, chat_template=chat_template)
-    results = {}
-    samples: list[dict] = []
-    tokens = 0
-    with PhaseMemory(device) as memory:
-        models = get_backend(backend_of(adapter_dir)).eval_models(adapter_dir, dtype, device)
-        for label, enter in models.items():
-            with enter() as model:
-                loss, tokens = masked_loss(model, tokenizer, scored, max_length, batch_size)
-                gscores, gen_samples = generate_scores(model, tokenizer, gen, max_new_tokens) if gen else ({}, [])
-            if label == "tuned":
-                samples = gen_samples
-            results[label] = ModelScores(loss=loss, perplexity=math.exp(min(loss, 50.0)), **gscores)
-    gain = (results["base"].perplexity - results["tuned"].perplexity) / results["base"].perplexity
-    return EvalMetrics(test_rows=len(test), scored_rows=len(scored), generated_rows=len(samples), scored_tokens=tokens,
-                       base=results["base"], tuned=results["tuned"], perplexity_gain=gain,
-                       tuned_beats_base=results["tuned"].perplexity < results["base"].perplexity, samples=samples,
-                       memory_gb=memory.gb)

@@ -1,23 +1,32 @@
-"""The training plan: backend, device, dtype, quantization and batch geometry, decided in exactly one place.
+"""The run plan: backend, and each phase's device, dtype and batch size, decided in exactly one place.
 
-`decide_plan` takes the config, the hardware probe and the model's size, and either returns a plan that
-can run here or raises `PlanError` listing every reason it cannot (with the install command or the config
-key to change). Downstream steps receive the plan, never flags.
+`decide_plan` takes the config sections, the hardware probe and the model's size, and either returns a `RunPlan`
+that can run here or raises `PlanError` listing every reason it cannot (with the install command or the config key
+to change). What a backend can and cannot do comes from `lorapipe.backends.catalog`. The steps receive the plan's
+phases (`train`, `evaluate`, `merge`), never flags, and no other module probes the hardware.
+
+The plan depends only on the config and on facts that stay put between two runs on one machine (the memory budget
+comes from total, not free, memory), so planning the same config on the same machine gives the same plan: the
+steps after preflight are then served from ZenML's cache, which keys them on the plan's content.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+import os
+from typing import Literal, Optional
 
 from pydantic import BaseModel
 
-from lorapipe.config import TrainSection
-from lorapipe.hardware.probe import BACKEND_PACKAGES, HardwareProbe
+from lorapipe.backends.catalog import AUTO_PREFERENCE, BACKENDS, OPTIONAL_FEATURES, BackendSpec, required_modules
+from lorapipe.config import EvaluateSection, MergeSection, TrainSection
+from lorapipe.hardware.probe import HardwareProbe
 
-
-HF_ONLY = ("init_adapter", "eval_steps", "early_stopping_patience", "load_best_model_at_end", "packing",
-           "group_by_length")
+Device = Literal["cpu", "cuda", "mps"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+# Share of the device's memory the plan may fill: GPU memory on CUDA, total RAM (unified memory on Apple) elsewhere.
+CUDA_BUDGET_FRACTION = 0.9
+RAM_BUDGET_FRACTION = 0.8
 
 
 class PlanError(RuntimeError):
@@ -42,9 +51,11 @@ class MemoryEstimate(BaseModel):
 
 
 class TrainingPlan(BaseModel):
+    """The train phase: what the train step and the backend read."""
+
     backend: str
-    device: str
-    dtype: str
+    device: Device
+    dtype: Dtype
     quantization: str
     micro_batch_size: int
     gradient_accumulation_steps: int
@@ -52,14 +63,26 @@ class TrainingPlan(BaseModel):
     max_seq_length: int
     gradient_checkpointing: bool
     optimizer: str
+    world_size: int = 1  # data-parallel processes; >1 under torchrun / accelerate launch
     memory: MemoryEstimate
     reasons: list[str]
     warnings: list[str]
 
 
-def _installed(probe: HardwareProbe, backend: str) -> list[str]:
-    mods, _ = BACKEND_PACKAGES[backend]
-    return [m for m in mods if not probe.packages.get(m)]
+class PhasePlan(BaseModel):
+    """Where and how a phase after training runs: evaluation and merge read it instead of deciding."""
+
+    phase: Literal["evaluate", "merge"]
+    device: Device
+    dtype: Dtype  # evaluate: the precision models are scored in; merge: the merged weights' precision
+    batch_size: int
+    reason: str
+
+
+class RunPlan(BaseModel):
+    train: TrainingPlan
+    evaluate: PhasePlan
+    merge: PhasePlan
 
 
 def _bytes_per_param(dtype: str, quantization: str) -> float:
@@ -86,81 +109,117 @@ def estimate_memory(size: ModelSize, plan_dtype: str, quantization: str, micro_b
                           activations_gb=round(activations, 4), total_gb=round(total, 4), budget_gb=round(budget_gb, 2))
 
 
+def _missing(probe: HardwareProbe, needed: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    return [n for n in needed if not probe.packages.get(n[0])]
+
+
 def choose_backend(requested: str, probe: HardwareProbe) -> tuple[str, str]:
-    """(backend, reason). `auto`: unsloth on CUDA when installed, else hf; mlx on Apple Silicon; else hf on CPU."""
+    """(backend, reason). `auto`: the catalog's preferred backend for this machine's accelerator that is installed
+    (unsloth on CUDA, mlx-lm on Apple Silicon), else hf."""
     if requested != "auto":
         return requested, f"train.backend={requested} was requested"
-    if probe.cuda_available:
-        if probe.packages.get("unsloth"):
-            return "unsloth", "CUDA is present and unsloth is installed"
-        return "hf", "CUDA is present, unsloth is not installed: transformers+PEFT (bitsandbytes for QLoRA)"
-    if probe.apple_silicon and probe.packages.get("mlx_lm"):
-        return "mlx", "Apple Silicon with mlx-lm installed"
-    return "hf", "no CUDA and no Apple Silicon: transformers+PEFT on CPU"
+    accelerator = probe.accelerator
+    for name in AUTO_PREFERENCE:
+        spec = BACKENDS[name]
+        if accelerator in spec.auto_on and all(probe.packages.get(m) for m in spec.modules):
+            return name, f"{accelerator} machine and {name} is installed"
+    return AUTO_PREFERENCE[-1], f"no backend prefers {accelerator} here: {AUTO_PREFERENCE[-1]} on " + (
+        "CUDA" if accelerator == "cuda" else "CPU")
 
 
-def decide_plan(train: TrainSection, probe: HardwareProbe, size: ModelSize) -> TrainingPlan:
+def _refusals(spec: BackendSpec, train: TrainSection) -> list[str]:
+    """Every train.* option set in the config that this backend cannot honour, read from the catalog."""
+    problems = []
+    for key in OPTIONAL_FEATURES:
+        if getattr(train, key) not in (None, False) and key not in spec.features:
+            supported_by = [b.name for b in BACKENDS.values() if key in b.features]
+            problems.append(f"train.{key} is supported by the {', '.join(supported_by)} backend only; the plan chose "
+                            f"{spec.name}: set train.backend: {supported_by[0]}, or unset train.{key}")
+    for key, value, allowed in (("quantization", train.quantization, spec.quantization),
+                                ("optimizer", train.optimizer, spec.optimizers),
+                                ("lora.bias", train.lora.bias, spec.lora_bias)):
+        if value not in allowed:
+            problems.append(f"train.{key}={value} is not available on the {spec.name} backend; "
+                            f"allowed there: {', '.join(allowed)}")
+    return problems
+
+
+def _train_device(train: TrainSection, spec: BackendSpec, probe: HardwareProbe, problems: list[str]) -> str:
+    if train.device != "auto":
+        device = train.device
+        if device not in spec.devices:
+            problems.append(f"train.device={device}: the {spec.name} backend trains on {', '.join(spec.devices)}; "
+                            "set train.device: auto")
+    else:  # the machine's accelerator when the backend trains there, else the CPU
+        device = probe.accelerator if probe.accelerator in spec.devices else "cpu"
+    if device == "cuda" and not probe.cuda_available:
+        problems.append("train.device=cuda: the device cuda is not available on this machine (set train.device: auto)")
+    if device == "mps" and not (probe.mps_available or (spec.name == "mlx" and probe.apple_silicon)):
+        problems.append("train.device=mps: the device mps is not available on this machine (set train.device: auto)")
+    return device
+
+
+def _train_dtype(train: TrainSection, device: str, probe: HardwareProbe, spec: BackendSpec) -> str:
+    """bf16 where the GPU supports it, else fp16 on CUDA; bf16 for mlx on Apple Silicon; fp32 on CPU."""
+    if train.dtype != "auto":
+        return train.dtype
+    if device == "cuda":
+        return "bfloat16" if probe.cuda_devices and probe.cuda_devices[0].bf16 else "float16"
+    if device == "mps" and spec.name == "mlx":
+        return "bfloat16"
+    return "float32"
+
+
+def _phase_plans(train_plan: TrainingPlan, evaluate: EvaluateSection, merge: MergeSection) -> tuple[PhasePlan, PhasePlan]:
+    """Evaluation scores with torch on the training GPU (CUDA) in its dtype, else on the CPU in float32 (mlx
+    adapters are scored as fused torch models); merges run on the CPU, so no GPU memory is held while the
+    merged shards are written."""
+    if train_plan.device == "cuda":
+        evaluation = PhasePlan(phase="evaluate", device="cuda", dtype=train_plan.dtype, batch_size=evaluate.batch_size,
+                               reason=f"on the training GPU in {train_plan.dtype}")
+    else:
+        evaluation = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=evaluate.batch_size,
+                               reason="torch on the CPU in float32" + (
+                                   f" (the {train_plan.backend} adapter is scored as a torch model)"
+                                   if train_plan.device == "mps" else ""))
+    merging = PhasePlan(phase="merge", device="cpu", dtype=merge.dtype, batch_size=1,
+                        reason=f"on the CPU, written as {merge.dtype} (merge.dtype); checked one row at a time")
+    return evaluation, merging
+
+
+def decide_plan(train: TrainSection, probe: HardwareProbe, size: ModelSize,
+                evaluate: Optional[EvaluateSection] = None, merge: Optional[MergeSection] = None) -> RunPlan:
     problems: list[str] = []
     warnings: list[str] = []
     backend, why = choose_backend(train.backend, probe)
+    spec = BACKENDS[backend]
     reasons = [f"backend {backend}: {why}"]
-    missing = _installed(probe, backend)
-    if missing:
-        problems.append(f"train.backend={backend} needs {', '.join(missing)}, not installed here; install with: "
-                        f"{BACKEND_PACKAGES[backend][1]} (or set train.backend to auto/hf)")
+    for module, why, install in _missing(probe, required_modules(spec, train.quantization, train.optimizer)):
+        problems.append(f"{why} needs {module}, not installed here; install with: {install}" + (
+            " (or set train.backend to auto/hf)" if why.startswith("train.backend") else ""))
+    problems += _refusals(spec, train)
+    if train.resume_from is not None and not os.path.isdir(train.resume_from):
+        problems.append(f"train.resume_from: {train.resume_from} is not a folder; give a checkpoint folder "
+                        "(e.g. runs/<key>/checkpoints/checkpoint-40) or unset it")
 
-    if backend != "hf":  # what only the transformers+PEFT backend implements is refused, never ignored
-        for key in HF_ONLY:
-            if getattr(train, key) not in (None, False):
-                problems.append(f"train.{key} is supported by the hf backend only; the plan chose {backend}: "
-                                f"set train.backend: hf, or unset train.{key}")
-
-    # device
-    if train.device == "auto":
-        device = "cuda" if probe.cuda_available and backend != "mlx" else ("mps" if backend == "mlx" else "cpu")
-        if backend == "mlx":
-            device = "mlx"
-    else:
-        device = train.device
-    if device == "cuda" and not probe.cuda_available:
-        problems.append("train.device=cuda: the device cuda is not available on this machine (set train.device: auto)")
-    if device == "mps" and backend != "mlx" and not probe.mps_available:
-        problems.append("train.device=mps: the device mps is not available on this machine (set train.device: auto)")
-    if backend == "unsloth" and not probe.cuda_available:
-        warnings.append("unsloth without CUDA trains through its slow CPU fallback")
-    if backend == "mlx" and not probe.apple_silicon:
-        warnings.append("mlx off Apple Silicon runs on mlx's CPU backend")
+    device = _train_device(train, spec, probe, problems)
+    if device == "cpu" and spec.cpu_note:
+        warnings.append(spec.cpu_note)
     reasons.append(f"device {device}")
-
-    # dtype: bf16 where the GPU supports it, else fp16 on CUDA, fp32 on CPU
-    if train.dtype != "auto":
-        dtype = train.dtype
-    elif device == "cuda":
-        dtype = "bfloat16" if probe.cuda_devices and probe.cuda_devices[0].bf16 else "float16"
-    elif device == "mlx":
-        dtype = "bfloat16" if probe.apple_silicon else "float32"
-    else:
-        dtype = "float32"
+    dtype = _train_dtype(train, device, probe, spec)
     reasons.append(f"dtype {dtype}" + (" (auto)" if train.dtype == "auto" else ""))
     if device == "cpu" and dtype == "float16":
         problems.append("train.dtype=float16 is not supported for training on cpu; allowed here: float32, bfloat16, auto")
-
-    quant = train.quantization
-    if quant != "none" and backend in ("hf", "unsloth") and not probe.packages.get("bitsandbytes"):
-        problems.append(f"train.quantization={quant} needs bitsandbytes; install with: pip install -e '.[cuda]' "
-                        "(or set train.quantization: none)")
-
     optimizer = train.optimizer
-    if optimizer in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit") and not probe.packages.get("bitsandbytes"):
-        problems.append(f"train.optimizer={optimizer} needs bitsandbytes (pip install -e '.[cuda]'); or use adamw_torch")
     if optimizer.startswith("paged") and device != "cuda":
         warnings.append(f"{optimizer} pages only on CUDA; bitsandbytes falls back to a non-paged optimizer here")
 
-    # memory budget: GPU memory on CUDA, 80% of available RAM elsewhere (unified memory on Apple)
+    # memory budget: GPU memory on CUDA, total RAM elsewhere (unified memory on Apple); free memory is a warning
     if device == "cuda" and probe.cuda_devices:
-        budget = probe.cuda_devices[0].total_memory_gb * 0.9
+        budget = probe.cuda_devices[0].total_memory_gb * CUDA_BUDGET_FRACTION
     else:
-        budget = probe.ram_available_gb * 0.8
+        budget = probe.ram_total_gb * RAM_BUDGET_FRACTION
+    quant = train.quantization
     seq = train.max_seq_length
     if isinstance(train.micro_batch_size, int):
         candidates = [train.micro_batch_size]
@@ -187,12 +246,17 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, size: ModelSize) -> T
     if probe.disk_free_gb < 1.0 + size.parameters * 2 * 2 / 2**30:
         problems.append(f"only {probe.disk_free_gb:.1f} GB free at {probe.disk_path}: checkpoints and the merged model "
                         "need about twice the model's 16-bit size; free disk or move train.output_root")
+    if probe.world_size > 1:
+        reasons.append(f"data parallel over {probe.world_size} processes")
     if problems:
         raise PlanError(problems)
-    return TrainingPlan(backend=backend, device=device, dtype=dtype, quantization=quant, micro_batch_size=chosen,
-                        gradient_accumulation_steps=ga, effective_batch_size=chosen * ga, max_seq_length=seq,
-                        gradient_checkpointing=train.gradient_checkpointing, optimizer=optimizer, memory=estimate,
-                        reasons=reasons, warnings=warnings)
+    train_plan = TrainingPlan(
+        backend=backend, device=device, dtype=dtype, quantization=quant, micro_batch_size=chosen,
+        gradient_accumulation_steps=ga, effective_batch_size=chosen * ga, max_seq_length=seq,
+        gradient_checkpointing=train.gradient_checkpointing, optimizer=optimizer, world_size=probe.world_size,
+        memory=estimate, reasons=reasons, warnings=warnings)
+    evaluation, merging = _phase_plans(train_plan, evaluate or EvaluateSection(), merge or MergeSection())
+    return RunPlan(train=train_plan, evaluate=evaluation, merge=merging)
 
 
 def model_size(name_or_path: str, revision: Optional[str] = None, trust_remote_code: bool = False) -> ModelSize:

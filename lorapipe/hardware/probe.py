@@ -1,24 +1,29 @@
-"""Probe the machine the train step will run on: CPU, RAM, disk, CUDA (via torch), Apple/MLX, packages."""
+"""Probe the machine the train step will run on: CPU, RAM, disk, CUDA (via torch), Apple/MLX, packages.
+
+This is the only module that looks at the hardware; the plan decides from what it returns. `machine_fingerprint`
+is the cheap part of the probe (no torch import) that names the machine in preflight's cache key, so the same
+config on another machine is planned again.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import platform
 import shutil
+import subprocess
 from typing import Optional
 
 from pydantic import BaseModel
 
-# The packages each backend needs, with the command that installs them.
-BACKEND_PACKAGES = {
-    "hf": (["torch", "transformers", "peft", "trl"], "pip install -e ."),
-    "unsloth": (["unsloth", "bitsandbytes"], "pip install -e '.[cuda]'"),
-    "mlx": (["mlx", "mlx_lm"], "pip install -e '.[mlx]'  (Linux CPU: mlx[cpu])"),
-}
-TRACKED_PACKAGES = ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "zenml", "great_expectations",
-                    "bitsandbytes", "unsloth", "mlx", "mlx_lm", "wandb", "tokenizers"]
+from lorapipe.backends.catalog import tracked_modules
+
+# what the backends need (from the catalog), then what the rest of a run depends on
+TRACKED_PACKAGES = [*tracked_modules(), *(m for m in ("accelerate", "datasets", "tokenizers", "zenml",
+                                                       "great_expectations", "wandb") if m not in tracked_modules())]
 _DIST_NAMES = {"great_expectations": "great-expectations", "mlx_lm": "mlx-lm"}
 
 
@@ -43,7 +48,13 @@ class HardwareProbe(BaseModel):
     cuda_devices: list[CudaDevice]
     apple_silicon: bool
     mps_available: bool
+    world_size: int = 1  # processes of one data-parallel run (torchrun / accelerate launch set WORLD_SIZE)
     packages: dict[str, Optional[str]]
+
+    @property
+    def accelerator(self) -> str:
+        """What trains fastest here, as a plan device: cuda, mps (Apple Silicon) or cpu."""
+        return "cuda" if self.cuda_available else "mps" if self.apple_silicon else "cpu"
 
 
 def package_version(module: str) -> Optional[str]:
@@ -80,5 +91,35 @@ def probe(disk_path: str = ".") -> HardwareProbe:
         ram_available_gb=round(vm.available / 2**30, 2),
         disk_free_gb=round(shutil.disk_usage(disk_path).free / 2**30, 2), disk_path=os.path.abspath(disk_path),
         cuda_available=cuda, cuda_devices=devices, apple_silicon=apple, mps_available=mps,
-        packages=package_versions(),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")), packages=package_versions(),
     )
+
+
+def _gpu_inventory() -> list[str]:
+    """CUDA devices as nvidia-smi names them (name, memory), without importing torch; [] where there is none."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return []
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return ["nvidia-smi failed"]
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()] + (
+        [f"visible: {visible}"] if visible else [])
+
+
+def machine_fingerprint() -> str:
+    """sha256 of what the plan depends on and does not change between two runs on one machine: OS, architecture,
+    cores, total RAM, GPUs, data-parallel world size and package versions (free RAM and disk are checked by the
+    plan, not named here, or every run would plan anew)."""
+    import psutil
+
+    facts = {
+        "os": platform.system(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+        "ram_total_gb": round(psutil.virtual_memory().total / 2**30), "gpus": _gpu_inventory(),
+        "world_size": os.environ.get("WORLD_SIZE", "1"), "packages": package_versions(),
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()

@@ -6,9 +6,6 @@ from typing import Any, Optional
 
 from lorapipe.data.render import ensure_chat_template
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
 def torch_dtype(name: str) -> Any:
     import torch
 
@@ -43,9 +40,9 @@ def quantization_config(quantization: str, compute_dtype: str) -> Any:
     raise ValueError(f"train.quantization: {quantization!r} is not one of none, nf4, int8")
 
 
-def load_model(name_or_path: str, dtype: str = "float32", revision: Optional[str] = None,
-               trust_remote_code: bool = False, quantization: str = "none", device: str = "cpu",
-               attn_implementation: Optional[str] = None) -> Any:
+def load_model(name_or_path: str, dtype: str, revision: Optional[str] = None, trust_remote_code: bool = False,
+               quantization: str = "none", *, device: str, attn_implementation: Optional[str] = None) -> Any:
+    """The model on the plan's device in the plan's dtype: both come from the caller's plan, never decided here."""
     from transformers import AutoModelForCausalLM
 
     qconf = quantization_config(quantization, dtype)
@@ -59,8 +56,3 @@ def load_model(name_or_path: str, dtype: str = "float32", revision: Optional[str
     if qconf is None:
         model.to(device)
     return model
-
-
-def resize_for_tokenizer(model: Any, tokenizer: Any) -> None:
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))

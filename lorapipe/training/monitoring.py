@@ -1,17 +1,21 @@
-"""Training monitoring as a plain `transformers.TrainerCallback` (no ZenML): metrics files, progress lines, plots.
+"""One training monitor for every backend: metrics files, progress lines, plots and the experiment tracker.
 
-`TrainingMonitor(out_dir, device)` writes one row per log event to `metrics.jsonl` and `metrics.csv` in `out_dir`
-(columns `METRIC_COLUMNS`), prints a compact progress line per log to stdout, e.g.
+`TrainingMonitor(out_dir, memory_gb)` is plain Python (no torch, transformers or mlx import). A backend calls
+`begin(step, max_steps)` when its loop starts (or resumes), `log(step, loss=..., ...)` at every logging step and
+`end()` when training ends; the TRL backends do so through `lorapipe.backends.trl_sft.MonitorCallback`, the mlx
+backend from its own loop. For each `log` the monitor
 
-    step 20/96 loss 6.71 lr 2.1e-03 1.8k tok/s mem 0.7 GB eta 0:00:12
+- appends one row (columns `METRIC_COLUMNS`) to `metrics.jsonl` and `metrics.csv` in `out_dir`;
+- prints one compact progress line, e.g. `step 20/96 loss 6.71 lr 2.1e-03 1.8k tok/s mem 0.7 GB eta 0:00:12`;
+- sends the row to the stack's experiment tracker (W&B, when the ZenML step opened a run) as `train/<column>`;
 
-and, when training ends, draws `loss.png`, `learning_rate.png` and `memory.png` (matplotlib, Agg canvas) beside
-them. Only the world's main process writes or prints. On a resumed run the rows after the checkpoint's step are
-dropped, so the files continue where the checkpoint left off.
+and at `end()` draws `loss.png`, `learning_rate.png` and `memory.png` beside the files. On a resumed run the rows
+after the checkpoint's step are dropped, so the files continue where the checkpoint left off. Only the main
+process of a data-parallel run writes, prints or sends.
 
-Memory is the process RSS on CPU (psutil) and `torch.cuda.max_memory_allocated` on CUDA (the caller resets the
-peak counter before training). `tokens_per_second` counts the tokens of all data-parallel ranks (TRL's gathered
-`num_tokens`) since the previous log; `elapsed_s` is seconds since this process began (or resumed) training.
+`tokens_per_second` is the rate since the previous log of the tokens the backend reports (all data-parallel ranks'
+tokens for the TRL backends); `memory_gb` is what the backend's memory reader says (process RSS on CPU, the peak
+allocated CUDA memory, mlx's peak on Apple); `elapsed_s` is seconds since this process began (or resumed) training.
 """
 
 from __future__ import annotations
@@ -24,9 +28,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional, TextIO
-
-from transformers import TrainerCallback
+from typing import Any, Callable, Iterable, Optional, Protocol, TextIO
 
 from lorapipe.artifacts import ADAPTER_PLOTS
 
@@ -37,15 +39,20 @@ METRIC_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "eval_l
                   "memory_gb", "elapsed_s"]
 
 
-def memory_gb(device: str) -> float:
-    """Peak allocated CUDA memory on cuda; the resident set size of this process elsewhere (GiB)."""
-    import torch
-
-    if device == "cuda" and torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
+def process_memory_gb() -> float:
+    """The resident set size of this process (GiB)."""
     import psutil
 
     return psutil.Process().memory_info().rss / 2**30
+
+
+def memory_gb(device: str) -> float:
+    """Peak allocated CUDA memory on cuda; the resident set size of this process elsewhere (GiB)."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30
+    return process_memory_gb()
 
 
 class PhaseMemory:
@@ -56,9 +63,9 @@ class PhaseMemory:
         self.device, self.gb = device, 0.0
 
     def __enter__(self) -> "PhaseMemory":
-        import torch
+        if self.device == "cuda":
+            import torch
 
-        if self.device == "cuda" and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         return self
 
@@ -73,8 +80,7 @@ def free_memory(device: str) -> None:
     if device == "cuda":
         import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
 
 
 def _finite(value: Any) -> Optional[float]:
@@ -171,107 +177,124 @@ def write_plots(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     return written
 
 
-class TrainingMonitor(TrainerCallback):
-    """Metrics files + progress lines while training, plots when it ends (see the module docstring)."""
+class Tracker(Protocol):
+    """Where metrics rows go besides the files: the stack's experiment tracker."""
 
-    def __init__(self, out_dir: str | Path, device: str = "cpu", stream: Optional[TextIO] = None,
-                 plots: bool = True):
+    def log_config(self, config: dict[str, Any]) -> None: ...
+
+    def log_row(self, row: dict[str, Any], step: int) -> None: ...
+
+
+class WandbTracker:
+    """The W&B run a ZenML wandb experiment tracker opened for this step (offline works the same)."""
+
+    def __init__(self, run: Any):
+        self.run = run
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        self.run.config.update(config, allow_val_change=True)
+
+    def log_row(self, row: dict[str, Any], step: int) -> None:
+        # train/loss, train/learning_rate, ... and eval/loss, as the Trainer's own W&B integration names them
+        payload = {("eval/loss" if k == "eval_loss" else f"train/{k}"): v for k, v in row.items()
+                   if k != "step" and v is not None}
+        self.run.log(payload, step=step)
+
+
+def active_tracker() -> Optional[Tracker]:
+    """The experiment tracker the ZenML stack opened for this step, if any: a W&B run; None otherwise (lorapipe
+    never starts a tracker run of its own)."""
+    try:
+        import wandb
+    except ImportError:
+        return None
+    return WandbTracker(wandb.run) if wandb.run is not None else None
+
+
+class TrainingMonitor:
+    """Metrics files, progress lines and tracker rows while training, plots when it ends (see the module docstring).
+
+    Args:
+        out_dir: where metrics.jsonl/.csv and the plots go (the adapter folder).
+        memory_gb: the backend's memory reader (GiB).
+        run_config: sent once to the tracker (training config and plan).
+        tracker: where rows go besides the files; "auto": the stack's tracker, if it opened one for this step.
+        stream: where progress lines go (stdout).
+        plots: draw the plots at `end()`.
+        is_main: False on the other ranks of a data-parallel run: they measure, and neither write nor print.
+    """
+
+    def __init__(self, out_dir: str | Path, memory_gb: Callable[[], float], run_config: Optional[dict] = None,
+                 tracker: Optional[Tracker] | str = "auto", stream: Optional[TextIO] = None, plots: bool = True,
+                 is_main: bool = True):
         self.out_dir = Path(out_dir)
-        self.device = device
+        self.memory_gb = memory_gb
+        self.run_config = run_config or {}
+        self.tracker = active_tracker() if tracker == "auto" else tracker
         self.stream = stream
         self.plots = plots
+        self.is_main = is_main
         self.rows: list[dict[str, Any]] = []
-        self._t0 = 0.0
+        self.max_steps = 0
+        self._t0 = self._last_time = 0.0
         self._start_step = 0
-        self._last_time = 0.0
         self._last_tokens: Optional[float] = None
 
-    # -- helpers -----------------------------------------------------------------------------------------------
-    def _print(self, line: str) -> None:
-        print(line, file=self.stream or sys.stdout, flush=True)
-
-    def _tokens(self, logs: dict[str, Any], state: Any) -> Optional[float]:
-        """Tokens seen so far: TRL's `num_tokens` log (counted since this process started) or the trainer state's."""
-        if logs.get("num_tokens") is not None:
-            return float(logs["num_tokens"])
-        seen = getattr(state, "num_input_tokens_seen", 0) or 0
-        return float(seen) if seen else None
-
-    # -- events ------------------------------------------------------------------------------------------------
-    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+    def begin(self, step: int, max_steps: int) -> None:
+        """Training starts at `step` (> 0: resumed from a checkpoint at that step) of `max_steps`."""
         self._t0 = self._last_time = time.perf_counter()
-        self._start_step = state.global_step
+        self._start_step, self.max_steps = step, max_steps
         self._last_tokens = None
-        if not state.is_world_process_zero:
+        if not self.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # Resumed: keep the rows up to the checkpoint's step, drop those of the interrupted run after it.
-        self.rows = [r for r in read_metrics(self.out_dir) if r.get("step", 0) <= state.global_step] \
-            if state.global_step > 0 else []
+        self.rows = [r for r in read_metrics(self.out_dir) if r.get("step", 0) <= step] if step > 0 else []
         with open(self.out_dir / METRICS_JSONL, "w") as fh:
             for r in self.rows:
                 fh.write(json.dumps(r) + "\n")
         _write_csv(self.out_dir / METRICS_CSV, self.rows, "w")
+        if self.tracker is not None and self.run_config:
+            self.tracker.log_config(self.run_config)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
-        logs = logs or {}
-        if "train_runtime" in logs:  # the end-of-training summary, not a step
-            return
-        if "loss" not in logs and "eval_loss" not in logs:
-            return
+    def log(self, step: int, *, loss: Any = None, learning_rate: Any = None, grad_norm: Any = None,
+            eval_loss: Any = None, epoch: Any = None, tokens_seen: Optional[float] = None) -> dict[str, Any]:
+        """Record one logging step. `tokens_seen`: tokens trained since this process began training (or None)."""
         now = time.perf_counter()
         row: dict[str, Any] = {
-            "step": int(state.global_step),
-            "epoch": _finite(logs.get("epoch", state.epoch)),
-            "loss": _finite(logs.get("loss")),
-            "learning_rate": _finite(logs.get("learning_rate")),
-            "grad_norm": _finite(logs.get("grad_norm")),
-            "eval_loss": _finite(logs.get("eval_loss")),
-            "tokens_per_second": None,
-            "memory_gb": round(memory_gb(self.device), 4),
-            "elapsed_s": round(now - self._t0, 3),
+            "step": int(step), "epoch": _finite(epoch), "loss": _finite(loss), "learning_rate": _finite(learning_rate),
+            "grad_norm": _finite(grad_norm), "eval_loss": _finite(eval_loss), "tokens_per_second": None,
+            "memory_gb": round(self.memory_gb(), 4), "elapsed_s": round(now - self._t0, 3),
         }
-        if "loss" in logs:
-            tokens = self._tokens(logs, state)
-            if tokens is not None:
+        if loss is not None:
+            if tokens_seen is not None:
                 base = self._last_tokens if self._last_tokens is not None else 0.0
                 dt = now - self._last_time
-                if tokens >= base and dt > 0:
-                    row["tokens_per_second"] = round((tokens - base) / dt, 2)
-                self._last_tokens = tokens
+                if tokens_seen >= base and dt > 0:
+                    row["tokens_per_second"] = round((tokens_seen - base) / dt, 2)
+                self._last_tokens = float(tokens_seen)
             self._last_time = now
-        if not state.is_world_process_zero:
-            return
+        if not self.is_main:
+            return row
         self.rows.append(row)
         with open(self.out_dir / METRICS_JSONL, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         _write_csv(self.out_dir / METRICS_CSV, [row], "a")
-        done = state.global_step - self._start_step
-        remaining = max(state.max_steps - state.global_step, 0)
-        eta = (now - self._t0) / done * remaining if done > 0 and state.max_steps else None
+        if self.tracker is not None:
+            self.tracker.log_row(row, step=row["step"])
+        done = step - self._start_step
+        remaining = max(self.max_steps - step, 0)
+        eta = (now - self._t0) / done * remaining if done > 0 and self.max_steps else None
         shown = dict(row)
-        if row["loss"] is None and "loss" in logs:
-            shown["_loss_raw"] = logs["loss"]  # nan/inf: say so rather than hide it
-        self._print(format_progress(shown, state.max_steps, eta))
+        if row["loss"] is None and loss is not None:
+            shown["_loss_raw"] = loss  # nan/inf: say so rather than hide it
+        print(format_progress(shown, self.max_steps, eta), file=self.stream or sys.stdout, flush=True)
+        return row
 
-    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
-        if state.is_world_process_zero and self.plots:
+    def checkpoint_saved(self, step: int) -> None:
+        if self.is_main:
+            print(f"checkpoint saved: step {step}", file=self.stream or sys.stdout, flush=True)
+
+    def end(self) -> None:
+        if self.is_main and self.plots:
             write_plots(self.rows, self.out_dir)
-
-
-class CheckpointAnnouncer(TrainerCallback):
-    """Prints `checkpoint saved: step N` on each save (once, from the main process)."""
-
-    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
-        if state.is_world_process_zero:
-            print(f"checkpoint saved: step {state.global_step}", flush=True)
-
-
-def report_to() -> str:
-    """"wandb" when an experiment tracker already started a W&B run for this step (ZenML's wandb flavor),
-    so the Trainer logs into that run; "none" otherwise (never a stray run of its own)."""
-    try:
-        import wandb
-    except ImportError:
-        return "none"
-    return "wandb" if wandb.run is not None else "none"

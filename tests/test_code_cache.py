@@ -1,0 +1,72 @@
+"""The cache sees the code: an edit to the library re-runs the steps that run it, and only those; checkpoints of
+older code are set aside, never resumed silently.
+
+The pipeline runs here in child processes on a copy of the repository (lorapipe/, steps/, pipelines/,
+materializers/), so the edit is a real edit of real files, as after a `git pull`; the store is this test session's.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorapipe.code_version import dependency_files
+from tests.conftest import QUICKSTART_DATA, REPO_ROOT
+from tests.test_pipeline import _config, _last_run, _status
+
+CODE = ("lorapipe", "steps", "pipelines", "materializers")
+
+
+def test_each_step_depends_on_the_library_files_it_runs():
+    train = set(dependency_files("steps/train.py"))
+    assert {"lorapipe/backends/hf.py", "lorapipe/backends/trl_sft.py", "lorapipe/backends/mlx.py",
+            "lorapipe/training/monitoring.py", "lorapipe/data/render.py"} <= train
+    for before_training in ("steps/validate.py", "steps/preflight.py", "steps/split.py"):
+        assert "lorapipe/backends/hf.py" not in dependency_files(before_training), before_training
+    assert "lorapipe/data/split.py" in dependency_files("steps/split.py")
+    assert "lorapipe/data/split.py" not in train  # the train step gets the splits, not the splitting code
+    assert "lorapipe/merge.py" in dependency_files("steps/merge.py")
+    assert "lorapipe/evaluation/compare.py" in dependency_files("steps/evaluate.py")
+    # a backend's checkpoints are keyed on its own code: an mlx edit does not set hf checkpoints aside
+    assert "lorapipe/backends/mlx.py" not in dependency_files("lorapipe.backends.hf")
+
+
+def _run(repo: Path, cfg: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    proc = subprocess.run([sys.executable, "-m", "lorapipe.cli", "run", "-c", str(cfg)], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_a_library_edit_reruns_training_and_what_follows(tiny_model_dir, tmp_path):
+    repo = tmp_path / "repo"
+    for name in CODE:
+        shutil.copytree(REPO_ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    # data of its own: content-keyed steps must not share cache entries with the other pipeline tests' runs
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(QUICKSTART_DATA.read_text().splitlines(keepends=True)[:200]))
+    cfg = _config(tmp_path, tiny_model_dir, data, model_name="lorapipe-code-edit")
+
+    _run(repo, cfg)
+    _run(repo, cfg)
+    status = _status(_last_run())
+    assert status.pop("register_model") == "completed"
+    assert set(status.values()) == {"cached"}, status  # unchanged code: fully cached
+
+    library = repo / "lorapipe" / "backends" / "trl_sft.py"  # used by training, not by validate/preflight/split
+    library.write_text(library.read_text() + "\n# a change to the training code, as a git pull brings\n")
+    out = _run(repo, cfg)
+    status = _status(_last_run())
+    assert {s: status[s] for s in ("validate_data", "preflight", "split_data")} == dict.fromkeys(
+        ("validate_data", "preflight", "split_data"), "cached"), status
+    assert {s: status[s] for s in ("train_adapter", "evaluate_model", "merge_model")} == dict.fromkeys(
+        ("train_adapter", "evaluate_model", "merge_model"), "completed"), status
+    # the finished training of the older code is set aside, named, and not resumed
+    assert "set aside:" in out and "train.resume_from=" in out and "resuming from" not in out
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(folders) == 2 and folders[0].split("-")[0] == folders[1].split("-")[0], folders
