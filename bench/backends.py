@@ -3,7 +3,7 @@
 The job: the tiny Llama (models/tiny-llama), the first 128 rows of the quickstart data, two epochs, micro-batch 4,
 no accumulation, max 128 tokens, LoRA r16 on all projections. Each run is a fresh process (peak RSS is the
 run's own, model load included); tokens are counted the same way for every backend (the trained rows' token
-ids after truncation); time is the training loop only. Medians of RUNS runs. "bare_trl" is a plain TRL
+ids after truncation); time is the training loop only. Medians of RUNS interleaved rounds. "bare_trl" is a plain TRL
 SFTTrainer on the same rows (TRL's own prompt/completion tokenization), the baseline for lorapipe's overhead.
 Writes bench/results/backends.json.
 """
@@ -54,7 +54,7 @@ else:
     m = ModelSection(name_or_path=model_dir)
     t = TrainSection(max_seq_length=MAX_LEN, epochs=EPOCHS, learning_rate=5e-3, save_steps=10_000, resume=False,
                      output_root=str(work), effective_batch_size=MICRO)
-    plan = TrainingPlan(backend=backend, device="mlx" if backend == "mlx" else "cpu", dtype="float32",
+    plan = TrainingPlan(backend=backend, device="cpu", dtype="float32",
                         quantization=quant, micro_batch_size=MICRO, gradient_accumulation_steps=1,
                         effective_batch_size=MICRO, max_seq_length=MAX_LEN, gradient_checkpointing=False,
                         optimizer="adamw_torch",
@@ -84,9 +84,11 @@ def main() -> None:
     if not (REPO / "models" / "tiny-llama" / "config.json").exists():
         sys.exit("build the tiny model first: make tiny-model")
     results = {}
-    for backend, quant in CASES:
+    # interleaved rounds (every case once per round), so a slow spell of the machine hits every case alike
+    rounds = [[run(backend, quant) for backend, quant in CASES] for _ in range(RUNS)]
+    for i, (backend, quant) in enumerate(CASES):
         name = backend if quant == "none" else f"{backend}+{quant}"
-        runs = [run(backend, quant) for _ in range(RUNS)]
+        runs = [r[i] for r in rounds]
         ok = [r for r in runs if "error" not in r]
         if not ok:
             results[name] = {"error": runs[0]["error"]}
