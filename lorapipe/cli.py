@@ -81,7 +81,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     data_sha = file_fingerprint(resolved.data.paths)
     identity = cfg.model_copy(deep=True)
     identity.data.paths = [Path(p).name for p in cfg.data.paths]
-    identity.train.output_root, identity.train.resume = "", True
+    # where checkpoints live and which one a run resumes from do not change what the config asks for
+    identity.train.output_root, identity.train.resume, identity.train.resume_from = "", True, None
     config_sha = identity.fingerprint()
     version = model_version_name(data_sha, config_sha)
 

@@ -51,6 +51,10 @@ def preflight(
     if stats and stats.truncated_rows:
         plan.train.warnings.append(f"{stats.truncated_rows} row(s) are longer than "
                                    f"max_seq_length={plan.train.max_seq_length}")
+    if plan.train.device != "cuda" and hw.ram_available_gb < plan.train.memory.total_gb:
+        # said here, not in the plan: the plan must not change with what happens to be free this second
+        logger.warning("plan: warning: about %.1f GB of memory is free now and training needs about %.1f GB: close "
+                       "other programs, or expect swapping", hw.ram_available_gb, plan.train.memory.total_gb)
     for r in plan.train.reasons + [f"warning: {w}" for w in plan.train.warnings]:
         logger.info("plan: %s", r)
     for phase in (plan.evaluate, plan.merge):

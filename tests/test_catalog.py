@@ -141,6 +141,29 @@ def test_resume_from_must_be_a_folder(tmp_path):
     assert plan.train.backend == "unsloth"
 
 
+def test_auto_on_a_mac_without_mlx_trains_hf_on_the_cpu():
+    no_mlx = {k: v for k, v in ALL.items() if k not in ("mlx", "mlx_lm")}
+    plan = decide_plan(TrainSection(max_seq_length=128), make_probe(apple=True, ram_gb=16, packages=no_mlx), TINY)
+    assert (plan.train.backend, plan.train.device, plan.train.dtype) == ("hf", "cpu", "float32")
+    on_purpose = decide_plan(TrainSection(max_seq_length=128, device="mps"),
+                             make_probe(apple=True, ram_gb=16, packages=no_mlx), TINY)
+    assert (on_purpose.train.backend, on_purpose.train.device) == ("hf", "mps")
+
+
+def test_the_config_offers_exactly_what_the_catalog_knows():
+    """A value the config accepts that no backend honours would be refused everywhere; one a backend honours that
+    the config rejects could never be asked for."""
+    fields = TrainSection.model_fields
+    assert set(typing.get_args(fields["backend"].annotation)) == {"auto", *BACKENDS}
+    assert set(typing.get_args(fields["device"].annotation)) == {"auto", *(d for b in BACKENDS.values() for d in b.devices)}
+    for key, attr in (("quantization", "quantization"), ("optimizer", "optimizers")):
+        assert set(typing.get_args(fields[key].annotation)) == {v for b in BACKENDS.values() for v in getattr(b, attr)}
+    from lorapipe.config import LoraSection
+
+    assert set(typing.get_args(LoraSection.model_fields["bias"].annotation)) == {
+        v for b in BACKENDS.values() for v in b.lora_bias}
+
+
 def test_the_catalog_feeds_the_config_the_probe_and_selection():
     assert set(typing.get_args(TrainSection.model_fields["backend"].annotation)) == {"auto", *BACKENDS}
     for spec in BACKENDS.values():

@@ -210,7 +210,7 @@ def test_the_mlx_backend_runs_the_whole_pipeline(tiny_model_dir, tmp_path):
     run = _last_run()
     assert _status(run) == {s: "completed" for s in STEPS}
     plan = run.steps["preflight"].outputs["training_plan"][0].load()
-    assert (plan.backend, plan.device) == ("mlx", "cpu")  # mlx[cpu] on Linux; "mps" on Apple Silicon
+    assert (plan.backend, plan.device) == ("mlx", "cpu")  # _config pins train.device: cpu
     adapter = run.steps["train_adapter"].outputs["adapter"][0].load()
     assert adapter.metadata["adapter_format"] == "mlx-lm"
     assert (Path(adapter.path) / ADAPTER_WEIGHTS).exists()

@@ -128,8 +128,13 @@ def test_checkpoints_of_other_code_are_set_aside_and_resumed_only_on_purpose(tra
     assert work_dir.name == "inputs0123-newcode1111"
     assert f"set aside: {older.parent}" in out and f"--set train.resume_from={older / checkpoint.name}" in out
     # the same inputs and code find their own checkpoints again: nothing is set aside
-    (work_dir / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    shutil.copytree(checkpoint, work_dir / "checkpoints" / "checkpoint-1")
     assert work_dir_for(tmp_path / "runs", "inputs0123", "newcode1111") == work_dir
+    assert "set aside" not in capsys.readouterr().out
+    # a save cut short (no trainer_state.json, or a hidden .partial folder) is not a checkpoint to offer
+    (tmp_path / "runs" / "inputs4567-oldcode0000" / "checkpoints" / ".step-3.partial").mkdir(parents=True)
+    (tmp_path / "runs" / "inputs4567-oldcode0000" / "checkpoints" / "checkpoint-3").mkdir()
+    work_dir_for(tmp_path / "runs", "inputs4567", "newcode1111")
     assert "set aside" not in capsys.readouterr().out
 
     on_purpose = trained["cfg"].model_copy(update={"resume_from": str(older / checkpoint.name)})
@@ -138,3 +143,16 @@ def test_checkpoints_of_other_code_are_set_aside_and_resumed_only_on_purpose(tra
     out = capsys.readouterr().out
     assert f"resuming from {older / checkpoint.name} (train.resume_from)" in out
     assert info.resumed_from == str(older / checkpoint.name) and info.steps == trained["info"].steps
+
+
+def test_a_run_resumed_on_purpose_continues_its_own_progress_after_another_crash(tmp_path, capsys):
+    from lorapipe.backends.base import resume_checkpoint
+    from lorapipe.backends.trl_sft import resume_point
+
+    own = tmp_path / "work" / "checkpoints"
+    cfg = TrainSection(resume_from=str(tmp_path / "old" / "checkpoint-40"))
+    assert resume_point(cfg, own) == tmp_path / "old" / "checkpoint-40"  # nothing of its own yet
+    (own / "checkpoint-60").mkdir(parents=True)
+    assert resume_point(cfg, own) == own / "checkpoint-60"  # its own newer checkpoint wins
+    assert "resuming from" in capsys.readouterr().out
+    assert resume_checkpoint(None, TrainSection()) is None

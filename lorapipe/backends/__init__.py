@@ -23,9 +23,11 @@ def get_backend(name: str) -> "TrainingBackend":
         from lorapipe.backends.unsloth import UnslothBackend
 
         return UnslothBackend()
-    from lorapipe.backends.mlx import MLXBackend
+    if name == "mlx":
+        from lorapipe.backends.mlx import MLXBackend
 
-    return MLXBackend()
+        return MLXBackend()
+    raise NotImplementedError(f"the catalog lists backend {name!r} but get_backend has no class for it")
 
 
 __all__ = ["BACKENDS", "backend_spec", "get_backend"]

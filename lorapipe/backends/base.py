@@ -99,15 +99,24 @@ def work_dir_for(output_root: str | Path, inputs_key: str, code: str, resume_fro
     that purpose: nothing is said then)."""
     root = Path(output_root)
     work_dir = root / f"{inputs_key}-{code}"
-    if resume_from is None and not any(work_dir.glob("checkpoints/*")):
-        older = sorted((p for p in root.glob(f"{inputs_key}-*") if p != work_dir and any(p.glob("checkpoints/*"))),
-                       key=lambda p: p.stat().st_mtime)
-        for folder in older:
-            ckpts = sorted(folder.glob("checkpoints/*"), key=lambda p: p.stat().st_mtime)
-            print(f"set aside: {folder} holds checkpoints of this training written by other code (code "
-                  f"{folder.name.rsplit('-', 1)[-1]}, now {code}); starting over. To resume one on purpose: "
-                  f"--set train.resume_from={ckpts[-1]}", flush=True)
+    if resume_from is None and not complete_checkpoints(work_dir / "checkpoints"):
+        for folder in sorted(p for p in root.glob(f"{inputs_key}-*") if p != work_dir):
+            ckpts = complete_checkpoints(folder / "checkpoints")
+            if ckpts:
+                print(f"set aside: {folder} holds checkpoints of this training written by other code (code "
+                      f"{folder.name.rsplit('-', 1)[-1]}, now {code}); starting over. To resume one on purpose: "
+                      f"--set train.resume_from={ckpts[-1]}", flush=True)
     return work_dir
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints in `folder` that were written to the end (hf's checkpoint-N and mlx's step-N both end with
+    trainer_state.json; a save cut short leaves a hidden or tmp- folder, or none), oldest step first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "tmp"))
+             and p.name.rsplit("-", 1)[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]))
 
 
 def run_config(model_cfg: ModelSection, t: TrainSection, plan: TrainingPlan, seed: int) -> dict[str, Any]:
@@ -116,10 +125,17 @@ def run_config(model_cfg: ModelSection, t: TrainSection, plan: TrainingPlan, see
             "plan": plan.model_dump(mode="json", exclude={"reasons", "warnings"})}
 
 
-def say_resuming(checkpoint: Optional[Path], train_cfg: TrainSection) -> None:
-    if checkpoint is not None:
-        how = "(train.resume_from)" if train_cfg.resume_from else "(set train.resume=false to start over)"
-        print(f"resuming from {checkpoint} {how}", flush=True)
+def resume_checkpoint(own_last: Optional[Path], train_cfg: TrainSection) -> Optional[Path]:
+    """The checkpoint a run resumes from, said in the log: this training's own last one first (so a run resumed on
+    purpose that crashes again continues its own progress), else `train.resume_from`, else none."""
+    if train_cfg.resume and own_last is not None:
+        chosen, how = own_last, "(set train.resume=false to start over)"
+    elif train_cfg.resume_from is not None:
+        chosen, how = Path(train_cfg.resume_from), "(train.resume_from)"
+    else:
+        return None
+    print(f"resuming from {chosen} {how}", flush=True)
+    return chosen
 
 
 @dataclass
@@ -167,8 +183,6 @@ def write_adapter_metadata(adapter_dir: Path, model: ModelSection, train_cfg: Tr
                            plan: TrainingPlan, info: AdapterInfo, extra: Optional[dict[str, Any]] = None) -> None:
     """Every adapter folder describes itself: merge and register need nothing else."""
     meta = {
-        "backend": plan.backend,
-        "code_version": training_code_version(plan.backend),
         "base_model": model.name_or_path,
         "base_revision": model.revision,
         "trust_remote_code": model.trust_remote_code,

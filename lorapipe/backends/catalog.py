@@ -18,7 +18,7 @@ OPTIONAL_FEATURES = ("init_adapter", "eval_steps", "early_stopping_patience", "l
 # optimizers that come from bitsandbytes (the TRL backends import it for them)
 BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 # packages some settings need beyond a backend's own, with the extra that installs them
-OPTIONAL_PACKAGE_INSTALL = {"bitsandbytes": "pip install -e '.[cuda]'", "mlx": "pip install -e '.[mlx]'"}
+OPTIONAL_PACKAGE_INSTALL = {"bitsandbytes": "pip install -e '.[cuda]'"}
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class BackendSpec:
     modules: tuple[str, ...]  # import names that must be importable for it to run at all
     install: str  # the command that installs them
     devices: tuple[str, ...]  # plan devices it trains on: values train.device allows
-    auto_on: tuple[str, ...]  # accelerators on which train.backend=auto may pick it (see AUTO_PREFERENCE)
+    auto_on: tuple[str, ...]  # accelerators on which backend=auto may pick it and device=auto puts it (else the CPU)
     quantization: tuple[str, ...]  # train.quantization values it honours
     quantized_by: Optional[str]  # the package that quantises the base (needed only when quantization != none)
     optimizers: tuple[str, ...]  # train.optimizer values it honours

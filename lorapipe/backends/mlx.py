@@ -30,9 +30,10 @@ from lorapipe.backends.base import (
     AdapterInfo,
     BackendUnavailable,
     TrainingRun,
+    complete_checkpoints,
     finish_training,
+    resume_checkpoint,
     run_config,
-    say_resuming,
 )
 from lorapipe.backends.catalog import BACKENDS
 from lorapipe.config import LoraSection, ModelSection, TrainSection
@@ -199,11 +200,7 @@ def masked_loss(model: Any, inputs: Any, targets: Any, mask: Any, denominator: A
 
 def list_checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints (`step-N/` holding trainer_state.json), oldest first."""
-    if not folder.exists():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / TRAINER_STATE).exists()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    return [p for p in complete_checkpoints(folder) if p.name.startswith(CHECKPOINT_PREFIX)]
 
 
 def _save_checkpoint(folder: Path, step: int, model: Any, optimizer: Any, state: dict, keep: int) -> Path:
@@ -250,6 +247,13 @@ def _make_optimizer(plan: TrainingPlan, t: TrainSection) -> Any:
         return optim.AdamW(learning_rate=t.learning_rate, weight_decay=t.weight_decay, bias_correction=True)
     raise ValueError(f"train.optimizer={plan.optimizer} is not available on the mlx backend "
                      f"(allowed: {', '.join(BACKENDS['mlx'].optimizers)}); preflight refuses it")
+
+
+def _use_device(device: str) -> None:
+    """mlx's default device for what follows: the plan's `mps` is Apple's GPU, `cpu` the CPU."""
+    import mlx.core as mx
+
+    mx.set_default_device(mx.gpu if device == "mps" else mx.cpu)
 
 
 def _memory_reader(device: str) -> Callable[[], float]:
@@ -314,7 +318,7 @@ class MLXBackend:
         if plan.quantization not in ("none", *QUANTIZATION):
             raise ValueError(f"plan.quantization={plan.quantization!r} is not one of none, nf4, int8")
         work_dir, adapter_dir = Path(work_dir), Path(adapter_dir)
-        mx.set_default_device(mx.gpu if plan.device == "mps" else mx.cpu)  # the plan's device: Apple's GPU or the CPU
+        _use_device(plan.device)
         random.seed(seed)
         np.random.seed(seed)
         mx.random.seed(seed)
@@ -350,11 +354,10 @@ class MLXBackend:
         state = {"step": 0, "micro_batches_consumed": 0, "loss_sum": 0.0, "train_tokens": 0, "train_seconds": 0.0,
                  "log_history": [], "log_window": []}
         existing = list_checkpoints(ckpt_dir)
-        resume_from = Path(t.resume_from) if t.resume_from else existing[-1] if t.resume and existing else None
+        resume_from = resume_checkpoint(existing[-1] if existing else None, t)
         if not t.resume and ckpt_dir.exists():
             print(f"train.resume=false: removing the checkpoints of an earlier run in {ckpt_dir}", flush=True)
             shutil.rmtree(ckpt_dir)
-        say_resuming(resume_from, t)
         if resume_from is not None:
             state = _load_checkpoint(resume_from, model, optimizer)
             saved_order = state["data_order"]
@@ -442,7 +445,7 @@ class MLXBackend:
             peak_memory_gb=round(_memory_reader(plan.device)(), 4),
             resumed_from=str(resume_from) if resume_from else None, log_history=state["log_history"])
         return finish_training(run, adapter_dir, m, t, seed, plan, train, tokenizer, save_weights,
-                               extra={"adapter_format": "mlx-lm"})
+                               extra={"adapter_format": BACKENDS["mlx"].adapter_format})
 
     def eval_models(self, adapter_dir: str, phase: PhasePlan) -> dict[str, Any]:
         """The base as saved and a float32 fused copy, both scored with transformers like any other adapter."""
@@ -457,7 +460,8 @@ class MLXBackend:
         def tuned() -> Any:
             scratch = tempfile.mkdtemp(prefix="lorapipe-eval-fused-")
             try:  # a scoring copy only; the merge step writes the real one
-                yield load_model(self.fuse(adapter_dir, scratch, "float32"), phase.dtype, device=phase.device)
+                fused = self.fuse(adapter_dir, scratch, "float32", device=phase.device)
+                yield load_model(fused, phase.dtype, device=phase.device)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
 
@@ -467,7 +471,7 @@ class MLXBackend:
                 "tuned": tuned}
 
     def merge(self, adapter_dir: str, out_dir: str, phase: PhasePlan) -> None:
-        self.fuse(adapter_dir, out_dir, phase.dtype)
+        self.fuse(adapter_dir, out_dir, phase.dtype, device=phase.device)
 
     def reference_logits(self, adapter_dir: str, phase: PhasePlan) -> Any:
         """ids -> float32 logits of the adapter on the base as training saw it, computed by mlx."""
@@ -475,11 +479,12 @@ class MLXBackend:
         import numpy as np
         import torch
 
-        model, _ = self.load_adapter(adapter_dir)
+        model, _ = self.load_adapter(adapter_dir, device=phase.device)
         return lambda ids: torch.from_numpy(np.array(model(mx.array(ids.numpy())).astype(mx.float32)))
 
-    def load_adapter(self, adapter_dir: str | Path) -> tuple[Any, Any]:
-        """(mlx model, HF tokenizer): the base as training saw it (dtype, quantisation) with the adapter on.
+    def load_adapter(self, adapter_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+        """(mlx model, HF tokenizer): the base as training saw it (dtype, quantisation) with the adapter on, on the
+        phase's device (mps: Apple's GPU; cpu, as the merge plan has it).
 
         `mlx_lm.load(base, adapter_path=adapter_dir)` also reads the adapter, but on the unquantised base: for
         a QLoRA adapter this is the faithful way to run it.
@@ -488,6 +493,7 @@ class MLXBackend:
         from mlx_lm.tuner.utils import load_adapters
         from transformers import AutoTokenizer
 
+        _use_device(device)
         adapter_dir = Path(adapter_dir)
         cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
         model, _ = _load_base(cfg["model"], cfg.get("revision"), cfg.get("trust_remote_code", False),
@@ -496,7 +502,7 @@ class MLXBackend:
         model.eval()
         return model, AutoTokenizer.from_pretrained(str(adapter_dir))
 
-    def fuse(self, adapter_dir: str, out_dir: str, dtype: str = "float32") -> str:
+    def fuse(self, adapter_dir: str, out_dir: str, dtype: str = "float32", device: str = "cpu") -> str:
         """Fold the adapter into the base and save a folder `transformers.AutoModelForCausalLM` loads.
 
         mlx-lm's fuse logic (LoRA layer `.fuse(dequantize=True)`, then `dequantize_model`): a QLoRA base comes
@@ -511,7 +517,7 @@ class MLXBackend:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"fuse dtype {dtype!r} is not one of float32, bfloat16, float16")
         adapter_dir, out = Path(adapter_dir), Path(out_dir)
-        model, tokenizer = self.load_adapter(adapter_dir)
+        model, tokenizer = self.load_adapter(adapter_dir, device)
         fused = [(n, mod.fuse(dequantize=True)) for n, mod in model.named_modules() if hasattr(mod, "fuse")]
         if fused:
             model.update_modules(tree_unflatten(fused))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from lorapipe.backends.base import AdapterInfo, TrainingRun, finish_training, run_config, say_resuming
+from lorapipe.backends.base import AdapterInfo, TrainingRun, finish_training, resume_checkpoint, run_config
 from lorapipe.config import LoraSection, ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
@@ -47,10 +47,8 @@ def last_checkpoint(folder: Path) -> Optional[Path]:
 
 
 def resume_point(t: TrainSection, ckpt_dir: Path) -> Optional[Path]:
-    """The checkpoint this run resumes from: `train.resume_from` on purpose, else this training's last one."""
-    found = Path(t.resume_from) if t.resume_from is not None else last_checkpoint(ckpt_dir) if t.resume else None
-    say_resuming(found, t)
-    return found
+    """The checkpoint this run resumes from: its own last one, else `train.resume_from` (see resume_checkpoint)."""
+    return resume_checkpoint(last_checkpoint(ckpt_dir), t)
 
 
 def train_tokens(train_ds: Any, t: TrainSection, plan: TrainingPlan) -> int:

@@ -133,8 +133,10 @@ def _refusals(spec: BackendSpec, train: TrainSection) -> list[str]:
     for key in OPTIONAL_FEATURES:
         if getattr(train, key) not in (None, False) and key not in spec.features:
             supported_by = [b.name for b in BACKENDS.values() if key in b.features]
-            problems.append(f"train.{key} is supported by the {', '.join(supported_by)} backend only; the plan chose "
-                            f"{spec.name}: set train.backend: {supported_by[0]}, or unset train.{key}")
+            where = (f"is supported by the {', '.join(supported_by)} backend only; the plan chose {spec.name}: "
+                     f"set train.backend: {supported_by[0]}, or unset train.{key}") if supported_by else \
+                "is supported by no backend: unset it"
+            problems.append(f"train.{key} {where}")
     for key, value, allowed in (("quantization", train.quantization, spec.quantization),
                                 ("optimizer", train.optimizer, spec.optimizers),
                                 ("lora.bias", train.lora.bias, spec.lora_bias)):
@@ -150,8 +152,8 @@ def _train_device(train: TrainSection, spec: BackendSpec, probe: HardwareProbe, 
         if device not in spec.devices:
             problems.append(f"train.device={device}: the {spec.name} backend trains on {', '.join(spec.devices)}; "
                             "set train.device: auto")
-    else:  # the machine's accelerator when the backend trains there, else the CPU
-        device = probe.accelerator if probe.accelerator in spec.devices else "cpu"
+    else:  # the machine's accelerator where the catalog prefers this backend there (auto_on), else the CPU
+        device = probe.accelerator if probe.accelerator in spec.auto_on else "cpu"
     if device == "cuda" and not probe.cuda_available:
         problems.append("train.device=cuda: the device cuda is not available on this machine (set train.device: auto)")
     if device == "mps" and not (probe.mps_available or (spec.name == "mlx" and probe.apple_silicon)):
@@ -180,8 +182,8 @@ def _phase_plans(train_plan: TrainingPlan, evaluate: EvaluateSection, merge: Mer
     else:
         evaluation = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=evaluate.batch_size,
                                reason="torch on the CPU in float32" + (
-                                   f" (the {train_plan.backend} adapter is scored as a torch model)"
-                                   if train_plan.device == "mps" else ""))
+                                   " (the mlx adapter is fused and scored as a torch model)"
+                                   if train_plan.backend == "mlx" else ""))
     merging = PhasePlan(phase="merge", device="cpu", dtype=merge.dtype, batch_size=1,
                         reason=f"on the CPU, written as {merge.dtype} (merge.dtype); checked one row at a time")
     return evaluation, merging
@@ -214,7 +216,8 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, size: ModelSize,
     if optimizer.startswith("paged") and device != "cuda":
         warnings.append(f"{optimizer} pages only on CUDA; bitsandbytes falls back to a non-paged optimizer here")
 
-    # memory budget: GPU memory on CUDA, total RAM elsewhere (unified memory on Apple); free memory is a warning
+    # memory budget: GPU memory on CUDA, total RAM elsewhere (unified memory on Apple). Not free memory: the plan
+    # must come out the same on one machine from run to run (preflight warns when too little is free right now).
     if device == "cuda" and probe.cuda_devices:
         budget = probe.cuda_devices[0].total_memory_gb * CUDA_BUDGET_FRACTION
     else:

@@ -113,8 +113,8 @@ def _gpu_inventory() -> list[str]:
 
 def machine_fingerprint() -> str:
     """sha256 of what the plan depends on and does not change between two runs on one machine: OS, architecture,
-    cores, total RAM, GPUs, data-parallel world size and package versions (free RAM and disk are checked by the
-    plan, not named here, or every run would plan anew)."""
+    cores, total RAM, GPUs (as nvidia-smi lists them), data-parallel world size and package versions. Free RAM and
+    disk are left out, or every run would plan anew; a cached preflight does not check them again."""
     import psutil
 
     facts = {
