@@ -198,6 +198,11 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 1
     meta = {k: v for k, v in mv.run_metadata.items()}
+    if "report" in meta:  # what the register step wrote: the same content as its dashboard report
+        from lorapipe.registry import VersionReport, render_text
+
+        print("\n".join(render_text(VersionReport(**meta["report"]), current_stage=mv.stage or "none")))
+        return 0
     print(f"model {args.model} version {mv.name} (stage: {mv.stage or 'none'})")
     data = meta.get("data", {})
     print(f"  data files sha256      {data.get('files_sha256', '?')}")

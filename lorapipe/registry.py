@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
+
+from pydantic import BaseModel
 
 from lorapipe.evaluation.metrics import EvalMetrics
 
@@ -37,3 +39,91 @@ def decide_stage(metrics: EvalMetrics, merge_passed: bool, stage_if_better: str,
                       f"register.min_perplexity_gain={min_perplexity_gain:.1%}")
     return stage_if_better, (f"tuned perplexity {metrics.tuned.perplexity:.3f} beats base "
                              f"{metrics.base.perplexity:.3f} ({metrics.perplexity_gain:.1%} gain)")
+
+
+class VersionReport(BaseModel):
+    """What a model version is and why it holds its stage: written by the register step (an artifact with an HTML
+    view, and the version's metadata) and printed by `lorapipe lineage`, so both say the same."""
+
+    model: str
+    version: str
+    stage: str  # set at registration ("none" when not promoted)
+    decision: str  # why that stage
+    metrics: list[dict[str, Any]]  # per metric: name, base, tuned, production (the holder's, when there is one)
+    production_version: Optional[str] = None  # the production holder at registration, if any
+    data: dict[str, Any]
+    base_model: dict[str, Any]
+    merge_check: dict[str, Any]
+    code: dict[str, Any]
+    run: dict[str, str]  # id and name of the pipeline run
+    artifacts: dict[str, str]  # artifact name -> artifact version id
+
+
+METRIC_ROWS = (("perplexity", "base_perplexity", "tuned_perplexity"), ("loss", "base_loss", "tuned_loss"),
+               ("ROUGE-L", "base_rouge_l", "tuned_rouge_l"), ("stop rate", "base_stop_rate", "tuned_stop_rate"))
+
+
+def metric_rows(metrics: dict[str, float], production: Optional[dict[str, float]]) -> list[dict[str, Any]]:
+    """Base vs tuned (vs the production holder's tuned figure) for each metric the version recorded."""
+    rows = []
+    for name, base_key, tuned_key in METRIC_ROWS:
+        if tuned_key not in metrics:
+            continue
+        rows.append({"metric": name, "base": metrics.get(base_key), "tuned": metrics[tuned_key],
+                     "production": (production or {}).get(tuned_key)})
+    return rows
+
+
+def render_text(report: VersionReport, current_stage: Optional[str] = None) -> list[str]:
+    stage = report.stage if current_stage is None or current_stage == report.stage else \
+        f"{current_stage} (at registration: {report.stage})"
+    lines = [f"model {report.model} version {report.version} (stage: {stage})",
+             f"  decision               {report.decision}"]
+    for m in report.metrics:
+        prod = f", production {m['production']:.4g}" if m.get("production") is not None else ""
+        base = f"base {m['base']:.4g} -> " if m.get("base") is not None else ""
+        lines.append(f"  {m['metric']:<22} {base}tuned {m['tuned']:.4g}{prod}")
+    if report.production_version:
+        lines.append(f"  production holder      version {report.production_version} (at registration)")
+    d = report.data
+    lines += [f"  data files sha256      {d.get('files_sha256', '?')}",
+              f"  validated rows sha256  {d.get('validated_sha256', '?')}  ({d.get('rows_accepted', '?')} rows accepted, "
+              f"{d.get('rows_rejected', '?')} rejected)",
+              f"  train split sha256     {d.get('train_split_sha256', '?')}",
+              f"  base model             {report.base_model.get('name_or_path', '?')}"
+              + (f" @ {report.base_model['revision']}" if report.base_model.get("revision") else ""),
+              f"  merge check            {'passed' if report.merge_check.get('passed') else 'FAILED'}: max |logit diff| "
+              f"{report.merge_check.get('max_abs_logit_diff', float('nan')):.3g} (tolerance "
+              f"{report.merge_check.get('tolerance', float('nan')):.3g}, {report.merge_check.get('dtype', '?')})",
+              f"  code                   {report.code.get('commit', '?')}" + (" (uncommitted changes)"
+                                                                             if report.code.get("dirty") else ""),
+              f"  run                    {report.run.get('name', '?')} ({report.run.get('id', '?')})",
+              "  artifacts (version ids):"]
+    lines += [f"    {name:<20} {art_id}" for name, art_id in sorted(report.artifacts.items())]
+    return lines
+
+
+def render_html(report: VersionReport) -> str:
+    from lorapipe import html_report as h
+
+    promoted = report.stage not in ("none", "")
+    metrics = h.table(["metric", "base", "tuned", "production holder"],
+                      [(m["metric"], m.get("base"), m["tuned"], m.get("production")) for m in report.metrics])
+    check = report.merge_check
+    return h.page(
+        f"{report.model} — version {report.version}",
+        h.key_values([("stage", report.stage), ("decision", report.decision),
+                      ("production holder at registration", report.production_version or "none")]),
+        h.paragraph("promoted" if promoted else "not promoted", "ok" if promoted else "bad"),
+        h.section("Metrics on this run's test split", metrics),
+        h.section("Merge check", h.key_values([
+            ("result", "passed" if check.get("passed") else "FAILED"), ("dtype", check.get("dtype")),
+            ("max |logit diff|", check.get("max_abs_logit_diff")), ("tolerance", check.get("tolerance")),
+            ("rows checked", check.get("rows_checked"))])),
+        h.section("Data", h.key_values(sorted(report.data.items()))),
+        h.section("Base model and code", h.key_values([
+            ("base model", report.base_model.get("name_or_path")), ("revision", report.base_model.get("revision")),
+            ("commit", report.code.get("commit")), ("uncommitted changes", report.code.get("dirty"))])),
+        h.section("Run and artifacts", h.key_values([("run", f"{report.run.get('name')} ({report.run.get('id')})"),
+                                                     *sorted(report.artifacts.items())])),
+    )

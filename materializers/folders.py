@@ -44,7 +44,9 @@ class _FolderMaterializer(BaseMaterializer):
             shutil.rmtree(data.path, ignore_errors=True)
 
     def extract_metadata(self, data: FolderArtifact) -> Dict[str, Any]:
-        files = sorted(p.name for p in Path(data.path).iterdir())
+        # the stored copy: a temporary source folder is already gone when ZenML asks for metadata
+        stored = os.path.join(self.uri, self.FOLDER)
+        files = sorted(n.decode() if isinstance(n, bytes) else n for n in fileio.listdir(stored))
         return {"files": ", ".join(files)[:1000]}
 
 
@@ -73,3 +75,26 @@ class ModelFolderMaterializer(_FolderMaterializer):
         check = data.metadata.get("check", {})
         meta.update({k: check[k] for k in ("dtype", "max_abs_logit_diff", "tolerance", "passed") if k in check})
         return meta
+
+    def save_visualizations(self, data: ModelFolder) -> Dict[str, VisualizationType]:
+        """The merge check (merged vs base + adapter logits) and what the folder holds."""
+        from lorapipe import html_report as h
+
+        check = data.metadata.get("check", {})
+        adapter = data.metadata.get("adapter_metadata", {})
+        stored = os.path.join(self.uri, self.FOLDER)
+        files = sorted(n.decode() if isinstance(n, bytes) else n for n in fileio.listdir(stored))
+        body = h.page(
+            "Merged model",
+            h.paragraph("merge check passed" if check.get("passed") else "merge check FAILED",
+                        "ok" if check.get("passed") else "bad"),
+            h.key_values([("base model", adapter.get("base_model")), ("dtype", check.get("dtype")),
+                          ("max |logit diff|", check.get("max_abs_logit_diff")),
+                          ("mean |logit diff|", check.get("mean_abs_logit_diff")),
+                          ("tolerance", check.get("tolerance")), ("rows checked", check.get("rows_checked")),
+                          ("merge memory (GB)", check.get("memory_gb"))]),
+            h.section("Files", h.table(["file"], [(f,) for f in files])))
+        path = os.path.join(self.uri, "merge_check.html")
+        with fileio.open(path, "w") as fh:
+            fh.write(body)
+        return {path: VisualizationType.HTML}

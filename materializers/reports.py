@@ -1,8 +1,8 @@
-"""Reports (validation, preflight, plan, metrics) as JSON, with a Markdown view for the dashboard."""
+"""Reports (validation, preflight, plans, metrics, the model version) as JSON, each with a self-contained HTML view
+for the dashboard (inline styles, no scripts, no external URL; see lorapipe.html_report)."""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, ClassVar, Dict, Tuple, Type
 
@@ -11,25 +11,39 @@ from zenml.enums import ArtifactType, VisualizationType
 from zenml.io import fileio
 from zenml.materializers.pydantic_materializer import PydanticMaterializer
 
+from lorapipe import html_report as h
 from lorapipe.data.validation import RejectedRows, ValidationReport
 from lorapipe.evaluation.metrics import EvalMetrics
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan
 from lorapipe.hardware.probe import HardwareProbe
+from lorapipe.registry import VersionReport, render_html
+
+# problems listed per kind in the validation view; the JSON artifact keeps all of them
+PROBLEMS_SHOWN_PER_KIND = 20
+# Great Expectations' own data docs page, kept beside the report as a file to download (it needs scripts and
+# stylesheets from the internet, which the dashboard's frame does not load)
+GE_DATA_DOCS = "great_expectations_data_docs.html"
+
+
+def _figure_png(fig: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
 def token_length_histogram_png(report: ValidationReport) -> bytes:
     """Token lengths of the accepted rows, with the sequence limit where rows get cut."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     stats = report.token_stats
     starts = [b[0] for b in stats.histogram]
     width = (starts[1] - starts[0]) if len(starts) > 1 else 1
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    fig = Figure(figsize=(7, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
     ax.bar(starts, [b[1] for b in stats.histogram], width=width * 0.9, align="edge", color="#4c72b0")
     ax.axvline(stats.p95, color="#dd8452", linestyle="--", label=f"p95 {stats.p95:.0f}")
     ax.set_xlabel("tokens per row (after the chat template)")
@@ -37,37 +51,171 @@ def token_length_histogram_png(report: ValidationReport) -> bytes:
     ax.set_title(f"{stats.rows} rows, p50 {stats.p50:.0f}, max {stats.max}, {stats.truncated_rows} truncated")
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _figure_png(fig)
+
+
+def row_loss_png(metrics: EvalMetrics) -> bytes:
+    """Each scored test row's masked loss, base against tuned: points under the diagonal improved."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    base, tuned = metrics.row_losses["base"], metrics.row_losses["tuned"]
+    fig = Figure(figsize=(5, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.scatter(base, tuned, s=14, color="#4c72b0")
+    lo, hi = min(base + tuned), max(base + tuned)
+    ax.plot([lo, hi], [lo, hi], "--", color="#999999", label="no change")
+    better = sum(t < b for b, t in zip(base, tuned))
+    ax.set_title(f"per-row loss: {better} of {len(base)} rows lower after tuning")
+    ax.set_xlabel("base model loss")
+    ax.set_ylabel("tuned model loss")
+    ax.legend()
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def validation_html(report: ValidationReport) -> str:
+    summary = h.key_values([
+        ("verdict", report.verdict), ("files", ", ".join(f"{f} ({fmt})" for f, fmt in report.files.items())),
+        ("rows read / accepted / rejected", f"{report.rows_read} / {report.rows_accepted} / {report.rows_rejected}"),
+        ("errors / warnings", f"{report.errors} / {report.warnings}"), ("data fingerprint", report.data_fingerprint)])
+    parts = [h.paragraph("PASSED" if report.passed else "FAILED", "ok" if report.passed else "bad"), summary]
+    if report.problem_counts:
+        severity = {p.code: p.severity for p in report.problems}
+        parts.append(h.section("Problems by kind", h.table(
+            ["problem", "rows", "severity"], sorted(((c, n, severity.get(c, "")) for c, n in report.problem_counts.items()),
+                                                    key=lambda r: -r[1]))))
+        shown: dict[str, int] = {}
+        rows = []
+        for p in report.problems:
+            shown[p.code] = shown.get(p.code, 0) + 1
+            if shown[p.code] <= PROBLEMS_SHOWN_PER_KIND:
+                where = f"{os.path.basename(p.source)}:{p.line}" + (f":{p.column}" if p.column else "")
+                rows.append((where, p.code, p.field, p.message, p.fix))
+        hidden = sum(max(0, n - PROBLEMS_SHOWN_PER_KIND) for n in report.problem_counts.values())
+        parts.append(h.section("Problems", h.table(["where", "problem", "field", "what", "fix"], rows)))
+        if hidden:
+            parts.append(h.paragraph(f"and {hidden} more (the first {PROBLEMS_SHOWN_PER_KIND} of each kind are shown; "
+                                     "the report artifact's JSON lists every one)", "muted"))
+    if report.token_stats:
+        t = report.token_stats
+        parts.append(h.section("Tokens", h.key_values([
+            ("rows", t.rows), ("p50 / p95 / max tokens per row", f"{t.p50:.0f} / {t.p95:.0f} / {t.max}"),
+            ("total / trained tokens", f"{t.total_tokens:,} / {t.trainable_tokens:,}"),
+            ("rows truncated", t.truncated_rows),
+            (f"padding waste at micro-batch {t.micro_batch_size}",
+             f"{t.padding_waste_in_order:.1%} in file order, {t.padding_waste_length_grouped:.1%} grouped by length")])))
+    if report.audit:
+        a = report.audit
+        parts.append(h.section("Learns-to-stop audit", h.key_values([
+            ("result", "passed" if a.passed else "FAILED"), ("rows that train the stop token", f"{a.stop_token_trained_fraction:.1%}"),
+            ("rows with trained tokens", f"{a.trainable_rows_fraction:.1%}"), ("round-trip", f"{a.roundtrip_fraction:.1%}"),
+            ("EOS / PAD", f"{a.eos_token!r} / {a.pad_token!r}"), ("chat template from", a.chat_template_source),
+            ("explanation", a.explanation)])))
+    if report.expectations:
+        e = report.expectations
+        parts.append(h.section(
+            f"Great Expectations suite '{e.suite_name}': {'passed' if e.success else 'FAILED'}",
+            h.table(["expectation", "arguments", "observed", "unexpected %", "result"],
+                    [(r["expectation"], {k: v for k, v in r["kwargs"].items() if k != "column"}, r["observed"],
+                      r.get("unexpected_percent"), h.status(r["success"])) for r in e.results], raw_columns=(4,)),
+            h.paragraph(f"Great Expectations' own data docs page is stored beside this report as {GE_DATA_DOCS}.",
+                        "muted") if e.data_docs_html else ""))
+    return h.page("Validation report", *parts)
+
+
+def rejected_html(data: RejectedRows) -> str:
+    if not data.rows:
+        return h.page("Rejected rows", h.paragraph("No row was rejected.", "ok"))
+    return h.page(f"Rejected rows: {len(data.rows)}", h.table(
+        ["where", "reasons", "the row as given"],
+        [(f"{os.path.basename(r.source)}:{r.line}", ", ".join(r.reasons), r.raw[:2000]) for r in data.rows]))
+
+
+def probe_html(probe: HardwareProbe) -> str:
+    gpus = [(d.index, d.name, d.total_memory_gb, d.capability, d.bf16) for d in probe.cuda_devices]
+    return h.page("Preflight: this machine", h.key_values([
+        ("OS / architecture / Python", f"{probe.os} / {probe.machine} / {probe.python}"),
+        ("CPU cores", probe.cpu_count), ("RAM total / available (GB)", f"{probe.ram_total_gb} / {probe.ram_available_gb}"),
+        (f"free disk at {probe.disk_path} (GB)", probe.disk_free_gb), ("CUDA", probe.cuda_available),
+        ("Apple Silicon / MPS", f"{probe.apple_silicon} / {probe.mps_available}"),
+        ("data-parallel processes", probe.world_size)]),
+        h.section("CUDA devices", h.table(["index", "name", "memory (GB)", "capability", "bf16"], gpus)
+                  if gpus else h.paragraph("none", "muted")),
+        h.section("Packages", h.table(["package", "version"],
+                                      sorted((k, v or "not installed") for k, v in probe.packages.items()))))
+
+
+def training_plan_html(plan: TrainingPlan) -> str:
+    m = plan.memory
+    return h.page(f"Training plan: {plan.backend} on {plan.device}", h.key_values([
+        ("backend", plan.backend), ("device", plan.device), ("dtype", plan.dtype), ("quantization", plan.quantization),
+        ("micro-batch x accumulation = effective",
+         f"{plan.micro_batch_size} x {plan.gradient_accumulation_steps} = {plan.effective_batch_size}"),
+        ("max sequence length", plan.max_seq_length), ("gradient checkpointing", plan.gradient_checkpointing),
+        ("optimizer", plan.optimizer), ("data-parallel processes", plan.world_size)]),
+        h.section("Memory estimate (GB)", h.table(
+            ["weights", "LoRA + optimizer", "activations", "total", "budget"],
+            [(m.weights_gb, m.lora_and_optimizer_gb, m.activations_gb, m.total_gb, m.budget_gb)])),
+        h.section("Why", h.table(["reason"], [(r,) for r in plan.reasons])),
+        h.section("Warnings", h.table(["warning"], [(w,) for w in plan.warnings]) if plan.warnings
+                  else h.paragraph("none", "muted")))
+
+
+def phase_plan_html(plan: PhasePlan) -> str:
+    return h.page(f"{plan.phase.capitalize()} plan", h.key_values([
+        ("device", plan.device), ("dtype", plan.dtype), ("batch size", plan.batch_size), ("why", plan.reason)]))
+
+
+def eval_html(metrics: EvalMetrics) -> str:
+    rows = []
+    for name in ("loss", "perplexity", "rouge_l", "exact_match", "stop_rate"):
+        base, tuned = getattr(metrics.base, name), getattr(metrics.tuned, name)
+        if tuned is None:
+            continue
+        change = f"{(tuned - base) / base:+.1%}" if base else "—"
+        rows.append((name.replace("_", " "), base, tuned, change))
+    parts = [h.paragraph(f"{'Tuned beats base' if metrics.tuned_beats_base else 'Tuned does not beat base'} on "
+                         f"perplexity ({metrics.perplexity_gain:+.1%}); {metrics.scored_rows} of {metrics.test_rows} test "
+                         f"rows scored ({metrics.scored_tokens:,} tokens), {metrics.generated_rows} generated; "
+                         f"memory {metrics.memory_gb:.2f} GB", "ok" if metrics.tuned_beats_base else "bad"),
+             h.table(["metric", "base", "tuned", "change"], rows)]
+    if metrics.row_losses.get("base") and metrics.row_losses.get("tuned"):
+        parts.append(h.section("Per-row loss", h.image(row_loss_png(metrics), "per-row loss, base vs tuned")))
+    if metrics.samples:
+        parts.append(h.section("Generations side by side", h.table(
+            ["row", "prompt", "reference", "base", "tuned"],
+            [(s.get("source", "").rsplit("/", 1)[-1], s.get("prompt", ""), s.get("reference", ""),
+              s.get("base", "") + ("" if s.get("base_stopped") else "  [did not stop]"),
+              s.get("tuned", s.get("prediction", "")) + ("" if s.get("tuned_stopped", s.get("stopped")) else
+                                                         "  [did not stop]"))
+             for s in metrics.samples])))
+    return h.page("Evaluation: base vs tuned", *parts)
+
+
+VIEWS = {ValidationReport: validation_html, RejectedRows: rejected_html, HardwareProbe: probe_html,
+         TrainingPlan: training_plan_html, PhasePlan: phase_plan_html, EvalMetrics: eval_html,
+         VersionReport: render_html}
 
 
 class ReportMaterializer(PydanticMaterializer):
-    ASSOCIATED_TYPES: ClassVar[Tuple[Type[Any], ...]] = (ValidationReport, RejectedRows, HardwareProbe, TrainingPlan,
-                                                         PhasePlan, EvalMetrics)
+    ASSOCIATED_TYPES: ClassVar[Tuple[Type[Any], ...]] = tuple(VIEWS)
     ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA_ANALYSIS
 
+    def _write(self, name: str, content: str | bytes) -> str:
+        path = os.path.join(self.uri, name)
+        with fileio.open(path, "wb" if isinstance(content, bytes) else "w") as fh:
+            fh.write(content)
+        return path
+
     def save_visualizations(self, data: BaseModel) -> Dict[str, VisualizationType]:
-        out: Dict[str, VisualizationType] = {}
+        out = {self._write("report.html", VIEWS[type(data)](data)): VisualizationType.HTML}
         if isinstance(data, ValidationReport):
-            body = "\n".join(["# Validation report", "", "```", *data.summary_lines(max_rows_per_kind=10), "```"])
             if data.token_stats and data.token_stats.histogram:
-                png = os.path.join(self.uri, "token_lengths.png")
-                with fileio.open(png, "wb") as fh:
-                    fh.write(token_length_histogram_png(data))
-                out[png] = VisualizationType.IMAGE
+                out[self._write("token_lengths.png", token_length_histogram_png(data))] = VisualizationType.IMAGE
             if data.expectations and data.expectations.data_docs_html:
-                html = os.path.join(self.uri, "great_expectations.html")
-                with fileio.open(html, "w") as fh:
-                    fh.write(data.expectations.data_docs_html)
-                out[html] = VisualizationType.HTML
-        else:
-            body = f"# {type(data).__name__}\n\n```json\n{json.dumps(data.model_dump(mode='json'), indent=2)[:20000]}\n```"
-        path = os.path.join(self.uri, "report.md")
-        with fileio.open(path, "w") as fh:
-            fh.write(body)
-        out[path] = VisualizationType.MARKDOWN
+                self._write(GE_DATA_DOCS, data.expectations.data_docs_html)  # a file to download, not a view
         return out
 
     def extract_metadata(self, data: BaseModel) -> Dict[str, Any]:
@@ -83,4 +231,6 @@ class ReportMaterializer(PydanticMaterializer):
                     "gradient_accumulation_steps": data.gradient_accumulation_steps}
         if isinstance(data, PhasePlan):
             return {"phase": data.phase, "device": data.device, "dtype": data.dtype, "batch_size": data.batch_size}
+        if isinstance(data, VersionReport):
+            return {"stage": data.stage, "decision": data.decision}
         return {}

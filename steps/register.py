@@ -1,8 +1,10 @@
 """Register: attach metrics, plan, fingerprints and versions to the Model Control Plane version; set its stage."""
 
-from typing import Annotated
+from typing import Annotated, Optional, Tuple
 
 from zenml import get_step_context, log_metadata, step
+from zenml.client import Client
+from zenml.enums import ModelStages
 from zenml.logger import get_logger
 
 from lorapipe.artifacts import AdapterFolder, ModelFolder
@@ -11,17 +13,29 @@ from lorapipe.data.validation import ValidationReport
 from lorapipe.evaluation.metrics import EvalMetrics
 from lorapipe.hardware.plan import TrainingPlan
 from lorapipe.hardware.probe import HardwareProbe, package_versions
-from lorapipe.registry import decide_stage, git_commit
+from lorapipe.registry import VersionReport, decide_stage, git_commit, metric_rows, render_text
+from materializers import ReportMaterializer
 
 logger = get_logger(__name__)
 
 
-@step(enable_cache=False)
+def _production_holder(model_name: str, this_version: str) -> tuple[Optional[str], Optional[dict]]:
+    """(version, metrics) of the version holding the production stage before this one registers, if any."""
+    try:
+        holder = Client().get_model_version(model_name, ModelStages.PRODUCTION)
+    except KeyError:
+        return None, None
+    if holder.name == this_version:
+        return None, None
+    return holder.name, holder.run_metadata.get("metrics")
+
+
+@step(enable_cache=False, output_materializers={"model_version_report": ReportMaterializer})
 def register_model(
     adapter: AdapterFolder, eval_metrics: EvalMetrics, merged_model: ModelFolder, training_plan: TrainingPlan,
     validation_report: ValidationReport, preflight_report: HardwareProbe, register: dict, seed: int,
     data_files_sha256: str, config_sha256: str,
-) -> Annotated[str, "model_stage"]:
+) -> Tuple[Annotated[str, "model_stage"], Annotated[VersionReport, "model_version_report"]]:
     """Log the lineage facts on the model version and promote it when the tuned model beats the base.
 
     Args:
@@ -37,35 +51,52 @@ def register_model(
         config_sha256: sha256 of the validated config.
 
     Returns:
-        The stage set ("none" when not promoted).
+        The stage set ("none" when not promoted), and the model version's report (shown in the dashboard as the
+        page the open-source dashboard has no room for; `lorapipe lineage` prints the same).
     """
     r = RegisterSection(**register)
     check = merged_model.metadata.get("check", {})
     stage, reason = decide_stage(eval_metrics, bool(check.get("passed")), r.stage_if_better, r.min_perplexity_gain)
     adapter_meta = adapter.metadata
+    context = get_step_context()
+    model = context.model
+    base, tuned = eval_metrics.base, eval_metrics.tuned
+    metrics = {"base_perplexity": base.perplexity, "tuned_perplexity": tuned.perplexity,
+               "base_loss": base.loss, "tuned_loss": tuned.loss, "perplexity_gain": eval_metrics.perplexity_gain}
+    for name in ("rouge_l", "stop_rate"):  # absent when no generation was scored
+        if tuned.__dict__[name] is not None:
+            metrics[f"base_{name}"], metrics[f"tuned_{name}"] = base.__dict__[name], tuned.__dict__[name]
+    data = {"files_sha256": data_files_sha256, "validated_sha256": validation_report.data_fingerprint,
+            "train_split_sha256": adapter_meta.get("data_fingerprint", ""),
+            "rows_accepted": validation_report.rows_accepted, "rows_rejected": validation_report.rows_rejected}
+    base_model = {"name_or_path": adapter_meta.get("base_model", ""), "revision": adapter_meta.get("base_revision") or ""}
+    code = git_commit()
+    production_version, production_metrics = _production_holder(model.name, str(model.version))
+    report = VersionReport(
+        model=model.name, version=str(model.version), stage=stage or "none", decision=reason,
+        metrics=metric_rows(metrics, production_metrics), production_version=production_version, data=data,
+        base_model=base_model, merge_check=check, code=code,
+        run={"id": str(context.pipeline_run.id), "name": context.pipeline_run.name},
+        artifacts={name: str(inputs[0].id) for name, inputs in sorted(context.inputs.items()) if inputs},
+    )
     log_metadata(infer_model=True, metadata={
-        "metrics": {"base_perplexity": eval_metrics.base.perplexity, "tuned_perplexity": eval_metrics.tuned.perplexity,
-                    "base_loss": eval_metrics.base.loss, "tuned_loss": eval_metrics.tuned.loss,
-                    "perplexity_gain": eval_metrics.perplexity_gain,
-                    "tuned_rouge_l": eval_metrics.tuned.rouge_l if eval_metrics.tuned.rouge_l is not None else -1.0,
-                    "tuned_stop_rate": eval_metrics.tuned.stop_rate if eval_metrics.tuned.stop_rate is not None else -1.0},
+        "metrics": metrics,
         "plan": training_plan.model_dump(mode="json", exclude={"memory"}),
-        "data": {"files_sha256": data_files_sha256, "validated_sha256": validation_report.data_fingerprint,
-                 "train_split_sha256": adapter_meta.get("data_fingerprint", ""),
-                 "rows_accepted": validation_report.rows_accepted, "rows_rejected": validation_report.rows_rejected},
-        "base_model": {"name_or_path": adapter_meta.get("base_model", ""), "revision": adapter_meta.get("base_revision") or ""},
+        "data": data,
+        "base_model": base_model,
         "training": adapter_meta.get("result", {}),
         "merge_check": check,
         "seed": seed,
         "config_sha256": config_sha256,
         "package_versions": {k: v or "not installed" for k, v in package_versions().items()},
-        "code": git_commit(),
+        "code": code,
         "machine": {"cpu_count": preflight_report.cpu_count, "ram_total_gb": preflight_report.ram_total_gb,
                     "cuda": [d.name for d in preflight_report.cuda_devices]},
         "stage_decision": reason,
+        "report": report.model_dump(mode="json"),
     })
-    model = get_step_context().model
     if stage:
         model.set_stage(stage, force=True)
-    logger.info("model %s version %s: stage %s (%s)", model.name, model.version, stage or "none", reason)
-    return stage or "none"
+    for line in render_text(report):
+        logger.info(line)
+    return stage or "none", report

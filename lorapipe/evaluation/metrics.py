@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from lorapipe.data.records import Record
 
@@ -31,7 +31,9 @@ class EvalMetrics(BaseModel):
     tuned: ModelScores
     perplexity_gain: float  # relative: (base - tuned) / base
     tuned_beats_base: bool
-    samples: list[dict]
+    samples: list[dict]  # per generated row: source, prompt, reference, base and tuned generation, stopped or not
+    # per scored row (same order): mean masked NLL of base and tuned, for the per-row comparison
+    row_losses: dict[str, list[float]] = Field(default_factory=dict)
     memory_gb: float = 0.0  # this phase's peak on CUDA (counter reset first), the process RSS on CPU
 
 
@@ -52,14 +54,16 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * p * r / (p + r)
 
 
-def masked_loss(model: Any, tokenizer: Any, records: list[Record], max_length: int, batch_size: int) -> tuple[float, int]:
-    """Mean token NLL over assistant tokens only, and the number of tokens scored."""
+def masked_loss(model: Any, tokenizer: Any, records: list[Record], max_length: int,
+                batch_size: int) -> tuple[float, int, list[float]]:
+    """Mean token NLL over assistant tokens only, the number of tokens scored, and each row's own mean NLL."""
     import torch
 
     from lorapipe.data.render import encode
 
     device = next(model.parameters()).device
     total, count = 0.0, 0
+    per_row: list[float] = []
     encs = [encode(tokenizer, r, max_length) for r in records]
     model.eval()
     with torch.no_grad():
@@ -76,11 +80,14 @@ def masked_loss(model: Any, tokenizer: Any, records: list[Record], max_length: i
                 labels[k, :n] = torch.tensor([t if m else -100 for t, m in zip(e.input_ids, e.assistant_mask)])
             logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float()
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
-            nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
-                                                    shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
-            total += float(nll)
-            count += int((shift_labels != -100).sum())
-    return (total / count if count else float("nan")), count
+            token_nll = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100,
+                reduction="none").view(shift_labels.shape)
+            trained = (shift_labels != -100)
+            total += float(token_nll.sum())
+            count += int(trained.sum())
+            per_row += [float(r.sum() / max(int(m.sum()), 1)) for r, m in zip(token_nll, trained)]
+    return (total / count if count else float("nan")), count, per_row
 
 
 def generate_scores(model: Any, tokenizer: Any, records: list[Record], max_new_tokens: int) -> tuple[dict, list[dict]]:
@@ -105,8 +112,8 @@ def generate_scores(model: Any, tokenizer: Any, records: list[Record], max_new_t
         rouge.append(rouge_l(text, reference))
         exact.append(float(text == reference.strip()))
         stops.append(float(stopped))
-        samples.append({"source": f"{rec.source}:{rec.line}", "prediction": text[:500], "reference": reference[:500],
-                        "stopped": stopped})
+        samples.append({"source": f"{rec.source}:{rec.line}", "prompt": (prompt_msgs[-1].get("content") or "")[:500],
+                        "prediction": text[:500], "reference": reference[:500], "stopped": stopped})
     n = len(rouge)
     scores = {"rouge_l": sum(rouge) / n if n else None, "exact_match": sum(exact) / n if n else None,
               "stop_rate": sum(stops) / n if n else None}
