@@ -170,12 +170,13 @@ def phase_plan_html(plan: PhasePlan) -> str:
 
 def eval_html(metrics: EvalMetrics) -> str:
     rows = []
-    for name in ("loss", "perplexity", "rouge_l", "exact_match", "stop_rate"):
+    for name, label in (("loss", "loss"), ("perplexity", "perplexity"), ("rouge_l", "ROUGE-L"),
+                        ("exact_match", "exact match"), ("stop_rate", "stop rate")):
         base, tuned = getattr(metrics.base, name), getattr(metrics.tuned, name)
         if tuned is None:
             continue
         change = f"{(tuned - base) / base:+.1%}" if base else "—"
-        rows.append((name.replace("_", " "), base, tuned, change))
+        rows.append((label, base, tuned, change))
     parts = [h.paragraph(f"{'Tuned beats base' if metrics.tuned_beats_base else 'Tuned does not beat base'} on "
                          f"perplexity ({metrics.perplexity_gain:+.1%}); {metrics.scored_rows} of {metrics.test_rows} test "
                          f"rows scored ({metrics.scored_tokens:,} tokens), {metrics.generated_rows} generated; "
