@@ -42,3 +42,28 @@ def test_the_evaluation_view_puts_base_and_tuned_side_by_side():
     assert "uh uh uh  [did not stop]" in page and "The Eagles.  [did not stop]" not in page
     assert "-63.2%" in page  # perplexity 7.39 -> 2.72
     assert 'src="data:image/png;base64,' in page and _no_external_urls(page)
+
+
+def test_the_version_report_compares_with_the_production_holder_when_there_is_one():
+    from lorapipe.registry import VersionReport, metric_rows, render_html, render_text
+
+    mine = {"base_perplexity": 9.0, "tuned_perplexity": 4.0, "base_loss": 2.2, "tuned_loss": 1.4}
+    holder = {"base_perplexity": 9.1, "tuned_perplexity": 5.5, "base_loss": 2.2, "tuned_loss": 1.7}
+    report = VersionReport(
+        model="m", version="v2", stage="none", decision="register.stage_if_better is 'none'",
+        metrics=metric_rows(mine, holder), production_version="v1",
+        data={"files_sha256": "f" * 64, "validated_sha256": "a" * 64}, base_model={"name_or_path": "org/base"},
+        merge_check={"passed": True, "max_abs_logit_diff": 0.01, "tolerance": 0.1, "dtype": "bfloat16"},
+        code={"commit": "c" * 40, "dirty": False}, run={"id": "r1", "name": "run-1"},
+        artifacts={"adapter": "id-a", "merged_model": "id-m"})
+    assert [(r["metric"], r["tuned"], r["production"]) for r in report.metrics] == [
+        ("perplexity", 4.0, 5.5), ("loss", 1.4, 1.7)]
+    text = render_text(report, current_stage="production")
+    assert text[0] == "model m version v2 (stage: production (at registration: none))"
+    assert "  perplexity             base 9 -> tuned 4, production 5.5" in text
+    assert "  production holder      version v1 (at registration)" in text
+    page = render_html(report)
+    assert "production holder" in page and ">5.5<" in page and "id-m" in page and _no_external_urls(page)
+    alone = report.model_copy(update={"metrics": metric_rows(mine, None), "production_version": None})
+    assert all(r["production"] is None for r in alone.metrics) and "production holder  " not in "\n".join(
+        render_text(alone))
