@@ -19,7 +19,8 @@ p{margin:4px 0}.muted{color:#59636e}.ok{color:#1a7f37;font-weight:600}.bad{color
 .box{overflow-x:auto;margin:6px 0}
 table{border-collapse:collapse;min-width:40%}
 th,td{border:1px solid #d1d9e0;padding:4px 8px;text-align:left;vertical-align:top;
-      white-space:pre-wrap;overflow-wrap:anywhere;max-width:560px}
+      white-space:pre-wrap;overflow-wrap:break-word;max-width:560px}
+td.keep{white-space:nowrap}
 th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 code{background:#f6f8fa;padding:0 3px;border-radius:3px;overflow-wrap:anywhere}
 img{max-width:100%}
@@ -51,15 +52,21 @@ def status(ok: Optional[bool], yes: str = "passed", no: str = "FAILED") -> str:
     return f'<span class="ok">{esc(yes)}</span>' if ok else f'<span class="bad">{esc(no)}</span>'
 
 
-def table(headers: Optional[Sequence[str]], rows: Iterable[Sequence[Any]], raw_columns: Sequence[int] = ()) -> str:
+def table(headers: Optional[Sequence[str]], rows: Iterable[Sequence[Any]], raw_columns: Sequence[int] = (),
+          keep_columns: Sequence[int] = ()) -> str:
     """A table (no header row when `headers` is None); cells are escaped except in `raw_columns` (already HTML,
-    e.g. from `status`)."""
+    e.g. from `status`); `keep_columns` (short codes, file:line) never wrap."""
     head = "<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr></thead>" if headers else ""
     body = []
     for row in rows:
         cells = []
         for i, cell in enumerate(row):
-            cells.append(f"<td>{cell}</td>" if i in raw_columns else _cell(cell))
+            if i in raw_columns:
+                cells.append(f"<td>{cell}</td>")
+            elif i in keep_columns:
+                cells.append(f'<td class="keep">{esc(fmt(cell))}</td>')
+            else:
+                cells.append(_cell(cell))
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f'<div class="box"><table>{head}<tbody>{"".join(body)}</tbody></table></div>'
 

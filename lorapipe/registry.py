@@ -64,13 +64,17 @@ METRIC_ROWS = (("perplexity", "base_perplexity", "tuned_perplexity"), ("loss", "
 
 
 def metric_rows(metrics: dict[str, float], production: Optional[dict[str, float]]) -> list[dict[str, Any]]:
-    """Base vs tuned (vs the production holder's tuned figure) for each metric the version recorded."""
+    """Base vs tuned for each metric the version recorded, and the production holder's tuned figure as the holder
+    recorded it (on its own test split; versions registered before 2026-11-29 wrote -1 for "not measured")."""
+    def measured(value: Any) -> Any:
+        return None if value is None or (isinstance(value, (int, float)) and value < 0) else value
+
     rows = []
     for name, base_key, tuned_key in METRIC_ROWS:
         if tuned_key not in metrics:
             continue
         rows.append({"metric": name, "base": metrics.get(base_key), "tuned": metrics[tuned_key],
-                     "production": (production or {}).get(tuned_key)})
+                     "production": measured((production or {}).get(tuned_key))})
     return rows
 
 
@@ -107,7 +111,7 @@ def render_html(report: VersionReport) -> str:
     from lorapipe import html_report as h
 
     promoted = report.stage not in ("none", "")
-    metrics = h.table(["metric", "base", "tuned", "production holder"],
+    metrics = h.table(["metric", "base", "tuned", "production holder (its own test split)"],
                       [(m["metric"], m.get("base"), m["tuned"], m.get("production")) for m in report.metrics])
     check = report.merge_check
     return h.page(
@@ -115,7 +119,7 @@ def render_html(report: VersionReport) -> str:
         h.key_values([("stage", report.stage), ("decision", report.decision),
                       ("production holder at registration", report.production_version or "none")]),
         h.paragraph("promoted" if promoted else "not promoted", "ok" if promoted else "bad"),
-        h.section("Metrics on this run's test split", metrics),
+        h.section("Metrics: base and tuned on this run's test split; the holder's as it registered", metrics),
         h.section("Merge check", h.key_values([
             ("result", "passed" if check.get("passed") else "FAILED"), ("dtype", check.get("dtype")),
             ("max |logit diff|", check.get("max_abs_logit_diff")), ("tolerance", check.get("tolerance")),

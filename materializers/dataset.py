@@ -11,6 +11,8 @@ from zenml.materializers.base_materializer import BaseMaterializer
 
 from lorapipe.data.dataset import ConversationDataset
 
+PREVIEW_ROWS = 20
+
 
 class ConversationDatasetMaterializer(BaseMaterializer):
     ASSOCIATED_TYPES: ClassVar[Tuple[Type[Any], ...]] = (ConversationDataset,)
@@ -37,13 +39,18 @@ class ConversationDatasetMaterializer(BaseMaterializer):
         return data.fingerprint
 
     def save_visualizations(self, data: ConversationDataset) -> Dict[str, VisualizationType]:
-        lines = [f"# {data.name}: {len(data)} rows", f"fingerprint `{data.fingerprint}`", "",
-                 "| where | first turn | answer |", "|---|---|---|"]
-        for r in data.records[:20]:
-            first = (r.text if r.text is not None else r.messages[0].get("content") or "")[:80].replace("|", "\\|").replace("\n", " ")
-            answer = "" if r.text is not None else (r.messages[-1].get("content") or "")[:80].replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {os.path.basename(r.source)}:{r.line} | {first} | {answer} |")
-        path = os.path.join(self.uri, "preview.md")
+        """The first rows as an HTML table: the users' text is escaped, never rendered as markup or links."""
+        from lorapipe import html_report as h
+
+        rows = []
+        for r in data.records[:PREVIEW_ROWS]:
+            first = r.text if r.text is not None else (r.messages[0].get("content") or "")
+            answer = "" if r.text is not None else (r.messages[-1].get("content") or "")
+            rows.append((f"{os.path.basename(r.source)}:{r.line}", first[:300], answer[:300]))
+        page = h.page(f"{data.name}: {len(data)} rows", h.paragraph(f"fingerprint {data.fingerprint}", "muted"),
+                      h.table(["where", "first turn", "answer"], rows, keep_columns=(0,)),
+                      h.paragraph(f"the first {len(rows)} of {len(data)} rows", "muted"))
+        path = os.path.join(self.uri, "preview.html")
         with fileio.open(path, "w") as fh:
-            fh.write("\n".join(lines))
-        return {path: VisualizationType.MARKDOWN}
+            fh.write(page)
+        return {path: VisualizationType.HTML}

@@ -18,8 +18,9 @@ from lorapipe.hardware.plan import PhasePlan, TrainingPlan
 from lorapipe.hardware.probe import HardwareProbe
 from lorapipe.registry import VersionReport, render_html
 
-# problems listed per kind in the validation view; the JSON artifact keeps all of them
+# problems listed per kind in the validation view, and rejected rows listed; the JSON artifacts keep all of them
 PROBLEMS_SHOWN_PER_KIND = 20
+REJECTED_ROWS_SHOWN = 500
 # Great Expectations' own data docs page, kept beside the report as a file to download (it needs scripts and
 # stylesheets from the internet, which the dashboard's frame does not load)
 GE_DATA_DOCS = "great_expectations_data_docs.html"
@@ -59,7 +60,9 @@ def row_loss_png(metrics: EvalMetrics) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    base, tuned = metrics.row_losses["base"], metrics.row_losses["tuned"]
+    pairs = [(b, t) for b, t in zip(metrics.row_losses["base"], metrics.row_losses["tuned"])
+             if b is not None and t is not None]  # rows with no trained token have no loss
+    base, tuned = [p[0] for p in pairs], [p[1] for p in pairs]
     fig = Figure(figsize=(5, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -94,7 +97,8 @@ def validation_html(report: ValidationReport) -> str:
                 where = f"{os.path.basename(p.source)}:{p.line}" + (f":{p.column}" if p.column else "")
                 rows.append((where, p.code, p.field, p.message, p.fix))
         hidden = sum(max(0, n - PROBLEMS_SHOWN_PER_KIND) for n in report.problem_counts.values())
-        parts.append(h.section("Problems", h.table(["where", "problem", "field", "what", "fix"], rows)))
+        parts.append(h.section("Problems", h.table(["where", "problem", "field", "what", "fix"], rows,
+                                                   keep_columns=(0, 1, 2))))
         if hidden:
             parts.append(h.paragraph(f"and {hidden} more (the first {PROBLEMS_SHOWN_PER_KIND} of each kind are shown; "
                                      "the report artifact's JSON lists every one)", "muted"))
@@ -128,9 +132,13 @@ def validation_html(report: ValidationReport) -> str:
 def rejected_html(data: RejectedRows) -> str:
     if not data.rows:
         return h.page("Rejected rows", h.paragraph("No row was rejected.", "ok"))
+    shown = data.rows[:REJECTED_ROWS_SHOWN]
+    more = len(data.rows) - len(shown)
     return h.page(f"Rejected rows: {len(data.rows)}", h.table(
         ["where", "reasons", "the row as given"],
-        [(f"{os.path.basename(r.source)}:{r.line}", ", ".join(r.reasons), r.raw[:2000]) for r in data.rows]))
+        [(f"{os.path.basename(r.source)}:{r.line}", ", ".join(r.reasons), r.raw[:2000]) for r in shown],
+        keep_columns=(0,)),
+        h.paragraph(f"and {more} more (the artifact's JSON holds every rejected row)", "muted") if more else "")
 
 
 def probe_html(probe: HardwareProbe) -> str:
@@ -191,7 +199,7 @@ def eval_html(metrics: EvalMetrics) -> str:
               s.get("base", "") + ("" if s.get("base_stopped") else "  [did not stop]"),
               s.get("tuned", s.get("prediction", "")) + ("" if s.get("tuned_stopped", s.get("stopped")) else
                                                          "  [did not stop]"))
-             for s in metrics.samples])))
+             for s in metrics.samples], keep_columns=(0,))))
     return h.page("Evaluation: base vs tuned", *parts)
 
 

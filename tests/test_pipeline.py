@@ -270,8 +270,8 @@ def test_the_evaluation_view_compares_base_and_tuned_side_by_side(runs):
 
 
 def test_the_model_version_report_says_what_lineage_says(runs, capsys):
-    """The register step's report artifact (and its HTML), the version's metadata and `lorapipe lineage` agree.
-    A cached re-run registers the same version again: the latest registration is what all three show."""
+    """The register step's report artifact (and its HTML), the version's metadata and `lorapipe lineage` agree, for
+    the latest registration of the version (a later re-run of the same config registers the same version again)."""
     from zenml.client import Client
 
     from lorapipe.registry import VersionReport, render_text
@@ -289,9 +289,33 @@ def test_the_model_version_report_says_what_lineage_says(runs, capsys):
     assert set(report.artifacts) >= {"adapter", "merged_model", "eval_metrics", "training_plan"}
     assert report.artifacts["adapter"] == str(latest.steps["train_adapter"].outputs["adapter"][0].id)
     html = Path(next(v.uri for v in artifact.visualizations if v.uri.endswith(".html"))).read_text()
-    assert report.decision.split(" ")[0] in html and report.data["validated_sha256"] in html
+    import html as html_lib
+
+    assert html_lib.escape(report.decision) in html and report.data["validated_sha256"] in html
     assert main(["lineage", "lorapipe-test", "--version", report.version]) == 0
     assert capsys.readouterr().out.splitlines() == render_text(report, current_stage=mv.stage or "none")
+
+
+def test_the_report_compares_with_the_version_holding_production(runs):
+    """Two versions promoted to production in turn (both re-use the cached training): the second's report names the
+    first as the holder it was compared with, with the holder's own figures; the first is archived, not deleted."""
+    from zenml.client import Client
+
+    cfg = str(runs["cfg"])
+    assert main(["run", "-c", cfg, "--set", "register.stage_if_better=production"]) == 0
+    first = _last_run()
+    assert main(["run", "-c", cfg, "--set", "register.stage_if_better=production",
+                 "--set", "register.min_perplexity_gain=0.001"]) == 0
+    second = _last_run()
+    assert first.model_version.id != second.model_version.id
+    report = second.steps["register_model"].outputs["model_version_report"][0].load()
+    client = Client()
+    holder = client.get_model_version("lorapipe-test", first.model_version.name)
+    assert report.production_version == holder.name
+    perplexity = next(m for m in report.metrics if m["metric"] == "perplexity")
+    assert perplexity["production"] == pytest.approx(holder.run_metadata["metrics"]["tuned_perplexity"])
+    if report.stage == "production":
+        assert client.get_model_version("lorapipe-test", holder.name).stage == "archived"
 
 
 def test_an_html_view_renders_in_a_real_browser(runs):
@@ -299,22 +323,29 @@ def test_an_html_view_renders_in_a_real_browser(runs):
     view at the width a laptop dashboard has: the tables are visible and nothing runs off the right edge."""
     import shutil
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("headless Chromium is not installed (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     artifact = runs["first"].steps["evaluate_model"].outputs["eval_metrics"][0]
     page_file = Path(next(v.uri for v in artifact.visualizations if v.uri.endswith(".html")))
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(page_file.as_uri())
-            assert page.locator("table").first.is_visible()
-            assert page.locator("td").count() > 10
-            assert page.locator("img").first.is_visible()
-            assert page.evaluate("document.documentElement.scrollWidth") <= 1400
+            browser = pw.chromium.launch(executable_path=chromium, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"])
+        except sync_api.Error as exc:
+            pytest.skip(f"{chromium} is installed but does not start headless here: {str(exc).splitlines()[0]}")
+        try:
+            for width in (1400, 860):  # a laptop's dashboard, and its side sheet where the view opens
+                page = browser.new_page(viewport={"width": width, "height": 900})
+                page.goto(page_file.as_uri())
+                assert page.locator("table").first.is_visible()
+                assert page.locator("td").count() > 10
+                assert page.locator("img").first.is_visible()
+                assert page.evaluate("document.documentElement.scrollWidth") <= width
+                # no cell's text runs past the cell (it wraps at word breaks instead)
+                assert page.evaluate("[...document.querySelectorAll('td')].filter("
+                                     "td => td.scrollWidth > td.clientWidth + 1).length") == 0
         finally:
             browser.close()

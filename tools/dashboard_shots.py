@@ -27,10 +27,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-ARTIFACTS = ["validation_report", "rejected_rows", "preflight_report", "training_plan", "evaluation_plan",
-             "merge_plan", "adapter", "eval_metrics", "merged_model", "model_version_report"]
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+ARTIFACTS = ["validated_dataset", "validation_report", "rejected_rows", "preflight_report", "training_plan",
+             "evaluation_plan", "merge_plan", "adapter", "eval_metrics", "merged_model", "model_version_report"]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def run(cmd: list[str], env: dict) -> None:
@@ -73,7 +73,7 @@ def html_views(env: dict) -> dict[str, str]:
 def shoot(url: str, run_id: str, out: Path, views: dict[str, str]) -> list[Path]:
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromium = shutil.which("chromium")
     if chromium is None:
         sys.exit("headless Chromium is needed: apt-get install chromium")
     saved = []

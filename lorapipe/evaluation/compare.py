@@ -28,7 +28,7 @@ def evaluate_adapter(adapter_dir: str, test: ConversationDataset, phase: PhasePl
     tokenizer = load_tokenizer(adapter_dir, chat_template=chat_template)
     results = {}
     generations: dict[str, list[dict]] = {}
-    row_losses: dict[str, list[float]] = {}
+    row_losses: dict[str, list[Optional[float]]] = {}
     tokens = 0
     with PhaseMemory(phase.device) as memory:
         models = get_backend(backend_of(adapter_dir)).eval_models(adapter_dir, phase)

@@ -33,7 +33,7 @@ class EvalMetrics(BaseModel):
     tuned_beats_base: bool
     samples: list[dict]  # per generated row: source, prompt, reference, base and tuned generation, stopped or not
     # per scored row (same order): mean masked NLL of base and tuned, for the per-row comparison
-    row_losses: dict[str, list[float]] = Field(default_factory=dict)
+    row_losses: dict[str, list[Optional[float]]] = Field(default_factory=dict)
     memory_gb: float = 0.0  # this phase's peak on CUDA (counter reset first), the process RSS on CPU
 
 
@@ -55,7 +55,7 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 
 def masked_loss(model: Any, tokenizer: Any, records: list[Record], max_length: int,
-                batch_size: int) -> tuple[float, int, list[float]]:
+                batch_size: int) -> tuple[float, int, list[Optional[float]]]:
     """Mean token NLL over assistant tokens only, the number of tokens scored, and each row's own mean NLL."""
     import torch
 
@@ -86,7 +86,8 @@ def masked_loss(model: Any, tokenizer: Any, records: list[Record], max_length: i
             trained = (shift_labels != -100)
             total += float(token_nll.sum())
             count += int(trained.sum())
-            per_row += [float(r.sum() / max(int(m.sum()), 1)) for r, m in zip(token_nll, trained)]
+            # a row whose trained tokens were all cut off has no loss (None), not a loss of 0
+            per_row += [float(r.sum() / m.sum()) if m.any() else None for r, m in zip(token_nll, trained)]
     return (total / count if count else float("nan")), count, per_row
 
 
@@ -112,7 +113,8 @@ def generate_scores(model: Any, tokenizer: Any, records: list[Record], max_new_t
         rouge.append(rouge_l(text, reference))
         exact.append(float(text == reference.strip()))
         stops.append(float(stopped))
-        samples.append({"source": f"{rec.source}:{rec.line}", "prompt": (prompt_msgs[-1].get("content") or "")[:500],
+        asked = next((m for m in reversed(prompt_msgs) if m["role"] == "user"), prompt_msgs[-1])
+        samples.append({"source": f"{rec.source}:{rec.line}", "prompt": (asked.get("content") or "")[:500],
                         "prediction": text[:500], "reference": reference[:500], "stopped": stopped})
     n = len(rouge)
     scores = {"rouge_l": sum(rouge) / n if n else None, "exact_match": sum(exact) / n if n else None,
