@@ -78,6 +78,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if missing:
         print(f"error: {args.config}: data.paths: not found: {', '.join(missing)}", file=sys.stderr)
         return 1
+    from lorapipe.models.locate import model_problem
+
+    problem = model_problem(cfg.model.name_or_path, cfg.model.revision, base_dir=base)
+    if problem:  # before ZenML and torch load: seconds, not a traceback from inside a step minutes later
+        print(f"error: {args.config}: {problem}", file=sys.stderr)
+        return 1
     data_sha = file_fingerprint(resolved.data.paths)
     identity = cfg.model_copy(deep=True)
     identity.data.paths = [Path(p).name for p in cfg.data.paths]
