@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -32,6 +33,18 @@ def _quiet_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # weave (wandb flavor) reports errors to its own service
+
+
+# Libraries that log at import what users read as failures: torchao's optional CUDA kernels, torch's pytree
+# deprecation notes, bitsandbytes' optional CPU kernel, Great Expectations registering its API. lorapipe says what
+# matters in its own lines; these stay available with --verbose.
+NOISY_LOGGERS = {"torchao": logging.ERROR, "torch.utils._pytree": logging.ERROR,
+                 "bitsandbytes.backends.cpu.ops": logging.ERROR, "great_expectations": logging.WARNING}
+
+
+def _quiet_loggers() -> None:
+    for name, level in NOISY_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def _user_errors() -> tuple:
@@ -253,6 +266,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorapipe", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true", help="keep the libraries' own import-time log lines")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the fine-tuning pipeline")
@@ -293,6 +307,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     _quiet_env()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.verbose:
+        _quiet_loggers()
     return args.func(args)
 
 

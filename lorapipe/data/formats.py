@@ -69,10 +69,12 @@ def iter_raw_rows(path: str | Path, problems: list[Problem]) -> Iterator[RawRow]
     if _first_char(path) == "[":
         yield from _iter_json_array(path, problems)
         return
+    rows = 0
     with _open_bytes(path) as fh:
         for lineno, raw in enumerate(fh, start=1):
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
+            rows += bool(raw.strip())
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -99,6 +101,9 @@ def iter_raw_rows(path: str | Path, problems: list[Problem]) -> Iterator[RawRow]
                 yield _with_problem(RawRow(source, lineno, stripped), problem, problems)
                 continue
             yield RawRow(source, lineno, stripped, obj)
+    if rows == 0:
+        problems.append(Problem(source, 0, "(file)", "the file is empty (or holds only whitespace)",
+                                "add rows to it, or remove it from data.paths", "empty_file"))
 
 
 def _iter_json_array(path: Path, problems: list[Problem]) -> Iterator[RawRow]:

@@ -22,6 +22,11 @@ from lorapipe.data.formats import CONTROL_RE, PLACEHOLDER_RE, iter_records
 from lorapipe.data.records import Problem, RawRow, Record, fingerprint_part
 
 
+# Without a tokenizer a row's token count is unknown; a row this long (~25k tokens of English) is said, not passed
+# silently: it is far over any usual sequence limit, and often two rows fused by a lost newline.
+LONG_ROW_CHARS = 100_000
+
+
 class TokenStats(BaseModel):
     rows: int
     p50: float
@@ -76,15 +81,21 @@ class ValidationReport(BaseModel):
             width = max(len(k) for k in self.problem_counts)
             lines.append(f"{'problem'.ljust(width)}  count  severity")
             sev = {p.code: p.severity for p in self.problems}
-            for code, n in sorted(self.problem_counts.items(), key=lambda kv: -kv[1]):
+            kinds = sorted(self.problem_counts.items(), key=lambda kv: -kv[1])
+            for code, n in kinds:
                 lines.append(f"{code.ljust(width)}  {n:5d}  {sev.get(code, '')}")
-            shown: Counter = Counter()
+            by_kind: dict[str, list[Problem]] = {}
             for p in self.problems:
-                if shown[p.code] < max_rows_per_kind:
-                    shown[p.code] += 1
+                by_kind.setdefault(p.code, []).append(p)
+            for code, n in kinds:  # the first few of each kind, then how many were left out: nothing silently
+                for p in by_kind.get(code, [])[:max_rows_per_kind]:
                     col = f":{p.column}" if p.column else ""
                     other = f" (first seen at line {p.other_line})" if p.other_line else ""
-                    lines.append(f"  {p.source}:{p.line}{col}: [{p.code}] {p.field}: {p.message}{other} -> {p.fix}")
+                    where = f"{p.source}:{p.line}{col}" if p.line else p.source  # line 0: the file itself
+                    lines.append(f"  {where}: [{p.code}] {p.field}: {p.message}{other} -> {p.fix}")
+                if n > max_rows_per_kind:
+                    lines.append(f"  ... and {n - max_rows_per_kind} more [{code}] (--json, or the report artifact, "
+                                 "lists every one)")
         if self.token_stats:
             t = self.token_stats
             lines.append(f"tokens per row: p50 {t.p50:.0f}, p95 {t.p95:.0f}, max {t.max}; total {t.total_tokens}, "
@@ -285,6 +296,10 @@ def validate_dataset(
                                  severity="warning", other_line=f_line))
         else:
             first_seen[digest] = (sources[row.source] << 32) | rec.line
+        if audit is None and len(row.raw) > LONG_ROW_CHARS:
+            found.append(Problem(rec.source, rec.line, "(row)", f"{len(row.raw):,} characters",
+                                 "check it is meant to be one row; give --model (or train with it) to count its tokens "
+                                 "against the sequence limit", "long_row", severity="warning"))
         errors = [p.code for p in found if p.severity == "error"]
         if not errors and audit is not None:
             errors = audit.add(rec, found)
@@ -312,8 +327,8 @@ def validate_dataset(
     passed = True
     if any(p.line == 0 for p in errors):
         passed = False
-        verdicts.append("a data file could not be read")
-    if errors and on_bad_rows == "fail":
+        verdicts.append("a data file is missing, empty or unreadable")
+    if any(p.line != 0 for p in errors) and on_bad_rows == "fail":
         passed = False
         verdicts.append(f"{n_rejected} row(s) rejected and validation.on_bad_rows is 'fail' "
                         "(set it to 'quarantine' to train on the rest; rejected rows are kept as an artifact)")
