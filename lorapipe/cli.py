@@ -201,9 +201,57 @@ def cmd_build_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _all_pages(list_page, **kwargs):  # noqa: ANN001, ANN202
+    page = 1
+    while True:
+        result = list_page(page=page, size=100, **kwargs)
+        yield from result.items
+        if page >= result.total_pages:
+            return
+        page += 1
+
+
+def cmd_lineage_of_dataset(args: argparse.Namespace) -> int:
+    """Every model version trained on a dataset: given its sha256 (of the data files, the validated rows or the
+    train split, as versions record them) or a data file, whose bytes are hashed as the pipeline does."""
+    from zenml.client import Client
+
+    from lorapipe.data.formats import file_fingerprint
+
+    given = args.dataset
+    wanted = {given.lower()} if not Path(given).exists() else {file_fingerprint([given])}
+    client = Client()
+    found = []
+    for model in _all_pages(client.list_models):
+        for mv in _all_pages(client.list_model_versions, model=model.id, hydrate=True):
+            data = mv.run_metadata.get("data") or {}
+            keys = {name: data.get(key) for name, key in (("data files", "files_sha256"),
+                                                          ("validated rows", "validated_sha256"),
+                                                          ("train split", "train_split_sha256"))}
+            matched = [name for name, value in keys.items() if value and value.lower() in wanted]
+            if matched:
+                found.append((model.name, mv.name, mv.stage or "none", ", ".join(matched), str(mv.created)[:19]))
+    if not found:
+        print(f"no model version was trained on {given} (sha256 {', '.join(sorted(wanted))})", file=sys.stderr)
+        return 1
+    print(f"model versions trained on {given}:")
+    for name, version, stage, matched, created in sorted(found, key=lambda r: r[4]):
+        print(f"  {name} version {version}  stage {stage}  (matched: {matched}; registered {created})")
+    return 0
+
+
 def cmd_lineage(args: argparse.Namespace) -> int:
     from zenml.client import Client
 
+    if args.dataset:
+        if args.model or args.version:
+            print("error: lineage takes a MODEL (model version -> data) or --dataset (data -> model versions), "
+                  "not both", file=sys.stderr)
+            return 2
+        return cmd_lineage_of_dataset(args)
+    if not args.model:
+        print("error: lineage needs a MODEL, or --dataset SHA256|FILE for the other direction", file=sys.stderr)
+        return 2
     client = Client()
     try:
         if args.version:
@@ -296,9 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--json", action="store_true")
     bk.set_defaults(func=cmd_backends)
 
-    lin = sub.add_parser("lineage", help="show a model version's lineage back to the data fingerprint")
-    lin.add_argument("model")
+    lin = sub.add_parser("lineage", help="a model version back to its data, or (--dataset) data to every model "
+                                         "version it trained")
+    lin.add_argument("model", nargs="?")
     lin.add_argument("--version", default=None)
+    lin.add_argument("--dataset", metavar="SHA256|FILE", help="list the model versions trained on this data: a data "
+                     "file, or the sha256 of the data files, the validated rows or the train split")
     lin.set_defaults(func=cmd_lineage)
     return parser
 

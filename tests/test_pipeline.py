@@ -164,6 +164,23 @@ def test_another_machine_is_planned_again_and_an_equal_plan_keeps_the_cache(runs
     assert status["split_data"] == "cached" and status["train_adapter"] == "cached"
 
 
+def test_lineage_from_a_dataset_to_every_model_version_it_trained(runs, capsys):
+    from zenml.client import Client
+
+    edited = runs["data_changed"].model_version.name
+    original = runs["first"].model_version.name
+    assert main(["lineage", "--dataset", str(runs["data"])]) == 0  # the file as it is now: the edited data
+    out = capsys.readouterr().out
+    assert f"lorapipe-test version {edited}" in out and f"version {original} " not in out
+    validated = Client().get_model_version("lorapipe-test", original).run_metadata["data"]["validated_sha256"]
+    assert main(["lineage", "--dataset", validated]) == 0
+    out = capsys.readouterr().out
+    assert f"lorapipe-test version {original}" in out and "matched: validated rows" in out
+    assert main(["lineage", "--dataset", "0" * 64]) == 1
+    assert "no model version was trained on" in capsys.readouterr().err
+    assert main(["lineage", "lorapipe-test", "--dataset", "0" * 64]) == 2
+
+
 def test_the_merged_model_leaves_no_scratch_copy(runs):
     assert runs["merge_scratch_left"] == set()  # one copy, in the artifact store
 
