@@ -201,20 +201,11 @@ def cmd_build_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _all_pages(list_page, **kwargs):  # noqa: ANN001, ANN202
-    page = 1
-    while True:
-        result = list_page(page=page, size=100, **kwargs)
-        yield from result.items
-        if page >= result.total_pages:
-            return
-        page += 1
-
-
 def cmd_lineage_of_dataset(args: argparse.Namespace) -> int:
     """Every model version trained on a dataset: given its sha256 (of the data files, the validated rows or the
     train split, as versions record them) or a data file, whose bytes are hashed as the pipeline does."""
     from zenml.client import Client
+    from zenml.utils.pagination_utils import depaginate_stream
 
     from lorapipe.data.formats import file_fingerprint
 
@@ -222,8 +213,8 @@ def cmd_lineage_of_dataset(args: argparse.Namespace) -> int:
     wanted = {given.lower()} if not Path(given).exists() else {file_fingerprint([given])}
     client = Client()
     found = []
-    for model in _all_pages(client.list_models):
-        for mv in _all_pages(client.list_model_versions, model=model.id, hydrate=True):
+    for model in depaginate_stream(client.list_models, size=100):
+        for mv in depaginate_stream(client.list_model_versions, model=model.id, hydrate=True, size=100):
             data = mv.run_metadata.get("data") or {}
             keys = {name: data.get(key) for name, key in (("data files", "files_sha256"),
                                                           ("validated rows", "validated_sha256"),

@@ -43,11 +43,13 @@ class _FolderMaterializer(BaseMaterializer):
         if data.temporary:  # e.g. a merged model: one copy in the store, none left in /tmp
             shutil.rmtree(data.path, ignore_errors=True)
 
-    def extract_metadata(self, data: FolderArtifact) -> Dict[str, Any]:
-        # the stored copy: a temporary source folder is already gone when ZenML asks for metadata
+    def stored_files(self) -> list[str]:
+        """The files of the stored copy (a temporary source folder is already gone when ZenML asks for metadata)."""
         stored = os.path.join(self.uri, self.FOLDER)
-        files = sorted(n.decode() if isinstance(n, bytes) else n for n in fileio.listdir(stored))
-        return {"files": ", ".join(files)[:1000]}
+        return sorted(n.decode() if isinstance(n, bytes) else n for n in fileio.listdir(stored))
+
+    def extract_metadata(self, data: FolderArtifact) -> Dict[str, Any]:
+        return {"files": ", ".join(self.stored_files())[:1000]}
 
 
 class AdapterFolderMaterializer(_FolderMaterializer):
@@ -82,8 +84,6 @@ class ModelFolderMaterializer(_FolderMaterializer):
 
         check = data.metadata.get("check", {})
         adapter = data.metadata.get("adapter_metadata", {})
-        stored = os.path.join(self.uri, self.FOLDER)
-        files = sorted(n.decode() if isinstance(n, bytes) else n for n in fileio.listdir(stored))
         body = h.page(
             "Merged model",
             h.paragraph("merge check passed" if check.get("passed") else "merge check FAILED",
@@ -93,7 +93,7 @@ class ModelFolderMaterializer(_FolderMaterializer):
                           ("mean |logit diff|", check.get("mean_abs_logit_diff")),
                           ("tolerance", check.get("tolerance")), ("rows checked", check.get("rows_checked")),
                           ("merge memory (GB)", check.get("memory_gb"))]),
-            h.section("Files", h.table(["file"], [(f,) for f in files])))
+            h.section("Files", h.table(["file"], [(f,) for f in self.stored_files()])))
         path = os.path.join(self.uri, "merge_check.html")
         with fileio.open(path, "w") as fh:
             fh.write(body)

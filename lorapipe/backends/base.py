@@ -109,14 +109,20 @@ def work_dir_for(output_root: str | Path, inputs_key: str, code: str, resume_fro
     return work_dir
 
 
+def checkpoint_step(path: Path) -> Optional[int]:
+    """The optimizer step a checkpoint folder was saved at (hf's checkpoint-N, mlx's step-N), or None."""
+    suffix = path.name.rsplit("-", 1)[-1]
+    return int(suffix) if suffix.isdigit() else None
+
+
 def complete_checkpoints(folder: Path) -> list[Path]:
     """The checkpoints in `folder` that were written to the end (hf's checkpoint-N and mlx's step-N both end with
     trainer_state.json; a save cut short leaves a hidden or tmp- folder, or none), oldest step first."""
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "tmp"))
-             and p.name.rsplit("-", 1)[-1].isdigit() and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+             and checkpoint_step(p) is not None and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=checkpoint_step)
 
 
 def run_config(model_cfg: ModelSection, t: TrainSection, plan: TrainingPlan, seed: int) -> dict[str, Any]:

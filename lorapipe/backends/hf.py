@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lorapipe.backends import peft_adapter
-from lorapipe.backends.base import AdapterInfo
+from lorapipe.backends.base import AdapterInfo, checkpoint_step
 from lorapipe.backends.trl_sft import (
     finish_trainer_run,
     lora_config,
@@ -171,8 +171,7 @@ class HFBackend:
                 result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             except torch.cuda.OutOfMemoryError as exc:
                 oom_step = trainer.state.global_step
-                suffix = resume_from.name.split("-")[-1] if resume_from is not None else "0"
-                first_step = int(suffix) if suffix.isdigit() else 0
+                first_step = (checkpoint_step(resume_from) or 0) if resume_from is not None else 0
                 if plan.micro_batch_size <= 1 or oom_step - first_step >= OOM_BACKOFF_WITHIN_STEPS:
                     why = "already 1" if plan.micro_batch_size <= 1 else "past the first steps"
                     exc.add_note(f"lorapipe: out of memory at step {oom_step} with micro-batch {plan.micro_batch_size}"

@@ -442,7 +442,7 @@ class MLXBackend:
         run = TrainingRun(
             backend=self.name, steps=step, train_loss=state["loss_sum"] / step if step else None,
             train_tokens=int(state["train_tokens"]), train_seconds=state["train_seconds"],
-            peak_memory_gb=round(_memory_reader(plan.device)(), 4),
+            peak_memory_gb=round(monitor.memory_gb(), 4),
             resumed_from=str(resume_from) if resume_from else None, log_history=state["log_history"])
         return finish_training(run, adapter_dir, m, t, seed, plan, train, tokenizer, save_weights,
                                extra={"adapter_format": BACKENDS["mlx"].adapter_format})

@@ -9,7 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from lorapipe.backends.base import AdapterInfo, TrainingRun, finish_training, resume_checkpoint, run_config
+from lorapipe.backends.base import (
+    AdapterInfo,
+    TrainingRun,
+    checkpoint_step,
+    finish_training,
+    resume_checkpoint,
+    run_config,
+)
 from lorapipe.config import LoraSection, ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
@@ -38,11 +45,8 @@ def lora_config(lora: LoraSection) -> Any:
 
 
 def last_checkpoint(folder: Path) -> Optional[Path]:
-    def step_of(p: Path) -> int:
-        suffix = p.name.split("-")[-1]
-        return int(suffix) if suffix.isdigit() else -1
-
-    ckpts = sorted(folder.glob("checkpoint-*"), key=step_of)
+    """The Trainer's highest-numbered checkpoint-N folder (as the Trainer itself picks it)."""
+    ckpts = sorted(folder.glob("checkpoint-*"), key=lambda p: -1 if checkpoint_step(p) is None else checkpoint_step(p))
     return ckpts[-1] if ckpts else None
 
 
