@@ -43,10 +43,22 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    paths: list[str] = Field(min_length=1, description="JSONL/JSON files; relative to the config's folder's repo")
+    paths: list[str] = Field(
+        default_factory=list,
+        description="JSONL/JSON files or glob patterns (e.g. data/drops/*.jsonl), relative to the repo; "
+                    "globs are expanded when the run starts, so a scheduled run reads the newest files")
+    artifact: Optional[str] = Field(
+        None, description="Name of a ZenML artifact whose latest version holds the rows (a list of dicts, "
+                          "JSONL text or a JSONL file path); read when the run starts, instead of paths")
     format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = "auto"
     prompt_key: str = "prompt"
     completion_key: str = "completion"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSection":
+        if bool(self.paths) == bool(self.artifact):
+            raise ValueError("data needs exactly one source: data.paths (files or globs) or data.artifact (a name)")
+        return self
 
 
 class ValidationSection(_Section):
@@ -114,10 +126,15 @@ class TrainSection(_Section):
     group_by_length: bool = Field(False, description="Batch rows of similar length together: less padding")
     packing: bool = Field(False, description="Padding-free packing of rows, without attention across rows")
     output_root: str = Field("runs", description="Working folder for checkpoints (not the artifact store)")
+    processes: Union[int, Literal["auto"]] = Field(
+        "auto", description="Data-parallel training processes. auto: one per CUDA GPU (hf backend), else 1; "
+                            "an integer > 1 on the CPU trains with gloo (slow; for testing the launch)")
     lora: LoraSection = Field(default_factory=LoraSection)
 
     @model_validator(mode="after")
     def _cross(self) -> "TrainSection":
+        if isinstance(self.processes, int) and self.processes < 1:
+            raise ValueError("train.processes must be 'auto' or an integer >= 1")
         if isinstance(self.micro_batch_size, int) and self.micro_batch_size < 1:
             raise ValueError("train.micro_batch_size must be 'auto' or an integer >= 1")
         if (self.early_stopping_patience or self.load_best_model_at_end) and not self.eval_steps:
