@@ -1,30 +1,24 @@
-"""`lorapipe` command line: run the pipeline, validate data, build the tiny model, show lineage.
+"""lorapipe: validated, trained, evaluated, merged and registered LoRA fine-tunes, from one config.
 
-User mistakes (bad config, bad data, a plan that cannot run) end with a clear message and exit code 1
-(2 for usage errors), never a bare traceback.
+Every command has --help with an example. A user's mistake (bad config, data, model path, a plan that cannot run)
+ends with one paragraph that says what to fix and exit code 1 (2 for usage errors), never a traceback;
+`lorapipe --debug COMMAND` shows the traceback.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import sys
-import time
+import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
+
+import click
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def use_repo_as_source_root() -> None:
-    """ZenML imports steps by module path from its source root: make that this repository."""
-    from zenml.utils import source_utils
-
-    source_utils.set_custom_source_root(str(REPO_ROOT))
 
 
 def _quiet_env() -> None:
@@ -47,237 +41,509 @@ def _quiet_loggers() -> None:
         logging.getLogger(name).setLevel(level)
 
 
-def _user_errors() -> tuple:
-    from lorapipe.backends.base import BackendUnavailable
-    from lorapipe.data.validation import DataValidationError
-    from lorapipe.hardware.plan import PlanError
-    from steps.merge import MergeCheckFailed
-
-    return (DataValidationError, PlanError, BackendUnavailable, MergeCheckFailed)
+class Settings:
+    debug = False
 
 
-def failed_step_message(user_errors: tuple) -> Optional[str]:
-    """The message of the latest run's failed step when it failed on a user's mistake, else None."""
-    from zenml.client import Client
-
-    runs = Client().list_pipeline_runs(sort_by="desc:created", size=1).items
-    if not runs:
-        return None
-    names = {e.__name__ for e in user_errors}
-    for name, step in runs[0].steps.items():
-        info = step.exception_info
-        if info is not None and (info.source or "").rsplit(".", 1)[-1] in names:
-            return f"step {name} failed: {info.message}"
-    return None
+def fail(message: str) -> None:
+    """A user's mistake: the message, exit code 1."""
+    raise click.ClickException(message)
 
 
-def model_version_name(data_sha: str, config_sha: str) -> str:
-    """Named by data + config, so a cached re-run reuses its version instead of leaving an empty one."""
-    return hashlib.sha256(f"{data_sha}:{config_sha}".encode()).hexdigest()[:16]
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from lorapipe.config import ConfigError, load_config
-    from lorapipe.data.formats import file_fingerprint
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--debug", is_flag=True, help="Show the traceback of any error (for bug reports).")
+@click.option("--verbose", is_flag=True, help="Keep the libraries' own import-time log lines.")
+def cli(debug: bool, verbose: bool) -> None:
+    """lorapipe: validate JSONL -> preflight -> split -> train LoRA -> evaluate -> merge -> register, on ZenML.
 
-    try:
-        cfg = load_config(args.config, args.set or [])
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    base = Path.cwd()
-    resolved = cfg.resolve_paths(base)
-    missing = [p for p in resolved.data.paths if not Path(p).exists()]
-    if missing:
-        print(f"error: {args.config}: data.paths: not found: {', '.join(missing)}", file=sys.stderr)
-        return 1
-    from lorapipe.models.locate import model_problem
+    \b
+    Start here:
+      lorapipe run -c configs/quickstart.yaml
+      lorapipe runs
+      lorapipe lineage lorapipe-quickstart:latest
+    """
+    Settings.debug = debug
+    if not verbose:
+        _quiet_loggers()
 
-    problem = model_problem(cfg.model.name_or_path, cfg.model.revision, base_dir=base)
-    if problem:  # before ZenML and torch load: seconds, not a traceback from inside a step minutes later
-        print(f"error: {args.config}: {problem}", file=sys.stderr)
-        return 1
-    data_sha = file_fingerprint(resolved.data.paths)
-    identity = cfg.model_copy(deep=True)
-    identity.data.paths = [Path(p).name for p in cfg.data.paths]
-    # where checkpoints live and which one a run resumes from do not change what the config asks for
-    identity.train.output_root, identity.train.resume, identity.train.resume_from = "", True, None
-    config_sha = identity.fingerprint()
-    version = model_version_name(data_sha, config_sha)
 
-    from zenml import Model
+# ---------------------------------------------------------------------------------------------------------- run
 
-    use_repo_as_source_root()
-    from pipelines.finetune import finetune
+def _config_options(fn):
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="Override a config key, e.g. --set train.epochs=2 (repeatable).")(fn)
+    fn = click.option("-c", "--config", required=True, type=click.Path(dir_okay=False),
+                      help="YAML config, e.g. configs/quickstart.yaml.")(fn)
+    return fn
 
-    USER_ERRORS = _user_errors()
 
-    pipe = finetune.with_options(
-        model=Model(name=cfg.register.model_name, version=version,
-                    description=f"LoRA fine-tune of {cfg.model.name_or_path}",
-                    tags=["lorapipe"]),
-        enable_cache=not args.no_cache,
-    )
-    start = time.perf_counter()
-    try:
-        run = pipe(config=resolved.model_dump(mode="json"), data_files_sha256=data_sha, config_sha256=config_sha)
-    except USER_ERRORS as exc:  # a user's mistake: its message says what to fix; no traceback
-        print(f"\nerror: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    except RuntimeError:
-        # ZenML reports a failed step as "Pipeline run has failed ..."; the step's own exception is in the store
-        failure = failed_step_message(USER_ERRORS)
-        if failure is None:
-            raise
-        print(f"\nerror: {failure}", file=sys.stderr)
-        return 1
-    seconds = time.perf_counter() - start
-    print_summary(run, cfg.register.model_name, version, seconds)
+@cli.command()
+@_config_options
+@click.option("--no-cache", is_flag=True, help="Re-run every step (training still resumes from its checkpoints).")
+@click.option("--run-config", type=click.Path(dir_okay=False),
+              help="ZenML run configuration for a remote stack: step resources, GPU node, Docker image "
+                   "(e.g. configs/stacks/kubernetes-gpu.run.yaml).")
+def run(config: str, overrides: tuple, no_cache: bool, run_config: Optional[str]) -> int:
+    """Run the fine-tuning pipeline on the active ZenML stack.
+
+    A re-run on data whose bytes did not change is served from the cache and trains nothing; changed data
+    trains and registers a new model version.
+
+    \b
+    Examples:
+      lorapipe run -c configs/quickstart.yaml
+      lorapipe run -c configs/quickstart.yaml --set train.max_steps=50 --set train.learning_rate=1e-4
+      lorapipe run -c configs/llama-3.1-8b-unsloth-cuda.yaml --run-config configs/stacks/kubernetes-gpu.run.yaml
+    """
+    from lorapipe.api import run_finetune
+
+    result = run_finetune(config, list(overrides), enable_cache=not no_cache, run_config=run_config)
+    print_summary(result)
     return 0
 
 
-def print_summary(run, model_name: str, version: str, seconds: float) -> None:
-    from zenml.client import Client
-
-    client = Client()
-    run = client.get_pipeline_run(run.id)
-    steps = run.steps
-    cached = sorted(n for n, s in steps.items() if str(s.status).endswith("cached"))
-    mv = client.get_model_version(model_name, version)
-    metrics = steps["evaluate_model"].outputs["eval_metrics"][0].load()
-    adapter_uri = steps["train_adapter"].outputs["adapter"][0].uri
-    merged_uri = steps["merge_model"].outputs["merged_model"][0].uri
-    print("\n" + "=" * 72)
-    print(f"lorapipe run {run.name}: {run.status} in {seconds:.1f}s ({len(cached)} of {len(steps)} steps from cache)")
-    print(f"model        {model_name} version {version}, stage: {mv.stage or 'none'}")
-    print(f"perplexity   base {metrics.base.perplexity:.2f} -> tuned {metrics.tuned.perplexity:.2f} "
-          f"({metrics.perplexity_gain:+.1%}) on {metrics.scored_rows} test rows")
+def print_summary(result: Any) -> None:
+    metrics = result.metrics
+    click.echo("\n" + "=" * 72)
+    click.echo(f"lorapipe run {result.run.name}: {result.run.status} in {result.seconds:.1f}s "
+               f"({len(result.cached_steps)} of {result.steps} steps from cache"
+               + ("; nothing was trained: the data and config are unchanged" if not result.trained else "") + ")")
+    click.echo(f"model        {result.model_name} version {result.model_version}, stage: {result.stage}")
+    click.echo(f"perplexity   base {metrics.base.perplexity:.2f} -> tuned {metrics.tuned.perplexity:.2f} "
+               f"({metrics.perplexity_gain:+.1%}) on {metrics.scored_rows} test rows")
     if metrics.tuned.rouge_l is not None:
-        print(f"generation   ROUGE-L base {metrics.base.rouge_l:.3f} -> tuned {metrics.tuned.rouge_l:.3f}; "
-              f"stop rate tuned {metrics.tuned.stop_rate:.0%}")
-    print(f"adapter      {adapter_uri}/folder")
-    print(f"merged model {merged_uri}/folder")
-    print(f"store        {client.zen_store.url}")
-    print("look further:")
-    print(f"  lorapipe lineage {model_name} --version {version}")
-    print("  make dashboard        # local ZenML dashboard: runs, artifacts, model versions")
-    print("=" * 72)
+        click.echo(f"generation   ROUGE-L base {metrics.base.rouge_l:.3f} -> tuned {metrics.tuned.rouge_l:.3f}; "
+                   f"stop rate tuned {metrics.tuned.stop_rate:.0%}")
+    click.echo(f"adapter      {result.adapter_uri}/folder")
+    click.echo(f"merged model {result.merged_uri}/folder")
+    click.echo(f"store        {result.store_url}")
+    click.echo("look further:")
+    click.echo(f"  lorapipe lineage {result.model_name}:{result.model_version}")
+    click.echo(f"  lorapipe predict {result.model_name}:{result.model_version} --prompt \"...\"")
+    click.echo("  lorapipe runs")
+    click.echo("  make dashboard        # local ZenML dashboard: runs, artifacts, model versions")
+    click.echo("=" * 72)
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+# ----------------------------------------------------------------------------------------------------- validate
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--model", help="Model folder or hub id: enables the token checks and the learns-to-stop audit.")
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"]))
+@click.option("--prompt-key", default="prompt", show_default=True)
+@click.option("--completion-key", default="completion", show_default=True)
+@click.option("--max-seq-length", type=int, default=None)
+@click.option("--overlength", default="fail", show_default=True, type=click.Choice(["drop", "truncate", "fail"]))
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON (every problem).")
+def validate(paths: tuple, model: Optional[str], fmt: str, prompt_key: str, completion_key: str,
+             max_seq_length: Optional[int], overlength: str, as_json: bool) -> int:
+    """Validate data files without ZenML: every problem with its file and line.
+
+    Exit code 0 when the data passes, 1 when it does not.
+
+    \b
+    Examples:
+      lorapipe validate data/quickstart/wwdc25_train_slice.jsonl
+      lorapipe validate data/*.jsonl --model models/tiny-llama --max-seq-length 512 --json > report.json
+    """
     from lorapipe.data.validation import validate_dataset
 
     tokenizer = None
-    if args.model:
-        from lorapipe.models.loading import load_tokenizer
-
-        try:
-            tokenizer = load_tokenizer(args.model)
-        except Exception as exc:  # noqa: BLE001 - a model that cannot load is a usage error
-            print(f"error: --model {args.model}: cannot load its tokenizer: {exc}", file=sys.stderr)
-            return 2
-    for p in args.paths:
+    for p in paths:
         if not Path(p).exists():
-            print(f"error: {p}: file not found", file=sys.stderr)
-            return 2
+            raise click.UsageError(f"{p}: file not found")
+    if model:
+        from lorapipe.models.loading import load_tokenizer
+        from lorapipe.models.locate import model_problem
+
+        problem = model_problem(model, key="--model")
+        if problem:
+            raise click.UsageError(problem)
+        try:
+            tokenizer = load_tokenizer(model)
+        except Exception as exc:  # noqa: BLE001 - a model that cannot load is a usage error
+            raise click.UsageError(f"--model {model}: cannot load its tokenizer: {exc}") from None
     # libraries log to stdout; keep stdout for the report alone (pipe-able JSON)
     with contextlib.redirect_stdout(sys.stderr):
-        outcome = validate_dataset(args.paths, args.format, args.prompt_key, args.completion_key,
-                                   tokenizer=tokenizer, max_seq_length=args.max_seq_length,
-                                   overlength=args.overlength, on_bad_rows="fail", min_rows=1)
-    if args.json:
-        print(json.dumps(outcome.report.model_dump(mode="json"), indent=2))
+        outcome = validate_dataset(list(paths), fmt, prompt_key, completion_key, tokenizer=tokenizer,
+                                   max_seq_length=max_seq_length, overlength=overlength, on_bad_rows="fail",
+                                   min_rows=1, progress=not as_json)
+    if as_json:
+        _echo_json(outcome.report.model_dump(mode="json"))
     else:
-        print("\n".join(outcome.report.summary_lines()))
+        click.echo("\n".join(outcome.report.summary_lines()))
     return 0 if outcome.report.errors == 0 and outcome.report.passed else 1
 
 
-def cmd_build_tiny_model(args: argparse.Namespace) -> int:
-    from lorapipe.models.tiny import build_tiny_model
+# ---------------------------------------------------------------------------------------- preflight and memory
 
-    corpus = [Path(p) for p in args.corpus] if args.corpus else [REPO_ROOT / "data" / "quickstart" / "wwdc25_train_slice.jsonl"]
-    out = build_tiny_model(args.out, corpus, seed=args.seed)
-    print(f"tiny model written to {out}")
+def _plan(config: str, overrides: tuple) -> tuple[Any, Any, Any]:
+    """(probe, run plan or None, problems) for a config on this machine, without ZenML."""
+    from lorapipe.api import prepare
+    from lorapipe.hardware.plan import PlanError, decide_plan, model_size
+    from lorapipe.hardware.probe import probe
+
+    prepared = prepare(config, list(overrides), need_data_now=False)
+    cfg = prepared.config
+    hw = probe(cfg.train.output_root if Path(cfg.train.output_root).exists() else ".")
+    size = model_size(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    try:
+        return hw, decide_plan(cfg.train, hw, size, cfg.evaluate, cfg.merge), []
+    except PlanError as exc:
+        return hw, None, exc.problems
+
+
+@cli.command()
+@_config_options
+@click.option("--json", "as_json", is_flag=True, help="Print the machine and the plan as JSON.")
+def preflight(config: str, overrides: tuple, as_json: bool) -> int:
+    """Probe this machine and plan the run: backend, device, dtype, batch geometry, memory; or every reason not.
+
+    Exit code 1 when the plan refuses the config (each reason names the key and the fix).
+
+    \b
+    Examples:
+      lorapipe preflight -c configs/quickstart.yaml
+      lorapipe preflight -c configs/deepseek-coder-6.7b-qlora-24gb-balanced.yaml --set train.quantization=none
+    """
+    hw, plan, problems = _plan(config, overrides)
+    if as_json:
+        _echo_json({"machine": hw.model_dump(mode="json"), "plan": plan.model_dump(mode="json") if plan else None,
+                    "problems": problems})
+        return 1 if problems else 0
+    click.echo(f"machine: {hw.cpu_count} CPUs, {hw.ram_total_gb:.0f} GB RAM, accelerator {hw.accelerator}"
+               + (f", GPUs {', '.join(d.name for d in hw.cuda_devices)}" if hw.cuda_devices else ""))
+    if problems:
+        fail(f"{config}: the plan refuses this config ({len(problems)} problem(s)):\n"
+             + "\n".join(f"  - {p}" for p in problems))
+    t = plan.train
+    click.echo(f"train:    {t.backend} on {t.device} in {t.dtype}"
+               + (f", {t.quantization} quantization" if t.quantization != "none" else "")
+               + f"; micro batch {t.micro_batch_size} x {t.gradient_accumulation_steps} accumulation x "
+               f"{t.world_size} process(es) = {t.effective_batch_size}; optimizer {t.optimizer}")
+    for reason in t.reasons:
+        click.echo(f"          - {reason}")
+    for warning in t.warnings:
+        click.echo(f"          warning: {warning}")
+    for phase in (plan.evaluate, plan.merge):
+        click.echo(f"{phase.phase + ':':<9} {phase.device} in {phase.dtype}, batch {phase.batch_size}: {phase.reason}")
+    _print_memory(t.memory)
     return 0
 
 
-def cmd_lineage_of_dataset(args: argparse.Namespace) -> int:
-    """Every model version trained on a dataset: given its sha256 (of the data files, the validated rows or the
-    train split, as versions record them) or a data file, whose bytes are hashed as the pipeline does."""
+def _size(gb: float) -> str:
+    return f"{gb:.1f} GB" if gb >= 1 else f"{gb * 1024:.0f} MB"
+
+
+def _print_memory(memory: Any) -> None:
+    click.echo(f"memory:   about {_size(memory.total_gb)} of a {_size(memory.budget_gb)} budget "
+               f"(weights {_size(memory.weights_gb)}, LoRA + optimizer {_size(memory.lora_and_optimizer_gb)}, "
+               f"activations {_size(memory.activations_gb)})")
+
+
+@cli.command("estimate-memory")
+@_config_options
+@click.option("--json", "as_json", is_flag=True)
+def estimate_memory(config: str, overrides: tuple, as_json: bool) -> int:
+    """Estimate the training memory of a config on this machine (weights, LoRA + optimizer, activations).
+
+    \b
+    Examples:
+      lorapipe estimate-memory -c configs/deepseek-coder-6.7b-qlora-24gb-balanced.yaml
+      lorapipe estimate-memory -c configs/quickstart.yaml --set train.max_seq_length=2048 --json
+    """
+    hw, plan, problems = _plan(config, overrides)
+    if plan is None:
+        fail(f"{config}: no memory estimate, the plan refuses this config:\n" + "\n".join(f"  - {p}" for p in problems))
+    memory = plan.train.memory
+    if as_json:
+        _echo_json(memory.model_dump(mode="json"))
+        return 0
+    _print_memory(memory)
+    return 0 if memory.total_gb <= memory.budget_gb else 1
+
+
+# ------------------------------------------------------------------------------------------------------ predict
+
+def _model_folder(ref: str) -> str:
+    """A local folder as given, or the merged model (or, without one, the adapter) of a registered version."""
+    if Path(ref).is_dir():
+        return ref
+    from lorapipe.lineage import find_model_version
+
+    mv = find_model_version(ref)
+    for name in ("merged_model", "adapter"):
+        versions = mv.model_artifacts.get(name) or mv.data_artifacts.get(name)
+        if versions:
+            latest = versions[max(versions, key=lambda v: int(v) if str(v).isdigit() else 0)]
+            return latest.load().path
+    fail(f"{ref}: version {mv.name} holds neither a merged model nor an adapter")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-p", "--prompt", "prompts", multiple=True, help="A user message (repeatable); none: read stdin lines.")
+@click.option("--system", help="A system message before each prompt.")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per answer (prompt, completion, stopped).")
+def predict(model: str, prompts: tuple, system: Optional[str], max_new_tokens: int, as_json: bool) -> int:
+    """Answer prompts with a fine-tuned model: MODEL[:VERSION|STAGE] from the registry, or a model/adapter folder.
+
+    Greedy decoding with the model's chat template; says when an answer hit --max-new-tokens without stopping.
+
+    \b
+    Examples:
+      lorapipe predict lorapipe-quickstart:staging -p "What is new in SwiftUI?"
+      lorapipe predict runs/<key>/adapter --max-new-tokens 64 < prompts.txt
+    """
+    from lorapipe.inference import generate, inference_device, load_for_inference
+
+    asked = list(prompts) or [line.strip() for line in sys.stdin if line.strip()]
+    if not asked:
+        raise click.UsageError("give --prompt TEXT (repeatable) or prompts on stdin, one per line")
+    folder = _model_folder(model)
+    device, dtype = inference_device()
+    try:
+        loaded, tokenizer, described = load_for_inference(folder, device, dtype)
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    if not as_json:
+        click.echo(f"{described} on {device} in {dtype}", err=True)
+    for prompt in asked:
+        answer = generate(loaded, tokenizer, prompt, max_new_tokens, system)
+        if as_json:
+            click.echo(json.dumps(answer, ensure_ascii=False))
+        else:
+            click.echo(f"> {prompt}\n{answer['completion']}"
+                       + ("" if answer["stopped"] else f"\n[did not stop within {max_new_tokens} new tokens]") + "\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- schedule
+
+@cli.group(invoke_without_command=True)
+@click.option("-c", "--config", type=click.Path(dir_okay=False), help="YAML config of the run to repeat.")
+@click.option("--cron", help="Five-field cron expression, e.g. \"0 3 * * *\" (03:00 every day).")
+@click.option("--name", help="Schedule name (default: <register.model_name>-retrain).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
+@click.option("--run-config", type=click.Path(dir_okay=False),
+              help="ZenML run configuration (step resources, GPU node, image), e.g. configs/stacks/kubernetes-gpu.run.yaml.")
+@click.pass_context
+def schedule(ctx: click.Context, config: Optional[str], cron: Optional[str], name: Optional[str], overrides: tuple,
+             run_config: Optional[str]) -> int:
+    """Retrain on a schedule on a stack whose orchestrator supports schedules (e.g. Kubernetes: a CronJob).
+
+    Each firing reads the newest data (data.paths globs, or the latest version of data.artifact); unchanged data
+    is served from the cache and takes no stage. Promotion stays gated by the evaluation rules.
+
+    \b
+    Examples:
+      lorapipe schedule -c configs/llama-3.1-8b-unsloth-cuda.yaml --cron "0 3 * * *" \\
+          --run-config configs/stacks/kubernetes-gpu.run.yaml
+      lorapipe schedule list
+      lorapipe schedule delete lorapipe-model-retrain
+    """
+    if ctx.invoked_subcommand is not None:
+        return 0
+    if not config or not cron:
+        raise click.UsageError("schedule needs -c CONFIG and --cron EXPR (or a subcommand: list, delete)")
+    from lorapipe.api import schedule_finetune
+
+    made = schedule_finetune(config, cron, name=name, overrides=list(overrides), run_config=run_config)
+    click.echo(f"schedule {made.name} ({made.id}) registered: cron \"{made.cron_expression}\" on the active stack's "
+               f"orchestrator; `lorapipe schedule list` shows it, `lorapipe schedule delete {made.name}` removes it")
+    return 0
+
+
+@schedule.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def schedule_list(as_json: bool) -> int:
+    """List this store's schedules of the lorapipe pipeline."""
     from zenml.client import Client
     from zenml.utils.pagination_utils import depaginate_stream
 
-    from lorapipe.data.formats import file_fingerprint
-
-    given = args.dataset
-    wanted = {given.lower()} if not Path(given).exists() else {file_fingerprint([given])}
-    client = Client()
-    found = []
-    for model in depaginate_stream(client.list_models, size=100):
-        for mv in depaginate_stream(client.list_model_versions, model=model.id, hydrate=True, size=100):
-            data = mv.run_metadata.get("data") or {}
-            keys = {name: data.get(key) for name, key in (("data files", "files_sha256"),
-                                                          ("validated rows", "validated_sha256"),
-                                                          ("train split", "train_split_sha256"))}
-            matched = [name for name, value in keys.items() if value and value.lower() in wanted]
-            if matched:
-                found.append((model.name, mv.name, mv.stage or "none", ", ".join(matched), str(mv.created)[:19]))
-    if not found:
-        print(f"no model version was trained on {given} (sha256 {', '.join(sorted(wanted))})", file=sys.stderr)
-        return 1
-    print(f"model versions trained on {given}:")
-    for name, version, stage, matched, created in sorted(found, key=lambda r: r[4]):
-        print(f"  {name} version {version}  stage {stage}  (matched: {matched}; registered {created})")
+    rows = []
+    for s in depaginate_stream(Client().list_schedules, size=100):
+        rows.append({"name": s.name, "id": str(s.id), "cron": s.cron_expression, "active": s.active,
+                     "orchestrator_id": str(s.orchestrator_id) if s.orchestrator_id else None,
+                     "created": s.created.isoformat(timespec="seconds")})
+    if as_json:
+        _echo_json(rows)
+    elif not rows:
+        click.echo("no schedule: `lorapipe schedule -c CONFIG --cron EXPR` on a stack that can schedule")
+    for r in rows if not as_json else []:
+        click.echo(f"{r['name']:<32} cron \"{r['cron']}\"  {'active' if r['active'] else 'paused'}  created "
+                   f"{r['created']}")
     return 0
 
 
-def cmd_lineage(args: argparse.Namespace) -> int:
+@schedule.command("delete")
+@click.argument("name")
+def schedule_delete(name: str) -> int:
+    """Delete a schedule: its CronJob (or the orchestrator's equivalent) and ZenML's record of it."""
     from zenml.client import Client
 
-    if args.dataset:
-        if args.model or args.version:
-            print("error: lineage takes a MODEL (model version -> data) or --dataset (data -> model versions), "
-                  "not both", file=sys.stderr)
-            return 2
-        return cmd_lineage_of_dataset(args)
-    if not args.model:
-        print("error: lineage needs a MODEL, or --dataset SHA256|FILE for the other direction", file=sys.stderr)
-        return 2
     client = Client()
     try:
-        if args.version:
-            mv = client.get_model_version(args.model, args.version)
-        else:
-            page = client.list_model_versions(model=args.model, sort_by="desc:created", size=1)
-            if not page.items:
-                raise KeyError(f"model {args.model} has no version yet")
-            mv = client.get_model_version(args.model, page.items[0].name)
-    except KeyError as exc:
-        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
-        return 1
-    meta = {k: v for k, v in mv.run_metadata.items()}
-    if "report" in meta:  # what the register step wrote: the same content as its dashboard report
-        from lorapipe.registry import VersionReport, render_text
-
-        print("\n".join(render_text(VersionReport(**meta["report"]), current_stage=mv.stage or "none")))
-        return 0
-    print(f"model {args.model} version {mv.name} (stage: {mv.stage or 'none'})")
-    data = meta.get("data", {})
-    print(f"  data files sha256      {data.get('files_sha256', '?')}")
-    print(f"  validated rows sha256  {data.get('validated_sha256', '?')}  ({data.get('rows_accepted', '?')} rows accepted, "
-          f"{data.get('rows_rejected', '?')} rejected)")
-    print(f"  base model             {meta.get('base_model', {})}")
-    print(f"  code                   {meta.get('code', {})}")
-    print(f"  metrics                {meta.get('metrics', {})}")
-    print("  artifacts (latest version of each):")
-    for name, versions in sorted({**mv.data_artifacts, **mv.model_artifacts}.items()):
-        latest = max(versions, key=lambda v: int(v) if str(v).isdigit() else 0)
-        print(f"    {name} v{latest}: {versions[latest].uri}")
+        client.get_schedule(name, allow_name_prefix_match=False)
+    except KeyError:
+        fail(f"no schedule named {name}; `lorapipe schedule list` shows the names")
+    client.delete_schedule(name)
+    click.echo(f"schedule {name} deleted")
     return 0
 
 
-def cmd_backends(args: argparse.Namespace) -> int:
-    """The backend catalog, with what is installed here (no torch import)."""
+# ------------------------------------------------------------------------------------------------ lineage, runs
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--version", default=None, help="A version name or a stage (production, staging, latest).")
+@click.option("--dataset", metavar="SHA256|FILE",
+              help="The other direction: every model version trained on this data (a data file, or the sha256 of "
+                   "the data files, the validated rows or the train split).")
+@click.option("--json", "as_json", is_flag=True, help="The lineage as JSON, for scripts.")
+def lineage(model: Optional[str], version: Optional[str], dataset: Optional[str], as_json: bool) -> int:
+    """Show what made a model version, or (--dataset) which model versions a dataset trained.
+
+    MODEL is NAME, NAME:VERSION or NAME:STAGE (production, staging, latest).
+
+    \b
+    Examples:
+      lorapipe lineage lorapipe-quickstart:production
+      lorapipe lineage lorapipe-quickstart --version 0a1b2c3d4e5f6a7b --json
+      lorapipe lineage --dataset data/quickstart/wwdc25_train_slice.jsonl
+    """
+    from lorapipe.lineage import find_model_version, lineage_tree, render_tree, versions_trained_on
+
+    if dataset:
+        if model or version:
+            raise click.UsageError("lineage takes a MODEL (model version -> data) or --dataset (data -> model "
+                                   "versions), not both")
+        wanted, found = versions_trained_on(dataset)
+        if as_json:
+            _echo_json({"dataset": dataset, "sha256": sorted(wanted), "model_versions": found})
+            return 0 if found else 1
+        if not found:
+            fail(f"no model version was trained on {dataset} (sha256 {', '.join(sorted(wanted))})")
+        click.echo(f"model versions trained on {dataset}:")
+        for r in found:
+            click.echo(f"  {r['model']} version {r['version']}  stage {r['stage']}  (matched: "
+                       f"{', '.join(r['matched'])}; registered {r['registered']})")
+        return 0
+    if not model:
+        raise click.UsageError("lineage needs a MODEL, or --dataset SHA256|FILE for the other direction")
+    tree = lineage_tree(find_model_version(model, version))
+    if as_json:
+        _echo_json(tree)
+    else:
+        click.echo("\n".join(render_tree(tree)))
+    return 0
+
+
+@cli.command()
+@click.option("-n", "--limit", type=int, default=10, show_default=True, help="How many recent runs.")
+@click.option("--json", "as_json", is_flag=True)
+def runs(limit: int, as_json: bool) -> int:
+    """Recent runs: status, duration, steps served from the cache, model version and its stage.
+
+    \b
+    Examples:
+      lorapipe runs
+      lorapipe runs -n 50 --json | jq '.[] | select(.trained)'
+    """
+    from lorapipe.operations.runs import format_runs, recent_runs
+
+    rows = recent_runs(limit)
+    if as_json:
+        _echo_json(rows)
+    else:
+        click.echo("\n".join(format_runs(rows)))
+    return 0
+
+
+@cli.command()
+@click.argument("target", required=False)
+@click.option("--output-root", default="runs", show_default=True, help="train.output_root of the runs to look in.")
+@click.option("--no-follow", is_flag=True, help="Print what is there and exit.")
+@click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between looks.")
+def watch(target: Optional[str], output_root: str, no_follow: bool, interval: float) -> int:
+    """Follow a training from its metrics file: loss, lr, tokens/s, memory, ETA, last checkpoint.
+
+    TARGET: a training folder (train.output_root/<key>), an adapter folder, or a pipeline run name or id;
+    none: the training that wrote last. Reads files only; the run is never touched.
+
+    \b
+    Examples:
+      lorapipe watch
+      lorapipe watch runs/0ee741229b8ae97e-08034ff29fdda76b --no-follow
+    """
+    from lorapipe.operations.watch import NothingToWatch, find_training, watch as follow
+
+    if target is not None and not Path(target).exists():
+        target = _training_folder_of_run(target)
+    try:
+        folder = find_training(target, output_root)
+    except NothingToWatch as exc:
+        fail(str(exc))
+    try:
+        state = follow(folder, follow=not no_follow, interval=interval)
+    except KeyboardInterrupt:
+        return 0
+    return 1 if state == "failed" else 0
+
+
+def _training_folder_of_run(run: str) -> str:
+    """The training folder a pipeline run's train step wrote (its step metadata)."""
+    from zenml.client import Client
+
+    try:
+        found = Client().get_pipeline_run(run)
+    except KeyError:
+        fail(f"{run}: neither a folder nor a pipeline run in this store; `lorapipe runs` lists the runs")
+    step = found.steps.get("train_adapter")
+    folder = step.run_metadata.get("training_folder") if step else None
+    if not folder:
+        fail(f"run {found.name} has no training folder recorded (its train step has not started, or was cached: "
+             "give the folder)")
+    return folder
+
+
+# --------------------------------------------------------------------------------------------------------- misc
+
+@cli.command("build-tiny-model")
+@click.option("--out", default="models/tiny-llama", show_default=True, type=click.Path(file_okay=False))
+@click.option("--corpus", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="JSONL files to train the tokenizer on (default: the quickstart data).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def build_tiny_model(out: str, corpus: tuple, seed: int) -> int:
+    """Build the deterministic tiny Llama the quickstart and tests train (no download).
+
+    \b
+    Example:
+      lorapipe build-tiny-model --out models/tiny-llama
+    """
+    from lorapipe.models.tiny import build_tiny_model as build
+
+    texts = [Path(p) for p in corpus] or [REPO_ROOT / "data" / "quickstart" / "wwdc25_train_slice.jsonl"]
+    click.echo(f"tiny model written to {build(out, texts, seed=seed)}")
+    return 0
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def backends(as_json: bool) -> int:
+    """List the training backends, what each supports and what is installed here.
+
+    \b
+    Example:
+      lorapipe backends --json
+    """
     from lorapipe.backends.catalog import BACKENDS, OPTIONAL_FEATURES
     from lorapipe.hardware.probe import package_version
 
@@ -288,70 +554,51 @@ def cmd_backends(args: argparse.Namespace) -> int:
                      "devices": list(spec.devices), "quantization": list(spec.quantization),
                      "optimizers": list(spec.optimizers), "features": list(spec.features),
                      "adapter_format": spec.adapter_format, "install": spec.install})
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    if as_json:
+        _echo_json(rows)
         return 0
     for r in rows:
         state = "installed" if r["installed"] else f"not installed (missing {', '.join(r['missing'])})"
-        print(f"{r['backend']}: {r['summary']}")
-        print(f"  {state}; install: {r['install']}")
-        print(f"  devices {', '.join(r['devices'])}; quantization {', '.join(r['quantization'])}; "
-              f"adapter {r['adapter_format']}")
-        print(f"  optimizers {', '.join(r['optimizers'])}")
+        click.echo(f"{r['backend']}: {r['summary']}")
+        click.echo(f"  {state}; install: {r['install']}")
+        click.echo(f"  devices {', '.join(r['devices'])}; quantization {', '.join(r['quantization'])}; "
+                   f"adapter {r['adapter_format']}")
+        click.echo(f"  optimizers {', '.join(r['optimizers'])}")
         lacks = [f for f in OPTIONAL_FEATURES if f not in r["features"]]
-        print(f"  train options it lacks (refused at preflight): {', '.join(lacks) if lacks else 'none'}")
+        click.echo(f"  train options it lacks (refused at preflight): {', '.join(lacks) if lacks else 'none'}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorapipe", description=__doc__.splitlines()[0])
-    parser.add_argument("--verbose", action="store_true", help="keep the libraries' own import-time log lines")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="run the fine-tuning pipeline")
-    run.add_argument("-c", "--config", required=True, help="YAML config, e.g. configs/quickstart.yaml")
-    run.add_argument("--no-cache", action="store_true", help="re-run every step (checkpoints still resume)")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set train.epochs=2")
-    run.set_defaults(func=cmd_run)
-
-    val = sub.add_parser("validate", help="validate data files without ZenML")
-    val.add_argument("paths", nargs="+")
-    val.add_argument("--model", help="model folder or hub id: enables the token checks and learns-to-stop audit")
-    val.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"])
-    val.add_argument("--prompt-key", default="prompt")
-    val.add_argument("--completion-key", default="completion")
-    val.add_argument("--max-seq-length", type=int, default=None)
-    val.add_argument("--overlength", default="fail", choices=["drop", "truncate", "fail"])
-    val.add_argument("--json", action="store_true", help="print the full report as JSON")
-    val.set_defaults(func=cmd_validate)
-
-    tiny = sub.add_parser("build-tiny-model", help="build the deterministic tiny Llama used by the quickstart and tests")
-    tiny.add_argument("--out", default="models/tiny-llama")
-    tiny.add_argument("--corpus", nargs="*", help="JSONL files to train the tokenizer on (default: quickstart data)")
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.set_defaults(func=cmd_build_tiny_model)
-
-    bk = sub.add_parser("backends", help="list the training backends, what each supports and what is installed")
-    bk.add_argument("--json", action="store_true")
-    bk.set_defaults(func=cmd_backends)
-
-    lin = sub.add_parser("lineage", help="a model version back to its data, or (--dataset) data to every model "
-                                         "version it trained")
-    lin.add_argument("model", nargs="?")
-    lin.add_argument("--version", default=None)
-    lin.add_argument("--dataset", metavar="SHA256|FILE", help="list the model versions trained on this data: a data "
-                     "file, or the sha256 of the data files, the validated rows or the train split")
-    lin.set_defaults(func=cmd_lineage)
-    return parser
-
+# --------------------------------------------------------------------------------------------------------- main
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """The `lorapipe` entry point; returns the exit code (tests call it in-process)."""
     _quiet_env()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.verbose:
-        _quiet_loggers()
-    return args.func(args)
+    from lorapipe.api import user_error_types
+
+    try:
+        result = cli.main(args=argv, prog_name="lorapipe", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except click.UsageError as exc:
+        exc.show()
+        return exc.exit_code
+    except click.ClickException as exc:  # fail(): a user's mistake found by the command itself
+        if Settings.debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except user_error_types() as exc:  # a user's mistake: its message says what to fix
+        if Settings.debug:
+            traceback.print_exc()
+        click.echo(f"\nerror: {exc}", err=True)
+        return 1
+    finally:
+        Settings.debug = False
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

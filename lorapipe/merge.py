@@ -18,6 +18,10 @@ MERGE_METADATA = "lorapipe_merge.json"
 DEFAULT_ATOL = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.02}
 
 
+class MergeCheckFailed(RuntimeError):
+    """The merged model's logits differ from base+adapter beyond the tolerance: it is not registered."""
+
+
 class MergeCheck(BaseModel):
     dtype: str
     max_abs_logit_diff: float

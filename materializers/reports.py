@@ -12,6 +12,7 @@ from zenml.io import fileio
 from zenml.materializers.pydantic_materializer import PydanticMaterializer
 
 from lorapipe import html_report as h
+from lorapipe.data.sources import ResolvedData
 from lorapipe.data.validation import RejectedRows, ValidationReport
 from lorapipe.evaluation.metrics import EvalMetrics
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan
@@ -203,8 +204,14 @@ def eval_html(metrics: EvalMetrics) -> str:
     return h.page("Evaluation: base vs tuned", *parts)
 
 
-VIEWS = {ValidationReport: validation_html, RejectedRows: rejected_html, HardwareProbe: probe_html,
-         TrainingPlan: training_plan_html, PhasePlan: phase_plan_html, EvalMetrics: eval_html,
+def resolved_data_html(data: ResolvedData) -> str:
+    return h.page("Data source", h.key_values([("source", data.source), ("sha256 of the bytes", data.sha256),
+                                               ("files", len(data.files))]),
+                  h.section("Files read, in order", h.table(["file"], [(f,) for f in data.files])))
+
+
+VIEWS = {ResolvedData: resolved_data_html, ValidationReport: validation_html, RejectedRows: rejected_html,
+         HardwareProbe: probe_html, TrainingPlan: training_plan_html, PhasePlan: phase_plan_html, EvalMetrics: eval_html,
          VersionReport: render_html}
 
 

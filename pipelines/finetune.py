@@ -9,6 +9,7 @@ from steps import (
     merge_model,
     preflight,
     register_model,
+    resolve_data_source,
     split_data,
     train_adapter,
     validate_data,
@@ -16,19 +17,20 @@ from steps import (
 
 
 @pipeline
-def finetune(config: dict, data_files_sha256: str, config_sha256: str) -> None:
-    """validate -> preflight -> split -> train -> evaluate -> merge -> register.
+def finetune(config: dict, config_sha256: str) -> None:
+    """resolve data -> validate -> preflight -> split -> train -> evaluate -> merge -> register.
 
     Args:
         config: the validated config (`LorapipeConfig.model_dump()`), paths made absolute.
-        data_files_sha256: sha256 of the data files' bytes (part of validate's cache key).
         config_sha256: sha256 of the config, recorded on the model version.
     """
     train_cfg = config["train"]
     micro = train_cfg["micro_batch_size"] if isinstance(train_cfg["micro_batch_size"], int) else train_cfg["max_micro_batch_size"]
+    # resolved when the run starts (a schedule fires with the newest files); the sha256 of the bytes keys the cache
+    resolved = resolve_data_source(data=config["data"], output_root=train_cfg["output_root"])
     dataset, report, _rejected = validate_data(
-        data=config["data"], validation=config["validation"], model=config["model"],
-        max_seq_length=train_cfg["max_seq_length"], micro_batch_size=micro, data_fingerprint=data_files_sha256,
+        resolved_data=resolved, data=config["data"], validation=config["validation"], model=config["model"],
+        max_seq_length=train_cfg["max_seq_length"], micro_batch_size=micro,
         group_key=config["split"]["group_key"], stratify_key=config["split"]["stratify_key"],
     )
     hardware, plan, evaluation_plan, merge_plan = preflight(
@@ -45,4 +47,4 @@ def finetune(config: dict, data_files_sha256: str, config_sha256: str) -> None:
     merged = merge_model(adapter=adapter, test_split=test_split, merge_plan=merge_plan, merge=config["merge"])
     register_model(adapter=adapter, eval_metrics=metrics, merged_model=merged, training_plan=plan,
                    validation_report=report, preflight_report=hardware, register=config["register"],
-                   seed=config["seed"], data_files_sha256=data_files_sha256, config_sha256=config_sha256)
+                   seed=config["seed"], resolved_data=resolved, config_sha256=config_sha256)

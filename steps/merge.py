@@ -12,15 +12,11 @@ from lorapipe.artifacts import AdapterFolder, ModelFolder
 from lorapipe.config import MergeSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import PhasePlan
-from lorapipe.merge import merge_adapter
+from lorapipe.merge import MergeCheckFailed, merge_adapter
 from materializers import ModelFolderMaterializer
 from steps.caching import library_cache_policy
 
 logger = get_logger(__name__)
-
-
-class MergeCheckFailed(RuntimeError):
-    pass
 
 
 @step(output_materializers=ModelFolderMaterializer, cache_policy=library_cache_policy(__file__))

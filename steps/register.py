@@ -9,6 +9,7 @@ from zenml.logger import get_logger
 
 from lorapipe.artifacts import AdapterFolder, ModelFolder
 from lorapipe.config import RegisterSection
+from lorapipe.data.sources import ResolvedData
 from lorapipe.data.validation import ValidationReport
 from lorapipe.evaluation.metrics import EvalMetrics
 from lorapipe.hardware.plan import TrainingPlan
@@ -30,11 +31,26 @@ def _production_holder(model_name: str, this_version: str) -> tuple[Optional[str
     return holder.name, holder.run_metadata.get("metrics")
 
 
+def _same_inputs_version(model_name: str, this_version: str, data_sha: str, config_sha: str) -> Optional[str]:
+    """An earlier version trained on the same data bytes with the same config, if any: a scheduled run that found
+    no new data got every step from the cache, and must not take a stage as if it were news."""
+    from zenml.utils.pagination_utils import depaginate_stream
+
+    client = Client()
+    for mv in depaginate_stream(client.list_model_versions, model=model_name, hydrate=True, size=100):
+        if mv.name == this_version:
+            continue
+        meta = mv.run_metadata
+        if meta.get("config_sha256") == config_sha and (meta.get("data") or {}).get("files_sha256") == data_sha:
+            return mv.name
+    return None
+
+
 @step(enable_cache=False, output_materializers={"model_version_report": ReportMaterializer})
 def register_model(
     adapter: AdapterFolder, eval_metrics: EvalMetrics, merged_model: ModelFolder, training_plan: TrainingPlan,
     validation_report: ValidationReport, preflight_report: HardwareProbe, register: dict, seed: int,
-    data_files_sha256: str, config_sha256: str,
+    resolved_data: ResolvedData, config_sha256: str,
 ) -> Tuple[Annotated[str, "model_stage"], Annotated[VersionReport, "model_version_report"]]:
     """Log the lineage facts on the model version and promote it when the tuned model beats the base.
 
@@ -47,7 +63,7 @@ def register_model(
         preflight_report: the machine it trained on.
         register: the config's `register` section.
         seed: the run's seed.
-        data_files_sha256: sha256 of the data files as given.
+        resolved_data: the files read and the sha256 of their bytes.
         config_sha256: sha256 of the validated config.
 
     Returns:
@@ -60,13 +76,18 @@ def register_model(
     adapter_meta = adapter.metadata
     context = get_step_context()
     model = context.model
+    data_files_sha256 = resolved_data.sha256
+    same_as = _same_inputs_version(model.name, str(model.version), data_files_sha256, config_sha256)
+    if same_as:
+        stage, reason = None, (f"unchanged: the same data (sha256 {data_files_sha256[:12]}) and config as version "
+                               f"{same_as}; nothing was retrained, so no stage moves")
     base, tuned = eval_metrics.base, eval_metrics.tuned
     metrics = {"base_perplexity": base.perplexity, "tuned_perplexity": tuned.perplexity,
                "base_loss": base.loss, "tuned_loss": tuned.loss, "perplexity_gain": eval_metrics.perplexity_gain}
     for name in ("rouge_l", "stop_rate"):  # absent when no generation was scored
         if tuned.__dict__[name] is not None:
             metrics[f"base_{name}"], metrics[f"tuned_{name}"] = base.__dict__[name], tuned.__dict__[name]
-    data = {"files_sha256": data_files_sha256, "validated_sha256": validation_report.data_fingerprint,
+    data = {"files_sha256": data_files_sha256, "source": resolved_data.source, "files": resolved_data.files, "validated_sha256": validation_report.data_fingerprint,
             "train_split_sha256": adapter_meta.get("data_fingerprint", ""),
             "rows_accepted": validation_report.rows_accepted, "rows_rejected": validation_report.rows_rejected}
     base_model = {"name_or_path": adapter_meta.get("base_model", ""), "revision": adapter_meta.get("base_revision") or ""}

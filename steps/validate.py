@@ -7,6 +7,7 @@ from zenml.logger import get_logger
 
 from lorapipe.config import DataSection, ModelSection, ValidationSection
 from lorapipe.data.dataset import ConversationDataset
+from lorapipe.data.sources import ResolvedData
 from lorapipe.data.validation import DataValidationError, RejectedRows, ValidationReport, validate_dataset
 from materializers import ConversationDatasetMaterializer, ReportMaterializer
 from steps.caching import library_cache_policy
@@ -18,8 +19,8 @@ logger = get_logger(__name__)
                             "validation_report": ReportMaterializer, "rejected_rows": ReportMaterializer},
       cache_policy=library_cache_policy(__file__))
 def validate_data(
-    data: dict, validation: dict, model: dict, max_seq_length: int, micro_batch_size: int, data_fingerprint: str,
-    group_key: Optional[str] = None, stratify_key: Optional[str] = None,
+    resolved_data: ResolvedData, data: dict, validation: dict, model: dict, max_seq_length: int,
+    micro_batch_size: int, group_key: Optional[str] = None, stratify_key: Optional[str] = None,
 ) -> Tuple[
     Annotated[ConversationDataset, "validated_dataset"],
     Annotated[ValidationReport, "validation_report"],
@@ -28,12 +29,13 @@ def validate_data(
     """Read, check and audit the dataset; fail with the full list of problems when it is bad.
 
     Args:
-        data: the config's `data` section (paths, format, prompt/completion keys).
+        resolved_data: the files to read and their sha256 (the content, not the artifact, keys the cache: an
+            unchanged drop is served from the cache).
+        data: the config's `data` section (format, prompt/completion keys).
         validation: the config's `validation` section (policies for bad and over-long rows).
         model: the config's `model` section; its tokenizer and chat template drive the audit.
         max_seq_length: train.max_seq_length, the limit rows are checked against.
         micro_batch_size: batch size used to estimate padding waste.
-        data_fingerprint: sha256 of the data files' bytes; part of the cache key, so a changed row re-runs.
         group_key: split.group_key, the row field read to keep a group's rows in one split.
         stratify_key: split.stratify_key, the row field (a class label) read for stratified splitting.
 
@@ -45,9 +47,10 @@ def validate_data(
     d, v, m = DataSection(**data), ValidationSection(**validation), ModelSection(**model)
     tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, m.chat_template)
     outcome = validate_dataset(
-        d.paths, d.format, d.prompt_key, d.completion_key, tokenizer=tokenizer, max_seq_length=max_seq_length,
+        resolved_data.files, d.format, d.prompt_key, d.completion_key, tokenizer=tokenizer, max_seq_length=max_seq_length,
         overlength=v.overlength, on_bad_rows=v.on_bad_rows, max_bad_fraction=v.max_bad_fraction,
         min_rows=v.min_rows, micro_batch_size=micro_batch_size, group_key=group_key, stratify_key=stratify_key,
+        progress=True,
     )
     for line in outcome.report.summary_lines():
         logger.info(line)

@@ -233,6 +233,21 @@ def padding_waste(lengths: list[int], micro_batch_size: int) -> float:
     return 0.0 if slots == 0 else 1 - real / slots
 
 
+PROGRESS_MIN_BYTES = 8 << 20  # below this a file validates in about a second: no bar
+
+
+def _progress_bar(paths: list[str]) -> Any:
+    """A tqdm bar over the files' bytes (characters read, so a UTF-8 file may finish just short of 100%)."""
+    import os
+
+    total = sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+    if total < PROGRESS_MIN_BYTES:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="validating", leave=False, mininterval=0.5)
+
+
 def validate_dataset(
     paths: list[str],
     fmt: str = "auto",
@@ -250,11 +265,13 @@ def validate_dataset(
     keep_records: bool = True,
     group_key: Optional[str] = None,
     stratify_key: Optional[str] = None,
+    progress: bool = False,
 ) -> ValidationOutcome:
     """One streaming pass: read, normalise, check, de-duplicate and (with a tokenizer) audit every row.
 
     Memory is bounded by what is kept: the accepted records (`keep_records=False` keeps none, as
     `lorapipe validate` does), the problems, the rejected rows and one 16-byte digest per distinct row.
+    `progress`: a progress bar on stderr (by bytes read) when the files are large enough to wait for.
     """
     problems: list[Problem] = []
     formats: dict[str, str] = {}
@@ -275,8 +292,11 @@ def validate_dataset(
             rejected[key] = RejectedRow(source=row.source, line=row.line, raw=row.raw, reasons=[])
         rejected[key].reasons.extend(reasons)
 
+    bar = _progress_bar(paths) if progress else None
     for row, rec in iter_records(paths, fmt, prompt_key, completion_key, problems, formats, group_key, stratify_key):
         rows_read += 1
+        if bar is not None:
+            bar.update(len(row.raw) + 1)
         if rec is None:
             reject(row, [p.code for p in row.problems])
             continue
@@ -315,6 +335,8 @@ def validate_dataset(
         if keep_records:
             kept.append(rec)
 
+    if bar is not None:
+        bar.close()
     token_stats = audit_report = None
     if audit is not None:
         token_stats, audit_report = audit.finish(micro_batch_size, chat_template_source)

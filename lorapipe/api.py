@@ -1,0 +1,286 @@
+"""Trigger a fine-tune, or schedule one, from Python: what `lorapipe run` and `lorapipe schedule` call.
+
+    from lorapipe import run_finetune
+    result = run_finetune("configs/quickstart.yaml", overrides=["train.max_steps=20"])
+    print(result.model_version, result.stage, result.metrics.tuned.perplexity, result.cached_steps)
+
+A run on data whose bytes did not change is served from ZenML's cache and trains nothing: the model version is
+named by the sha256 of the data and of the config, so the re-run reuses its version. Changed data trains again and
+registers a new version. ZenML is imported inside the functions: `import lorapipe` stays light.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from lorapipe.config import ConfigError, LorapipeConfig, load_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PIPELINE_NAME = "finetune"
+# ZenML 0.98 orchestrators whose config accepts `Schedule(cron_expression=...)` (checked in their flavors);
+# local, local_docker, ssh, modal, lightning, tekton and skypilot refuse schedules.
+SCHEDULING_FLAVORS = ("kubernetes", "kubeflow", "vertex", "sagemaker", "azureml", "airflow", "databricks", "hyperai")
+STACK_FILE = "configs/stacks/kubernetes-gpu.stack.yaml"
+
+
+class UserMistake(Exception):
+    """Something the user can fix: the message is one paragraph that names the key or file and the fix."""
+
+
+class RunFailed(UserMistake):
+    """A step failed on a user's mistake (bad data, a plan that cannot run, a failed merge check)."""
+
+    def __init__(self, message: str, run_id: Optional[str] = None):
+        self.run_id = run_id
+        super().__init__(message)
+
+
+class SchedulingUnsupported(UserMistake):
+    pass
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "the input is wrong", wherever they are raised (here, or inside a step)."""
+    from lorapipe.backends.base import BackendUnavailable
+    from lorapipe.data.sources import DataSourceError
+    from lorapipe.data.validation import DataValidationError
+    from lorapipe.hardware.plan import PlanError
+    from lorapipe.merge import MergeCheckFailed
+
+    return (UserMistake, ConfigError, DataSourceError, DataValidationError, PlanError, BackendUnavailable,
+            MergeCheckFailed)
+
+
+def use_repo_as_source_root() -> None:
+    """ZenML imports steps by module path from its source root: make that this repository."""
+    from zenml.utils import source_utils
+
+    source_utils.set_custom_source_root(str(REPO_ROOT))
+
+
+def model_version_name(data_sha: str, config_sha: str) -> str:
+    """Named by data + config, so a cached re-run reuses its version instead of leaving an empty one."""
+    return hashlib.sha256(f"{data_sha}:{config_sha}".encode()).hexdigest()[:16]
+
+
+@dataclass
+class PreparedRun:
+    """A config checked before ZenML starts: paths absolute, data found, model loadable, identity computed."""
+
+    config: LorapipeConfig  # paths resolved
+    source: str  # the config file, or "config" for one given as an object
+    data_sha256: Optional[str]  # None for an artifact source (read when the run starts)
+    config_sha256: str
+
+
+def load(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[list[str]] = None) -> tuple[LorapipeConfig, str]:
+    from lorapipe.config import apply_overrides, validate_config
+
+    if isinstance(config, (str, Path)):
+        return load_config(config, overrides or []), str(config)
+    if isinstance(config, LorapipeConfig):
+        data = config.model_dump(mode="json")
+    else:
+        data = dict(config)
+    return validate_config(apply_overrides(data, overrides or [])), "config"
+
+
+def prepare(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[list[str]] = None,
+            base_dir: Optional[Path] = None, need_data_now: bool = True) -> PreparedRun:
+    """Everything that can be checked in seconds, before the pipeline starts: config keys, data source, model."""
+    from lorapipe.data.sources import DataSourceError, expand_paths, is_pattern
+    from lorapipe.data.formats import file_fingerprint
+    from lorapipe.models.locate import model_problem
+
+    cfg, source = load(config, overrides)
+    base = Path(base_dir or Path.cwd())
+    resolved = cfg.resolve_paths(base)
+    problems = []
+    data_sha = None
+    if resolved.data.paths:
+        files, data_problems = expand_paths(resolved.data.paths)
+        if not need_data_now:  # a schedule may wait for its first drop; a fixed path must exist
+            data_problems = [p for p, entry in zip(data_problems, resolved.data.paths) if not is_pattern(entry)]
+        problems += data_problems
+        if files and not data_problems:
+            data_sha = file_fingerprint(files)
+    problem = model_problem(cfg.model.name_or_path, cfg.model.revision, base_dir=base)
+    if problem:
+        problems.append(problem)
+    if problems:
+        raise UserMistake(f"{source}: " + "\n".join(problems) if len(problems) == 1 else
+                          f"{source}: {len(problems)} problems\n" + "\n".join(f"  - {p}" for p in problems))
+    if need_data_now and resolved.data.artifact:
+        from lorapipe.data.sources import resolve_data
+
+        try:
+            data_sha = resolve_data(resolved.data, Path(resolved.train.output_root)).sha256
+        except DataSourceError as exc:
+            raise UserMistake(f"{source}: {exc}") from None
+    identity = cfg.model_copy(deep=True)
+    identity.data.paths = [Path(p).name for p in cfg.data.paths]
+    # where checkpoints live and which one a run resumes from do not change what the config asks for
+    identity.train.output_root, identity.train.resume, identity.train.resume_from = "", True, None
+    return PreparedRun(config=resolved, source=source, data_sha256=data_sha, config_sha256=identity.fingerprint())
+
+
+@dataclass
+class FinetuneResult:
+    """What a triggered run produced."""
+
+    run: Any  # zenml PipelineRunResponse
+    model_name: str
+    model_version: str
+    stage: str
+    metrics: Any  # lorapipe.evaluation.metrics.EvalMetrics
+    cached_steps: list[str]
+    steps: int
+    seconds: float
+    adapter_uri: str
+    merged_uri: str
+    store_url: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def trained(self) -> bool:
+        return "train_adapter" not in self.cached_steps
+
+
+def failed_step_message(run_id: Optional[Any] = None) -> Optional[str]:
+    """The message of the run's failed step when it failed on a user's mistake, else None."""
+    from zenml.client import Client
+
+    client = Client()
+    if run_id is not None:
+        run = client.get_pipeline_run(run_id)
+    else:
+        runs = client.list_pipeline_runs(sort_by="desc:created", size=1).items
+        if not runs:
+            return None
+        run = runs[0]
+    names = {e.__name__ for e in user_error_types()}
+    for name, step in run.steps.items():
+        info = step.exception_info
+        if info is not None and (info.source or "").rsplit(".", 1)[-1] in names:
+            return f"step {name} failed: {info.message}"
+    return None
+
+
+def _pipeline(prepared: PreparedRun, version: Optional[str], enable_cache: bool, run_config: Optional[str],
+              schedule: Any = None):
+    from zenml import Model
+
+    use_repo_as_source_root()
+    from pipelines.finetune import finetune
+
+    cfg = prepared.config
+    options: dict[str, Any] = {
+        "model": Model(name=cfg.register.model_name, version=version,
+                       description=f"LoRA fine-tune of {cfg.model.name_or_path}", tags=["lorapipe"]),
+        "enable_cache": enable_cache,
+    }
+    if run_config:
+        if not Path(run_config).is_file():
+            raise UserMistake(f"--run-config {run_config}: file not found (a ZenML run configuration, e.g. "
+                              "configs/stacks/kubernetes-gpu.run.yaml)")
+        options["config_path"] = str(run_config)
+    if schedule is not None:
+        options["schedule"] = schedule
+    return finetune.with_options(**options)
+
+
+def run_finetune(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[list[str]] = None, *,
+                 enable_cache: bool = True, run_config: Optional[str] = None,
+                 base_dir: Optional[Path] = None) -> FinetuneResult:
+    """Run the pipeline on the active ZenML stack and return the run, its model version, stage and metrics.
+
+    Args:
+        config: a YAML path, a `LorapipeConfig` or a dict of sections.
+        overrides: `dotted.key=value` strings, as `--set` takes them.
+        enable_cache: False re-runs every step (training still resumes from its checkpoints).
+        run_config: a ZenML run configuration file (step settings, resources, Docker) for a remote stack.
+        base_dir: relative paths in the config are read from here (default: the working folder).
+
+    Raises:
+        UserMistake (or another of `user_error_types()`): the input is wrong; the message says how.
+    """
+    from zenml.client import Client
+
+    prepared = prepare(config, overrides, base_dir)
+    cfg = prepared.config
+    version = model_version_name(prepared.data_sha256 or "", prepared.config_sha256)
+    pipe = _pipeline(prepared, version, enable_cache, run_config)
+    start = time.perf_counter()
+    try:
+        run = pipe(config=cfg.model_dump(mode="json"), config_sha256=prepared.config_sha256)
+    except user_error_types():
+        raise
+    except RuntimeError:
+        # ZenML reports a failed step as "Pipeline run has failed ..."; the step's own exception is in the store
+        failure = failed_step_message()
+        if failure is None:
+            raise
+        raise RunFailed(failure) from None
+    seconds = time.perf_counter() - start
+    client = Client()
+    run = client.get_pipeline_run(run.id)
+    steps = run.steps
+    mv = client.get_model_version(cfg.register.model_name, version)
+    return FinetuneResult(
+        run=run, model_name=cfg.register.model_name, model_version=version, stage=str(mv.stage or "none"),
+        metrics=steps["evaluate_model"].outputs["eval_metrics"][0].load(),
+        cached_steps=sorted(n for n, s in steps.items() if str(s.status).endswith("cached")), steps=len(steps),
+        seconds=seconds, adapter_uri=steps["train_adapter"].outputs["adapter"][0].uri,
+        merged_uri=steps["merge_model"].outputs["merged_model"][0].uri, store_url=client.zen_store.url)
+
+
+def schedule_finetune(config: Union[str, Path, LorapipeConfig, dict], cron: str, *, name: Optional[str] = None,
+                      overrides: Optional[list[str]] = None, run_config: Optional[str] = None,
+                      base_dir: Optional[Path] = None) -> Any:
+    """Register the pipeline on the active stack's orchestrator with a cron schedule; returns ZenML's schedule.
+
+    Each firing resolves the data again (globs, the newest artifact version); unchanged data is served from the
+    cache, and the register step gives a version with the same data and config as an earlier one no stage.
+    """
+    from zenml.client import Client
+    from zenml.config.schedule import Schedule
+
+    check_cron(cron)
+    stack = Client().active_stack
+    orchestrator = stack.orchestrator
+    if not orchestrator.config.is_schedulable:
+        raise SchedulingUnsupported(cannot_schedule_message(stack.name, orchestrator.flavor, config, cron))
+    prepared = prepare(config, overrides, base_dir, need_data_now=False)
+    cfg = prepared.config
+    name = name or f"{cfg.register.model_name}-retrain"
+    client = Client()
+    if client.list_schedules(name=name, size=1).items:
+        raise UserMistake(f"a schedule named {name} exists already: pick another --name, or "
+                          f"`lorapipe schedule delete {name}` first")
+    # version=None: ZenML numbers the versions; the register step names any that repeats earlier inputs
+    pipe = _pipeline(prepared, None, True, run_config, Schedule(name=name, cron_expression=cron))
+    pipe(config=cfg.model_dump(mode="json"), config_sha256=prepared.config_sha256)
+    return client.get_schedule(name, allow_name_prefix_match=False)
+
+
+def check_cron(cron: str) -> None:
+    """Five fields, as Kubernetes CronJobs and crontab take them; ZenML passes the text on unchecked."""
+    fields = cron.split()
+    if len(fields) != 5 or not all(set(f) <= set("0123456789*/,-") for f in fields):
+        raise UserMistake(f"--cron {cron!r}: a cron expression has five fields (minute hour day month weekday) "
+                          "of digits, '*', '/', ',' and '-', e.g. \"0 3 * * *\" for 03:00 every day")
+
+
+def cannot_schedule_message(stack: str, flavor: str, config: Any, cron: str) -> str:
+    config_arg = config if isinstance(config, (str, Path)) else "CONFIG"
+    return (f"the active stack '{stack}' runs on the {flavor} orchestrator, which cannot run schedules. "
+            f"Orchestrators that can: {', '.join(SCHEDULING_FLAVORS)}. A Kubernetes stack ready to fill in is "
+            f"{STACK_FILE} (see configs/stacks/README.md), then `zenml stack set` it and schedule again. "
+            f"On a single machine, cron does the job: add this line with `crontab -e` (a run on unchanged data "
+            f"is a no-op served from the cache):\n"
+            f"  {cron} cd {Path.cwd()} && {REPO_ROOT / '.venv/bin/lorapipe'} run -c {config_arg} "
+            f">> runs/cron.log 2>&1")

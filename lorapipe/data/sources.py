@@ -1,0 +1,96 @@
+"""Where a run's data comes from, decided when the run starts: files, glob patterns (the newest drop of a folder),
+or the latest version of a named ZenML artifact. A scheduled run resolves its source each time it fires, so it
+reads what landed since; the sha256 of the resolved bytes is what caching and lineage key on (content, not mtime).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from typing import Optional
+
+from pydantic import BaseModel
+
+from lorapipe.config import DataSection
+from lorapipe.data.formats import file_fingerprint
+
+GLOB_CHARS = set("*?[")
+
+
+class DataSourceError(ValueError):
+    """The configured data cannot be found; every problem names the key and what to do."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class ResolvedData(BaseModel):
+    """The files a run reads and the sha256 of their bytes, with where they came from."""
+
+    files: list[str]
+    sha256: str
+    source: str  # what the config asked for, e.g. "data/drops/*.jsonl" or "artifact support-chats version 7"
+
+
+def is_pattern(path: str) -> bool:
+    return bool(GLOB_CHARS & set(path))
+
+
+def expand_paths(paths: list[str]) -> tuple[list[str], list[str]]:
+    """(files, problems). Patterns expand sorted by name, so the order, and the fingerprint, do not depend on the
+    file system; a file named twice is read once."""
+    files, problems = [], []
+    for entry in paths:
+        if is_pattern(entry):
+            matched = sorted(p for p in glob.glob(entry, recursive=True) if Path(p).is_file())
+            if not matched:
+                problems.append(f"data.paths: the pattern {entry} matches no file; check the folder, or wait for "
+                                "the first drop before scheduling")
+            files.extend(matched)
+        elif not Path(entry).is_file():
+            problems.append(f"data.paths: {entry} not found; fix the path in the config (relative paths are "
+                            "read from the folder you run lorapipe in)")
+        else:
+            files.append(entry)
+    return list(dict.fromkeys(files)), problems
+
+
+def _artifact_rows_file(name: str, out_dir: Path) -> tuple[str, str]:
+    """(JSONL file, description) for the latest version of artifact `name`: its rows written once per version,
+    so validation can name a file and line like any other source."""
+    from zenml.client import Client
+
+    try:
+        version = Client().get_artifact_version(name)
+    except KeyError:
+        raise DataSourceError([f"data.artifact: no artifact named {name} in the ZenML store; save one with "
+                               f"zenml.save_artifact(rows, name={name!r}) or use data.paths"]) from None
+    value = version.load()
+    target = out_dir / f"{name}-v{version.version}.jsonl"
+    if isinstance(value, (str, Path)) and Path(str(value)).is_file():
+        return str(Path(str(value)).resolve()), f"artifact {name} version {version.version} ({value})"
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, list) and all(isinstance(row, dict) for row in value):
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in value)
+    else:
+        raise DataSourceError([f"data.artifact: {name} version {version.version} holds a "
+                               f"{type(value).__name__}; lorapipe reads a list of row dicts, JSONL text or the "
+                               "path of a JSONL file"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not target.exists() or target.read_text(encoding="utf-8") != text:
+        target.write_text(text, encoding="utf-8")
+    return str(target), f"artifact {name} version {version.version}"
+
+
+def resolve_data(data: DataSection, artifact_dir: Optional[Path] = None) -> ResolvedData:
+    """The files to read now. `artifact_dir`: where an artifact's rows are written (the run's output root)."""
+    if data.artifact:
+        path, source = _artifact_rows_file(data.artifact, Path(artifact_dir or "runs") / "data")
+        return ResolvedData(files=[path], sha256=file_fingerprint([path]), source=source)
+    files, problems = expand_paths(data.paths)
+    if problems:
+        raise DataSourceError(problems)
+    return ResolvedData(files=files, sha256=file_fingerprint(files), source=", ".join(data.paths))

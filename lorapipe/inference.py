@@ -1,0 +1,68 @@
+"""Generate with a fine-tuned model: a merged model folder, or an adapter folder over its base (no ZenML here).
+
+Greedy decoding that stops at the tokenizer's end-of-sequence token, with the chat template the model trained
+with; each answer says whether it stopped on its own or hit max_new_tokens (the "unstoppable generation" check).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from lorapipe.artifacts import AdapterFolder
+
+
+def inference_device() -> tuple[str, str]:
+    """(device, dtype): the first CUDA GPU in its half precision, else the CPU in float32, as evaluation does."""
+    from lorapipe.hardware.probe import probe
+
+    hw = probe()
+    if hw.cuda_available:
+        return "cuda", "bfloat16" if hw.cuda_devices and hw.cuda_devices[0].bf16 else "float16"
+    return "cpu", "float32"
+
+
+def load_for_inference(folder: str | Path, device: str, dtype: str) -> tuple[Any, Any, str]:
+    """(model, tokenizer, what was loaded). An adapter folder loads its base (named in its metadata) + the adapter."""
+    from lorapipe.backends.base import read_adapter_metadata
+    from lorapipe.models.loading import load_model, load_tokenizer
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{folder}: neither a saved model (config.json) nor a PEFT adapter "
+                                "(adapter_config.json)")
+    tokenizer = load_tokenizer(str(folder))
+    if (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        meta = read_adapter_metadata(folder) if (folder / AdapterFolder.METADATA_FILE).is_file() else {}
+        import json
+
+        base = meta.get("base_model") or json.loads((folder / "adapter_config.json").read_text())[
+            "base_model_name_or_path"]
+        model = load_model(base, dtype, meta.get("base_revision"), device=device)
+        model = PeftModel.from_pretrained(model, str(folder)).to(device)
+        described = f"adapter {folder} over {base}"
+    else:
+        model = load_model(str(folder), dtype, device=device)
+        described = f"model {folder}"
+    model.eval()
+    return model, tokenizer, described
+
+
+def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 256,
+             system: Optional[str] = None) -> dict[str, Any]:
+    import torch
+
+    from lorapipe.data.render import render
+
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    text = render(tokenizer, messages, None, add_generation_prompt=True)
+    device = next(model.parameters()).device
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    return {"prompt": prompt, "completion": tokenizer.decode(new, skip_special_tokens=True).strip(),
+            "stopped": tokenizer.eos_token_id in new, "new_tokens": len(new)}
