@@ -1,8 +1,9 @@
-"""Train the LoRA adapter with the backend the plan chose."""
+"""Train the LoRA adapter with the backend the plan chose: in this process, or over the plan's data-parallel processes,
+which the step launches itself (ZenML's `run_with_accelerate` wraps only steps whose arguments are plain scalars)."""
 
 from typing import Annotated
 
-from zenml import ArtifactConfig, step
+from zenml import ArtifactConfig, log_metadata, step
 from zenml.enums import ArtifactType
 from zenml.logger import get_logger
 
@@ -12,6 +13,8 @@ from lorapipe.backends.base import training_code_version, training_key, work_dir
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
+from lorapipe.training.launch import needs_launch, train_data_parallel
+from lorapipe.training.monitoring import mark_failed
 from materializers import AdapterFolderMaterializer
 from steps.caching import library_cache_policy
 
@@ -28,7 +31,8 @@ def train_adapter(
     Args:
         train_split: rows to train on.
         eval_split: rows to evaluate on during training.
-        training_plan: backend, device, dtype, quantization and batch geometry from preflight.
+        training_plan: backend, device, dtype, quantization, batch geometry and data-parallel processes from
+            preflight.
         model: the config's `model` section.
         train: the config's `train` section.
         seed: the run's seed.
@@ -42,9 +46,19 @@ def train_adapter(
     work_dir = work_dir_for(t.output_root, training_key(m, t, seed, training_plan, train_split, eval_split),
                             training_code_version(training_plan.backend), t.resume_from)
     adapter_dir = work_dir / "adapter"
-    logger.info("training with backend %s on %s; checkpoints in %s", training_plan.backend, training_plan.device, work_dir)
-    info = get_backend(training_plan.backend).train(m, t, seed, training_plan, train_split, eval_split, work_dir,
-                                                    adapter_dir)
-    logger.info("trained %d steps, loss %.4f, %.0f tokens/s", info.steps, info.train_loss or float("nan"),
-                info.tokens_per_second)
+    # where `lorapipe watch RUN` finds the metrics while this step trains
+    log_metadata({"training_folder": str(work_dir)})
+    logger.info("training with backend %s on %s over %d process(es); checkpoints in %s", training_plan.backend,
+                training_plan.device, training_plan.world_size, work_dir)
+    try:
+        if needs_launch(training_plan):
+            info = train_data_parallel(m, t, seed, training_plan, train_split, eval_split, work_dir, adapter_dir)
+        else:
+            info = get_backend(training_plan.backend).train(m, t, seed, training_plan, train_split, eval_split,
+                                                            work_dir, adapter_dir)
+    except BaseException:
+        mark_failed(adapter_dir)
+        raise
+    logger.info("trained %d steps, loss %.4f, %.0f tokens/s over %d process(es)", info.steps,
+                info.train_loss or float("nan"), info.tokens_per_second, info.world_size)
     return AdapterFolder.from_folder(adapter_dir)

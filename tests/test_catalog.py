@@ -128,10 +128,15 @@ def test_the_same_machine_gives_the_same_plan_whatever_is_free_right_now():
         assert decide_plan(TrainSection(), a, TINY) == decide_plan(TrainSection(), b, TINY)
 
 
-def test_data_parallel_world_size_comes_from_the_probe():
-    probe = make_probe(ram_gb=24, packages={k: v for k, v in ALL.items() if k not in ("unsloth", "mlx", "mlx_lm")})
-    probe.world_size = 2
-    assert decide_plan(TrainSection(max_seq_length=128), probe, TINY).train.world_size == 2
+def test_only_the_backends_the_catalog_marks_data_parallel_may_train_in_several_processes():
+    for spec in BACKENDS.values():
+        device = "cpu"
+        train = TrainSection(max_seq_length=128, backend=spec.name, device=device, processes=2)
+        if spec.data_parallel:
+            assert decide_plan(train, make_probe(ram_gb=24), TINY).train.world_size == 2
+        else:
+            with pytest.raises(PlanError, match="train.processes=2"):
+                decide_plan(train, make_probe(ram_gb=24), TINY)
 
 
 def test_resume_from_must_be_a_folder(tmp_path):

@@ -18,8 +18,10 @@ def decide_plan(train, probe, size, evaluate=None, merge=None):
     return plan_module.decide_plan(train, probe, size, evaluate, merge).train
 
 
-def make_probe(cuda_gb=None, apple=False, packages=None, ram_gb=64.0, disk_gb=500.0):
-    devices = [CudaDevice(index=0, name="NVIDIA RTX 4090", total_memory_gb=cuda_gb, capability="8.9", bf16=True)] if cuda_gb else []
+def make_probe(cuda_gb=None, apple=False, packages=None, ram_gb=64.0, disk_gb=500.0, gpus=1):
+    """A machine with `gpus` alike CUDA GPUs of `cuda_gb` each (none without cuda_gb), or a Mac, or a CPU box."""
+    devices = [CudaDevice(index=i, name="NVIDIA RTX 4090", total_memory_gb=cuda_gb, capability="8.9", bf16=True)
+               for i in range(gpus)] if cuda_gb else []
     return HardwareProbe(os="Darwin" if apple else "Linux", machine="arm64" if apple else "x86_64", python="3.11",
                          cpu_count=16, ram_total_gb=ram_gb, ram_available_gb=ram_gb, disk_free_gb=disk_gb,
                          disk_path="/data", cuda_available=bool(cuda_gb), cuda_devices=devices, apple_silicon=apple,

@@ -33,12 +33,13 @@ class AdapterInfo(BaseModel):
     train_rows: int
     steps: int
     train_loss: Optional[float]
-    train_tokens: int
-    tokens_per_second: float
+    train_tokens: int  # of all data-parallel processes together
+    tokens_per_second: float  # train_tokens over the main process's wall clock: the whole run's throughput
     train_seconds: float
-    peak_memory_gb: float
+    peak_memory_gb: float  # of the main process (one GPU, or one CPU process)
     resumed_from: Optional[str]
     versions: dict[str, Optional[str]]
+    world_size: int = 1  # data-parallel processes that trained
 
 
 class TrainingBackend(Protocol):
@@ -156,6 +157,7 @@ class TrainingRun:
     peak_memory_gb: float
     resumed_from: Optional[str]
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    world_size: int = 1
 
 
 def finish_training(run: TrainingRun, adapter_dir: Path, model: ModelSection, train_cfg: TrainSection, seed: int,
@@ -172,7 +174,7 @@ def finish_training(run: TrainingRun, adapter_dir: Path, model: ModelSection, tr
         train_loss=run.train_loss, train_tokens=run.train_tokens,
         tokens_per_second=run.train_tokens / run.train_seconds if run.train_seconds > 0 else 0.0,
         train_seconds=run.train_seconds, peak_memory_gb=run.peak_memory_gb, resumed_from=run.resumed_from,
-        versions=package_versions(),
+        versions=package_versions(), world_size=run.world_size,
     )
     if is_main:
         adapter_dir.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ class BackendSpec:
     lora_bias: tuple[str, ...]  # train.lora.bias values it honours
     features: tuple[str, ...]  # the OPTIONAL_FEATURES it implements
     adapter_format: str  # what its adapter folder is: "peft" (PeftModel.from_pretrained) or "mlx-lm"
+    data_parallel: bool = False  # trains in N processes (torchrun; nccl on CUDA, gloo on the CPU)
     cpu_note: Optional[str] = None  # said as a plan warning when it trains on a CPU
 
 
@@ -47,7 +48,7 @@ BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
         modules=("torch", "transformers", "peft", "trl"), install="pip install -e .",
         devices=("cuda", "cpu", "mps"), auto_on=("cuda", "cpu"), quantization=("none", "nf4", "int8"),
         quantized_by="bitsandbytes", optimizers=_ALL_OPTIMIZERS, lora_bias=_ALL_BIAS, features=OPTIONAL_FEATURES,
-        adapter_format="peft"),
+        adapter_format="peft", data_parallel=True),
     BackendSpec(
         name="unsloth", summary="Unsloth + TRL: fused kernels and 4-bit QLoRA on CUDA",
         modules=("torch", "transformers", "peft", "trl", "unsloth", "bitsandbytes"), install="pip install -e '.[cuda]'",

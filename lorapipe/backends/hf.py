@@ -11,14 +11,18 @@ Beyond a plain SFTTrainer run, `HFBackend.train`:
   attend across each other), and reports the padding actually fed (`padding_waste` in the adapter metadata);
 - writes metrics/plots, prints progress and feeds the stack's tracker through the shared
   `lorapipe.training.monitoring.TrainingMonitor`;
-- backs off on a CUDA out-of-memory error in the first steps: half the micro-batch, twice the accumulation;
-- runs data-parallel under `accelerate launch` / `torchrun` (only the main process writes the adapter folder).
+- backs off on a CUDA out-of-memory error in the first steps: half the micro-batch, twice the accumulation (in one
+  process only: data-parallel ranks cannot change their batch geometry alone);
+- runs data-parallel in the processes the train step launches (`lorapipe.training.launch`, or an outside
+  `torchrun`): each rank on its own GPU, the padding counted over all ranks, and only the main process writes the
+  adapter folder, the metrics and the progress lines.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -66,6 +70,14 @@ class PaddingCounter:
         self.batches += 1
         self.padding_free = mask is None and "position_ids" in inputs
 
+    def add_other_ranks(self, accelerator: Any) -> None:
+        """Sum the counts of every data-parallel rank into this counter (a collective: every rank calls it)."""
+        import torch
+
+        counts = torch.tensor([self.real_tokens, self.padded_tokens, self.batches], dtype=torch.long,
+                              device=accelerator.device)
+        self.real_tokens, self.padded_tokens, self.batches = (int(x) for x in accelerator.reduce(counts, "sum"))
+
     def summary(self) -> dict[str, Any]:
         total = self.real_tokens + self.padded_tokens
         return {"real_tokens": self.real_tokens, "padded_tokens": self.padded_tokens, "batches": self.batches,
@@ -82,6 +94,7 @@ def _trainer_class() -> Any:
     if _TRAINER_CLS is not None:
         return _TRAINER_CLS
     import torch
+    from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
     from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
     from trl import SFTTrainer
 
@@ -120,15 +133,25 @@ def _trainer_class() -> Any:
             self.padding_counter.count(inputs)
             return super().training_step(model, inputs, *args, **kwargs)
 
+        def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+            folder = Path(checkpoint) if checkpoint else None
+            if (folder is None or self.args.world_size == 1 or self.args.device.type != "cpu"
+                    or not (folder / OPTIMIZER_NAME).is_file() or not (folder / SCHEDULER_NAME).is_file()):
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            # CPU ranks: accelerate names their device cpu:<rank>, which the Trainer hands torch.load as map_location
+            # and torch cannot restore to ("don't know how to restore data location"); their state lives on the CPU
+            self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_NAME, map_location="cpu", weights_only=True))
+            self.lr_scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, weights_only=True))
+
     _TRAINER_CLS = LorapipeSFTTrainer
     return _TRAINER_CLS
 
 
 def _backed_off(plan: TrainingPlan) -> TrainingPlan:
     mb = max(1, plan.micro_batch_size // 2)
-    ga = max(1, math.ceil(plan.effective_batch_size / mb))
+    ga = max(1, math.ceil(plan.effective_batch_size / (mb * plan.world_size)))
     return plan.model_copy(update={"micro_batch_size": mb, "gradient_accumulation_steps": ga,
-                                   "effective_batch_size": mb * ga})
+                                   "effective_batch_size": mb * ga * plan.world_size})
 
 
 class HFBackend:
@@ -172,8 +195,11 @@ class HFBackend:
             except torch.cuda.OutOfMemoryError as exc:
                 oom_step = trainer.state.global_step
                 first_step = (checkpoint_step(resume_from) or 0) if resume_from is not None else 0
-                if plan.micro_batch_size <= 1 or oom_step - first_step >= OOM_BACKOFF_WITHIN_STEPS:
-                    why = "already 1" if plan.micro_batch_size <= 1 else "past the first steps"
+                # one rank retrying alone would leave the others waiting in the all-reduce: data parallel raises
+                data_parallel = trainer.args.world_size > 1
+                if data_parallel or plan.micro_batch_size <= 1 or oom_step - first_step >= OOM_BACKOFF_WITHIN_STEPS:
+                    why = ("data parallel: the ranks cannot back off alone; set train.micro_batch_size lower"
+                           if data_parallel else "already 1" if plan.micro_batch_size <= 1 else "past the first steps")
                     exc.add_note(f"lorapipe: out of memory at step {oom_step} with micro-batch {plan.micro_batch_size}"
                                  f" (no backoff: {why}); lower train.max_seq_length, set train.quantization: nf4 or "
                                  "turn on train.gradient_checkpointing")
@@ -194,6 +220,8 @@ class HFBackend:
 
         seconds = time.perf_counter() - start
         state = trainer.state
+        if trainer.args.world_size > 1:
+            trainer.padding_counter.add_other_ranks(trainer.accelerator)
         extra: dict[str, Any] = {
             "padding_waste": trainer.padding_counter.summary(),
             "batching": {"group_by_length": t.group_by_length, "packing": t.packing,
@@ -248,8 +276,13 @@ class HFBackend:
 
         from lorapipe.models.loading import load_model
 
+        device = plan.device
+        if device == "cuda" and "LOCAL_RANK" in os.environ:
+            # a data-parallel rank trains on its own GPU: "cuda" (and the peak-memory counter) then means that one
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            device = f"cuda:{torch.cuda.current_device()}"
         model = load_model(m.name_or_path, plan.dtype, m.revision, m.trust_remote_code, plan.quantization,
-                           device=plan.device, attn_implementation=m.attn_implementation)
+                           device=device, attn_implementation=m.attn_implementation)
         if plan.quantization != "none":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
         if init_adapter is not None:

@@ -28,9 +28,10 @@ def tokenize_dataset(dataset: ConversationDataset, tokenizer: Any, max_length: i
     from datasets import Dataset
 
     from lorapipe.data.render import encode
+    from lorapipe.progress import progress
 
     rows: dict[str, list] = {"input_ids": [], "labels": []}
-    for rec in dataset.records:
+    for rec in progress(dataset.records, f"tokenizing {dataset.name}"):
         enc = encode(tokenizer, rec, max_length)
         rows["input_ids"].append(enc.input_ids)
         rows["labels"].append([t if m else -100 for t, m in zip(enc.input_ids, enc.assistant_mask)])
@@ -56,7 +57,9 @@ def resume_point(t: TrainSection, ckpt_dir: Path) -> Optional[Path]:
 
 
 def train_tokens(train_ds: Any, t: TrainSection, plan: TrainingPlan) -> int:
-    """Tokens a run trains on: all rows' tokens x epochs, or the mean row length x rows seen in max_steps."""
+    """Tokens a run trains on, all data-parallel processes together (they share the rows out, and the plan's
+    effective batch counts every process's micro-batches): all rows' tokens x epochs, or the mean row length x rows
+    seen in max_steps."""
     lengths = [len(x) for x in train_ds["input_ids"]]
     if t.max_steps < 0:
         return int(sum(lengths) * t.epochs)
@@ -144,7 +147,8 @@ def finish_trainer_run(trainer: Any, result: Any, seconds: float, tokens: int, b
         backend=backend, steps=state.global_step,
         train_loss=float(result.training_loss) if result.training_loss is not None else None,
         train_tokens=tokens, train_seconds=seconds, peak_memory_gb=round(memory_gb(plan.device), 3),
-        resumed_from=str(resumed_from) if resumed_from else None, log_history=list(state.log_history))
+        resumed_from=str(resumed_from) if resumed_from else None, log_history=list(state.log_history),
+        world_size=trainer.args.world_size)
     return finish_training(
         run, adapter_dir, model_cfg, t, seed, plan, train, tokenizer,
         save_weights=lambda folder: trainer.model.save_pretrained(str(folder), safe_serialization=True),

@@ -3,7 +3,9 @@
 `decide_plan` takes the config sections, the hardware probe and the model's size, and either returns a `RunPlan`
 that can run here or raises `PlanError` listing every reason it cannot (with the install command or the config key
 to change). What a backend can and cannot do comes from `lorapipe.backends.catalog`. The steps receive the plan's
-phases (`train`, `evaluate`, `merge`), never flags, and no other module probes the hardware.
+phases (`train`, `evaluate`, `merge`), never flags, and no other module probes the hardware. The number of
+data-parallel training processes is decided here too (`train.processes` and the probe's GPUs); the train step
+launches that many (`lorapipe.training.launch`).
 
 The plan depends only on the config and on facts that stay put between two runs on one machine (the memory budget
 comes from total, not free, memory), so planning the same config on the same machine gives the same plan: the
@@ -27,6 +29,8 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 # Share of the device's memory the plan may fill: GPU memory on CUDA, total RAM (unified memory on Apple) elsewhere.
 CUDA_BUDGET_FRACTION = 0.9
 RAM_BUDGET_FRACTION = 0.8
+# Backends whose training runs data-parallel over several processes (one per GPU; gloo on the CPU). Unsloth trains
+# in one process and lorapipe's mlx loop has no process group. (A backend fact: its home is the catalog's BackendSpec.)
 
 
 class PlanError(RuntimeError):
@@ -63,7 +67,7 @@ class TrainingPlan(BaseModel):
     max_seq_length: int
     gradient_checkpointing: bool
     optimizer: str
-    world_size: int = 1  # data-parallel processes; >1 under torchrun / accelerate launch
+    world_size: int = 1  # data-parallel processes the train step launches; micro x accumulation x this = effective
     memory: MemoryEstimate
     reasons: list[str]
     warnings: list[str]
@@ -172,6 +176,49 @@ def _train_dtype(train: TrainSection, device: str, probe: HardwareProbe, spec: B
     return "float32"
 
 
+def data_parallel_backends() -> list[str]:
+    return [name for name, spec in BACKENDS.items() if spec.data_parallel]
+
+
+def _world_size(train: TrainSection, spec: BackendSpec, device: str, probe: HardwareProbe, problems: list[str],
+                reasons: list[str], warnings: list[str]) -> int:
+    """How many data-parallel processes train: `train.processes`, or for `auto` one per visible CUDA GPU where the
+    backend trains data-parallel, else 1. The train step launches them; nothing reads WORLD_SIZE to decide."""
+    gpus = len(probe.cuda_devices) if device == "cuda" else 0
+    parallel = spec.data_parallel
+    requested = train.processes
+    if requested == "auto":
+        if parallel and gpus > 1:
+            reasons.append(f"data parallel over {gpus} processes: one per CUDA GPU (train.processes: auto)")
+            return gpus
+        if gpus > 1:
+            warnings.append(f"the {spec.name} backend trains in one process: 1 of the {gpus} GPUs is used (set "
+                            f"train.backend: hf to train on all {gpus})")
+        reasons.append("1 process (train.processes: auto, " + (
+            f"{gpus} CUDA GPU)" if device == "cuda" else f"on {device})"))
+        return 1
+    if requested == 1:
+        reasons.append("1 process (train.processes: 1)")
+        return 1
+    if not parallel:
+        problems.append(f"train.processes={requested}: the {spec.name} backend trains in one process; data-parallel "
+                        f"training is supported by the {', '.join(data_parallel_backends())} backend only: set "
+                        f"train.backend: {data_parallel_backends()[0]}, or train.processes: auto")
+    elif device == "cuda" and requested > gpus:
+        problems.append(f"train.processes={requested}: only {gpus} CUDA GPU(s) are visible here and each process "
+                        f"trains on its own GPU: set train.processes: auto (or at most {gpus}), or widen "
+                        "CUDA_VISIBLE_DEVICES")
+    elif device == "mps":
+        problems.append(f"train.processes={requested}: data parallel runs on CUDA GPUs (nccl) or the CPU (gloo), "
+                        "not on mps: set train.processes: 1, or train.device: cpu")
+    elif device == "cpu":
+        warnings.append(f"train.processes={requested} on the CPU: {requested} gloo processes share this machine's "
+                        "cores and RAM (slow; meant for testing the launch)")
+    reasons.append(f"data parallel over {requested} processes (train.processes: {requested}, "
+                   f"{'nccl' if device == 'cuda' else 'gloo'})")
+    return requested
+
+
 def _phase_plans(train_plan: TrainingPlan, evaluate: EvaluateSection, merge: MergeSection) -> tuple[PhasePlan, PhasePlan]:
     """Evaluation scores with torch on the training GPU (CUDA) in its dtype, else on the CPU in float32 (mlx
     adapters are scored as fused torch models); merges run on the CPU, so no GPU memory is held while the
@@ -215,13 +262,15 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, size: ModelSize,
     optimizer = train.optimizer
     if optimizer.startswith("paged") and device != "cuda":
         warnings.append(f"{optimizer} pages only on CUDA; bitsandbytes falls back to a non-paged optimizer here")
+    world = _world_size(train, spec, device, probe, problems, reasons, warnings)
 
-    # memory budget: GPU memory on CUDA, total RAM elsewhere (unified memory on Apple). Not free memory: the plan
-    # must come out the same on one machine from run to run (preflight warns when too little is free right now).
+    # memory budget of one process: GPU memory on CUDA (the smallest of the GPUs it trains on), total RAM elsewhere
+    # (unified memory on Apple), which the CPU processes of a data-parallel run share. Not free memory: the plan must
+    # come out the same on one machine from run to run (preflight warns when too little is free right now).
     if device == "cuda" and probe.cuda_devices:
-        budget = probe.cuda_devices[0].total_memory_gb * CUDA_BUDGET_FRACTION
+        budget = min(d.total_memory_gb for d in probe.cuda_devices[:world]) * CUDA_BUDGET_FRACTION
     else:
-        budget = probe.ram_total_gb * RAM_BUDGET_FRACTION
+        budget = probe.ram_total_gb * RAM_BUDGET_FRACTION / world
     quant = train.quantization
     seq = train.max_seq_length
     if isinstance(train.micro_batch_size, int):
@@ -242,21 +291,22 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, size: ModelSize,
             f"{budget:.1f} GB on {device}: lower train.max_seq_length, set train.quantization: nf4, "
             "or turn on train.gradient_checkpointing")
         chosen = candidates[-1]
-    chosen = min(chosen, train.effective_batch_size)
-    ga = max(1, math.ceil(train.effective_batch_size / chosen))
-    reasons.append(f"micro-batch {chosen} x accumulation {ga} = effective {chosen * ga} "
-                   f"(estimated {estimate.total_gb:.2f} of {budget:.1f} GB)")
+    # each process trains micro-batches of `chosen`; accumulation makes up the rest of the effective batch, shared
+    # out over the processes, so a run's optimizer steps see the same batch whatever the process count
+    chosen = min(chosen, max(1, train.effective_batch_size // world))
+    ga = max(1, math.ceil(train.effective_batch_size / (chosen * world)))
+    per_step = f" x {world} processes" if world > 1 else ""
+    reasons.append(f"micro-batch {chosen} x accumulation {ga}{per_step} = effective {chosen * ga * world} "
+                   f"(estimated {estimate.total_gb:.2f} of {budget:.1f} GB{' per process' if world > 1 else ''})")
     if probe.disk_free_gb < 1.0 + size.parameters * 2 * 2 / 2**30:
         problems.append(f"only {probe.disk_free_gb:.1f} GB free at {probe.disk_path}: checkpoints and the merged model "
                         "need about twice the model's 16-bit size; free disk or move train.output_root")
-    if probe.world_size > 1:
-        reasons.append(f"data parallel over {probe.world_size} processes")
     if problems:
         raise PlanError(problems)
     train_plan = TrainingPlan(
         backend=backend, device=device, dtype=dtype, quantization=quant, micro_batch_size=chosen,
-        gradient_accumulation_steps=ga, effective_batch_size=chosen * ga, max_seq_length=seq,
-        gradient_checkpointing=train.gradient_checkpointing, optimizer=optimizer, world_size=probe.world_size,
+        gradient_accumulation_steps=ga, effective_batch_size=chosen * ga * world, max_seq_length=seq,
+        gradient_checkpointing=train.gradient_checkpointing, optimizer=optimizer, world_size=world,
         memory=estimate, reasons=reasons, warnings=warnings)
     evaluation, merging = _phase_plans(train_plan, evaluate or EvaluateSection(), merge or MergeSection())
     return RunPlan(train=train_plan, evaluate=evaluation, merge=merging)

@@ -48,13 +48,19 @@ class HardwareProbe(BaseModel):
     cuda_devices: list[CudaDevice]
     apple_silicon: bool
     mps_available: bool
-    world_size: int = 1  # processes of one data-parallel run (torchrun / accelerate launch set WORLD_SIZE)
     packages: dict[str, Optional[str]]
 
     @property
     def accelerator(self) -> str:
         """What trains fastest here, as a plan device: cuda, mps (Apple Silicon) or cpu."""
         return "cuda" if self.cuda_available else "mps" if self.apple_silicon else "cpu"
+
+    @property
+    def world_size(self) -> int:
+        """The data-parallel processes this machine offers: one per visible CUDA GPU, else 1. The plan launches that
+        many for `train.processes: auto` where the backend trains data-parallel (not an environment variable: the
+        plan is decided before any process is launched)."""
+        return max(1, len(self.cuda_devices))
 
 
 def package_version(module: str) -> Optional[str]:
@@ -91,7 +97,7 @@ def probe(disk_path: str = ".") -> HardwareProbe:
         ram_available_gb=round(vm.available / 2**30, 2),
         disk_free_gb=round(shutil.disk_usage(disk_path).free / 2**30, 2), disk_path=os.path.abspath(disk_path),
         cuda_available=cuda, cuda_devices=devices, apple_silicon=apple, mps_available=mps,
-        world_size=int(os.environ.get("WORLD_SIZE", "1")), packages=package_versions(),
+        packages=package_versions(),
     )
 
 
@@ -113,13 +119,14 @@ def _gpu_inventory() -> list[str]:
 
 def machine_fingerprint() -> str:
     """sha256 of what the plan depends on and does not change between two runs on one machine: OS, architecture,
-    cores, total RAM, GPUs (as nvidia-smi lists them), data-parallel world size and package versions. Free RAM and
-    disk are left out, or every run would plan anew; a cached preflight does not check them again."""
+    cores, total RAM, GPUs (as nvidia-smi lists them and CUDA_VISIBLE_DEVICES shows them: `train.processes: auto`
+    follows them) and package versions. Free RAM and disk are left out, or every run would plan anew; a cached
+    preflight does not check them again."""
     import psutil
 
     facts = {
         "os": platform.system(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
         "ram_total_gb": round(psutil.virtual_memory().total / 2**30), "gpus": _gpu_inventory(),
-        "world_size": os.environ.get("WORLD_SIZE", "1"), "packages": package_versions(),
+        "packages": package_versions(),
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()

@@ -11,7 +11,9 @@ backend from its own loop. For each `log` the monitor
 
 and at `end()` draws `loss.png`, `learning_rate.png` and `memory.png` beside the files. On a resumed run the rows
 after the checkpoint's step are dropped, so the files continue where the checkpoint left off. Only the main
-process of a data-parallel run writes, prints or sends.
+process of a data-parallel run writes, prints or sends; when the train step launched the ranks as processes of their
+own, the tracker's run is open in the step's process, not theirs, and the launcher sends the rows to it once they
+are done (`replay_to_tracker`).
 
 `tokens_per_second` is the rate since the previous log of the tokens the backend reports (all data-parallel ranks'
 tokens for the TRL backends); `memory_gb` is what the backend's memory reader says (process RSS on CPU, the peak
@@ -34,6 +36,8 @@ from lorapipe.artifacts import ADAPTER_PLOTS
 
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
+# where a watcher (`lorapipe watch`) learns the step count, the resume point and whether training ended
+PROGRESS_JSON = "progress.json"
 PLOTS = ADAPTER_PLOTS
 METRIC_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "eval_loss", "tokens_per_second",
                   "memory_gb", "elapsed_s"]
@@ -211,6 +215,25 @@ def active_tracker() -> Optional[Tracker]:
     return WandbTracker(wandb.run) if wandb.run is not None else None
 
 
+def mark_failed(out_dir: str | Path) -> None:
+    """Training raised: tell a watcher (the exception itself goes on up to the step)."""
+    path = Path(out_dir) / PROGRESS_JSON
+    if path.is_file():
+        progress = json.loads(path.read_text())
+        progress["state"] = "failed"
+        path.write_text(json.dumps(progress))
+
+
+def replay_to_tracker(out_dir: str | Path, tracker: Tracker, run_config: dict[str, Any]) -> int:
+    """Send a finished run's config and metrics rows (from `out_dir`'s metrics.jsonl) to the tracker, as the monitor
+    would have while training. Returns the rows sent."""
+    tracker.log_config(run_config)
+    rows = read_metrics(out_dir)
+    for row in rows:
+        tracker.log_row(row, step=row["step"])
+    return len(rows)
+
+
 class TrainingMonitor:
     """Metrics files, progress lines and tracker rows while training, plots when it ends (see the module docstring).
 
@@ -254,6 +277,7 @@ class TrainingMonitor:
             for r in self.rows:
                 fh.write(json.dumps(r) + "\n")
         _write_csv(self.out_dir / METRICS_CSV, self.rows, "w")
+        self._write_progress("running")
         if self.tracker is not None and self.run_config:
             self.tracker.log_config(self.run_config)
 
@@ -295,6 +319,15 @@ class TrainingMonitor:
         if self.is_main:
             print(f"checkpoint saved: step {step}", file=self.stream or sys.stdout, flush=True)
 
+    def _write_progress(self, state: str) -> None:
+        progress = {"state": state, "max_steps": self.max_steps, "start_step": self._start_step,
+                    "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        tmp = self.out_dir / (PROGRESS_JSON + ".tmp")
+        tmp.write_text(json.dumps(progress))
+        tmp.replace(self.out_dir / PROGRESS_JSON)  # a watcher never reads half a file
+
     def end(self) -> None:
+        if self.is_main:
+            self._write_progress("finished")
         if self.is_main and self.plots:
             write_plots(self.rows, self.out_dir)
