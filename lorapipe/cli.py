@@ -26,6 +26,8 @@ def _quiet_env() -> None:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # datasets' map/filter bars are TRL's bookkeeping (truncating, dropping masked rows), not work to wait on
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # weave (wandb flavor) reports errors to its own service
 
 

@@ -66,8 +66,10 @@ def masked_loss(model: Any, tokenizer: Any, records: list[Record], max_length: i
     per_row: list[float] = []
     encs = [encode(tokenizer, r, max_length) for r in records]
     model.eval()
+    from lorapipe.progress import progress
+
     with torch.no_grad():
-        for i in range(0, len(encs), batch_size):
+        for i in progress(range(0, len(encs), batch_size), "scoring loss", unit="batch"):
             batch = encs[i:i + batch_size]
             width = max(len(e.input_ids) for e in batch)
             ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -97,8 +99,10 @@ def generate_scores(model: Any, tokenizer: Any, records: list[Record], max_new_t
     from lorapipe.data.render import render, tool_schemas
 
     device = next(model.parameters()).device
+    from lorapipe.progress import progress
+
     rouge, exact, stops, samples = [], [], [], []
-    for rec in records:
+    for rec in progress(records, "generating"):
         if rec.text is not None or not rec.messages or rec.messages[-1]["role"] != "assistant":
             continue
         prompt_msgs, reference = rec.messages[:-1], rec.messages[-1]["content"]

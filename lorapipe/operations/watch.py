@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 from lorapipe.backends.base import ADAPTER_METADATA, checkpoint_step
-from lorapipe.training.monitoring import METRICS_JSONL, format_progress, read_metrics
-
-PROGRESS_JSON = "progress.json"  # TODO(after the data-parallel change lands): the monitor writes it
+from lorapipe.training.monitoring import METRICS_JSONL, PROGRESS_JSON, format_progress, read_metrics
 
 
 class NothingToWatch(ValueError):
