@@ -366,7 +366,12 @@ def schedule(ctx: click.Context, config: Optional[str], cron: Optional[str], nam
 @schedule.command("list")
 @click.option("--json", "as_json", is_flag=True)
 def schedule_list(as_json: bool) -> int:
-    """List this store's schedules of the lorapipe pipeline."""
+    """List this store's schedules of the lorapipe pipeline.
+
+    \b
+    Example:
+      lorapipe schedule list --json
+    """
     from zenml.client import Client
     from zenml.utils.pagination_utils import depaginate_stream
 
@@ -388,7 +393,12 @@ def schedule_list(as_json: bool) -> int:
 @schedule.command("delete")
 @click.argument("name")
 def schedule_delete(name: str) -> int:
-    """Delete a schedule: its CronJob (or the orchestrator's equivalent) and ZenML's record of it."""
+    """Delete a schedule: its CronJob (or the orchestrator's equivalent) and ZenML's record of it.
+
+    \b
+    Example:
+      lorapipe schedule delete lorapipe-model-retrain
+    """
     from zenml.client import Client
 
     client = Client()

@@ -409,3 +409,37 @@ def test_an_html_view_renders_in_a_real_browser(runs):
                                      "td => td.scrollWidth > td.clientWidth + 1).length") == 0
         finally:
             browser.close()
+
+
+def test_runs_lists_status_cache_and_model_version(runs, capsys):
+    assert main(["runs", "-n", "30", "--json"]) == 0
+    listed = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    first, cached = listed[str(runs["first"].id)], listed[str(runs["cached"].id)]
+    assert first["status"] == "completed" and first["trained"] and first["cached_steps"] == []
+    assert cached["trained"] is False and "train_adapter" in cached["cached_steps"]
+    assert cached["model_version"] == first["model_version"] == runs["first"].model_version.name
+    assert first["duration_s"] > 0 and first["model"] == "lorapipe-test"
+    assert main(["runs"]) == 0
+    table = capsys.readouterr().out
+    assert runs["data_changed"].name[:40] in table and "lorapipe-test" in table
+
+
+def test_watch_finds_a_runs_training_folder_from_the_run_name(runs, capsys):
+    assert main(["watch", runs["first"].name, "--no-follow"]) == 0
+    out = capsys.readouterr().out
+    assert "training finished after" in out and "loss" in out
+
+
+def test_predict_answers_from_a_registered_version_and_from_an_adapter_folder(runs, capsys):
+    version = runs["first"].model_version.name
+    assert main(["predict", f"lorapipe-test:{version}", "-p", "What is new in SwiftUI?", "-p", "Hello",
+                 "--max-new-tokens", "8", "--json"]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [a["prompt"] for a in answers] == ["What is new in SwiftUI?", "Hello"]
+    assert all(0 < a["new_tokens"] <= 8 and isinstance(a["stopped"], bool) for a in answers)
+    adapter = runs["first"].steps["train_adapter"].outputs["adapter"][0].load().path
+    assert main(["predict", adapter, "-p", "Hello", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr()
+    assert "adapter" in out.err and out.out.startswith("> Hello")
+    assert main(["predict", "lorapipe-test:0000000000000000", "-p", "x"]) == 1
+    assert "has no version 0000000000000000" in capsys.readouterr().err
