@@ -5,7 +5,7 @@ from tests.conftest import REPO_ROOT
 
 
 def test_every_shipped_config_validates_without_weights():
-    configs = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
+    configs = sorted((REPO_ROOT / "configs").glob("*.yaml"))  # configs/stacks/ holds ZenML run configurations
     assert configs, "configs/ holds no YAML"
     for path in configs:
         cfg = load_config(path)
