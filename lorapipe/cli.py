@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -18,29 +16,9 @@ from typing import Any, Optional
 
 import click
 
+from lorapipe.quiet import quiet_env, quiet_loggers
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _quiet_env() -> None:
-    os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    # datasets' map/filter bars are TRL's bookkeeping (truncating, dropping masked rows), not work to wait on
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # weave (wandb flavor) reports errors to its own service
-
-
-# Libraries that log at import what users read as failures: torchao's optional CUDA kernels, torch's pytree
-# deprecation notes, bitsandbytes' optional CPU kernel, Great Expectations registering its API. lorapipe says what
-# matters in its own lines; these stay available with --verbose.
-NOISY_LOGGERS = {"torchao": logging.ERROR, "torch.utils._pytree": logging.ERROR,
-                 "bitsandbytes.backends.cpu.ops": logging.ERROR, "great_expectations": logging.WARNING}
-
-
-def _quiet_loggers() -> None:
-    for name, level in NOISY_LOGGERS.items():
-        logging.getLogger(name).setLevel(level)
 
 
 class Settings:
@@ -70,7 +48,7 @@ def cli(debug: bool, verbose: bool) -> None:
     """
     Settings.debug = debug
     if not verbose:
-        _quiet_loggers()
+        quiet_loggers()
 
 
 # ---------------------------------------------------------------------------------------------------------- run
@@ -585,7 +563,7 @@ def backends(as_json: bool) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """The `lorapipe` entry point; returns the exit code (tests call it in-process)."""
-    _quiet_env()
+    quiet_env()
     from lorapipe.api import user_error_types
 
     try:

@@ -25,6 +25,35 @@ def _copy_tree(src: str, dst: str) -> None:
             fileio.copy(s, d, overwrite=True)
 
 
+def training_summary_html(meta: dict) -> str:
+    """What trained, how fast, and the memory the plan estimated against what training measured."""
+    from lorapipe import html_report as h
+
+    result, plan = meta.get("result", {}), meta.get("plan", {})
+    memory = plan.get("memory", {})
+    device = result.get("device", plan.get("device"))
+    measured = result.get("peak_memory_gb")
+    measured_what = ("peak allocated CUDA memory of one process" if device == "cuda" else
+                     "peak of mlx's allocator" if result.get("backend") == "mlx" else
+                     "resident memory of the process (includes the Python and torch runtime)")
+    return h.page(
+        "Training",
+        h.key_values([("base model", meta.get("base_model")), ("backend", result.get("backend")),
+                      ("device", device), ("dtype", plan.get("dtype")), ("quantization", plan.get("quantization")),
+                      ("processes", result.get("world_size", plan.get("world_size", 1))),
+                      ("steps", result.get("steps")), ("train loss", result.get("train_loss")),
+                      ("tokens trained", result.get("train_tokens")),
+                      ("tokens/s", result.get("tokens_per_second")), ("seconds", result.get("train_seconds")),
+                      ("resumed from", result.get("resumed_from") or "no checkpoint")]),
+        h.section("Memory: planned vs measured", h.table(
+            ["", "GB"],
+            [("planned: weights", memory.get("weights_gb")),
+             ("planned: LoRA + optimizer", memory.get("lora_and_optimizer_gb")),
+             ("planned: activations", memory.get("activations_gb")),
+             ("planned: total", memory.get("total_gb")), ("budget", memory.get("budget_gb")),
+             (f"measured: {measured_what}", measured)])))
+
+
 class _FolderMaterializer(BaseMaterializer):
     ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.MODEL
     ASSOCIATED_TYPES: ClassVar[Tuple[Type[Any], ...]] = (FolderArtifact,)
@@ -56,10 +85,16 @@ class AdapterFolderMaterializer(_FolderMaterializer):
     ASSOCIATED_TYPES: ClassVar[Tuple[Type[Any], ...]] = (AdapterFolder,)
 
     def save_visualizations(self, data: AdapterFolder) -> Dict[str, VisualizationType]:
-        """The training monitor's plots, already copied into the store with the folder, shown in the dashboard."""
+        """A training summary with the planned memory beside the measured peak, then the training monitor's plots
+        (loss, learning rate, memory), already copied into the store with the folder."""
         stored = os.path.join(self.uri, self.FOLDER)
-        return {os.path.join(stored, name): VisualizationType.IMAGE
-                for name in ADAPTER_PLOTS if (Path(data.path) / name).exists()}
+        path = os.path.join(self.uri, "training.html")
+        with fileio.open(path, "w") as fh:
+            fh.write(training_summary_html(data.metadata))
+        views = {path: VisualizationType.HTML}
+        views.update({os.path.join(stored, name): VisualizationType.IMAGE
+                      for name in ADAPTER_PLOTS if (Path(data.path) / name).exists()})
+        return views
 
     def extract_metadata(self, data: AdapterFolder) -> Dict[str, Any]:
         meta = super().extract_metadata(data)

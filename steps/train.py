@@ -6,6 +6,7 @@ from typing import Annotated
 from zenml import ArtifactConfig, log_metadata, step
 from zenml.enums import ArtifactType
 from zenml.logger import get_logger
+from zenml.steps.step_context import StepContext
 
 from lorapipe.artifacts import AdapterFolder
 from lorapipe.backends import get_backend
@@ -46,8 +47,9 @@ def train_adapter(
     work_dir = work_dir_for(t.output_root, training_key(m, t, seed, training_plan, train_split, eval_split),
                             training_code_version(training_plan.backend), t.resume_from)
     adapter_dir = work_dir / "adapter"
-    # where `lorapipe watch RUN` finds the metrics while this step trains
-    log_metadata({"training_folder": str(work_dir)})
+    if StepContext.get() is not None:  # in a pipeline run (tests also call the function directly)
+        # where `lorapipe watch RUN` finds the metrics while this step trains
+        log_metadata({"training_folder": str(work_dir)})
     logger.info("training with backend %s on %s over %d process(es); checkpoints in %s", training_plan.backend,
                 training_plan.device, training_plan.world_size, work_dir)
     try:

@@ -152,7 +152,11 @@ def test_adapter_artifact_is_a_peft_folder_loadable_from_the_store(runs, tiny_mo
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), folder.path)
     assert any("lora_A" in n for n, _ in model.named_parameters())
     shown = {v.uri.rsplit("/", 1)[-1] for v in adapter.visualizations}
-    assert {"loss.png", "learning_rate.png", "memory.png"} <= shown  # the training plots, in the dashboard
+    assert {"training.html", "loss.png", "learning_rate.png", "memory.png"} <= shown  # in the dashboard
+    summary = Path(adapter.uri, "training.html").read_text()
+    planned = folder.metadata["plan"]["memory"]["total_gb"]
+    measured = folder.metadata["result"]["peak_memory_gb"]
+    assert "Memory: planned vs measured" in summary and f"{planned:,.4g}" in summary and f"{measured:,.4g}" in summary
     report = runs["first"].steps["validate_data"].outputs["validation_report"][0]
     assert {"token_lengths.png", "report.html"} <= {v.uri.rsplit("/", 1)[-1] for v in report.visualizations}
     # Great Expectations' own data docs need scripts from the internet: a file beside the report, not a view

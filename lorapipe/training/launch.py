@@ -82,12 +82,14 @@ def train_data_parallel(model: ModelSection, train_cfg: TrainSection, seed: int,
     env = dict(os.environ)
     # the ranks import lorapipe from this checkout, whether or not it is installed
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), env.get("PYTHONPATH")) if p)
+    # progress bars redraw with carriage returns, which the line-by-line relay of rank 0's output would garble
+    env["TQDM_DISABLE"] = "1"
     # the machine's cores shared out over the ranks (torchrun would give each one thread)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.world_size)))
     out = stream or sys.stdout
     print(f"launching {plan.world_size} data-parallel processes ({plan.device}); logs in {launch_dir / 'logs'}",
           file=out, flush=True)
-    returncode = _run_streaming(cmd, env, launch_dir, out)
+    returncode = _run_streaming(cmd, env, launch_dir, out, plan.world_size)
     if returncode != 0:
         raise _failure(returncode, launch_dir, plan.world_size)
     result = launch_dir / worker.RESULT
@@ -101,12 +103,14 @@ def train_data_parallel(model: ModelSection, train_cfg: TrainSection, seed: int,
     return info
 
 
-def _run_streaming(cmd: list[str], env: dict[str, str], launch_dir: Path, out: TextIO) -> int:
+def _run_streaming(cmd: list[str], env: dict[str, str], launch_dir: Path, out: TextIO, world_size: int) -> int:
     """Run torchrun; pass rank 0's lines on to `out`, keep each rank's lines in logs/rank<N>.log and every line in
     launch.log. Returns torchrun's exit code."""
     logs = launch_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    rank_logs: dict[int, TextIO] = {}
+    # every rank has its log, also one with nothing to say (a quiet rank is the normal case)
+    rank_logs: dict[int, TextIO] = {rank: open(logs / f"rank{rank}.log", "w", encoding="utf-8")
+                                    for rank in range(world_size)}
     with open(launch_dir / "launch.log", "w", encoding="utf-8") as everything:
         everything.write(shlex.join(cmd) + "\n")
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

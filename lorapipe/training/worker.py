@@ -86,6 +86,10 @@ def _write_status(folder: Path, rank: int, status: dict[str, Any]) -> None:
 
 
 def main(inputs_path: Path) -> None:
+    from lorapipe.quiet import quiet_env, quiet_loggers
+
+    quiet_env()
+    quiet_loggers()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     folder = inputs_path.parent
     try:
