@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -143,7 +143,7 @@ class FinetuneResult:
     adapter_uri: str
     merged_uri: str
     store_url: str = ""
-    extra: dict = field(default_factory=dict)
+    decision: str = ""  # why the version holds its stage, or why it was not promoted
 
     @property
     def trained(self) -> bool:
@@ -235,7 +235,8 @@ def run_finetune(config: Union[str, Path, LorapipeConfig, dict], overrides: Opti
         metrics=steps["evaluate_model"].outputs["eval_metrics"][0].load(),
         cached_steps=sorted(n for n, s in steps.items() if str(s.status).endswith("cached")), steps=len(steps),
         seconds=seconds, adapter_uri=steps["train_adapter"].outputs["adapter"][0].uri,
-        merged_uri=steps["merge_model"].outputs["merged_model"][0].uri, store_url=client.zen_store.url)
+        merged_uri=steps["merge_model"].outputs["merged_model"][0].uri, store_url=client.zen_store.url,
+        decision=str(mv.run_metadata.get("stage_decision", "")))
 
 
 def schedule_finetune(config: Union[str, Path, LorapipeConfig, dict], cron: str, *, name: Optional[str] = None,

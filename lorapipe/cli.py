@@ -93,6 +93,8 @@ def print_summary(result: Any) -> None:
                f"({len(result.cached_steps)} of {result.steps} steps from cache"
                + ("; nothing was trained: the data and config are unchanged" if not result.trained else "") + ")")
     click.echo(f"model        {result.model_name} version {result.model_version}, stage: {result.stage}")
+    if result.decision:
+        click.echo(f"decision     {result.decision}")
     click.echo(f"perplexity   base {metrics.base.perplexity:.2f} -> tuned {metrics.tuned.perplexity:.2f} "
                f"({metrics.perplexity_gain:+.1%}) on {metrics.scored_rows} test rows")
     if metrics.tuned.rouge_l is not None:
@@ -251,43 +253,61 @@ def estimate_memory(config: str, overrides: tuple, as_json: bool) -> int:
 
 # ------------------------------------------------------------------------------------------------------ predict
 
-def _model_folder(ref: str) -> str:
-    """A local folder as given, or the merged model (or, without one, the adapter) of a registered version."""
+def _model_folder(ref: str, adapter: bool) -> str:
+    """A local folder as given, or a registered version's merged model (its adapter with --adapter)."""
     if Path(ref).is_dir():
         return ref
     from lorapipe.lineage import find_model_version
 
     mv = find_model_version(ref)
-    for name in ("merged_model", "adapter"):
-        versions = mv.model_artifacts.get(name) or mv.data_artifacts.get(name)
-        if versions:
-            latest = versions[max(versions, key=lambda v: int(v) if str(v).isdigit() else 0)]
-            return latest.load().path
-    fail(f"{ref}: version {mv.name} holds neither a merged model nor an adapter")
+    name = "adapter" if adapter else "merged_model"
+    versions = mv.model_artifacts.get(name) or mv.data_artifacts.get(name)
+    if not versions:
+        fail(f"{ref}: version {mv.name} holds no {name.replace('_', ' ')}"
+             + ("" if adapter else "; --adapter loads its base and adapter instead"))
+    latest = versions[max(versions, key=lambda v: int(v) if str(v).isdigit() else 0)]
+    return latest.load().path
 
 
 @cli.command()
 @click.argument("model")
-@click.option("-p", "--prompt", "prompts", multiple=True, help="A user message (repeatable); none: read stdin lines.")
+@click.argument("prompt", required=False)
+@click.option("-p", "--prompt", "prompts", multiple=True, help="A user message (repeatable).")
+@click.option("-f", "--file", "prompt_file", type=click.Path(exists=True, dir_okay=False),
+              help="JSONL of prompts: {\"prompt\": ...} or {\"messages\": [...]} per line (or plain lines).")
 @click.option("--system", help="A system message before each prompt.")
+@click.option("--adapter", "use_adapter", is_flag=True,
+              help="Load the version's base model and adapter instead of its merged model.")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--stream", is_flag=True, help="Print each answer as it is generated.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per answer (prompt, completion, stopped).")
-def predict(model: str, prompts: tuple, system: Optional[str], max_new_tokens: int, as_json: bool) -> int:
+def predict(model: str, prompt: Optional[str], prompts: tuple, prompt_file: Optional[str], system: Optional[str],
+            use_adapter: bool, max_new_tokens: int, stream: bool, as_json: bool) -> int:
     """Answer prompts with a fine-tuned model: MODEL[:VERSION|STAGE] from the registry, or a model/adapter folder.
 
-    Greedy decoding with the model's chat template; says when an answer hit --max-new-tokens without stopping.
+    Greedy decoding with the model's saved chat template, stopping on every end token (EOS and the template's
+    turn end); says when an answer hit --max-new-tokens without stopping. No prompt given: stdin lines.
 
     \b
     Examples:
-      lorapipe predict lorapipe-quickstart:staging -p "What is new in SwiftUI?"
+      lorapipe predict lorapipe-quickstart:staging "What is new in SwiftUI?"
+      lorapipe predict lorapipe-quickstart:production --file prompts.jsonl --json > answers.jsonl
+      lorapipe predict lorapipe-quickstart --adapter --stream -p "Hello"
       lorapipe predict runs/<key>/adapter --max-new-tokens 64 < prompts.txt
     """
-    from lorapipe.inference import generate, inference_device, load_for_inference
+    from lorapipe.inference import generate, inference_device, load_for_inference, read_prompts
 
-    asked = list(prompts) or [line.strip() for line in sys.stdin if line.strip()]
+    asked: list = ([prompt] if prompt else []) + list(prompts)
+    if prompt_file:
+        try:
+            asked += read_prompts(prompt_file)
+        except ValueError as exc:
+            fail(str(exc))
     if not asked:
-        raise click.UsageError("give --prompt TEXT (repeatable) or prompts on stdin, one per line")
-    folder = _model_folder(model)
+        asked = [line.strip() for line in sys.stdin if line.strip()]
+    if not asked:
+        raise click.UsageError("give a PROMPT, --prompt TEXT (repeatable), --file prompts.jsonl, or lines on stdin")
+    folder = _model_folder(model, use_adapter)
     device, dtype = inference_device()
     try:
         loaded, tokenizer, described = load_for_inference(folder, device, dtype)
@@ -295,13 +315,18 @@ def predict(model: str, prompts: tuple, system: Optional[str], max_new_tokens: i
         fail(str(exc))
     if not as_json:
         click.echo(f"{described} on {device} in {dtype}", err=True)
-    for prompt in asked:
-        answer = generate(loaded, tokenizer, prompt, max_new_tokens, system)
+    for question in asked:
+        if stream and not as_json:
+            shown = question if isinstance(question, str) else question[-1].get("content", "")
+            click.echo(f"> {shown}")
+        answer = generate(loaded, tokenizer, question, max_new_tokens, system,
+                          stream=sys.stdout if stream and not as_json else None)
         if as_json:
             click.echo(json.dumps(answer, ensure_ascii=False))
-        else:
-            click.echo(f"> {prompt}\n{answer['completion']}"
-                       + ("" if answer["stopped"] else f"\n[did not stop within {max_new_tokens} new tokens]") + "\n")
+            continue
+        if not stream:
+            click.echo(f"> {answer['prompt']}\n{answer['completion']}")
+        click.echo(("" if answer["stopped"] else f"[did not stop within {max_new_tokens} new tokens]\n"))
     return 0
 
 

@@ -153,20 +153,30 @@ class EvaluateSection(_Section):
     generation_samples: int = Field(8, ge=0, description="Test rows generated for ROUGE-L and the stop rate")
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(4, ge=1)
+    generation_metrics: list[Literal["exact_match", "rouge_l", "bleu", "chrf"]] = Field(
+        default_factory=lambda: ["exact_match", "rouge_l", "bleu", "chrf"],
+        description="Scores of the greedy generations against the reference (rouge-score, sacrebleu); "
+                    "perplexity and the learned-to-stop rate are always measured")
 
 
 class MergeSection(_Section):
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     check_samples: int = Field(4, ge=1, description="Rows whose logits are compared, merged vs base+adapter")
     logits_atol: Optional[float] = Field(None, gt=0, description="null: by dtype (f32 1e-4, f16/bf16 scaled)")
+    max_shard_size: str = Field("2GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|KiB|MiB|GiB)$",
+                                description="Largest safetensors shard of the merged model, e.g. 2GB, 500MB")
 
 
 class RegisterSection(_Section):
     model_name: str = Field("lorapipe-model", min_length=1)
-    stage_if_better: Literal["staging", "production", "none"] = "staging"
-    min_perplexity_gain: float = Field(
-        0.0, ge=0.0, description="Relative gain in test perplexity over the base needed to promote"
-    )
+    stage_if_better: Literal["staging", "production", "none"] = Field(
+        "staging", description="The stage a version earns by beating the base and that stage's current holder")
+    primary_metric: Literal["perplexity", "loss", "rouge_l", "exact_match", "bleu", "chrf", "stop_rate"] = Field(
+        "perplexity", description="The metric promotion compares (lower is better for perplexity and loss)")
+    margin: float = Field(0.0, ge=0.0, description="Relative improvement of the primary metric over the base and "
+                                                   "over the stage's holder needed to promote, e.g. 0.02 = 2%")
+    min_stop_rate: float = Field(0.0, ge=0.0, le=1.0,
+                                 description="Share of the tuned model's generations that must end on an end token")
 
 
 # `register` shadows ABCMeta.register on the class, never on instances: the warning is noise.

@@ -50,19 +50,65 @@ def load_for_inference(folder: str | Path, device: str, dtype: str) -> tuple[Any
     return model, tokenizer, described
 
 
-def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 256,
-             system: Optional[str] = None) -> dict[str, Any]:
+def read_prompts(path: str | Path) -> list[list[dict]]:
+    """Conversations to answer from a JSONL file: each line {"prompt": "..."} or {"messages": [...]} (a trailing
+    assistant turn, e.g. a reference answer, is dropped), or a plain line of text. Every bad line is named at once."""
+    import json
+
+    conversations, problems = [], []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = line.strip()
+        if isinstance(row, str):
+            conversations.append([{"role": "user", "content": row}])
+        elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            conversations.append([{"role": "user", "content": row["prompt"]}])
+        elif isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]:
+            messages = row["messages"]
+            conversations.append(messages[:-1] if messages[-1].get("role") == "assistant" else messages)
+        else:
+            problems.append(f"{path}:{number}: expected {{\"prompt\": ...}}, {{\"messages\": [...]}} or a line of "
+                            "text")
+    if problems:
+        raise ValueError("\n".join(problems))
+    return conversations
+
+
+def generate(model: Any, tokenizer: Any, prompt: str | list[dict], max_new_tokens: int = 256,
+             system: Optional[str] = None, stream: Any = None) -> dict[str, Any]:
+    """Greedy answer to a user prompt (or a conversation), stopping on any end token of the chat template.
+    `stream`: a text stream the answer is written to token by token as it is generated."""
     import torch
 
     from lorapipe.data.render import render
+    from lorapipe.models.end_tokens import end_token_ids
 
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system and not any(m.get("role") == "system" for m in messages):
+        messages = [{"role": "system", "content": system}] + messages
     text = render(tokenizer, messages, None, add_generation_prompt=True)
     device = next(model.parameters()).device
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+    ends = end_token_ids(tokenizer)
+    streamer = None
+    if stream is not None:
+        from transformers import TextStreamer
+
+        class _To(TextStreamer):
+            def on_finalized_text(self, chunk: str, stream_end: bool = False) -> None:
+                stream.write(chunk + ("\n" if stream_end else ""))
+                stream.flush()
+
+        streamer = _To(tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                             do_sample=False, eos_token_id=ends, pad_token_id=tokenizer.pad_token_id,
+                             streamer=streamer)
     new = out[0, ids.shape[1]:].tolist()
-    return {"prompt": prompt, "completion": tokenizer.decode(new, skip_special_tokens=True).strip(),
-            "stopped": tokenizer.eos_token_id in new, "new_tokens": len(new)}
+    asked = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+    return {"prompt": asked, "completion": tokenizer.decode(new, skip_special_tokens=True).strip(),
+            "stopped": any(t in ends for t in new), "new_tokens": len(new)}

@@ -45,7 +45,17 @@ def find_model_version(ref: str, version: Optional[str] = None) -> Any:
         return client.get_model_version(name, wanted)
     except KeyError:
         what = f"stage {wanted.value}" if isinstance(wanted, ModelStages) else f"version {wanted}"
-        raise UserMistake(f"model {name} has no {what}; `lorapipe runs` lists the versions runs registered")
+        raise UserMistake(f"model {name} has no {what}; it has {existing_versions(name)}") from None
+
+
+def existing_versions(name: str, shown: int = 8) -> str:
+    """'versions a (production), b, c and 4 more': what a mistyped version or stage could have meant."""
+    from zenml.client import Client
+
+    page = Client().list_model_versions(model=name, sort_by="desc:created", size=shown)
+    names = [f"{mv.name} ({_stage(mv)})" if mv.stage else mv.name for mv in page.items]
+    more = f" and {page.total - len(names)} more" if page.total > len(names) else ""
+    return ("versions " + ", ".join(names) + more) if names else "no version yet"
 
 
 def _stage(mv: Any) -> str:

@@ -24,21 +24,68 @@ def git_commit(repo_dir: str | Path = ".") -> dict:
     return {"commit": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
 
 
-def decide_stage(metrics: EvalMetrics, merge_passed: bool, stage_if_better: str,
-                 min_perplexity_gain: float) -> tuple[Optional[str], str]:
-    """(stage or None, reason). Promote only when the tuned model beats the base by the required margin."""
+# metric -> (ModelScores field, lower is better)
+PRIMARY_METRICS = {"perplexity": ("perplexity", True), "loss": ("loss", True), "rouge_l": ("rouge_l", False),
+                   "exact_match": ("exact_match", False), "bleu": ("bleu", False), "chrf": ("chrf", False),
+                   "stop_rate": ("stop_rate", False)}
+
+
+class StageHolderScores(BaseModel):
+    """The version holding the target stage before this run registers, scored on this run's test rows (never from
+    a cache: the holder changes between runs). `scores` is None when no other version holds the stage."""
+
+    stage: str
+    version: Optional[str] = None
+    scores: Optional[dict[str, Optional[float]]] = None  # ModelScores fields: perplexity, loss, rouge_l, ...
+    note: str = ""  # why there is nothing to compare with, or what was scored
+
+
+def improvement(new: float, old: float, lower_is_better: bool) -> float:
+    """Relative improvement of `new` over `old` (positive = better), e.g. perplexity 8 over 10 -> 0.2."""
+    if old == 0:
+        return 0.0 if new == old else (float("inf") if (new < old) == lower_is_better else float("-inf"))
+    gain = (old - new) / abs(old)
+    return gain if lower_is_better else -gain
+
+
+def decide_stage(metrics: EvalMetrics, merge_passed: bool, stage_if_better: str, margin: float,
+                 primary_metric: str = "perplexity", min_stop_rate: float = 0.0,
+                 holder: Optional[StageHolderScores] = None) -> tuple[Optional[str], str]:
+    """(stage or None, reason). Promote only when the tuned model passes the merge check, learned to stop often
+    enough, and beats the base and the stage's current holder on the primary metric by `margin` (relative)."""
     if stage_if_better == "none":
         return None, "register.stage_if_better is 'none'"
     if not merge_passed:
         return None, "the merged model failed its logits check"
-    if not metrics.tuned_beats_base:
-        return None, (f"tuned perplexity {metrics.tuned.perplexity:.3f} does not beat base "
-                      f"{metrics.base.perplexity:.3f}")
-    if metrics.perplexity_gain < min_perplexity_gain:
-        return None, (f"perplexity gain {metrics.perplexity_gain:.1%} is below "
-                      f"register.min_perplexity_gain={min_perplexity_gain:.1%}")
-    return stage_if_better, (f"tuned perplexity {metrics.tuned.perplexity:.3f} beats base "
-                             f"{metrics.base.perplexity:.3f} ({metrics.perplexity_gain:.1%} gain)")
+    field, lower = PRIMARY_METRICS[primary_metric]
+    tuned, base = getattr(metrics.tuned, field, None), getattr(metrics.base, field, None)
+    if tuned is None or base is None:
+        return None, (f"register.primary_metric={primary_metric} was not measured (no generations were scored): "
+                      "set evaluate.generation_samples > 0, or promote on perplexity")
+    stop_rate = metrics.tuned.stop_rate
+    if min_stop_rate > 0 and (stop_rate is None or stop_rate < min_stop_rate):
+        shown = "not measured" if stop_rate is None else f"{stop_rate:.0%}"
+        return None, (f"learned-to-stop rate {shown} is below register.min_stop_rate={min_stop_rate:.0%}: the "
+                      "model does not end its answers")
+    direction = "lower" if lower else "higher"
+    over_base = improvement(tuned, base, lower)
+    if over_base <= 0 or over_base < margin:
+        return None, (f"tuned {primary_metric} {tuned:.4g} does not beat base {base:.4g} by register.margin="
+                      f"{margin:.1%} ({direction} is better; {over_base:+.1%})")
+    reason = f"tuned {primary_metric} {tuned:.4g} beats base {base:.4g} ({over_base:+.1%})"
+    if holder is not None and holder.scores is not None:
+        held = holder.scores.get(field)
+        if held is not None:
+            over_holder = improvement(tuned, held, lower)
+            if over_holder <= 0 or over_holder < margin:
+                return None, (f"tuned {primary_metric} {tuned:.4g} does not beat version {holder.version}, which "
+                              f"holds {holder.stage}, at {held:.4g} on the same test rows by register.margin="
+                              f"{margin:.1%} ({direction} is better; {over_holder:+.1%}); {holder.version} keeps "
+                              f"{holder.stage}")
+            reason += f" and version {holder.version}, the {holder.stage} holder, at {held:.4g} ({over_holder:+.1%})"
+    elif holder is not None and holder.note:
+        reason += f"; {holder.note}"
+    return stage_if_better, reason
 
 
 class VersionReport(BaseModel):
@@ -60,12 +107,15 @@ class VersionReport(BaseModel):
 
 
 METRIC_ROWS = (("perplexity", "base_perplexity", "tuned_perplexity"), ("loss", "base_loss", "tuned_loss"),
-               ("ROUGE-L", "base_rouge_l", "tuned_rouge_l"), ("stop rate", "base_stop_rate", "tuned_stop_rate"))
+               ("ROUGE-L", "base_rouge_l", "tuned_rouge_l"), ("exact match", "base_exact_match", "tuned_exact_match"),
+               ("BLEU", "base_bleu", "tuned_bleu"), ("chrF", "base_chrf", "tuned_chrf"),
+               ("stop rate", "base_stop_rate", "tuned_stop_rate"))
 
 
 def metric_rows(metrics: dict[str, float], production: Optional[dict[str, float]]) -> list[dict[str, Any]]:
-    """Base vs tuned for each metric the version recorded, and the production holder's tuned figure as the holder
-    recorded it (on its own test split; versions registered before 2026-11-29 wrote -1 for "not measured")."""
+    """Base vs tuned for each metric the version recorded, and the stage holder's figure: scored on this run's test
+    rows (`holder_<metric>` keys) when the register step had it, else as the holder recorded it itself
+    (`tuned_<metric>`, on its own split; versions registered before 2026-11-29 wrote -1 for "not measured")."""
     def measured(value: Any) -> Any:
         return None if value is None or (isinstance(value, (int, float)) and value < 0) else value
 
@@ -74,7 +124,8 @@ def metric_rows(metrics: dict[str, float], production: Optional[dict[str, float]
         if tuned_key not in metrics:
             continue
         rows.append({"metric": name, "base": metrics.get(base_key), "tuned": metrics[tuned_key],
-                     "production": measured((production or {}).get(tuned_key))})
+                     "production": measured((production or {}).get(tuned_key.replace("tuned_", "holder_"),
+                                                                   (production or {}).get(tuned_key)))})
     return rows
 
 
@@ -84,11 +135,11 @@ def render_text(report: VersionReport, current_stage: Optional[str] = None) -> l
     lines = [f"model {report.model} version {report.version} (stage: {stage})",
              f"  decision               {report.decision}"]
     for m in report.metrics:
-        prod = f", production {m['production']:.4g}" if m.get("production") is not None else ""
+        prod = f", stage holder {m['production']:.4g}" if m.get("production") is not None else ""
         base = f"base {m['base']:.4g} -> " if m.get("base") is not None else ""
         lines.append(f"  {m['metric']:<22} {base}tuned {m['tuned']:.4g}{prod}")
     if report.production_version:
-        lines.append(f"  production holder      version {report.production_version} (at registration)")
+        lines.append(f"  stage holder           version {report.production_version} (at registration)")
     d = report.data
     lines += [f"  data files sha256      {d.get('files_sha256', '?')}",
               f"  validated rows sha256  {d.get('validated_sha256', '?')}  ({d.get('rows_accepted', '?')} rows accepted, "
@@ -111,15 +162,15 @@ def render_html(report: VersionReport) -> str:
     from lorapipe import html_report as h
 
     promoted = report.stage not in ("none", "")
-    metrics = h.table(["metric", "base", "tuned", "production holder (its own test split)"],
+    metrics = h.table(["metric", "base", "tuned", "stage holder"],
                       [(m["metric"], m.get("base"), m["tuned"], m.get("production")) for m in report.metrics])
     check = report.merge_check
     return h.page(
         f"{report.model} — version {report.version}",
         h.key_values([("stage", report.stage), ("decision", report.decision),
-                      ("production holder at registration", report.production_version or "none")]),
+                      ("stage holder at registration", report.production_version or "none")]),
         h.paragraph("promoted" if promoted else "not promoted", "ok" if promoted else "bad"),
-        h.section("Metrics: base and tuned on this run's test split; the holder's as it registered", metrics),
+        h.section("Metrics: base, tuned and the stage's holder, on this run's test rows", metrics),
         h.section("Merge check", h.key_values([
             ("result", "passed" if check.get("passed") else "FAILED"), ("dtype", check.get("dtype")),
             ("max |logit diff|", check.get("max_abs_logit_diff")), ("tolerance", check.get("tolerance")),

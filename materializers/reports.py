@@ -17,7 +17,7 @@ from lorapipe.data.validation import RejectedRows, ValidationReport
 from lorapipe.evaluation.metrics import EvalMetrics
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan
 from lorapipe.hardware.probe import HardwareProbe
-from lorapipe.registry import VersionReport, render_html
+from lorapipe.registry import StageHolderScores, VersionReport, render_html
 
 # problems listed per kind in the validation view, and rejected rows listed; the JSON artifacts keep all of them
 PROBLEMS_SHOWN_PER_KIND = 20
@@ -68,13 +68,14 @@ def row_loss_png(metrics: EvalMetrics) -> bytes:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.scatter(base, tuned, s=14, color="#4c72b0")
-    lo, hi = min(base + tuned), max(base + tuned)
-    ax.plot([lo, hi], [lo, hi], "--", color="#999999", label="no change")
+    if pairs:  # every row truncated before its answer: an empty plot, not a crash
+        lo, hi = min(base + tuned), max(base + tuned)
+        ax.plot([lo, hi], [lo, hi], "--", color="#999999", label="no change")
+        ax.legend()
     better = sum(t < b for b, t in zip(base, tuned))
     ax.set_title(f"per-row loss: {better} of {len(base)} rows lower after tuning")
     ax.set_xlabel("base model loss")
     ax.set_ylabel("tuned model loss")
-    ax.legend()
     fig.tight_layout()
     return _figure_png(fig)
 
@@ -177,30 +178,51 @@ def phase_plan_html(plan: PhasePlan) -> str:
         ("device", plan.device), ("dtype", plan.dtype), ("batch size", plan.batch_size), ("why", plan.reason)]))
 
 
+# the evaluation view's metrics table: field, label, which way is better (what "change" means for the reader)
+EVAL_METRIC_ROWS = (
+    ("loss", "loss", "lower"), ("perplexity", "perplexity", "lower"),
+    ("exact_match", "exact match (0..1)", "higher"), ("rouge_l", "ROUGE-L F1 (0..1, rouge-score)", "higher"),
+    ("bleu", "BLEU (0..100, sacrebleu corpus)", "higher"), ("chrf", "chrF (0..100, sacrebleu corpus)", "higher"),
+    ("stop_rate", "learned-to-stop rate", "higher"),
+    ("overshoot", "overshoot (mean tokens past the reference)", "lower"),
+    ("generation_seconds", "generation time (s)", "lower"))
+
+
 def eval_html(metrics: EvalMetrics) -> str:
     rows = []
-    for name, label in (("loss", "loss"), ("perplexity", "perplexity"), ("rouge_l", "ROUGE-L"),
-                        ("exact_match", "exact match"), ("stop_rate", "stop rate")):
+    for name, label, better in EVAL_METRIC_ROWS:
         base, tuned = getattr(metrics.base, name), getattr(metrics.tuned, name)
-        if tuned is None:
+        if tuned is None:  # not measured (no generation, or a metric left out of evaluate.generation_metrics)
             continue
         change = f"{(tuned - base) / base:+.1%}" if base else "—"
-        rows.append((label, base, tuned, change))
+        rows.append((label, base, tuned, change, better))
     parts = [h.paragraph(f"{'Tuned beats base' if metrics.tuned_beats_base else 'Tuned does not beat base'} on "
                          f"perplexity ({metrics.perplexity_gain:+.1%}); {metrics.scored_rows} of {metrics.test_rows} test "
                          f"rows scored ({metrics.scored_tokens:,} tokens), {metrics.generated_rows} generated; "
                          f"memory {metrics.memory_gb:.2f} GB", "ok" if metrics.tuned_beats_base else "bad"),
-             h.table(["metric", "base", "tuned", "change"], rows)]
+             h.table(["metric", "base", "tuned", "change", "better"], rows)]
+    g = metrics.generation
+    if g:
+        parts.append(h.paragraph(
+            f"Generation: {'greedy' if g.get('greedy', True) else 'sampled'}, seed {g.get('seed')}, batches of "
+            f"{g.get('batch_size')} ({g.get('padding', 'left')}-padded), at most {g.get('max_new_tokens')} new tokens, "
+            f"stopping on {', '.join(g.get('end_tokens') or []) or 'EOS'}. Overshoot: tokens generated beyond the "
+            "reference answer's length (0 when not longer), averaged over the generated rows.", "muted"))
     if metrics.row_losses.get("base") and metrics.row_losses.get("tuned"):
         parts.append(h.section("Per-row loss", h.image(row_loss_png(metrics), "per-row loss, base vs tuned")))
     if metrics.samples:
+        def stopped(s: dict, who: str) -> bool:
+            return bool(s.get(f"{who}_stopped", s.get("stopped") if who == "tuned" else False))  # older: "stopped"
+
+        def shown(s: dict, who: str) -> str:
+            text = s.get(who, s.get("prediction", "") if who == "tuned" else "")  # older samples: "prediction"
+            return text + ("" if stopped(s, who) else "  [did not stop]")
+
         parts.append(h.section("Generations side by side", h.table(
-            ["row", "prompt", "reference", "base", "tuned"],
-            [(s.get("source", "").rsplit("/", 1)[-1], s.get("prompt", ""), s.get("reference", ""),
-              s.get("base", "") + ("" if s.get("base_stopped") else "  [did not stop]"),
-              s.get("tuned", s.get("prediction", "")) + ("" if s.get("tuned_stopped", s.get("stopped")) else
-                                                         "  [did not stop]"))
-             for s in metrics.samples], keep_columns=(0,))))
+            ["row", "prompt", "reference", "base", "tuned", "stopped (base / tuned)"],
+            [(s.get("source", "").rsplit("/", 1)[-1], s.get("prompt", ""), s.get("reference", ""), shown(s, "base"),
+              shown(s, "tuned"), f"{h.fmt(stopped(s, 'base'))} / {h.fmt(stopped(s, 'tuned'))}")
+             for s in metrics.samples], keep_columns=(0, 5))))
     return h.page("Evaluation: base vs tuned", *parts)
 
 
@@ -210,7 +232,15 @@ def resolved_data_html(data: ResolvedData) -> str:
                   h.section("Files read, in order", h.table(["file"], [(f,) for f in data.files])))
 
 
-VIEWS = {ResolvedData: resolved_data_html, ValidationReport: validation_html, RejectedRows: rejected_html,
+def stage_holder_html(data: StageHolderScores) -> str:
+    parts = [h.key_values([("stage", data.stage), ("holder", data.version or "none"), ("note", data.note)])]
+    if data.scores:
+        parts.append(h.section("The holder scored on this run's test rows",
+                               h.table(["metric", "value"], sorted((k, v) for k, v in data.scores.items()))))
+    return h.page("Stage holder", *parts)
+
+
+VIEWS = {ResolvedData: resolved_data_html, StageHolderScores: stage_holder_html, ValidationReport: validation_html, RejectedRows: rejected_html,
          HardwareProbe: probe_html, TrainingPlan: training_plan_html, PhasePlan: phase_plan_html, EvalMetrics: eval_html,
          VersionReport: render_html}
 

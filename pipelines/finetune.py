@@ -10,6 +10,7 @@ from steps import (
     preflight,
     register_model,
     resolve_data_source,
+    score_stage_holder,
     split_data,
     train_adapter,
     validate_data,
@@ -43,8 +44,14 @@ def finetune(config: dict, config_sha256: str) -> None:
     adapter = train_step(train_split=train_split, eval_split=eval_split, training_plan=plan, model=config["model"],
                             train=train_cfg, seed=config["seed"])
     metrics = evaluate_model(adapter=adapter, test_split=test_split, training_plan=plan,
-                             evaluation_plan=evaluation_plan, evaluate=config["evaluate"], model=config["model"])
+                             evaluation_plan=evaluation_plan, evaluate=config["evaluate"], model=config["model"],
+                             seed=config["seed"])
+    # the version holding the target stage, scored on the same test rows (never cached: the holder changes)
+    holder = score_stage_holder(test_split=test_split, evaluation_plan=evaluation_plan, evaluate=config["evaluate"],
+                                register=config["register"], model=config["model"],
+                                max_seq_length=train_cfg["max_seq_length"], seed=config["seed"])
     merged = merge_model(adapter=adapter, test_split=test_split, merge_plan=merge_plan, merge=config["merge"])
     register_model(adapter=adapter, eval_metrics=metrics, merged_model=merged, training_plan=plan,
                    validation_report=report, preflight_report=hardware, register=config["register"],
-                   seed=config["seed"], resolved_data=resolved, config_sha256=config_sha256)
+                   seed=config["seed"], resolved_data=resolved, config_sha256=config_sha256,
+                   stage_holder_scores=holder)

@@ -14,7 +14,7 @@ from lorapipe.data.validation import ValidationReport
 from lorapipe.evaluation.metrics import EvalMetrics
 from lorapipe.hardware.plan import TrainingPlan
 from lorapipe.hardware.probe import HardwareProbe, package_versions
-from lorapipe.registry import VersionReport, decide_stage, git_commit, metric_rows, render_text
+from lorapipe.registry import StageHolderScores, VersionReport, decide_stage, git_commit, metric_rows, render_text
 from materializers import ReportMaterializer
 
 logger = get_logger(__name__)
@@ -46,11 +46,37 @@ def _same_inputs_version(model_name: str, this_version: str, data_sha: str, conf
     return None
 
 
+def _memory_facts(plan: TrainingPlan, adapter_meta: dict, metrics: EvalMetrics, check: dict) -> dict:
+    """Each phase's planned and measured peak (GB), side by side: what the planner is checked against."""
+    trained = adapter_meta.get("result", {})
+    return {"train": {"predicted_gb": plan.memory.total_gb, "measured_gb": trained.get("peak_memory_gb"),
+                      "device": plan.device},
+            "evaluate": {"measured_gb": metrics.memory_gb},
+            "merge": {"measured_gb": check.get("memory_gb")}}
+
+
+def _pin_evaluation(context) -> None:  # noqa: ANN001
+    """Pin the evaluation view to the run's page (ZenML 0.98 curates visualizations on runs, pipelines, snapshots
+    and deployments, not on model versions)."""
+    from zenml.enums import VisualizationResourceTypes
+
+    metrics_inputs = context.inputs.get("eval_metrics") or []
+    views = [v for v in (metrics_inputs[0].visualizations or []) if v.uri.endswith(".html")] if metrics_inputs else []
+    if not views:
+        return
+    try:
+        Client().create_curated_visualization(views[0].id, resource_id=context.pipeline_run.id,
+                                              resource_type=VisualizationResourceTypes.PIPELINE_RUN,
+                                              display_name="Evaluation: base vs tuned vs stage holder")
+    except Exception as exc:  # noqa: BLE001 - a dashboard nicety must not fail a registration
+        logger.warning("could not pin the evaluation view to the run: %s", exc)
+
+
 @step(enable_cache=False, output_materializers={"model_version_report": ReportMaterializer})
 def register_model(
     adapter: AdapterFolder, eval_metrics: EvalMetrics, merged_model: ModelFolder, training_plan: TrainingPlan,
     validation_report: ValidationReport, preflight_report: HardwareProbe, register: dict, seed: int,
-    resolved_data: ResolvedData, config_sha256: str,
+    resolved_data: ResolvedData, config_sha256: str, stage_holder_scores: StageHolderScores,
 ) -> Tuple[Annotated[str, "model_stage"], Annotated[VersionReport, "model_version_report"]]:
     """Log the lineage facts on the model version and promote it when the tuned model beats the base.
 
@@ -64,6 +90,7 @@ def register_model(
         register: the config's `register` section.
         seed: the run's seed.
         resolved_data: the files read and the sha256 of their bytes.
+        stage_holder_scores: the version holding the target stage, scored on this run's test rows.
         config_sha256: sha256 of the validated config.
 
     Returns:
@@ -72,7 +99,9 @@ def register_model(
     """
     r = RegisterSection(**register)
     check = merged_model.metadata.get("check", {})
-    stage, reason = decide_stage(eval_metrics, bool(check.get("passed")), r.stage_if_better, r.min_perplexity_gain)
+    holder = stage_holder_scores
+    stage, reason = decide_stage(eval_metrics, bool(check.get("passed")), r.stage_if_better, r.margin,
+                                 r.primary_metric, r.min_stop_rate, holder)
     adapter_meta = adapter.metadata
     context = get_step_context()
     model = context.model
@@ -84,18 +113,26 @@ def register_model(
     base, tuned = eval_metrics.base, eval_metrics.tuned
     metrics = {"base_perplexity": base.perplexity, "tuned_perplexity": tuned.perplexity,
                "base_loss": base.loss, "tuned_loss": tuned.loss, "perplexity_gain": eval_metrics.perplexity_gain}
-    for name in ("rouge_l", "stop_rate"):  # absent when no generation was scored
-        if tuned.__dict__[name] is not None:
-            metrics[f"base_{name}"], metrics[f"tuned_{name}"] = base.__dict__[name], tuned.__dict__[name]
+    for name in ("rouge_l", "exact_match", "bleu", "chrf", "stop_rate", "overshoot"):  # absent when not measured
+        if getattr(tuned, name, None) is not None:
+            metrics[f"base_{name}"], metrics[f"tuned_{name}"] = getattr(base, name), getattr(tuned, name)
+    holder_metrics = None
+    if holder.scores is not None:
+        holder_metrics = {f"holder_{k}": v for k, v in holder.scores.items() if isinstance(v, (int, float))}
+        metrics.update(holder_metrics)
+        metrics["holder_version"] = holder.version
     data = {"files_sha256": data_files_sha256, "source": resolved_data.source, "files": resolved_data.files, "validated_sha256": validation_report.data_fingerprint,
             "train_split_sha256": adapter_meta.get("data_fingerprint", ""),
             "rows_accepted": validation_report.rows_accepted, "rows_rejected": validation_report.rows_rejected}
     base_model = {"name_or_path": adapter_meta.get("base_model", ""), "revision": adapter_meta.get("base_revision") or ""}
     code = git_commit()
-    production_version, production_metrics = _production_holder(model.name, str(model.version))
+    if holder_metrics is not None:  # scored on this run's rows
+        holder_version, shown_holder = holder.version, holder_metrics
+    else:  # no holder to score: the production holder's own figures, if one exists
+        holder_version, shown_holder = _production_holder(model.name, str(model.version))
     report = VersionReport(
         model=model.name, version=str(model.version), stage=stage or "none", decision=reason,
-        metrics=metric_rows(metrics, production_metrics), production_version=production_version, data=data,
+        metrics=metric_rows(metrics, shown_holder), production_version=holder_version, data=data,
         base_model=base_model, merge_check=check, code=code,
         run={"id": str(context.pipeline_run.id), "name": context.pipeline_run.name},
         artifacts={name: str(inputs[0].id) for name, inputs in sorted(context.inputs.items()) if inputs},
@@ -114,10 +151,12 @@ def register_model(
         "machine": {"cpu_count": preflight_report.cpu_count, "ram_total_gb": preflight_report.ram_total_gb,
                     "cuda": [d.name for d in preflight_report.cuda_devices]},
         "stage_decision": reason,
+        "memory": _memory_facts(training_plan, adapter_meta, eval_metrics, check),
         "report": report.model_dump(mode="json"),
     })
     if stage:
-        model.set_stage(stage, force=True)
+        model.set_stage(stage, force=True)  # the previous holder is archived, not deleted
+    _pin_evaluation(context)
     for line in render_text(report):
         logger.info(line)
     return stage or "none", report

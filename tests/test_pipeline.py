@@ -14,7 +14,10 @@ from lorapipe.cli import main
 from tests.conftest import QUICKSTART_DATA, REPO_ROOT
 
 pytestmark = pytest.mark.slow
-STEPS = ["resolve_data_source", "validate_data", "preflight", "split_data", "train_adapter", "evaluate_model", "merge_model", "register_model"]
+STEPS = ["resolve_data_source", "validate_data", "preflight", "split_data", "train_adapter", "evaluate_model",
+         "score_stage_holder", "merge_model", "register_model"]
+# never cached: the data source is looked at again, the stage holder may have changed, registration records the run
+UNCACHED = ("resolve_data_source", "score_stage_holder", "register_model")
 
 
 def _config(tmp, tiny_model_dir, data_path, model_name="lorapipe-test"):
@@ -86,8 +89,8 @@ def test_the_validated_dataset_carries_the_reports_fingerprint(runs):
 def test_a_rerun_on_unchanged_data_is_served_from_cache_and_trains_nothing(runs):
     status = _status(runs["cached"])
     # the data source is looked at again on every run; what it found decides the cache of the rest
-    assert status.pop("resolve_data_source") == "completed"
-    assert status.pop("register_model") == "completed"
+    for name in UNCACHED:
+        assert status.pop(name) == "completed", name
     assert set(status.values()) == {"cached"}
 
 
@@ -360,26 +363,47 @@ def test_the_model_version_report_says_what_lineage_says(runs, capsys):
     assert "has no stage production" in capsys.readouterr().err
 
 
-def test_the_report_compares_with_the_version_holding_production(runs):
-    """Two versions promoted to production in turn (both re-use the cached training): the second's report names the
-    first as the holder it was compared with, with the holder's own figures; the first is archived, not deleted."""
+def test_promotion_is_earned_against_the_stage_holder_on_the_same_rows(runs):
+    """A short training takes production (it beats the base, nothing holds the stage); a full training beats it
+    on this run's test rows and takes over (the short one is archived, not deleted); the same full training again,
+    with a margin, does not beat itself and is refused with the holder named, which keeps production."""
     from zenml.client import Client
 
     cfg = str(runs["cfg"])
-    assert main(["run", "-c", cfg, "--set", "register.stage_if_better=production"]) == 0
-    first = _last_run()
-    assert main(["run", "-c", cfg, "--set", "register.stage_if_better=production",
-                 "--set", "register.min_perplexity_gain=0.001"]) == 0
-    second = _last_run()
-    assert first.model_version.id != second.model_version.id
-    report = second.steps["register_model"].outputs["model_version_report"][0].load()
+    common = ["--set", "register.stage_if_better=production", "--set", "register.model_name=lorapipe-promotion"]
+    assert main(["run", "-c", cfg, *common, "--set", "train.max_steps=4"]) == 0
+    short = _last_run()
+    assert main(["run", "-c", cfg, *common]) == 0
+    full = _last_run()
+    assert main(["run", "-c", cfg, *common, "--set", "register.margin=0.001"]) == 0
+    again = _last_run()
     client = Client()
-    holder = client.get_model_version("lorapipe-test", first.model_version.name)
-    assert report.production_version == holder.name
-    perplexity = next(m for m in report.metrics if m["metric"] == "perplexity")
-    assert perplexity["production"] == pytest.approx(holder.run_metadata["metrics"]["tuned_perplexity"])
-    if report.stage == "production":
-        assert client.get_model_version("lorapipe-test", holder.name).stage == "archived"
+
+    def report(run):
+        return run.steps["register_model"].outputs["model_version_report"][0].load()
+
+    def holder_scores(run):
+        return run.steps["score_stage_holder"].outputs["stage_holder_scores"][0].load()
+
+    assert report(short).stage == "production" and "beats base" in report(short).decision
+    assert holder_scores(short).scores is None and "no version held production" in holder_scores(short).note
+
+    assert report(full).stage == "production", report(full).decision
+    assert f"version {short.model_version.name}, the production holder" in report(full).decision
+    scored = holder_scores(full)
+    assert scored.version == short.model_version.name and scored.scores["perplexity"] > 0
+    assert client.get_model_version("lorapipe-promotion", short.model_version.name).stage == "archived"
+
+    refused = report(again)
+    assert refused.stage == "none" and again.model_version.id != full.model_version.id
+    assert f"does not beat version {full.model_version.name}, which holds production" in refused.decision
+    assert refused.production_version == full.model_version.name
+    # the holder, scored on the same rows, scores what it scored as the tuned model of its own run
+    full_metrics = full.steps["evaluate_model"].outputs["eval_metrics"][0].load()
+    perplexity = next(m for m in refused.metrics if m["metric"] == "perplexity")
+    assert perplexity["production"] == pytest.approx(full_metrics.tuned.perplexity, rel=1e-4)
+    assert client.get_model_version("lorapipe-promotion", full.model_version.name).stage == "production"
+    assert again.steps["score_stage_holder"].status == "completed"  # never served from the cache
 
 
 def test_an_html_view_renders_in_a_real_browser(runs):
@@ -434,16 +458,26 @@ def test_watch_finds_a_runs_training_folder_from_the_run_name(runs, capsys):
     assert "training finished after" in out and "loss" in out
 
 
-def test_predict_answers_from_a_registered_version_and_from_an_adapter_folder(runs, capsys):
+def test_predict_answers_from_a_registered_version_and_from_an_adapter_folder(runs, capsys, tmp_path):
     version = runs["first"].model_version.name
-    assert main(["predict", f"lorapipe-test:{version}", "-p", "What is new in SwiftUI?", "-p", "Hello",
+    assert main(["predict", f"lorapipe-test:{version}", "What is new in SwiftUI?", "-p", "Hello",
                  "--max-new-tokens", "8", "--json"]) == 0
     answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [a["prompt"] for a in answers] == ["What is new in SwiftUI?", "Hello"]
     assert all(0 < a["new_tokens"] <= 8 and isinstance(a["stopped"], bool) for a in answers)
+    # a file of prompts, through the version's base model + adapter instead of its merged model
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "Tell me"}, {"role": "assistant", "content": "a reference"}]})
+        + "\nplain text\n")
+    assert main(["predict", f"lorapipe-test:{version}", "--adapter", "--file", str(prompts),
+                 "--max-new-tokens", "4", "--json"]) == 0
+    assert [json.loads(line)["prompt"] for line in capsys.readouterr().out.splitlines()] == ["Hi", "Tell me",
+                                                                                             "plain text"]
     adapter = runs["first"].steps["train_adapter"].outputs["adapter"][0].load().path
-    assert main(["predict", adapter, "-p", "Hello", "--max-new-tokens", "4"]) == 0
+    assert main(["predict", adapter, "-p", "Hello", "--max-new-tokens", "4", "--stream"]) == 0
     out = capsys.readouterr()
     assert "adapter" in out.err and out.out.startswith("> Hello")
     assert main(["predict", "lorapipe-test:0000000000000000", "-p", "x"]) == 1
-    assert "has no version 0000000000000000" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has no version 0000000000000000; it has versions" in err and version in err

@@ -44,7 +44,7 @@ def test_the_evaluation_view_puts_base_and_tuned_side_by_side():
     assert 'src="data:image/png;base64,' in page and _no_external_urls(page)
 
 
-def test_the_version_report_compares_with_the_production_holder_when_there_is_one():
+def test_the_version_report_compares_with_the_stage_holder_when_there_is_one():
     from lorapipe.registry import VersionReport, metric_rows, render_html, render_text
 
     mine = {"base_perplexity": 9.0, "tuned_perplexity": 4.0, "base_loss": 2.2, "tuned_loss": 1.4}
@@ -60,10 +60,10 @@ def test_the_version_report_compares_with_the_production_holder_when_there_is_on
         ("perplexity", 4.0, 5.5), ("loss", 1.4, 1.7)]
     text = render_text(report, current_stage="production")
     assert text[0] == "model m version v2 (stage: production (at registration: none))"
-    assert "  perplexity             base 9 -> tuned 4, production 5.5" in text
-    assert "  production holder      version v1 (at registration)" in text
+    assert "  perplexity             base 9 -> tuned 4, stage holder 5.5" in text
+    assert "  stage holder           version v1 (at registration)" in text
     page = render_html(report)
-    assert "production holder" in page and ">5.5<" in page and "id-m" in page and _no_external_urls(page)
+    assert "stage holder" in page and ">5.5<" in page and "id-m" in page and _no_external_urls(page)
     alone = report.model_copy(update={"metrics": metric_rows(mine, None), "production_version": None})
-    assert all(r["production"] is None for r in alone.metrics) and "production holder  " not in "\n".join(
+    assert all(r["production"] is None for r in alone.metrics) and "stage holder  " not in "\n".join(
         render_text(alone))

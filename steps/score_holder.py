@@ -1,0 +1,64 @@
+"""Score the version that holds the target stage on this run's test rows, so promotion compares like with like.
+Never cached: which version holds the stage changes between runs."""
+
+from typing import Annotated
+
+from zenml import get_step_context, step
+from zenml.client import Client
+from zenml.enums import ModelStages
+from zenml.logger import get_logger
+
+from lorapipe.config import EvaluateSection, ModelSection, RegisterSection
+from lorapipe.data.dataset import ConversationDataset
+from lorapipe.hardware.plan import PhasePlan
+from lorapipe.registry import StageHolderScores
+from materializers import ReportMaterializer
+
+logger = get_logger(__name__)
+
+
+@step(enable_cache=False, output_materializers=ReportMaterializer)
+def score_stage_holder(
+    test_split: ConversationDataset, evaluation_plan: PhasePlan, evaluate: dict, register: dict, model: dict,
+    max_seq_length: int, seed: int,
+) -> Annotated[StageHolderScores, "stage_holder_scores"]:
+    """Load the stage holder's merged model and score it as the evaluate step scores base and tuned.
+
+    Args:
+        test_split: this run's test rows.
+        evaluation_plan: device, dtype and batch size of evaluation.
+        evaluate: the config's `evaluate` section (rows scored, generation budget, metrics).
+        register: the config's `register` section (the model name and the stage to compare with).
+        model: the config's `model` section (its chat template override).
+        max_seq_length: train.max_seq_length, the length rows are scored at.
+        seed: the run's seed (generation is seeded).
+
+    Returns:
+        The holder's version and scores, or a note saying why there is none to compare with.
+    """
+    from lorapipe.evaluation.compare import score_model_folder
+
+    r, m = RegisterSection(**register), ModelSection(**model)
+    if r.stage_if_better == "none":
+        return StageHolderScores(stage="none", note="register.stage_if_better is 'none': no stage to compare with")
+    this_version = str(get_step_context().model.version)
+    try:
+        holder = Client().get_model_version(r.model_name, ModelStages(r.stage_if_better))
+    except KeyError:
+        return StageHolderScores(stage=r.stage_if_better, note=f"no version held {r.stage_if_better} before")
+    if holder.name == this_version:
+        return StageHolderScores(stage=r.stage_if_better, version=holder.name,
+                                 note=f"this version already holds {r.stage_if_better}")
+    try:
+        merged = holder.get_model_artifact("merged_model")
+    except (KeyError, RuntimeError):
+        merged = None
+    if merged is None:
+        return StageHolderScores(stage=r.stage_if_better, version=holder.name,
+                                 note=f"version {holder.name} holds {r.stage_if_better} but has no merged model to score")
+    folder = merged.load().path
+    logger.info("scoring version %s, which holds %s, on this run's test rows", holder.name, r.stage_if_better)
+    scores, _ = score_model_folder(folder, test_split, evaluation_plan, EvaluateSection(**evaluate), max_seq_length,
+                                   seed, chat_template=m.chat_template)
+    return StageHolderScores(stage=r.stage_if_better, version=holder.name, scores=scores.model_dump(),
+                             note=f"version {holder.name} scored on this run's test rows")
