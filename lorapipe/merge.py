@@ -1,21 +1,35 @@
-"""Merge a LoRA adapter into a 16-bit copy of its base, save it, reload it and prove the logits match."""
+"""Merge a LoRA adapter into a 16-bit copy of its base, save it, reload it and prove it equals base + adapter.
+
+One copy of the model at a time: the reference logits of the few check rows are computed with base + adapter
+*before* the merge (PEFT merges in place on that same model object) and set aside on disk, the merged model is saved
+as sharded safetensors and freed, then the saved folder is reloaded and compared with them. The folder describes
+itself: tokenizer and chat template, `generation_config.json` listing every end token, a model card (README.md), an
+Ollama Modelfile, and `lorapipe_merge.json` (adapter metadata, adapter fingerprint, the check), written last so it
+marks a complete merge.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Iterator, Optional
 
 from pydantic import BaseModel
 
-from lorapipe.backends import get_backend
+from lorapipe.backends import backend_spec, get_backend
 from lorapipe.backends.base import read_adapter_metadata
+from lorapipe.backends.peft_adapter import release_memory
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import PhasePlan
 
 MERGE_METADATA = "lorapipe_merge.json"
-# Logits differ between merged and base+adapter by rounding only; the tolerance follows the saved dtype.
+# PEFT: reference and merged model run in the same dtype, so logits differ by the rounding of W + BA to it only.
 DEFAULT_ATOL = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.02}
+_COMPARE_POSITIONS = 32  # logits compared per slice
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 class MergeCheckFailed(RuntimeError):
@@ -29,45 +43,241 @@ class MergeCheck(BaseModel):
     tolerance: float
     passed: bool
     rows_checked: int
+    greedy_agreement: float = 1.0  # share of positions where merged and base+adapter pick the same argmax token
+    positions_checked: int = 0
     memory_gb: float = 0.0  # the merge's own peak on CUDA (counter reset first), the process RSS on CPU
 
+    def require_passed(self) -> None:
+        if not self.passed:
+            raise MergeCheckFailed(
+                f"the merged model's logits differ from base+adapter by up to {self.max_abs_logit_diff:.3g} (mean "
+                f"{self.mean_abs_logit_diff:.3g}, greedy agreement {self.greedy_agreement:.1%}), above the tolerance "
+                f"{self.tolerance:.3g} for {self.dtype} on {self.rows_checked} rows; the merged weights are wrong or "
+                f"too coarse: try merge.dtype: float32, or raise merge.logits_atol if the difference is rounding")
 
-def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDataset, phase: PhasePlan,
-                  check_samples: int = 4, atol: Optional[float] = None, max_length: int = 256) -> MergeCheck:
-    """Merge (PEFT) or fuse (mlx-lm) the adapter with the backend that trained it, on the merge phase's device and
-    in its dtype, reload the saved folder and compare its logits with base+adapter, unmerged."""
+
+def shard_bytes(size: str) -> int:
+    """'2GB' -> 2_000_000_000, '1.5 GiB' -> 1610612736 (transformers' own parser takes integers only)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", size, flags=re.I)
+    if not match:
+        raise ValueError(f"merge.max_shard_size: {size!r} is not a size like 2GB, 500MB or 1GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
+def adapter_fingerprint(adapter_dir: str | Path) -> str:
+    """sha256 of the adapter's weights and config (`adapter*` files: PEFT's and mlx-lm's alike), the files that,
+    with the base model, decide the merged weights."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(adapter_dir).glob("adapter*")):
+        if path.is_file():
+            digest.update(path.name.encode())
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def read_merge_record(out_dir: str | Path) -> Optional[dict]:
+    path = Path(out_dir) / MERGE_METADATA
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+class ReferenceLogits:
+    """The check's reference logits, kept on disk (one safetensors file a row) and read back a slice of positions at
+    a time: on a small model with a large vocabulary they are no small thing (Qwen2.5-0.5B, 152k tokens: 4 rows of
+    256 positions are 0.3 GB in bf16, a third of the model), and in memory they would sit beside it all along."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.rows = folder, 0
+
+    def keep(self, logits: Any) -> None:
+        """`logits`: [1, positions, vocab] of one row, in the model's own dtype."""
+        from safetensors.torch import save_file
+
+        save_file({"logits": logits[0].contiguous()}, str(self.folder / f"row-{self.rows}.safetensors"))
+        self.rows += 1
+
+    def slices(self, row: int, positions: int) -> Iterator[Any]:
+        """[positions, vocab] slices of row `row`, in order."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / f"row-{row}.safetensors"), framework="pt") as fh:
+            logits = fh.get_slice("logits")
+            for start in range(0, logits.get_shape()[0], positions):
+                yield logits[start:start + positions]
+
+
+def _clear_weights(out: Path) -> None:
+    """Weights of an interrupted merge, or of this adapter merged with other settings: shards of another layout
+    would stay beside the new ones (save_pretrained removes only its own numbered shards)."""
+    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json", out / MERGE_METADATA]:
+        stale.unlink(missing_ok=True)
+
+
+def _check_inputs(tokenizer: Any, rows: list, max_length: int) -> list[Any]:
+    import torch
+
+    from lorapipe.data.render import encode
+
+    return [torch.tensor([encode(tokenizer, rec, max_length).input_ids]) for rec in rows]
+
+
+def write_generation_config(out: Path, tokenizer: Any) -> list[int]:
+    """generation_config.json with `eos_token_id` listing every end token, so `generate` (and anything that reads
+    the file) stops at the template's turn end as well as at EOS."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from lorapipe.models.end_tokens import end_token_ids
+
+    ends = end_token_ids(tokenizer)
+    try:
+        config = GenerationConfig.from_pretrained(str(out))
+    except OSError:  # the backend wrote none
+        config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(out)))
+    config.eos_token_id = ends
+    if tokenizer.pad_token_id is not None:
+        config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.bos_token_id is not None:
+        config.bos_token_id = tokenizer.bos_token_id
+    config.save_pretrained(str(out))
+    return ends
+
+
+def _reference_then_merge(backend_name: str, adapter_dir: str, out: Path, phase: PhasePlan, inputs: list[Any],
+                          reference: ReferenceLogits, max_shard_size: int) -> None:
+    """Reference logits of `inputs` (base + adapter, unmerged) into `reference`, then the merged folder; one model
+    alive at a time."""
+    if backend_spec(backend_name).adapter_format == "peft":
+        from lorapipe.backends.peft_adapter import merge_with_reference
+
+        merge_with_reference(adapter_dir, str(out), phase, inputs, reference.keep, max_shard_size)
+        return
+    # other formats (mlx-lm): the backend's own reference first, its model dropped before the fuse
+    import torch
+
+    backend = get_backend(backend_name)
+    forward = backend.reference_logits(adapter_dir, phase)
+    with torch.no_grad():
+        for ids in inputs:
+            reference.keep(forward(ids))
+    del forward
+    release_memory(phase.device)
+    backend.merge(adapter_dir, str(out), phase)
+
+
+def compare_with_reference(out_dir: str | Path, inputs: list[Any], reference: ReferenceLogits, phase: PhasePlan,
+                           tolerance: float) -> MergeCheck:
+    """Reload the saved folder in the merge dtype and compare its logits with the reference: max and mean absolute
+    difference, and how often both pick the same greedy token."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lorapipe.data.render import encode
-    from lorapipe.models.loading import load_tokenizer, torch_dtype
+    from lorapipe.models.loading import torch_dtype
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch_dtype(phase.dtype)).to(phase.device)
+    reloaded.eval()
+    max_diff, diff_sum, agree, positions = 0.0, 0.0, 0, 0
+    with torch.no_grad():
+        for row, ids in enumerate(inputs):
+            got = reloaded(input_ids=ids.to(phase.device), use_cache=False).logits.cpu()
+            # a few positions at a time: float32 copies of whole [positions x vocab] logits would cost more than
+            # the logits themselves
+            for start, ref in zip(range(0, got.shape[1], _COMPARE_POSITIONS),
+                                  reference.slices(row, _COMPARE_POSITIONS)):
+                r = ref.float()
+                g = got[0, start:start + _COMPARE_POSITIONS].float()
+                agree += int((r.argmax(-1) == g.argmax(-1)).sum())
+                d = r.sub_(g).abs_()
+                max_diff = max(max_diff, float(d.max()))
+                diff_sum += float(d.sum()) / d.shape[1]
+                positions += d.shape[0]
+            del got
+    del reloaded
+    release_memory(phase.device)
+    return MergeCheck(dtype=phase.dtype, max_abs_logit_diff=max_diff, mean_abs_logit_diff=diff_sum / positions,
+                      tolerance=tolerance, passed=max_diff <= tolerance, rows_checked=len(inputs),
+                      greedy_agreement=agree / positions, positions_checked=positions)
+
+
+def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDataset, phase: PhasePlan,
+                  check_samples: int = 4, atol: Optional[float] = None, max_length: int = 256,
+                  max_shard_size: str = "2GB",
+                  before_check: Optional[Callable[[Path], None]] = None) -> MergeCheck:
+    """Merge (PEFT) or fuse (mlx-lm) the adapter with the backend that trained it, on the merge phase's device and in
+    its dtype, into `out_dir`; reload the saved folder and compare it with base + adapter on `check_samples` rows.
+
+    A folder that already holds a passed merge of the same adapter (same weights, base, dtype and shard size) is
+    left as it is: the recorded check is returned. A folder holding another merge is refused, never overwritten.
+
+    Args:
+        adapter_dir: the adapter folder (its `lorapipe_adapter.json` names base model and backend).
+        out_dir: where the merged folder is written (created if missing).
+        check_rows: held-out rows (the test split); the first `check_samples` are compared.
+        phase: the merge plan: device and the merged weights' dtype.
+        check_samples: rows compared.
+        atol: the largest allowed absolute logit difference; None: by dtype (DEFAULT_ATOL).
+        max_length: tokens per compared row.
+        max_shard_size: the largest safetensors shard, e.g. "2GB".
+        before_check: called with the saved folder before it is reloaded (tests corrupt a shard here).
+
+    Returns:
+        The check; `check.require_passed()` raises MergeCheckFailed when it failed.
+    """
+    from lorapipe.export.model_card import model_card, write_model_card
+    from lorapipe.export.modelfile import write_modelfile
+    from lorapipe.models.end_tokens import end_tokens
+    from lorapipe.models.loading import load_tokenizer
     from lorapipe.training.monitoring import PhaseMemory
 
     meta = read_adapter_metadata(adapter_dir)
     out = Path(out_dir)
-    if (out / MERGE_METADATA).exists():
-        print(f"{out} is already merged; nothing to do")
-        return MergeCheck(**json.loads((out / MERGE_METADATA).read_text())["check"])
+    fingerprint = adapter_fingerprint(adapter_dir)
+    settings = {"adapter_fingerprint": fingerprint, "base_model": meta["base_model"],
+                "base_revision": meta.get("base_revision"), "dtype": phase.dtype, "max_shard_size": max_shard_size}
+    record = read_merge_record(out)
+    if record is not None:
+        if record.get("settings") == settings and record["check"]["passed"]:
+            print(f"{out} is already merged (adapter {fingerprint[:12]}, {phase.dtype}); nothing to do", flush=True)
+            return MergeCheck(**record["check"])
+        if record.get("settings", {}).get("adapter_fingerprint") != fingerprint:
+            raise FileExistsError(f"{out} holds the merge of another adapter ({MERGE_METADATA}: adapter "
+                                  f"{str(record.get('settings', {}).get('adapter_fingerprint'))[:12]}, this one "
+                                  f"{fingerprint[:12]}); choose an empty folder or delete it")
+        print(f"{out} holds a merge of this adapter with other settings or a failed check: merging again", flush=True)
     rows = check_rows.records[:check_samples]
     if not rows:
-        raise ValueError("no rows to check the merge on")
-    backend = get_backend(meta["plan"]["backend"])  # the metadata read above names it
-    dtype = phase.dtype
-    with PhaseMemory(phase.device) as memory:
-        backend.merge(adapter_dir, str(out), phase)
-        tokenizer = load_tokenizer(str(out), chat_template=meta.get("chat_template_override"))
-        reference = backend.reference_logits(adapter_dir, phase)
-        reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch_dtype(dtype)).to(phase.device).eval()
-        max_diff, diffs = 0.0, []
-        with torch.no_grad():
-            for rec in rows:
-                ids = torch.tensor([encode(tokenizer, rec, max_length).input_ids])
-                d = (reference(ids) - reloaded(input_ids=ids.to(phase.device)).logits.float().cpu()).abs()
-                max_diff = max(max_diff, float(d.max()))
-                diffs.append(float(d.mean()))
-        del reference, reloaded
-    tol = atol if atol is not None else DEFAULT_ATOL[dtype]
-    check = MergeCheck(dtype=dtype, max_abs_logit_diff=max_diff, mean_abs_logit_diff=sum(diffs) / len(diffs),
-                       tolerance=tol, passed=max_diff <= tol, rows_checked=len(rows), memory_gb=memory.gb)
-    (out / MERGE_METADATA).write_text(json.dumps({"adapter_metadata": meta, "check": check.model_dump()}, indent=2))
+        raise ValueError("no rows to check the merge on: the test split is empty (split.test_fraction)")
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_weights(out)
+    backend = meta["plan"]["backend"]
+    tokenizer = load_tokenizer(adapter_dir, trust_remote_code=meta.get("trust_remote_code", False),
+                               chat_template=meta.get("chat_template_override"))
+    inputs = _check_inputs(tokenizer, rows, max_length)
+    # beside the output, on the filesystem that has room for the model anyway (/tmp may be memory)
+    with PhaseMemory(phase.device) as memory, \
+            tempfile.TemporaryDirectory(prefix=".lorapipe-merge-check-", dir=out.parent) as scratch:
+        reference = ReferenceLogits(Path(scratch))
+        _reference_then_merge(backend, adapter_dir, out, phase, inputs, reference, shard_bytes(max_shard_size))
+        tokenizer.save_pretrained(str(out))  # with the chat template training used
+        write_generation_config(out, tokenizer)
+        if before_check is not None:
+            before_check(out)
+        tol = atol if atol is not None else DEFAULT_ATOL[phase.dtype]
+        check = compare_with_reference(out, inputs, reference, phase, tol)
+    check.memory_gb = memory.gb
+    print(f"merge check: max |logit diff| {check.max_abs_logit_diff:.3g}, mean {check.mean_abs_logit_diff:.3g}, "
+          f"greedy agreement {check.greedy_agreement:.1%} over {check.positions_checked} positions "
+          f"(tolerance {check.tolerance:.3g}, {check.dtype}): {'passed' if check.passed else 'FAILED'}", flush=True)
+
+    ends = end_tokens(tokenizer)
+    modelfile = write_modelfile(out, tokenizer, ends)
+    if modelfile.family is None:
+        print(f"Ollama Modelfile written without TEMPLATE: {modelfile.note}", flush=True)
+    files = sorted({p.name for p in out.iterdir()} | {"README.md", MERGE_METADATA})
+    write_model_card(out, model_card(meta, check.model_dump(), test_rows=len(check_rows),
+                                     adapter_fingerprint=fingerprint, ollama_family=modelfile.family,
+                                     ollama_note=modelfile.note, files=files))
+    (out / MERGE_METADATA).write_text(json.dumps({
+        "adapter_metadata": meta, "settings": settings, "check": check.model_dump(), "end_tokens": ends,
+        "ollama": {"family": modelfile.family, "note": modelfile.note}}, indent=2))
     return check

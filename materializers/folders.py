@@ -54,13 +54,31 @@ def training_summary_html(meta: dict) -> str:
              (f"measured: {measured_what}", measured)])))
 
 
+def stored_folder(uri: str) -> str:
+    """Where a folder artifact's files live inside its artifact URI."""
+    return os.path.join(uri, _FolderMaterializer.FOLDER)
+
+
+def _move_tree(src: str, dst: str) -> None:
+    """Move file by file: a rename on one filesystem; across filesystems each file is copied then deleted, so at
+    most one file exists twice at any moment."""
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(src):
+        s, d = os.path.join(src, name), os.path.join(dst, name)
+        if os.path.isdir(s) and not os.path.islink(s):
+            _move_tree(s, d)
+        else:
+            shutil.move(s, d)
+    os.rmdir(src)
+
+
 class _FolderMaterializer(BaseMaterializer):
     ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.MODEL
     ASSOCIATED_TYPES: ClassVar[Tuple[Type[Any], ...]] = (FolderArtifact,)
     FOLDER: ClassVar[str] = "folder"
 
     def load(self, data_type: Type[Any]) -> Any:
-        remote = os.path.join(self.uri, self.FOLDER)
+        remote = stored_folder(self.uri)
         if os.path.isdir(remote):  # local artifact store: use the stored folder in place
             return data_type.from_folder(remote)
         with self.get_temporary_directory(delete_at_exit=False) as tmp:
@@ -68,13 +86,27 @@ class _FolderMaterializer(BaseMaterializer):
             return data_type.from_folder(tmp)
 
     def save(self, data: FolderArtifact) -> None:
-        _copy_tree(data.path, os.path.join(self.uri, self.FOLDER))
-        if data.temporary:  # e.g. a merged model: one copy in the store, none left in /tmp
-            shutil.rmtree(data.path, ignore_errors=True)
+        """Store the folder as `<uri>/folder`, holding one copy of a large temporary folder at most:
+
+        - already there (the merge step wrote into the store's folder): nothing to do;
+        - a temporary folder and a local store: moved in, file by file;
+        - otherwise copied (uploaded, for a remote store); a temporary source is removed once the step has ended,
+          after ZenML has read metadata and views (outside a step the caller keeps it).
+        """
+        stored = stored_folder(self.uri)
+        if os.path.isdir(stored) and os.path.samefile(data.path, stored):
+            return
+        if data.temporary and os.path.isdir(self.uri):
+            _move_tree(data.path, stored)
+            data.path = stored
+            return
+        _copy_tree(data.path, stored)
+        if data.temporary:
+            self._register_directory_for_deletion_after_step_execution(data.path)
 
     def stored_files(self) -> list[str]:
-        """The files of the stored copy (a temporary source folder is already gone when ZenML asks for metadata)."""
-        stored = os.path.join(self.uri, self.FOLDER)
+        """The files of the stored copy (the source folder may be gone, or elsewhere, when ZenML asks)."""
+        stored = stored_folder(self.uri)
         return sorted(n.decode() if isinstance(n, bytes) else n for n in fileio.listdir(stored))
 
     def extract_metadata(self, data: FolderArtifact) -> Dict[str, Any]:
@@ -110,7 +142,10 @@ class ModelFolderMaterializer(_FolderMaterializer):
     def extract_metadata(self, data: ModelFolder) -> Dict[str, Any]:
         meta = super().extract_metadata(data)
         check = data.metadata.get("check", {})
-        meta.update({k: check[k] for k in ("dtype", "max_abs_logit_diff", "tolerance", "passed") if k in check})
+        meta.update({k: check[k] for k in ("dtype", "max_abs_logit_diff", "mean_abs_logit_diff", "greedy_agreement",
+                                           "tolerance", "passed", "rows_checked") if k in check})
+        meta["weight_shards"] = sum(1 for f in self.stored_files() if f.endswith(".safetensors"))
+        meta["ollama_template"] = (data.metadata.get("ollama") or {}).get("family") or "none"
         return meta
 
     def save_visualizations(self, data: ModelFolder) -> Dict[str, VisualizationType]:
@@ -119,6 +154,8 @@ class ModelFolderMaterializer(_FolderMaterializer):
 
         check = data.metadata.get("check", {})
         adapter = data.metadata.get("adapter_metadata", {})
+        settings = data.metadata.get("settings", {})
+        ollama = data.metadata.get("ollama") or {}
         body = h.page(
             "Merged model",
             h.paragraph("merge check passed" if check.get("passed") else "merge check FAILED",
@@ -126,7 +163,12 @@ class ModelFolderMaterializer(_FolderMaterializer):
             h.key_values([("base model", adapter.get("base_model")), ("dtype", check.get("dtype")),
                           ("max |logit diff|", check.get("max_abs_logit_diff")),
                           ("mean |logit diff|", check.get("mean_abs_logit_diff")),
+                          ("greedy-token agreement", check.get("greedy_agreement")),
                           ("tolerance", check.get("tolerance")), ("rows checked", check.get("rows_checked")),
+                          ("positions checked", check.get("positions_checked")),
+                          ("adapter sha256", settings.get("adapter_fingerprint")),
+                          ("max shard size", settings.get("max_shard_size")),
+                          ("Ollama TEMPLATE", ollama.get("family") or f"none: {ollama.get('note', '')}"),
                           ("merge memory (GB)", check.get("memory_gb"))]),
             h.section("Files", h.table(["file"], [(f,) for f in self.stored_files()])))
         path = os.path.join(self.uri, "merge_check.html")

@@ -11,6 +11,28 @@ from lorapipe.backends.base import read_adapter_metadata
 from lorapipe.hardware.plan import PhasePlan
 
 
+def trim_heap() -> None:
+    """Have glibc give freed heap pages back to the OS: a model's small tensors and temporaries live in malloc's
+    arenas, which otherwise keep their pages after they are freed, so the next allocation lands on top of them."""
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
+
+
+def release_memory(device: str) -> None:
+    """Drop freed tensors for real: collect, empty CUDA's cache, trim the heap."""
+    from lorapipe.training.monitoring import free_memory
+
+    free_memory(device)
+    trim_heap()
+
+
 def _base(meta: dict, dtype: str, device: str) -> Any:
     from lorapipe.models.loading import load_model
 
@@ -32,18 +54,54 @@ def eval_models(adapter_dir: str, phase: PhasePlan) -> dict[str, Callable[[], An
     return {"base": base, "tuned": lambda: contextlib.nullcontext(model)}
 
 
-def merge(adapter_dir: str, out_dir: str, phase: PhasePlan) -> None:
-    from peft import PeftModel
+def merge_with_reference(adapter_dir: str, out_dir: str, phase: PhasePlan, inputs: list[Any],
+                         keep_reference: Callable[[Any], None], max_shard_size: int | str = "2GB") -> None:
+    """Load the base in the merge dtype with the adapter on, hand the logits of each of `inputs` to `keep_reference`
+    (the merge check's reference, in the model's own dtype), merge in place, save sharded safetensors into `out_dir`
+    and free the model: one copy, held once.
 
+    A QLoRA adapter is merged into the unquantised 16-bit base like any other: merging into 4-bit weights would
+    round the adapter's update to 4-bit precision (peft warns about it, LLaMA-Factory refuses it).
+    """
+    import torch
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    meta = read_adapter_metadata(adapter_dir)
+    quantization = meta["plan"].get("quantization", "none")
+    if quantization != "none":
+        print(f"the adapter was trained on a {quantization}-quantised base; merging into a {phase.dtype} copy of the "
+              f"unquantised base: merged into quantised weights the adapter's update would lose its precision "
+              f"(peft warns, LLaMA-Factory refuses)", flush=True)
+    model = PeftModel.from_pretrained(_base(meta, phase.dtype, phase.device), adapter_dir).eval()
+    with torch.no_grad():
+        for ids in inputs:
+            keep_reference(model(input_ids=ids.to(phase.device), use_cache=False).logits.cpu())
+            trim_heap()  # the forward pass's activations
+    release_memory(phase.device)
+    # W += B A scale in place, one layer at a time with its temporaries given back before the next: in one
+    # merge_and_unload() they pile up in malloc's arenas (~0.4 x the model on bench/merge_memory.py's 25M one)
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            trim_heap()
+    merged = model.unload()  # the LoRA layers dropped, the merged base layers kept
+    del model
+    release_memory(phase.device)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
+    del merged
+    release_memory(phase.device)
+
+
+def merge(adapter_dir: str, out_dir: str, phase: PhasePlan) -> None:
+    """The backend interface's merge: weights and tokenizer, no check (lorapipe.merge.merge_adapter checks)."""
     from lorapipe.models.loading import load_tokenizer
 
     meta = read_adapter_metadata(adapter_dir)
-    tokenizer = load_tokenizer(adapter_dir, trust_remote_code=meta.get("trust_remote_code", False),
-                               chat_template=meta.get("chat_template_override"))
-    merged = PeftModel.from_pretrained(_base(meta, phase.dtype, phase.device), adapter_dir).merge_and_unload()
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    merge_with_reference(adapter_dir, out_dir, phase, [], keep_reference=lambda logits: None)
+    load_tokenizer(adapter_dir, trust_remote_code=meta.get("trust_remote_code", False),
+                   chat_template=meta.get("chat_template_override")).save_pretrained(out_dir)
 
 
 def reference_logits(adapter_dir: str, phase: PhasePlan) -> Callable[[Any], Any]:
