@@ -6,6 +6,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-for script in ("pipeline_cache.py", "validate_throughput.py", "backends.py"):
+for script in ("pipeline_cache.py", "validate_throughput.py", "backends.py", "eval_batching.py", "merge_memory.py"):
     print(f"== {script}", flush=True)
     subprocess.run([sys.executable, str(HERE / script)], check=True)
