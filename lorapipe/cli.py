@@ -97,9 +97,13 @@ def print_summary(result: Any) -> None:
         click.echo(f"decision     {result.decision}")
     click.echo(f"perplexity   base {metrics.base.perplexity:.2f} -> tuned {metrics.tuned.perplexity:.2f} "
                f"({metrics.perplexity_gain:+.1%}) on {metrics.scored_rows} test rows")
-    if metrics.tuned.rouge_l is not None:
-        click.echo(f"generation   ROUGE-L base {metrics.base.rouge_l:.3f} -> tuned {metrics.tuned.rouge_l:.3f}; "
-                   f"stop rate tuned {metrics.tuned.stop_rate:.0%}")
+    shown = [(label, field, spec) for label, field, spec in
+             (("ROUGE-L", "rouge_l", ".3f"), ("BLEU", "bleu", ".1f"), ("chrF", "chrf", ".1f"),
+              ("learned to stop", "stop_rate", ".0%")) if getattr(metrics.tuned, field, None) is not None]
+    if shown:
+        click.echo("generation   " + "; ".join(
+            f"{label} {format(getattr(metrics.base, field), spec)} -> {format(getattr(metrics.tuned, field), spec)}"
+            for label, field, spec in shown))
     click.echo(f"adapter      {result.adapter_uri}/folder")
     click.echo(f"merged model {result.merged_uri}/folder")
     click.echo(f"store        {result.store_url}")
