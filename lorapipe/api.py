@@ -12,7 +12,9 @@ registers a new version. ZenML is imported inside the functions: `import lorapip
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -48,11 +50,12 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from lorapipe.backends.base import BackendUnavailable
     from lorapipe.data.sources import DataSourceError
     from lorapipe.data.validation import DataValidationError
+    from lorapipe.evaluation.compare import EvaluationError
     from lorapipe.hardware.plan import PlanError
     from lorapipe.merge import MergeCheckFailed
 
     return (UserMistake, ConfigError, DataSourceError, DataValidationError, PlanError, BackendUnavailable,
-            MergeCheckFailed)
+            MergeCheckFailed, EvaluationError)
 
 
 def use_repo_as_source_root() -> None:
@@ -92,7 +95,7 @@ def load(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[lis
 def prepare(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[list[str]] = None,
             base_dir: Optional[Path] = None, need_data_now: bool = True) -> PreparedRun:
     """Everything that can be checked in seconds, before the pipeline starts: config keys, data source, model."""
-    from lorapipe.data.sources import DataSourceError, expand_paths, is_pattern
+    from lorapipe.data.sources import DataSourceError, expand_paths
     from lorapipe.data.formats import file_fingerprint
     from lorapipe.models.locate import model_problem
 
@@ -102,9 +105,8 @@ def prepare(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[
     problems = []
     data_sha = None
     if resolved.data.paths:
-        files, data_problems = expand_paths(resolved.data.paths)
-        if not need_data_now:  # a schedule may wait for its first drop; a fixed path must exist
-            data_problems = [p for p, entry in zip(data_problems, resolved.data.paths) if not is_pattern(entry)]
+        # a schedule may wait for its first drop (patterns may match nothing yet); a fixed path must exist
+        files, data_problems = expand_paths(resolved.data.paths, patterns_may_be_empty=not need_data_now)
         problems += data_problems
         if files and not data_problems:
             data_sha = file_fingerprint(files)
@@ -150,20 +152,20 @@ class FinetuneResult:
         return "train_adapter" not in self.cached_steps
 
 
-def failed_step_message(run_id: Optional[Any] = None) -> Optional[str]:
-    """The message of the run's failed step when it failed on a user's mistake, else None."""
+# Failures raised inside steps whose message already says what to do: shown as one paragraph, like user mistakes
+EXPLAINED_FAILURES = ("DataParallelLaunchError", "PreemptedError", "OutOfMemoryError")
+
+
+def failed_step_message(since: Optional[Any] = None) -> Optional[str]:
+    """The message of the failed step of this process's latest `finetune` run (started at or after `since`) when it
+    failed on a user's mistake or an explained failure, else None."""
     from zenml.client import Client
 
-    client = Client()
-    if run_id is not None:
-        run = client.get_pipeline_run(run_id)
-    else:
-        runs = client.list_pipeline_runs(sort_by="desc:created", size=1).items
-        if not runs:
-            return None
-        run = runs[0]
-    names = {e.__name__ for e in user_error_types()}
-    for name, step in run.steps.items():
+    runs = Client().list_pipeline_runs(pipeline_name=PIPELINE_NAME, sort_by="desc:created", size=1).items
+    if not runs or (since is not None and runs[0].created.replace(tzinfo=None) < since):
+        return None
+    names = {e.__name__ for e in user_error_types()} | set(EXPLAINED_FAILURES)
+    for name, step in runs[0].steps.items():
         info = step.exception_info
         if info is not None and (info.source or "").rsplit(".", 1)[-1] in names:
             return f"step {name} failed: {info.message}"
@@ -214,6 +216,9 @@ def run_finetune(config: Union[str, Path, LorapipeConfig, dict], overrides: Opti
     cfg = prepared.config
     version = model_version_name(prepared.data_sha256 or "", prepared.config_sha256)
     pipe = _pipeline(prepared, version, enable_cache, run_config)
+    from datetime import datetime, timezone
+
+    started = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(seconds=5)  # the store's clock is UTC
     start = time.perf_counter()
     try:
         run = pipe(config=cfg.model_dump(mode="json"), config_sha256=prepared.config_sha256)
@@ -221,7 +226,7 @@ def run_finetune(config: Union[str, Path, LorapipeConfig, dict], overrides: Opti
         raise
     except RuntimeError:
         # ZenML reports a failed step as "Pipeline run has failed ..."; the step's own exception is in the store
-        failure = failed_step_message()
+        failure = failed_step_message(started)
         if failure is None:
             raise
         raise RunFailed(failure) from None
@@ -254,7 +259,8 @@ def schedule_finetune(config: Union[str, Path, LorapipeConfig, dict], cron: str,
     stack = Client().active_stack
     orchestrator = stack.orchestrator
     if not orchestrator.config.is_schedulable:
-        raise SchedulingUnsupported(cannot_schedule_message(stack.name, orchestrator.flavor, config, cron))
+        raise SchedulingUnsupported(cannot_schedule_message(stack.name, orchestrator.flavor, config, cron,
+                                                            overrides, run_config))
     prepared = prepare(config, overrides, base_dir, need_data_now=False)
     cfg = prepared.config
     name = name or f"{cfg.register.model_name}-retrain"
@@ -276,12 +282,21 @@ def check_cron(cron: str) -> None:
                           "of digits, '*', '/', ',' and '-', e.g. \"0 3 * * *\" for 03:00 every day")
 
 
-def cannot_schedule_message(stack: str, flavor: str, config: Any, cron: str) -> str:
-    config_arg = config if isinstance(config, (str, Path)) else "CONFIG"
+def cannot_schedule_message(stack: str, flavor: str, config: Any, cron: str, overrides: Optional[list[str]] = None,
+                            run_config: Optional[str] = None) -> str:
+    import shlex
+    import shutil
+
+    config_arg = shlex.quote(str(config)) if isinstance(config, (str, Path)) else "CONFIG"
+    extra = "".join(f" --set {shlex.quote(o)}" for o in overrides or [])
+    extra += f" --run-config {shlex.quote(str(run_config))}" if run_config else ""
+    # the lorapipe this process runs (a venv's, or one on PATH), so cron finds the same installation
+    here = Path(sys.argv[0]).resolve() if Path(sys.argv[0]).name == "lorapipe" else None
+    command = str(here or shutil.which("lorapipe") or REPO_ROOT / ".venv/bin/lorapipe")
     return (f"the active stack '{stack}' runs on the {flavor} orchestrator, which cannot run schedules. "
             f"Orchestrators that can: {', '.join(SCHEDULING_FLAVORS)}. A Kubernetes stack ready to fill in is "
             f"{STACK_FILE} (see configs/stacks/README.md), then `zenml stack set` it and schedule again. "
             f"On a single machine, cron does the job: add this line with `crontab -e` (a run on unchanged data "
             f"is a no-op served from the cache):\n"
-            f"  {cron} cd {Path.cwd()} && {REPO_ROOT / '.venv/bin/lorapipe'} run -c {config_arg} "
+            f"  {cron} cd {shlex.quote(str(Path.cwd()))} && {command} run -c {config_arg}{extra} "
             f">> runs/cron.log 2>&1")

@@ -444,6 +444,10 @@ def lineage(model: Optional[str], version: Optional[str], dataset: Optional[str]
         if model or version:
             raise click.UsageError("lineage takes a MODEL (model version -> data) or --dataset (data -> model "
                                    "versions), not both")
+        import re
+
+        if not Path(dataset).is_file() and not re.fullmatch(r"[0-9a-fA-F]{64}", dataset):
+            raise click.UsageError(f"--dataset {dataset}: neither a data file nor a sha256 (64 hex characters)")
         wanted, found = versions_trained_on(dataset)
         if as_json:
             _echo_json({"dataset": dataset, "sha256": sorted(wanted), "model_versions": found})
@@ -514,7 +518,7 @@ def watch(target: Optional[str], output_root: str, no_follow: bool, interval: fl
         state = follow(folder, follow=not no_follow, interval=interval)
     except KeyboardInterrupt:
         return 0
-    return 1 if state == "failed" else 0
+    return 1 if state in ("failed", "stopped") else 0
 
 
 def _training_folder_of_run(run: str) -> str:

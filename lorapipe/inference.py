@@ -38,6 +38,9 @@ def load_for_inference(folder: str | Path, device: str, dtype: str) -> tuple[Any
         meta = read_adapter_metadata(folder) if (folder / AdapterFolder.METADATA_FILE).is_file() else {}
         import json
 
+        if meta.get("result", {}).get("backend") == "mlx":
+            raise FileNotFoundError(f"{folder}: an mlx-lm adapter, which transformers cannot load: use the version's "
+                                    "merged model (without --adapter), or mlx_lm.generate with --adapter-path")
         base = meta.get("base_model") or json.loads((folder / "adapter_config.json").read_text())[
             "base_model_name_or_path"]
         model = load_model(base, dtype, meta.get("base_revision"), device=device)
@@ -67,12 +70,14 @@ def read_prompts(path: str | Path) -> list[list[dict]]:
             conversations.append([{"role": "user", "content": row}])
         elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
             conversations.append([{"role": "user", "content": row["prompt"]}])
-        elif isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]:
+        elif isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"] and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in row["messages"]):
             messages = row["messages"]
             conversations.append(messages[:-1] if messages[-1].get("role") == "assistant" else messages)
         else:
-            problems.append(f"{path}:{number}: expected {{\"prompt\": ...}}, {{\"messages\": [...]}} or a line of "
-                            "text")
+            problems.append(f"{path}:{number}: expected {{\"prompt\": ...}}, {{\"messages\": [{{\"role\": ..., "
+                            "\"content\": ...}}, ...]}} or a line of text")
     if problems:
         raise ValueError("\n".join(problems))
     return conversations

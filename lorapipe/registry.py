@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 from pathlib import Path
 from typing import Any, Optional
@@ -37,6 +38,9 @@ class StageHolderScores(BaseModel):
     stage: str
     version: Optional[str] = None
     scores: Optional[dict[str, Optional[float]]] = None  # ModelScores fields: perplexity, loss, rouge_l, ...
+    # this run's merged model scored by the same code on the same rows: the holder is a merged model too, so the
+    # comparison is like for like (the evaluate step scores base + adapter, which rounding makes differ slightly)
+    candidate: Optional[dict[str, Optional[float]]] = None
     note: str = ""  # why there is nothing to compare with, or what was scored
 
 
@@ -59,6 +63,9 @@ def decide_stage(metrics: EvalMetrics, merge_passed: bool, stage_if_better: str,
         return None, "the merged model failed its logits check"
     field, lower = PRIMARY_METRICS[primary_metric]
     tuned, base = getattr(metrics.tuned, field, None), getattr(metrics.base, field, None)
+    if any(v is not None and not math.isfinite(v) for v in (tuned, base)):
+        return None, (f"{primary_metric} is not a finite number (base {base}, tuned {tuned}): nothing can be "
+                      "compared; look at the evaluation report")
     if tuned is None or base is None:
         return None, (f"register.primary_metric={primary_metric} was not measured (no generations were scored): "
                       "set evaluate.generation_samples > 0, or promote on perplexity")
@@ -75,6 +82,11 @@ def decide_stage(metrics: EvalMetrics, merge_passed: bool, stage_if_better: str,
     reason = f"tuned {primary_metric} {tuned:.4g} beats base {base:.4g} ({over_base:+.1%})"
     if holder is not None and holder.scores is not None:
         held = holder.scores.get(field)
+        if holder.candidate is not None and holder.candidate.get(field) is not None:
+            tuned = holder.candidate[field]  # this version's merged model, scored as the holder was
+        if held is not None and not math.isfinite(held):
+            return None, (f"the {holder.stage} holder {holder.version} scored {primary_metric} {held} on these rows: "
+                          "not comparable; it keeps the stage")
         if held is not None:
             over_holder = improvement(tuned, held, lower)
             if over_holder <= 0 or over_holder < margin:

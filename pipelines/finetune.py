@@ -46,11 +46,12 @@ def finetune(config: dict, config_sha256: str) -> None:
     metrics = evaluate_model(adapter=adapter, test_split=test_split, training_plan=plan,
                              evaluation_plan=evaluation_plan, evaluate=config["evaluate"], model=config["model"],
                              seed=config["seed"])
-    # the version holding the target stage, scored on the same test rows (never cached: the holder changes)
-    holder = score_stage_holder(test_split=test_split, evaluation_plan=evaluation_plan, evaluate=config["evaluate"],
-                                register=config["register"], model=config["model"],
-                                max_seq_length=train_cfg["max_seq_length"], seed=config["seed"])
     merged = merge_model(adapter=adapter, test_split=test_split, merge_plan=merge_plan, merge=config["merge"])
+    # the version holding the target stage and this run's merged model, scored alike on the same test rows (never
+    # cached: the holder changes between runs)
+    holder = score_stage_holder(merged_model=merged, test_split=test_split, evaluation_plan=evaluation_plan,
+                                evaluate=config["evaluate"], register=config["register"], model=config["model"],
+                                max_seq_length=train_cfg["max_seq_length"], seed=config["seed"])
     register_model(adapter=adapter, eval_metrics=metrics, merged_model=merged, training_plan=plan,
                    validation_report=report, preflight_report=hardware, register=config["register"],
                    seed=config["seed"], resolved_data=resolved, config_sha256=config_sha256,

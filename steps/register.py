@@ -20,10 +20,11 @@ from materializers import ReportMaterializer
 logger = get_logger(__name__)
 
 
-def _production_holder(model_name: str, this_version: str) -> tuple[Optional[str], Optional[dict]]:
-    """(version, metrics) of the version holding the production stage before this one registers, if any."""
+def _production_holder(model_name: str, this_version: str,
+                       stage: str = "production") -> tuple[Optional[str], Optional[dict]]:
+    """(version, metrics) of the version holding `stage` before this one registers, if any."""
     try:
-        holder = Client().get_model_version(model_name, ModelStages.PRODUCTION)
+        holder = Client().get_model_version(model_name, ModelStages(stage))
     except KeyError:
         return None, None
     if holder.name == this_version:
@@ -102,6 +103,11 @@ def register_model(
     holder = stage_holder_scores
     stage, reason = decide_stage(eval_metrics, bool(check.get("passed")), r.stage_if_better, r.margin,
                                  r.primary_metric, r.min_stop_rate, holder)
+    if stage and holder.scores is not None:
+        now, _ = _production_holder(context.model.name, str(context.model.version), stage)
+        if now != holder.version:  # another run promoted a version while this one was being scored
+            stage, reason = None, (f"the {stage} holder changed during this run (scored {holder.version}, now "
+                                   f"{now}): run again to compare with it")
     adapter_meta = adapter.metadata
     context = get_step_context()
     model = context.model

@@ -8,6 +8,7 @@ from zenml.client import Client
 from zenml.enums import ModelStages
 from zenml.logger import get_logger
 
+from lorapipe.artifacts import ModelFolder
 from lorapipe.config import EvaluateSection, ModelSection, RegisterSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import PhasePlan
@@ -19,12 +20,13 @@ logger = get_logger(__name__)
 
 @step(enable_cache=False, output_materializers=ReportMaterializer)
 def score_stage_holder(
-    test_split: ConversationDataset, evaluation_plan: PhasePlan, evaluate: dict, register: dict, model: dict,
-    max_seq_length: int, seed: int,
+    merged_model: ModelFolder, test_split: ConversationDataset, evaluation_plan: PhasePlan, evaluate: dict,
+    register: dict, model: dict, max_seq_length: int, seed: int,
 ) -> Annotated[StageHolderScores, "stage_holder_scores"]:
-    """Load the stage holder's merged model and score it as the evaluate step scores base and tuned.
+    """Score the stage holder's merged model and this run's, by the same code on the same rows.
 
     Args:
+        merged_model: this run's merged model.
         test_split: this run's test rows.
         evaluation_plan: device, dtype and batch size of evaluation.
         evaluate: the config's `evaluate` section (rows scored, generation budget, metrics).
@@ -57,8 +59,14 @@ def score_stage_holder(
         return StageHolderScores(stage=r.stage_if_better, version=holder.name,
                                  note=f"version {holder.name} holds {r.stage_if_better} but has no merged model to score")
     folder = merged.load().path
-    logger.info("scoring version %s, which holds %s, on this run's test rows", holder.name, r.stage_if_better)
-    scores, _ = score_model_folder(folder, test_split, evaluation_plan, EvaluateSection(**evaluate), max_seq_length,
-                                   seed, chat_template=m.chat_template)
+    logger.info("scoring version %s, which holds %s, and this run's merged model on this run's test rows",
+                holder.name, r.stage_if_better)
+    e = EvaluateSection(**evaluate)
+    scores, _ = score_model_folder(folder, test_split, evaluation_plan, e, max_seq_length, seed,
+                                   chat_template=m.chat_template)
+    candidate, _ = score_model_folder(merged_model.path, test_split, evaluation_plan, e, max_seq_length, seed,
+                                      chat_template=m.chat_template)
     return StageHolderScores(stage=r.stage_if_better, version=holder.name, scores=scores.model_dump(),
-                             note=f"version {holder.name} scored on this run's test rows")
+                             candidate=candidate.model_dump(),
+                             note=f"version {holder.name} and this version's merged model scored on this run's "
+                                  "test rows")

@@ -7,12 +7,20 @@ from zenml.logger import get_logger
 
 from lorapipe.config import DataSection, ModelSection, ValidationSection
 from lorapipe.data.dataset import ConversationDataset
-from lorapipe.data.sources import ResolvedData
+from lorapipe.data.sources import ResolvedData, local_files
 from lorapipe.data.validation import DataValidationError, RejectedRows, ValidationReport, validate_dataset
 from materializers import ConversationDatasetMaterializer, ReportMaterializer
 from steps.caching import library_cache_policy
 
 logger = get_logger(__name__)
+
+
+def _output_root():  # noqa: ANN202
+    """Where an artifact's rows are written again when this step runs in a container of its own."""
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.gettempdir()) / "lorapipe"
 
 
 @step(output_materializers={"validated_dataset": ConversationDatasetMaterializer,
@@ -47,7 +55,7 @@ def validate_data(
     d, v, m = DataSection(**data), ValidationSection(**validation), ModelSection(**model)
     tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, m.chat_template)
     outcome = validate_dataset(
-        resolved_data.files, d.format, d.prompt_key, d.completion_key, tokenizer=tokenizer, max_seq_length=max_seq_length,
+        local_files(resolved_data, d, _output_root()), d.format, d.prompt_key, d.completion_key, tokenizer=tokenizer, max_seq_length=max_seq_length,
         overlength=v.overlength, on_bad_rows=v.on_bad_rows, max_bad_fraction=v.max_bad_fraction,
         min_rows=v.min_rows, micro_batch_size=micro_batch_size, group_key=group_key, stratify_key=stratify_key,
         progress=True,

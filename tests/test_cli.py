@@ -177,3 +177,50 @@ def test_watch_says_when_training_failed_and_when_there_is_nothing(tmp_path, cap
     assert "training failed after 3 steps" in capsys.readouterr().out
     assert main(["watch", "--output-root", str(tmp_path / "empty")]) == 1
     assert "no training has written metrics" in capsys.readouterr().err
+
+
+def test_watch_knows_a_killed_training_and_reads_past_a_half_written_row(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from lorapipe.training.monitoring import PROGRESS_JSON
+
+    _, adapter = _training(tmp_path, 2)
+    with open(adapter / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "lo')  # the writer is mid-line
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    progress = json.loads((adapter / PROGRESS_JSON).read_text())
+    progress["pid"] = int(gone.stdout)  # a process that has exited: killed, as far as watch can tell
+    (adapter / PROGRESS_JSON).write_text(json.dumps(progress))
+    assert main(["watch", str(adapter)]) == 1  # following, yet it ends
+    out = capsys.readouterr().out
+    assert "step 2/10" in out and "step 3" not in out and "training stopped after 2 steps" in out
+
+
+def test_an_artifact_of_jsonl_text_is_read_and_written_again_where_a_step_runs_elsewhere(tmp_path):
+    from zenml import save_artifact
+
+    from lorapipe.config import DataSection
+    from lorapipe.data.sources import local_files, resolve_data
+
+    text = QUICKSTART_DATA.read_text()  # the configs/stacks/README.md recipe: save_artifact(open(...).read())
+    save_artifact(text, name="chats-as-text")
+    data = DataSection(artifact="chats-as-text")
+    resolved = resolve_data(data, tmp_path / "resolve-pod")
+    assert open(resolved.files[0], encoding="utf-8").read() == text and resolved.artifact_version_id
+    # the validate step in another container: the file is not there, the same artifact version writes it again
+    elsewhere = local_files(resolved.model_copy(update={"files": ["/nonexistent/pod/rows.jsonl"]}), data,
+                            tmp_path / "validate-pod")
+    assert open(elsewhere[0], encoding="utf-8").read() == text and str(tmp_path / "validate-pod") in elsewhere[0]
+
+
+def test_a_schedule_may_wait_for_a_pattern_but_never_for_a_fixed_path(tmp_path):
+    from lorapipe.data.sources import expand_paths
+
+    (tmp_path / "seed.jsonl").write_text("{}\n")
+    files, problems = expand_paths([str(tmp_path / "seed.jsonl"), str(tmp_path / "drops" / "*.jsonl")],
+                                   patterns_may_be_empty=True)
+    assert files == [str(tmp_path / "seed.jsonl")] and problems == []
+    _, problems = expand_paths([str(tmp_path / "*.jsonl"), str(tmp_path / "missing.jsonl")],
+                               patterns_may_be_empty=True)
+    assert len(problems) == 1 and "missing.jsonl not found" in problems[0]

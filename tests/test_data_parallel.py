@@ -236,3 +236,20 @@ def test_a_failed_rank_is_named_with_its_exit_code_last_lines_and_log(launched, 
     rank_log = Path(msg.split("'s log: ")[1].split(";")[0])
     assert rank_log.exists() and str(missing) in rank_log.read_text()
     assert (tmp_path / "w" / "launch" / "launch.log").exists()
+
+
+@pytest.mark.parametrize("gpus,effective", [(3, 16), (3, 32), (6, 16), (4, 6), (2, 16), (1, 12)])
+def test_the_effective_batch_is_the_one_asked_for_or_a_warning_says_otherwise(gpus, effective):
+    from lorapipe.config import TrainSection
+    from lorapipe.hardware.plan import decide_plan
+    from tests.test_catalog import TINY
+    from tests.test_plan import make_probe
+
+    train = TrainSection(max_seq_length=128, backend="hf", effective_batch_size=effective, max_micro_batch_size=8)
+    plan = decide_plan(train, make_probe(cuda_gb=24, gpus=gpus), TINY).train
+    trained = plan.micro_batch_size * plan.gradient_accumulation_steps * plan.world_size
+    assert trained == plan.effective_batch_size
+    if effective % gpus == 0:
+        assert trained == effective, plan.reasons
+    else:
+        assert any(f"train.effective_batch_size={effective} is not a multiple of {gpus}" in w for w in plan.warnings)

@@ -66,3 +66,18 @@ def test_no_holder_means_base_only_with_the_reason_noted():
     stage, reason = decide_stage(_metrics(), True, "staging", 0.0,
                                  holder=StageHolderScores(stage="staging", note="no version held staging before"))
     assert stage == "staging" and "no version held staging before" in reason
+
+
+def test_a_metric_that_is_not_a_number_never_promotes():
+    stage, reason = decide_stage(_metrics(base_ppl=float("nan"), tuned_ppl=float("nan")), True, "staging", 0.0)
+    assert stage is None and "not a finite number" in reason
+    stage, reason = decide_stage(_metrics(), True, "production", 0.0, holder=_holder(float("inf")))
+    assert stage is None and "not comparable" in reason
+
+
+def test_against_the_holder_the_merged_models_are_compared_alike():
+    """Scored by the same code, the candidate's merged model is what is compared with the holder's merged model."""
+    holder = _holder(8.2)
+    holder.candidate = {"perplexity": 8.3}  # this version merged: a little worse than the holder on these rows
+    stage, reason = decide_stage(_metrics(tuned_ppl=8.0), True, "production", 0.0, holder=holder)
+    assert stage is None and "tuned perplexity 8.3 does not beat version v1" in reason

@@ -62,12 +62,12 @@ def _runs() -> int:
 
 
 def test_a_stack_that_cannot_schedule_is_refused_with_the_stacks_that_can_and_the_cron_line(config, capsys):
-    assert main(["schedule", "-c", str(config), "--cron", CRON]) == 1
+    assert main(["schedule", "-c", str(config), "--cron", CRON, "--set", "train.epochs=2"]) == 1
     err = capsys.readouterr().err
     assert "local orchestrator, which cannot run schedules" in err
     assert "kubernetes" in err and "vertex" in err and "configs/stacks/kubernetes-gpu.stack.yaml" in err
     cron_line = next(line.strip() for line in err.splitlines() if line.strip().startswith(CRON))
-    assert f"lorapipe run -c {config}" in cron_line
+    assert f"lorapipe run -c {config} --set train.epochs=2" in cron_line  # the same run, overrides and all
     assert "Traceback" not in err
 
 

@@ -32,20 +32,23 @@ class ResolvedData(BaseModel):
     files: list[str]
     sha256: str
     source: str  # what the config asked for, e.g. "data/drops/*.jsonl" or "artifact support-chats version 7"
+    # for an artifact source: its version, so a step in another container writes the same rows again (local_files)
+    artifact_version_id: Optional[str] = None
 
 
 def is_pattern(path: str) -> bool:
     return bool(GLOB_CHARS & set(path))
 
 
-def expand_paths(paths: list[str]) -> tuple[list[str], list[str]]:
+def expand_paths(paths: list[str], patterns_may_be_empty: bool = False) -> tuple[list[str], list[str]]:
     """(files, problems). Patterns expand sorted by name, so the order, and the fingerprint, do not depend on the
-    file system; a file named twice is read once."""
+    file system; a file named twice is read once. `patterns_may_be_empty`: a schedule may wait for its first drop,
+    but a fixed path must exist."""
     files, problems = [], []
     for entry in paths:
         if is_pattern(entry):
             matched = sorted(p for p in glob.glob(entry, recursive=True) if Path(p).is_file())
-            if not matched:
+            if not matched and not patterns_may_be_empty:
                 problems.append(f"data.paths: the pattern {entry} matches no file; check the folder, or wait for "
                                 "the first drop before scheduling")
             files.extend(matched)
@@ -57,20 +60,31 @@ def expand_paths(paths: list[str]) -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(files)), problems
 
 
-def _artifact_rows_file(name: str, out_dir: Path) -> tuple[str, str]:
-    """(JSONL file, description) for the latest version of artifact `name`: its rows written once per version,
-    so validation can name a file and line like any other source."""
+def _is_existing_file(value: object) -> bool:
+    """A Path, or a short one-line string naming a file (JSONL text is not a file name, and may be too long for
+    the OS to even ask)."""
+    if isinstance(value, Path) or (isinstance(value, str) and "\n" not in value and len(value) < 4096):
+        try:
+            return Path(value).is_file()
+        except (OSError, ValueError):
+            return False
+    return False
+
+
+def _artifact_rows_file(name: str, out_dir: Path, version_id: Optional[str] = None) -> tuple[str, str, str]:
+    """(JSONL file, description, version id) for the latest version of artifact `name` (or the given version):
+    its rows written once per version, so validation can name a file and line like any other source."""
     from zenml.client import Client
 
     try:
-        version = Client().get_artifact_version(name)
+        version = Client().get_artifact_version(version_id or name)
     except KeyError:
         raise DataSourceError([f"data.artifact: no artifact named {name} in the ZenML store; save one with "
                                f"zenml.save_artifact(rows, name={name!r}) or use data.paths"]) from None
     value = version.load()
     target = out_dir / f"{name}-v{version.version}.jsonl"
-    if isinstance(value, (str, Path)) and Path(str(value)).is_file():
-        return str(Path(str(value)).resolve()), f"artifact {name} version {version.version} ({value})"
+    if _is_existing_file(value):
+        return str(Path(value).resolve()), f"artifact {name} version {version.version} ({value})", str(version.id)
     if isinstance(value, str):
         text = value
     elif isinstance(value, list) and all(isinstance(row, dict) for row in value):
@@ -82,15 +96,29 @@ def _artifact_rows_file(name: str, out_dir: Path) -> tuple[str, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     if not target.exists() or target.read_text(encoding="utf-8") != text:
         target.write_text(text, encoding="utf-8")
-    return str(target), f"artifact {name} version {version.version}"
+    return str(target), f"artifact {name} version {version.version}", str(version.id)
 
 
 def resolve_data(data: DataSection, artifact_dir: Optional[Path] = None) -> ResolvedData:
     """The files to read now. `artifact_dir`: where an artifact's rows are written (the run's output root)."""
     if data.artifact:
-        path, source = _artifact_rows_file(data.artifact, Path(artifact_dir or "runs") / "data")
-        return ResolvedData(files=[path], sha256=file_fingerprint([path]), source=source)
+        path, source, version_id = _artifact_rows_file(data.artifact, Path(artifact_dir or "runs") / "data")
+        return ResolvedData(files=[path], sha256=file_fingerprint([path]), source=source,
+                            artifact_version_id=version_id)
     files, problems = expand_paths(data.paths)
     if problems:
         raise DataSourceError(problems)
     return ResolvedData(files=files, sha256=file_fingerprint(files), source=", ".join(data.paths))
+
+
+def local_files(resolved: ResolvedData, data: DataSection, artifact_dir: Optional[Path] = None) -> list[str]:
+    """The resolved files, readable here: on a stack whose steps run in separate containers, an artifact's rows are
+    written again from the same artifact version (the files of data.paths must be on storage every step sees)."""
+    if resolved.artifact_version_id and not all(Path(f).is_file() for f in resolved.files):
+        path, _, _ = _artifact_rows_file(data.artifact or "data", Path(artifact_dir or "runs") / "data",
+                                         resolved.artifact_version_id)
+        if file_fingerprint([path]) != resolved.sha256:
+            raise DataSourceError([f"data.artifact: version {resolved.artifact_version_id} no longer holds the "
+                                   "rows this run resolved"])
+        return [path]
+    return resolved.files

@@ -22,11 +22,19 @@ def _rows(test: ConversationDataset, max_samples: int, generation_samples: int) 
     return scored, test.records[:generation_samples]
 
 
+class EvaluationError(ValueError):
+    """The test rows cannot be scored as configured (a user's fix, named in the message)."""
+
+
 def _score_model(model: Any, tokenizer: Any, scored: list[Record], generated: list[Record], phase: PhasePlan,
                  max_length: int, max_new_tokens: int, seed: int,
                  metrics: Iterable[str]) -> tuple[ModelScores, int, list[Optional[float]], list[dict]]:
     """One model's scores, the tokens scored, its per-row losses and its generations."""
     loss, tokens, row_losses = masked_loss(model, tokenizer, scored, max_length, phase.batch_size)
+    if tokens == 0:
+        raise EvaluationError(f"none of the {len(scored)} test rows scored has an answer token within "
+                              f"train.max_seq_length={max_length} (prompts longer than the limit): raise "
+                              "train.max_seq_length, or shorten the prompts")
     gscores, generations = (generate_scores(model, tokenizer, generated, max_new_tokens, phase.batch_size, seed,
                                             metrics) if generated else ({}, []))
     return ModelScores(loss=loss, perplexity=math.exp(min(loss, 50.0)), **gscores), tokens, row_losses, generations

@@ -294,7 +294,14 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, size: ModelSize,
     # each process trains micro-batches of `chosen`; accumulation makes up the rest of the effective batch, shared
     # out over the processes, so a run's optimizer steps see the same batch whatever the process count
     chosen = min(chosen, max(1, train.effective_batch_size // world))
+    # the largest micro-batch that fits and divides the effective batch exactly, so the batch asked for is the
+    # batch trained; when the process count does not divide it, the nearest batch above, said as a warning
+    exact = next((mb for mb in range(chosen, 0, -1) if train.effective_batch_size % (mb * world) == 0), None)
+    chosen = exact or chosen
     ga = max(1, math.ceil(train.effective_batch_size / (chosen * world)))
+    if chosen * ga * world != train.effective_batch_size:
+        warnings.append(f"train.effective_batch_size={train.effective_batch_size} is not a multiple of {world} "
+                        f"processes: each optimizer step sees {chosen * ga * world} rows (set a multiple of {world})")
     per_step = f" x {world} processes" if world > 1 else ""
     reasons.append(f"micro-batch {chosen} x accumulation {ga}{per_step} = effective {chosen * ga * world} "
                    f"(estimated {estimate.total_gb:.2f} of {budget:.1f} GB{' per process' if world > 1 else ''})")

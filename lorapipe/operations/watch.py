@@ -49,9 +49,21 @@ def read_progress(adapter_dir: Path) -> dict[str, Any]:
         return {}
 
 
+def _gone(progress: dict[str, Any]) -> bool:
+    """The training process recorded in progress.json is on this machine and no longer exists."""
+    import socket
+
+    import psutil
+
+    pid = progress.get("pid")
+    return bool(pid) and progress.get("host") == socket.gethostname() and not psutil.pid_exists(pid)
+
+
 def state_of(adapter_dir: Path) -> str:
     progress = read_progress(adapter_dir)
     if progress.get("state"):
+        if progress["state"] == "running" and _gone(progress):
+            return "stopped"  # killed (SIGKILL, out of memory) before it could say so
         return progress["state"]
     return "finished" if (adapter_dir / ADAPTER_METADATA).is_file() else "running"
 
@@ -66,11 +78,12 @@ def eta_seconds(row: dict[str, Any], progress: dict[str, Any]) -> Optional[float
 
 def watch(adapter_dir: Path, follow: bool = True, interval: float = 2.0, stream: Optional[TextIO] = None) -> str:
     """Print each metrics row as it lands and each new checkpoint; return the final state ("finished", "failed",
-    or "running" when not following)."""
+    "stopped" when the process vanished without a word, or "running" when not following)."""
     out = stream or sys.stdout
     shown, checkpoint = 0, None
     print(f"watching {adapter_dir}", file=out, flush=True)
     while True:
+        state = state_of(adapter_dir)  # before the rows: a row written just before the end is then read too
         progress = read_progress(adapter_dir)
         rows = read_metrics(adapter_dir)
         if len(rows) < shown:  # resumed: the files were rewritten from the checkpoint's step
@@ -83,7 +96,6 @@ def watch(adapter_dir: Path, follow: bool = True, interval: float = 2.0, stream:
         if latest is not None and latest != checkpoint:
             print(f"last checkpoint: step {latest} ({adapter_dir.parent / 'checkpoints'})", file=out, flush=True)
             checkpoint = latest
-        state = state_of(adapter_dir)
         if state != "running" or not follow:
             print(f"training {state}" + (f" after {rows[-1]['step']} steps" if rows else ""), file=out, flush=True)
             return state

@@ -125,10 +125,19 @@ def format_progress(row: dict[str, Any], max_steps: int, eta_s: Optional[float])
 
 
 def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows written so far; a last line still being appended (a reader racing the writer) is left for later."""
     path = Path(out_dir) / METRICS_JSONL
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
 
 
 def _write_csv(path: Path, rows: Iterable[dict[str, Any]], mode: str) -> None:
@@ -320,7 +329,12 @@ class TrainingMonitor:
             print(f"checkpoint saved: step {step}", file=self.stream or sys.stdout, flush=True)
 
     def _write_progress(self, state: str) -> None:
+        import os
+        import socket
+
+        # pid and host: a watcher on this machine can tell a training that was killed from one still running
         progress = {"state": state, "max_steps": self.max_steps, "start_step": self._start_step,
+                    "pid": os.getpid(), "host": socket.gethostname(),
                     "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         tmp = self.out_dir / (PROGRESS_JSON + ".tmp")
         tmp.write_text(json.dumps(progress))
