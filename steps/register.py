@@ -104,7 +104,8 @@ def register_model(
     stage, reason = decide_stage(eval_metrics, bool(check.get("passed")), r.stage_if_better, r.margin,
                                  r.primary_metric, r.min_stop_rate, holder)
     if stage and holder.scores is not None:
-        now, _ = _production_holder(context.model.name, str(context.model.version), stage)
+        this = get_step_context().model
+        now, _ = _production_holder(this.name, str(this.version), stage)
         if now != holder.version:  # another run promoted a version while this one was being scored
             stage, reason = None, (f"the {stage} holder changed during this run (scored {holder.version}, now "
                                    f"{now}): run again to compare with it")

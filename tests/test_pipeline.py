@@ -136,11 +136,16 @@ def test_model_version_carries_lineage_and_no_empty_duplicates(runs):
     assert len(meta["code"]["commit"]) == 40 or meta["code"]["commit"] == "unknown"
     metrics = latest.steps["evaluate_model"].outputs["eval_metrics"][0].load()
     assert meta["metrics"]["tuned_perplexity"] == pytest.approx(metrics.tuned.perplexity)
-    # promotion rule: staging only when tuned beats base; promoting a newer version archives the older one
-    assert (mv.stage or None) == ("staging" if metrics.tuned_beats_base else None)
-    if metrics.tuned_beats_base:
-        first = client.get_model_version("lorapipe-test", runs["first"].model_version.name)
-        assert first.stage == "archived"
+    # promotion rule: staging only when it beats the base and the version holding staging (the first run's), scored
+    # on the same rows; promoting a newer version archives the older one, refusing says why
+    decision = meta["stage_decision"]
+    holder = latest.steps["score_stage_holder"].outputs["stage_holder_scores"][0].load()
+    assert holder.stage == "staging" and holder.scores is not None and holder.candidate is not None
+    if mv.stage:
+        assert mv.stage == "staging" and "beats base" in decision and "the staging holder" in decision
+        assert client.get_model_version("lorapipe-test", runs["first"].model_version.name).stage == "archived"
+    else:
+        assert "does not beat" in decision, decision
 
 
 def test_adapter_artifact_is_a_peft_folder_loadable_from_the_store(runs, tiny_model_dir):
