@@ -53,9 +53,10 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from lorapipe.evaluation.compare import EvaluationError
     from lorapipe.hardware.plan import PlanError
     from lorapipe.merge import MergeCheckFailed
+    from lorapipe.training.preemption import PreemptedError
 
     return (UserMistake, ConfigError, DataSourceError, DataValidationError, PlanError, BackendUnavailable,
-            MergeCheckFailed, EvaluationError)
+            MergeCheckFailed, EvaluationError, PreemptedError)
 
 
 def use_repo_as_source_root() -> None:

@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 from lorapipe.backends import get_backend
 from lorapipe.backends.base import BackendUnavailable
 from lorapipe.config import ModelSection, TrainSection
-from lorapipe.data.dataset import ConversationDataset
 from lorapipe.data.split import split_records
 from lorapipe.hardware.plan import PhasePlan, decide_plan, model_size
 from lorapipe.hardware.probe import probe
@@ -145,14 +144,24 @@ def test_checkpoints_of_other_code_are_set_aside_and_resumed_only_on_purpose(tra
     assert info.resumed_from == str(older / checkpoint.name) and info.steps == trained["info"].steps
 
 
-def test_a_run_resumed_on_purpose_continues_its_own_progress_after_another_crash(tmp_path, capsys):
+def test_a_run_resumed_on_purpose_continues_its_own_progress_after_another_crash(trained, tmp_path, capsys):
     from lorapipe.backends.base import resume_checkpoint
     from lorapipe.backends.trl_sft import resume_point
 
+    done = sorted((trained["work"] / "w" / "checkpoints").glob("checkpoint-*"),
+                  key=lambda p: int(p.name.split("-")[-1]))[-1]
+    old = tmp_path / "old" / "checkpoint-40"
+    shutil.copytree(done, old)
     own = tmp_path / "work" / "checkpoints"
-    cfg = TrainSection(resume_from=str(tmp_path / "old" / "checkpoint-40"))
-    assert resume_point(cfg, own) == tmp_path / "old" / "checkpoint-40"  # nothing of its own yet
-    (own / "checkpoint-60").mkdir(parents=True)
-    assert resume_point(cfg, own) == own / "checkpoint-60"  # its own newer checkpoint wins
-    assert "resuming from" in capsys.readouterr().out
+    cfg = TrainSection(resume_from=str(old))
+    assert resume_point(cfg, own) == old  # nothing of its own yet
+    (own / "checkpoint-70").mkdir(parents=True)  # a save cut short before it wrote anything: not resumed
+    shutil.copytree(done, own / "checkpoint-60")
+    assert resume_point(cfg, own) == own / "checkpoint-60"  # its own newer complete checkpoint wins
+    out = capsys.readouterr().out
+    assert "checkpoint-70 is incomplete (adapter_model.safetensors is missing): resuming from checkpoint-60" in out
+    assert f"resuming from {own / 'checkpoint-60'}" in out
     assert resume_checkpoint(None, TrainSection()) is None
+    # train.resume=false looks at nothing (and sets nothing aside)
+    (own / "checkpoint-80").mkdir()
+    assert resume_point(TrainSection(resume=False), own) is None and (own / "checkpoint-80").is_dir()

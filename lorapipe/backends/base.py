@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Optional, Protocol
+from typing import Any, Callable, ContextManager, Optional, Protocol, Sequence
 
 from pydantic import BaseModel
 
@@ -118,12 +120,99 @@ def checkpoint_step(path: Path) -> Optional[int]:
 
 def complete_checkpoints(folder: Path) -> list[Path]:
     """The checkpoints in `folder` that were written to the end (hf's checkpoint-N and mlx's step-N both end with
-    trainer_state.json; a save cut short leaves a hidden or tmp- folder, or none), oldest step first."""
+    trainer_state.json; a save cut short leaves a hidden or tmp- folder, or none), oldest step first. A cheap look by
+    name; what a run resumes from is `latest_complete_checkpoint`, which also reads every file."""
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "tmp"))
              and checkpoint_step(p) is not None and (p / "trainer_state.json").is_file()]
     return sorted(found, key=checkpoint_step)
+
+
+SET_ASIDE = "set-aside"  # beside the checkpoints folder: checkpoints found incomplete, kept for the user to look at
+
+
+def checkpoint_problem(path: Path, required: Sequence[str]) -> Optional[str]:
+    """Why a checkpoint folder cannot be resumed from, or None when it can.
+
+    A required file that is missing, or any weights/state file that cannot be read back: a safetensors header that
+    does not cover the file, a torch file (a zip archive) that is cut short or fails its CRC check, JSON that does not
+    parse. Cheap next to training: no tensor is materialised (torch files are read once, by the CRC check)."""
+    if not path.is_dir():
+        return "not a folder"
+    for name in required:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    for file in sorted(path.iterdir(), key=lambda f: (f.name not in required, f.name)):
+        why = _unreadable(file)
+        if why:
+            return f"{file.name} cannot be read: {why}"
+    return None
+
+
+def _unreadable(file: Path) -> Optional[str]:
+    """Why one checkpoint file cannot be loaded, or None (files of other kinds are not looked at)."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="numpy"):  # parses the header; checks it covers the whole file
+                pass
+        elif file.suffix in (".pt", ".pth"):  # torch.save writes a zip archive (optimizer, scheduler, RNG state)
+            with zipfile.ZipFile(file) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                return f"{bad} fails its CRC check"
+        elif file.suffix == ".json":
+            json.loads(file.read_bytes())
+    except Exception as exc:  # noqa: BLE001 -- any failure to read is the answer
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'unreadable'}"
+    return None
+
+
+def latest_complete_checkpoint(folder: Path, required: Sequence[str], prefix: str,
+                               set_aside: bool = True) -> Optional[Path]:
+    """The newest checkpoint in `folder` (`<prefix><step>` folders) that can be resumed from, or None.
+
+    The Trainer resumes from the highest-numbered checkpoint without looking inside it: one cut short by a crash or a
+    full disk silently drops the optimizer and scheduler (or the dropout RNG). Newer ones that fail
+    `checkpoint_problem` are said in one line each and, when `set_aside` (the one process that may move files),
+    moved to `<folder>/../set-aside/<name>.incomplete-<reason>`: kept, never deleted, and out of the Trainer's way
+    (its rotation would delete them, its next save would write into them)."""
+    if not folder.is_dir():
+        return None
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(prefix)
+             and checkpoint_step(p) is not None]
+    bad: list[tuple[Path, str]] = []
+    chosen = None
+    for ckpt in sorted(found, key=checkpoint_step, reverse=True):
+        problem = checkpoint_problem(ckpt, required)
+        if problem is None:
+            chosen = ckpt
+            break
+        bad.append((ckpt, problem))
+    for ckpt, problem in bad:
+        then = f"resuming from {chosen.name}" if chosen else "no earlier complete checkpoint"
+        where = ""
+        if set_aside:
+            where = f"; set aside as {_set_aside(ckpt, problem)}"
+        print(f"{ckpt.name} is incomplete ({problem}): {then}{where}", flush=True)
+    return chosen
+
+
+def _set_aside(ckpt: Path, problem: str) -> Path:
+    """Move an incomplete checkpoint to `set-aside/<name>.incomplete-<file>-<missing|unreadable>[-n]`."""
+    file, _, what = problem.partition(" ")
+    reason = "missing" if what.startswith("is missing") else "unreadable"
+    dest_dir = ckpt.parent.parent / SET_ASIDE
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / f"{ckpt.name}.incomplete-{file}-{reason}"
+    n = 2
+    while dest.exists():
+        dest = dest_dir / f"{ckpt.name}.incomplete-{file}-{reason}-{n}"
+        n += 1
+    os.replace(ckpt, dest)
+    return dest
 
 
 def run_config(model_cfg: ModelSection, t: TrainSection, plan: TrainingPlan, seed: int) -> dict[str, Any]:

@@ -4,7 +4,10 @@ Beyond a plain SFTTrainer run, `HFBackend.train`:
 
 - resumes bit-identically on CPU: data order comes from `data_seed` (accelerate's seedable sampler, or, with
   `train.group_by_length`, a length-grouped sampler re-seeded from `data_seed + epoch`), and the Trainer restores the
-  RNG state (dropout) saved in the checkpoint;
+  RNG state (dropout) saved in the checkpoint; it resumes from the latest *complete* checkpoint (a newer one cut short
+  by a crash is said and set aside, see `trl_sft.resume_point`);
+- on SIGTERM (spot machine, Kubernetes) saves a checkpoint at the end of the current step and stops with
+  `PreemptedError` (`lorapipe.training.preemption`): the same command resumes;
 - continues an existing adapter (`train.init_adapter`) instead of adding new LoRA layers;
 - evaluates every `train.eval_steps`, with early stopping and best-model reloading on `eval_loss`;
 - groups rows by length or packs them padding-free (TRL's BFD packing: position ids restart per row, so rows do not
@@ -42,6 +45,7 @@ from lorapipe.backends.trl_sft import (
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
+from lorapipe.training.preemption import Preemption
 
 # A CUDA OOM before this many optimizer steps of an attempt have completed triggers the micro-batch backoff; a later
 # one is raised (it is then a long-row problem, not a batch-geometry one).
@@ -187,11 +191,14 @@ class HFBackend:
             model = self._load_model(m, plan, init_adapter)
             trainer = self._trainer(model, m, t, seed, plan, tokenizer, train_ds, eval_ds, ckpt_dir, adapter_dir,
                                     init_adapter, extra_callbacks)
-            resume_from = resume_point(t, ckpt_dir)
+            resume_from = resume_point(t, ckpt_dir, trainer.args.world_size)
             oom_step: Optional[int] = None
             start = time.perf_counter()
             try:
-                result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+                # a SIGTERM saves a checkpoint at the next step end and raises PreemptedError (one process only)
+                with Preemption(enabled=trainer.args.world_size == 1) as preemption:
+                    trainer.add_callback(preemption.callback())
+                    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             except torch.cuda.OutOfMemoryError as exc:
                 oom_step = trainer.state.global_step
                 first_step = (checkpoint_step(resume_from) or 0) if resume_from is not None else 0

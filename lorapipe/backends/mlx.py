@@ -32,6 +32,7 @@ from lorapipe.backends.base import (
     TrainingRun,
     complete_checkpoints,
     finish_training,
+    latest_complete_checkpoint,
     resume_checkpoint,
     run_config,
 )
@@ -353,8 +354,10 @@ class MLXBackend:
         ckpt_dir = work_dir / "checkpoints"
         state = {"step": 0, "micro_batches_consumed": 0, "loss_sum": 0.0, "train_tokens": 0, "train_seconds": 0.0,
                  "log_history": [], "log_window": []}
-        existing = list_checkpoints(ckpt_dir)
-        resume_from = resume_checkpoint(existing[-1] if existing else None, t)
+        # the newest checkpoint whose files all read back; a newer one cut short is named and set aside
+        own = latest_complete_checkpoint(ckpt_dir, (ADAPTER_WEIGHTS, OPTIMIZER_STATE, TRAINER_STATE),
+                                         CHECKPOINT_PREFIX) if t.resume else None
+        resume_from = resume_checkpoint(own, t)
         if not t.resume and ckpt_dir.exists():
             print(f"train.resume=false: removing the checkpoints of an earlier run in {ckpt_dir}", flush=True)
             shutil.rmtree(ckpt_dir)

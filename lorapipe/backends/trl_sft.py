@@ -6,14 +6,16 @@ Heavy imports (transformers, TRL, PEFT, datasets) stay inside the functions.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
 from lorapipe.backends.base import (
     AdapterInfo,
     TrainingRun,
-    checkpoint_step,
+    checkpoint_problem,
     finish_training,
+    latest_complete_checkpoint,
     resume_checkpoint,
     run_config,
 )
@@ -45,15 +47,29 @@ def lora_config(lora: LoraSection) -> Any:
                       target_modules=lora.target_modules, task_type="CAUSAL_LM")
 
 
-def last_checkpoint(folder: Path) -> Optional[Path]:
-    """The Trainer's highest-numbered checkpoint-N folder (as the Trainer itself picks it)."""
-    ckpts = sorted(folder.glob("checkpoint-*"), key=lambda p: -1 if checkpoint_step(p) is None else checkpoint_step(p))
-    return ckpts[-1] if ckpts else None
+CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's checkpoint-N
 
 
-def resume_point(t: TrainSection, ckpt_dir: Path) -> Optional[Path]:
-    """The checkpoint this run resumes from: its own last one, else `train.resume_from` (see resume_checkpoint)."""
-    return resume_checkpoint(last_checkpoint(ckpt_dir), t)
+def checkpoint_files(world_size: int = 1) -> tuple[str, ...]:
+    """What a Trainer checkpoint of a LoRA run holds to resume exactly: the adapter, the optimizer and scheduler, the
+    RNG state of every process (dropout) and the trainer state (step, data position), written last."""
+    rng = ("rng_state.pth",) if world_size <= 1 else tuple(f"rng_state_{i}.pth" for i in range(world_size))
+    return ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", *rng, "trainer_state.json")
+
+
+def resume_point(t: TrainSection, ckpt_dir: Path, world_size: int = 1) -> Optional[Path]:
+    """The checkpoint this run resumes from: its own latest complete one (incomplete newer ones are said and set
+    aside), else `train.resume_from`, which must be complete (see resume_checkpoint)."""
+    main_process = int(os.environ.get("RANK", "0")) == 0  # the one process that sets checkpoints aside
+    own = latest_complete_checkpoint(ckpt_dir, checkpoint_files(world_size), CHECKPOINT_PREFIX,
+                                     set_aside=main_process) if t.resume else None
+    if own is None and t.resume_from is not None:
+        # resumed on purpose, possibly from another process count: the RNG files are checked if present, not required
+        problem = checkpoint_problem(Path(t.resume_from), [f for f in checkpoint_files() if f != "rng_state.pth"])
+        if problem:
+            raise ValueError(f"train.resume_from: {t.resume_from} cannot be resumed from ({problem}); name a complete "
+                             "checkpoint folder, or unset train.resume_from to start over")
+    return resume_checkpoint(own, t)
 
 
 def train_tokens(train_ds: Any, t: TrainSection, plan: TrainingPlan) -> int:

@@ -27,6 +27,7 @@ from lorapipe.backends.trl_sft import (
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
+from lorapipe.training.preemption import Preemption
 
 INSTALL_HINT = BACKENDS["unsloth"].install
 
@@ -128,9 +129,11 @@ class UnslothBackend:
                              processing_class=tokenizer,
                              callbacks=[monitor_callback(new_monitor(adapter_dir, m, t, plan, seed))])
         trainer.remove_callback(PrinterCallback)  # the monitor prints one compact line per log instead
-        resume_from = resume_point(t, ckpt_dir)
+        resume_from = resume_point(t, ckpt_dir, trainer.args.world_size)
         start = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with Preemption(enabled=trainer.args.world_size == 1) as preemption:  # SIGTERM: save, then PreemptedError
+            trainer.add_callback(preemption.callback())
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         seconds = time.perf_counter() - start
         info = finish_trainer_run(
             trainer, result, seconds, train_tokens(train_ds, t, plan), self.name, adapter_dir, m, t, seed, plan,

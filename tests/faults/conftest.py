@@ -1,0 +1,132 @@
+"""Fixtures of the fault suite: the uninterrupted reference training every fault is compared with, and (slow) whole
+`lorapipe run`s, killed during merge and during register and then completed, with secrets in their environment."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tests.conftest import QUICKSTART_DATA, REPO_ROOT
+from tests.faults import adapter_sha256, train_here
+
+
+class Tee(io.StringIO):
+    """Captures what a training prints and passes it on (visible when a test fails)."""
+
+    def __init__(self, other):
+        super().__init__()
+        self.other = other
+
+    def write(self, s):
+        self.other.write(s)
+        return super().write(s)
+
+
+def train_captured(model_dir, work: Path, **kw):
+    out = Tee(sys.stdout)
+    with contextlib.redirect_stdout(out):
+        info = train_here(model_dir, work, **kw)
+    return info, out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_dir, tmp_path_factory):
+    """The shared training, uninterrupted, in this process: its checkpoints (4, 6, 8) and its adapter's sha256."""
+    work = tmp_path_factory.mktemp("faults-reference")
+    info, out = train_captured(tiny_model_dir, work)
+    assert info.steps == 8 and info.resumed_from is None
+    return SimpleNamespace(info=info, work=work, checkpoints=work / "checkpoints", sha=adapter_sha256(info.path),
+                           stdout=out)
+
+
+def plain(text: str) -> str:
+    """Text without the terminal colours ZenML's log lines carry."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+# -- whole pipeline runs -----------------------------------------------------------------------------------------
+
+SECRET_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+MODEL_NAME = "lorapipe-faults"
+
+
+def _lorapipe_run(cfg: Path, env: dict, after: tuple[str, ...] = (), delay: float = 0.0, sig: int = signal.SIGKILL):
+    """`lorapipe run -c cfg` in a child process. With `after`, send it `sig` `delay` seconds after a line containing
+    all those texts appears. Returns (exit code, output, whether the signal was sent)."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "lorapipe.cli", "run", "-c", str(cfg)], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    lines, sent = [], False
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if after and not sent and all(k in line for k in after):
+                time.sleep(delay)
+                os.kill(proc.pid, sig)
+                sent = True
+                if sig == signal.SIGKILL:
+                    break
+        rest, _ = proc.communicate(timeout=600)
+        lines.append(rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, "".join(lines), sent
+
+
+@pytest.fixture(scope="session")
+def pipeline_runs(tiny_model_dir, tmp_path_factory):
+    """Whole `lorapipe run`s on a ZenML store of their own (its home folder is `zen`), with HF_TOKEN,
+    HUGGING_FACE_HUB_TOKEN and WANDB_API_KEY set to fresh random strings:
+
+    1. preempted: SIGTERM once the training announces checkpoint 4 (it saves the next step and fails);
+    2. run again (training resumes from that checkpoint) and killed (SIGKILL) one second into the merge step, while
+       it writes the merged model into the store;
+    3. run again (training and evaluation come from the cache) and killed as the register step starts;
+    4. run again to the end.
+
+    Then `tests.faults.store_probe` reads the store back in a process of its own (the store is not this session's)."""
+    from tests.test_pipeline import _config
+
+    tmp = tmp_path_factory.mktemp("faults-pipeline")
+    data = tmp / "rows.jsonl"
+    data.write_text("".join(QUICKSTART_DATA.read_text().splitlines(keepends=True)[:120]))
+    cfg = _config(tmp, tiny_model_dir, data, model_name=MODEL_NAME)
+    import yaml
+
+    doc = yaml.safe_load(cfg.read_text())
+    doc["train"].update(save_steps=4, save_total_limit=2)  # checkpoints in output_root, grepped for secrets too
+    cfg.write_text(yaml.safe_dump(doc))
+    zen = tmp / "zen"
+    planted = {name: f"{name.lower()}-{secrets.token_hex(16)}" for name in SECRET_NAMES}
+    # INFO: the step lines ("Step merge_model has started", "merging into ...") the kills are timed on
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", "ZENML_CONFIG_PATH": str(zen),
+           "ZENML_LOGGING_VERBOSITY": "INFO", **planted}
+
+    runs = []
+    for after, delay, sig in ((("checkpoint saved: step 4",), 0.0, signal.SIGTERM),
+                              (("merging into",), 1.0, signal.SIGKILL),
+                              (("register_model", "has started"), 0.0, signal.SIGKILL),
+                              ((), 0.0, None)):
+        code, out, sent = _lorapipe_run(cfg, env, after, delay, sig)
+        runs.append(SimpleNamespace(code=code, output=out, sent=sent))
+        (tmp / f"run{len(runs)}.log").write_text(out)  # to read when a test fails
+    probe = subprocess.run([sys.executable, "-m", "tests.faults.store_probe", MODEL_NAME], cwd=REPO_ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stdout[-3000:] + probe.stderr[-3000:]
+    store = json.loads(probe.stdout.strip().splitlines()[-1])
+    return SimpleNamespace(runs=runs, store=store, zen=zen, output_root=tmp / "runs", secrets=planted, cfg=cfg,
+                           probe_output=probe.stdout + probe.stderr)

@@ -1,0 +1,92 @@
+"""kill -9: a training process killed between two checkpoints, or in the middle of writing one, is run again with the
+same command and ends with the adapter an uninterrupted run writes (same bytes); a whole `lorapipe run` killed during
+merge and during register is run again to the end, and every artifact of the store loads."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from lorapipe.backends.base import SET_ASIDE, checkpoint_problem
+from lorapipe.backends.trl_sft import checkpoint_files
+from tests.faults import adapter_sha256, read_until, run_child, start_child
+from tests.faults.child import PAUSED
+from tests.faults.conftest import plain
+
+
+def kill_at(proc, marker: str) -> str:
+    seen: list[str] = []
+    try:
+        assert read_until(proc, marker, seen), "".join(seen)[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    return "".join(seen)
+
+
+def rerun(tiny_model_dir, work) -> str:
+    code, out = run_child(tiny_model_dir, work)
+    assert code == 0, out[-3000:]
+    return out
+
+
+def test_killed_between_two_checkpoints_the_same_command_resumes_to_the_same_adapter(tiny_model_dir, reference,
+                                                                                    tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    # a pause at each step end: the kill lands after checkpoint-2 is announced, well before checkpoint-4 is begun
+    kill_at(start_child(tiny_model_dir, tmp_path, slow=0.5), "checkpoint saved: step 2")
+    assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert checkpoint_problem(ckpts / "checkpoint-2", checkpoint_files()) is None
+    assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+    out = rerun(tiny_model_dir, tmp_path)
+    assert f"resuming from {ckpts / 'checkpoint-2'}" in out and "is incomplete" not in out
+    assert "trained 8 steps" in out
+    assert adapter_sha256(tmp_path / "adapter") == reference.sha
+
+
+def test_killed_while_writing_a_checkpoint_the_same_command_resumes_from_the_one_before(tiny_model_dir, reference,
+                                                                                      tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    kill_at(start_child(tiny_model_dir, tmp_path, pause_in_write_at=4), f"{PAUSED}4")
+    half = ckpts / "checkpoint-4"
+    written = {p.name for p in half.iterdir()}
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt"} <= written
+    assert not {"rng_state.pth", "trainer_state.json"} & written  # cut off in the middle of the write
+
+    out = rerun(tiny_model_dir, tmp_path)
+    assert "checkpoint-4 is incomplete (rng_state.pth is missing): resuming from checkpoint-2; set aside as " in out
+    assert f"resuming from {ckpts / 'checkpoint-2'}" in out
+    assert {p.name for p in (tmp_path / SET_ASIDE / "checkpoint-4.incomplete-rng_state.pth-missing").iterdir()} == \
+        written
+    assert adapter_sha256(tmp_path / "adapter") == reference.sha
+
+
+@pytest.mark.slow
+def test_killed_during_merge_and_register_the_rerun_completes_and_every_artifact_loads(pipeline_runs):
+    _, killed_in_merge, killed_in_register, final = pipeline_runs.runs
+    assert killed_in_merge.sent and killed_in_merge.code == -signal.SIGKILL
+    assert "merging into" in killed_in_merge.output and "merge check:" not in killed_in_merge.output
+    assert killed_in_register.sent and killed_in_register.code == -signal.SIGKILL
+    assert "merge_model has finished" in plain(killed_in_register.output)
+    assert final.code == 0, final.output[-3000:]
+    store = pipeline_runs.store
+    newest, in_register, in_merge = store["runs"][:3]
+    assert newest["status"] == "completed" and set(newest["steps"].values()) <= {"completed", "cached"}
+    # the killed runs never finished (a SIGKILL leaves no one to mark them failed): what they reached is all
+    assert in_merge["steps"]["merge_model"] == "running" and "register_model" not in in_merge["steps"]
+    assert in_register["steps"]["merge_model"] == "completed" and in_register["steps"]["register_model"] == "running"
+    assert newest["steps"]["train_adapter"] == "cached" and newest["steps"]["merge_model"] == "cached"
+    # every artifact of the final run and of its model version loads through its materializer, with whole files
+    assert store["artifacts"] and store["model_version"]["artifacts"]
+    for art in store["artifacts"] + store["model_version"]["artifacts"]:
+        assert "load_error" not in art, art
+        assert not art["unreadable_files"], art
+    # what the killed merge wrote into its output folder stays there, but no artifact version points to it: nothing
+    # loads it, nothing lists it (ZenML removes a failed step's output folder; a SIGKILL leaves no one to do so)
+    assert all("/merge_model/merged_model/" in folder for folder in store["orphan_folders"]), store["orphan_folders"]
