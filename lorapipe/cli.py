@@ -544,17 +544,20 @@ def _training_folder_of_run(run: str) -> str:
 @click.option("--corpus", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="JSONL files to train the tokenizer on (default: the quickstart data).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def build_tiny_model(out: str, corpus: tuple, seed: int) -> int:
+@click.option("--size", type=click.Choice(["tiny", "25m"]), default="tiny", show_default=True,
+              help="Model shape: tiny (0.2 M parameters: quickstart, tests) or 25m (~25 M: benchmarks).")
+def build_tiny_model(out: str, corpus: tuple, seed: int, size: str) -> int:
     """Build the deterministic tiny Llama the quickstart and tests train (no download).
 
     \b
-    Example:
+    Examples:
       lorapipe build-tiny-model --out models/tiny-llama
+      lorapipe build-tiny-model --size 25m --out models/llama-25m   # a model where arithmetic matters
     """
     from lorapipe.models.tiny import build_tiny_model as build
 
     texts = [Path(p) for p in corpus] or [REPO_ROOT / "data" / "quickstart" / "wwdc25_train_slice.jsonl"]
-    click.echo(f"tiny model written to {build(out, texts, seed=seed)}")
+    click.echo(f"{size} model written to {build(out, texts, seed=seed, size=size)}")
     return 0
 
 

@@ -17,6 +17,13 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
 
+# Model shapes by name. "tiny" (0.2 M parameters) is the quickstart's and the tests'; "25m" (~24.7 M: hidden 512,
+# 8 layers, the same tokenizer) is for benchmarks where per-step overhead must not dominate.
+SIZES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, layers=2, heads=4, kv_heads=2),
+    "25m": dict(hidden_size=512, intermediate_size=1408, layers=8, heads=8, kv_heads=4),
+}
+
 
 def _texts_from_jsonl(paths: Iterable[Path]) -> Iterator[str]:
     from lorapipe.data.formats import read_records
@@ -31,12 +38,34 @@ def _texts_from_jsonl(paths: Iterable[Path]) -> Iterator[str]:
     yield "user assistant system tool"
 
 
-def build_tiny_model(out_dir: str | Path, corpus: list[Path], vocab_size: int = 1024, hidden_size: int = 64,
-                     layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0) -> Path:
+def build_tiny_model(out_dir: str | Path, corpus: list[Path], vocab_size: int = 1024, hidden_size: int | None = None,
+                     layers: int | None = None, heads: int | None = None, kv_heads: int | None = None, seed: int = 0,
+                     size: str = "tiny") -> Path:
+    """Build a seeded random Llama and its BPE tokenizer in `out_dir`, saved with `save_pretrained`.
+
+    Args:
+        out_dir: Folder to write the tokenizer and model into (created if missing).
+        corpus: JSONL files the tokenizer is trained on.
+        vocab_size: Target BPE vocabulary size (special tokens included).
+        hidden_size: Overrides the size's hidden width.
+        layers: Overrides the size's number of decoder layers.
+        heads: Overrides the size's attention heads.
+        kv_heads: Overrides the size's key/value heads.
+        seed: Seed for the weights.
+        size: A key of `SIZES`: "tiny" (default) or "25m".
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    if size not in SIZES:
+        raise ValueError(f"size={size!r}: expected one of {', '.join(SIZES)}")
+    shape = SIZES[size]
+    hidden_size = hidden_size or shape["hidden_size"]
+    intermediate_size = shape["intermediate_size"] if hidden_size == shape["hidden_size"] else hidden_size * 2
+    layers = layers or shape["layers"]
+    heads = heads or shape["heads"]
+    kv_heads = kv_heads or shape["kv_heads"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE(unk_token="<|unk|>"))
@@ -53,7 +82,7 @@ def build_tiny_model(out_dir: str | Path, corpus: list[Path], vocab_size: int = 
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=2048, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id, tie_word_embeddings=False, rms_norm_eps=1e-5,
@@ -64,5 +93,6 @@ def build_tiny_model(out_dir: str | Path, corpus: list[Path], vocab_size: int = 
     model.save_pretrained(out, safe_serialization=True)
     (out / "lorapipe_tiny.json").write_text(json.dumps(
         {"built_by": "lorapipe build-tiny-model", "seed": seed, "corpus": [str(p) for p in corpus],
-         "vocab_size": len(fast), "hidden_size": hidden_size, "layers": layers}, indent=2))
+         "size": size, "vocab_size": len(fast), "hidden_size": hidden_size, "layers": layers,
+         "parameters": model.num_parameters()}, indent=2))
     return out
