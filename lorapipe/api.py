@@ -96,34 +96,27 @@ def load(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[lis
 def prepare(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[list[str]] = None,
             base_dir: Optional[Path] = None, need_data_now: bool = True) -> PreparedRun:
     """Everything that can be checked in seconds, before the pipeline starts: config keys, data source, model."""
-    from lorapipe.data.sources import DataSourceError, expand_paths
-    from lorapipe.data.formats import file_fingerprint
+    from lorapipe.data.sources import DataSourceError, expand_paths, resolve_data
     from lorapipe.models.locate import model_problem
 
     cfg, source = load(config, overrides)
     base = Path(base_dir or Path.cwd())
     resolved = cfg.resolve_paths(base)
-    problems = []
+    problems: list[str] = []
     data_sha = None
-    if resolved.data.paths:
-        # a schedule may wait for its first drop (patterns may match nothing yet); a fixed path must exist
-        files, data_problems = expand_paths(resolved.data.paths, patterns_may_be_empty=not need_data_now)
-        problems += data_problems
-        if files and not data_problems:
-            data_sha = file_fingerprint(files)
+    if need_data_now:  # the data as the run's first step will find it: its sha256 names the model version
+        try:
+            data_sha = resolve_data(resolved.data, Path(resolved.train.output_root)).sha256
+        except DataSourceError as exc:
+            problems += exc.problems
+    elif resolved.data.paths:  # a schedule may wait for its first drop (patterns may match nothing yet)
+        problems += expand_paths(resolved.data.paths, patterns_may_be_empty=True)[1]
     problem = model_problem(cfg.model.name_or_path, cfg.model.revision, base_dir=base)
     if problem:
         problems.append(problem)
     if problems:
         raise UserMistake(f"{source}: " + "\n".join(problems) if len(problems) == 1 else
                           f"{source}: {len(problems)} problems\n" + "\n".join(f"  - {p}" for p in problems))
-    if need_data_now and resolved.data.artifact:
-        from lorapipe.data.sources import resolve_data
-
-        try:
-            data_sha = resolve_data(resolved.data, Path(resolved.train.output_root)).sha256
-        except DataSourceError as exc:
-            raise UserMistake(f"{source}: {exc}") from None
     identity = cfg.model_copy(deep=True)
     identity.data.paths = [Path(p).name for p in cfg.data.paths]
     # where checkpoints live and which one a run resumes from do not change what the config asks for

@@ -14,12 +14,11 @@ from lorapipe.artifacts import AdapterFolder
 
 def inference_device() -> tuple[str, str]:
     """(device, dtype): the first CUDA GPU in its half precision, else the CPU in float32, as evaluation does."""
+    from lorapipe.hardware.plan import cuda_dtype
     from lorapipe.hardware.probe import probe
 
     hw = probe()
-    if hw.cuda_available:
-        return "cuda", "bfloat16" if hw.cuda_devices and hw.cuda_devices[0].bf16 else "float16"
-    return "cpu", "float32"
+    return ("cuda", cuda_dtype(hw)) if hw.cuda_available else ("cpu", "float32")
 
 
 def load_for_inference(folder: str | Path, device: str, dtype: str) -> tuple[Any, Any, str]:

@@ -53,12 +53,13 @@ def existing_versions(name: str, shown: int = 8) -> str:
     from zenml.client import Client
 
     page = Client().list_model_versions(model=name, sort_by="desc:created", size=shown)
-    names = [f"{mv.name} ({_stage(mv)})" if mv.stage else mv.name for mv in page.items]
+    names = [f"{mv.name} ({stage_name(mv)})" if mv.stage else mv.name for mv in page.items]
     more = f" and {page.total - len(names)} more" if page.total > len(names) else ""
     return ("versions " + ", ".join(names) + more) if names else "no version yet"
 
 
-def _stage(mv: Any) -> str:
+def stage_name(mv: Any) -> str:
+    """A model version's stage as text, "none" when it has none."""
     stage = mv.stage
     return str(getattr(stage, "value", stage)) if stage else "none"
 
@@ -140,7 +141,7 @@ def lineage_tree(mv: Any) -> dict[str, Any]:
     adapter.update({k: v for k, v in adapter_meta.items() if k in ("trainable_parameters",)})
     merged = {**(_artifact(merged_av, produced=producer(merged_av)) if merged_av else {}),
               "merge_check": meta.get("merge_check"), "adapter": adapter}
-    return {"model": mv.model.name, "version": mv.name, "stage": _stage(mv),
+    return {"model": mv.model.name, "version": mv.name, "stage": stage_name(mv),
             "registered": mv.created.isoformat(timespec="seconds"),
             "decision": report.get("decision", meta.get("stage_decision")), "metrics": meta.get("metrics"),
             "config_sha256": meta.get("config_sha256"), "code": meta.get("code"),
@@ -226,6 +227,6 @@ def versions_trained_on(dataset: str) -> tuple[set[str], list[dict[str, Any]]]:
                                                           ("train split", "train_split_sha256"))}
             matched = [name for name, value in keys.items() if value and value.lower() in wanted]
             if matched:
-                found.append({"model": model.name, "version": mv.name, "stage": _stage(mv), "matched": matched,
+                found.append({"model": model.name, "version": mv.name, "stage": stage_name(mv), "matched": matched,
                               "registered": mv.created.isoformat(timespec="seconds")})
     return wanted, sorted(found, key=lambda r: r["registered"])

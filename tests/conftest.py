@@ -1,6 +1,7 @@
 """Shared fixtures. The ZenML store is a real SQLite store in a temp folder for this test session only:
 ZENML_CONFIG_PATH is set before anything imports zenml, so the user's home config is never touched."""
 
+import io
 import os
 import shutil
 import tempfile
@@ -60,3 +61,15 @@ def write_lines(path: Path, lines: list, mode: str = "w") -> Path:
     else:
         path.write_text("".join(lines), encoding="utf-8")
     return path
+
+
+class Tee(io.StringIO):
+    """Captures what a training prints and passes it on (visible when a test fails)."""
+
+    def __init__(self, other):
+        super().__init__()
+        self.other = other
+
+    def write(self, s):
+        self.other.write(s)
+        return super().write(s)

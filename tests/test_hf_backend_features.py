@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import MemoryEstimate, TrainingPlan
 from lorapipe.training.monitoring import METRIC_COLUMNS, PLOTS
+from tests.conftest import Tee
 from tests.monitor_checks import assert_monitor_outputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,20 +50,10 @@ def resume_cfg(**kw) -> TrainSection:
     return TrainSection(**{**base, **kw})
 
 
-class _Tee(io.StringIO):
-    def __init__(self, other):
-        super().__init__()
-        self.other = other
-
-    def write(self, s):
-        self.other.write(s)
-        return super().write(s)
-
-
 def run(env, name: str, t: TrainSection, plan: TrainingPlan | None = None, train=None, eval=None,  # noqa: A002
         callbacks=None, adapter: str = "adapter"):
     """Train into env.root/name; returns (info, stdout). Output is also passed through (visible on failure)."""
-    out = _Tee(sys.stdout)
+    out = Tee(sys.stdout)
     with contextlib.redirect_stdout(out):
         info = HFBackend().train(env.model, t, SEED, plan or make_plan(), train or env.train,
                                  env.eval if eval is None else eval, env.root / name, env.root / name / adapter,

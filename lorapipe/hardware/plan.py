@@ -165,12 +165,17 @@ def _train_device(train: TrainSection, spec: BackendSpec, probe: HardwareProbe, 
     return device
 
 
+def cuda_dtype(probe: HardwareProbe) -> str:
+    """The half precision of this machine's first GPU: bf16 where it supports it, else fp16."""
+    return "bfloat16" if probe.cuda_devices and probe.cuda_devices[0].bf16 else "float16"
+
+
 def _train_dtype(train: TrainSection, device: str, probe: HardwareProbe, spec: BackendSpec) -> str:
     """bf16 where the GPU supports it, else fp16 on CUDA; bf16 for mlx on Apple Silicon; fp32 on CPU."""
     if train.dtype != "auto":
         return train.dtype
     if device == "cuda":
-        return "bfloat16" if probe.cuda_devices and probe.cuda_devices[0].bf16 else "float16"
+        return cuda_dtype(probe)
     if device == "mps" and spec.name == "mlx":
         return "bfloat16"
     return "float32"

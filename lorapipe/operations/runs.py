@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 from lorapipe.api import PIPELINE_NAME
+from lorapipe.lineage import stage_name
 
 
 def _seconds(start: Optional[datetime], end: Optional[datetime]) -> Optional[float]:
@@ -36,8 +37,7 @@ def recent_runs(limit: int = 10) -> list[dict[str, Any]]:
             "steps": len(steps), "cached_steps": cached, "failed_steps": failed,
             "trained": bool(steps) and "train_adapter" in steps and "train_adapter" not in cached,
             "model": mv.model.name if mv else None, "model_version": mv.name if mv else None,
-            "stage": (str(mv.stage.value if hasattr(mv.stage, "value") else mv.stage) if mv and mv.stage else "none")
-            if mv else None,
+            "stage": stage_name(mv) if mv else None,
             "schedule": str(run.schedule.name) if getattr(run, "schedule", None) else None,
         })
     return rows

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import re
@@ -17,20 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import QUICKSTART_DATA, REPO_ROOT
+from tests.conftest import QUICKSTART_DATA, REPO_ROOT, Tee
 from tests.faults import adapter_sha256, train_here
-
-
-class Tee(io.StringIO):
-    """Captures what a training prints and passes it on (visible when a test fails)."""
-
-    def __init__(self, other):
-        super().__init__()
-        self.other = other
-
-    def write(self, s):
-        self.other.write(s)
-        return super().write(s)
 
 
 def train_captured(model_dir, work: Path, **kw):
