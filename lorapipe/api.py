@@ -15,7 +15,7 @@ import hashlib
 import sys
 import time
 from datetime import timedelta
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -79,6 +79,7 @@ class PreparedRun:
     source: str  # the config file, or "config" for one given as an object
     data_sha256: Optional[str]  # None for an artifact source (read when the run starts)
     config_sha256: str
+    user_set: list[str] = field(default_factory=list)  # dotted keys the config set (train.profile chooses the rest)
 
 
 def load(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[list[str]] = None) -> tuple[LorapipeConfig, str]:
@@ -121,7 +122,10 @@ def prepare(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[
     identity.data.paths = [Path(p).name for p in cfg.data.paths]
     # where checkpoints live and which one a run resumes from do not change what the config asks for
     identity.train.output_root, identity.train.resume, identity.train.resume_from = "", True, None
-    return PreparedRun(config=resolved, source=source, data_sha256=data_sha, config_sha256=identity.fingerprint())
+    from lorapipe.hardware.plan import user_set_keys
+
+    return PreparedRun(config=resolved, source=source, data_sha256=data_sha, config_sha256=identity.fingerprint(),
+                       user_set=sorted(user_set_keys(cfg.train, cfg.evaluate)))
 
 
 @dataclass
@@ -215,7 +219,8 @@ def run_finetune(config: Union[str, Path, LorapipeConfig, dict], overrides: Opti
     started = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(seconds=5)  # the store's clock is UTC
     start = time.perf_counter()
     try:
-        run = pipe(config=cfg.model_dump(mode="json"), config_sha256=prepared.config_sha256)
+        run = pipe(config=cfg.model_dump(mode="json"), config_sha256=prepared.config_sha256,
+                   user_set=prepared.user_set)
     except user_error_types():
         raise
     except RuntimeError:
@@ -264,7 +269,7 @@ def schedule_finetune(config: Union[str, Path, LorapipeConfig, dict], cron: str,
                           f"`lorapipe schedule delete {name}` first")
     # version=None: ZenML numbers the versions; the register step names any that repeats earlier inputs
     pipe = _pipeline(prepared, None, True, run_config, Schedule(name=name, cron_expression=cron))
-    pipe(config=cfg.model_dump(mode="json"), config_sha256=prepared.config_sha256)
+    pipe(config=cfg.model_dump(mode="json"), config_sha256=prepared.config_sha256, user_set=prepared.user_set)
     return client.get_schedule(name, allow_name_prefix_match=False)
 
 

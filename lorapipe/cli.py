@@ -169,57 +169,117 @@ def validate(paths: tuple, model: Optional[str], fmt: str, prompt_key: str, comp
 
 # ---------------------------------------------------------------------------------------- preflight and memory
 
-def _plan(config: str, overrides: tuple) -> tuple[Any, Any, Any]:
-    """(probe, run plan or None, problems) for a config on this machine, without ZenML."""
+def _preflight(config: str, overrides: tuple, probe_now: bool = False) -> tuple[Any, Any, Any]:
+    """(preflight report, run plan or None, config) for a config on this machine, without ZenML."""
     from lorapipe.api import prepare
-    from lorapipe.hardware.plan import PlanError, decide_plan, model_size
+    from lorapipe.hardware.memory import ModelFactsError
+    from lorapipe.hardware.plan import PlanError, decide_plan, model_size, user_set_keys
+    from lorapipe.hardware.measure import probe_checks
+    from lorapipe.hardware.preflight import build_report
     from lorapipe.hardware.probe import probe
 
     prepared = prepare(config, list(overrides), need_data_now=False)
     cfg = prepared.config
     hw = probe(cfg.train.output_root if Path(cfg.train.output_root).exists() else ".")
-    size = model_size(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    facts, model_error, plan, problems = None, None, None, []
     try:
-        return hw, decide_plan(cfg.train, hw, size, cfg.evaluate, cfg.merge), []
-    except PlanError as exc:
-        return hw, None, exc.problems
+        facts = model_size(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    except ModelFactsError as exc:
+        model_error = str(exc)
+    if facts is not None:
+        try:
+            plan = decide_plan(cfg.train, hw, facts, cfg.evaluate, cfg.merge,
+                               attn_implementation=cfg.model.attn_implementation,
+                               user_set=user_set_keys(cfg.train, cfg.evaluate))
+        except PlanError as exc:
+            problems = exc.problems
+    store = _local_artifact_store()
+    report = build_report(hw, facts, model_error, plan, problems, cfg.data.paths, cfg.train.output_root, store,
+                          plan.train.backend if plan else None)
+    if plan is not None and (probe_now or cfg.preflight.probe):
+        import tempfile
+
+        Path(cfg.train.output_root).mkdir(parents=True, exist_ok=True)
+        click.echo("probe: 3 training steps and one evaluation batch at the planned sizes ...")
+        with tempfile.TemporaryDirectory(prefix="probe-", dir=cfg.train.output_root) as work:
+            checks, measured = probe_checks(cfg.model, cfg.train, plan, cfg.evaluate, work)
+        report.checks += checks
+        report.probe_measurements = measured
+    return report, plan, cfg
+
+
+def _local_artifact_store() -> Optional[str]:
+    """The active stack's artifact store when it is a local folder (where the merged model is written)."""
+    try:
+        from zenml.client import Client
+
+        path = Client().active_stack.artifact_store.path
+    except Exception:  # noqa: BLE001 - no store configured yet: nothing to check
+        return None
+    return None if "://" in path else path
 
 
 @cli.command()
 @_config_options
-@click.option("--json", "as_json", is_flag=True, help="Print the machine and the plan as JSON.")
-def preflight(config: str, overrides: tuple, as_json: bool) -> int:
-    """Probe this machine and plan the run: backend, device, dtype, batch geometry, memory; or every reason not.
+@click.option("--json", "as_json", is_flag=True, help="Print the report and the recommended config as JSON.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Write preflight_report.json and recommended_config.json into this folder.")
+@click.option("--probe", "probe_now", is_flag=True,
+              help="Also run 3 training steps and one evaluation batch and measure their peaks (preflight.probe).")
+def preflight(config: str, overrides: tuple, as_json: bool, out_dir: Optional[str], probe_now: bool) -> int:
+    """Check this machine for a config and plan the run: packages, hardware, disk, model, data, memory per phase.
 
-    Exit code 1 when the plan refuses the config (each reason names the key and the fix).
+    Exits 1 listing every failed check (missing dependency, disk too small, plan over budget, data missing), each
+    with the key or command that fixes it.
 
     \b
     Examples:
       lorapipe preflight -c configs/quickstart.yaml
-      lorapipe preflight -c configs/deepseek-coder-6.7b-qlora-24gb-balanced.yaml --set train.quantization=none
+      lorapipe preflight -c configs/quickstart.yaml --out runs/preflight --probe
+      lorapipe preflight -c configs/deepseek-coder-6.7b-qlora-24gb-balanced.yaml --set train.profile=conservative
     """
-    hw, plan, problems = _plan(config, overrides)
+    from lorapipe.hardware.preflight import recommended_config
+
+    report, plan, _cfg = _preflight(config, overrides, probe_now)
+    recommended = recommended_config(plan) if plan else None
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "preflight_report.json").write_text(report.model_dump_json(indent=2))
+        if recommended is not None:
+            (out / "recommended_config.json").write_text(json.dumps(recommended, indent=2))
     if as_json:
-        _echo_json({"machine": hw.model_dump(mode="json"), "plan": plan.model_dump(mode="json") if plan else None,
-                    "problems": problems})
-        return 1 if problems else 0
-    click.echo(f"machine: {hw.cpu_count} CPUs, {hw.ram_total_gb:.0f} GB RAM, accelerator {hw.accelerator}"
-               + (f", GPUs {', '.join(d.name for d in hw.cuda_devices)}" if hw.cuda_devices else ""))
-    if problems:
-        fail(f"{config}: the plan refuses this config ({len(problems)} problem(s)):\n"
-             + "\n".join(f"  - {p}" for p in problems))
-    t = plan.train
-    click.echo(f"train:    {t.backend} on {t.device} in {t.dtype}"
-               + (f", {t.quantization} quantization" if t.quantization != "none" else "")
-               + f"; micro batch {t.micro_batch_size} x {t.gradient_accumulation_steps} accumulation x "
-               f"{t.world_size} process(es) = {t.effective_batch_size}; optimizer {t.optimizer}")
-    for reason in t.reasons:
-        click.echo(f"          - {reason}")
-    for warning in t.warnings:
-        click.echo(f"          warning: {warning}")
-    for phase in (plan.evaluate, plan.merge):
-        click.echo(f"{phase.phase + ':':<9} {phase.device} in {phase.dtype}, batch {phase.batch_size}: {phase.reason}")
-    _print_memory(t.memory)
+        _echo_json({"report": report.model_dump(mode="json"), "recommended_config": recommended,
+                    "passed": report.passed})
+        return 0 if report.passed else 1
+    mark = {"pass": "ok  ", "warn": "warn", "fail": "FAIL"}
+    section = None
+    for c in report.checks:
+        if c.section != section:
+            section = c.section
+            click.echo(f"{section}:")
+        click.echo(f"  {mark[c.status]} {c.name}: {c.measured}" + (f"  (needs {c.requirement})"
+                                                                   if c.status != "pass" else "")
+                   + (f"\n         {c.detail}" if c.detail and c.status != "pass" else ""))
+    if plan is not None:
+        t = plan.train
+        click.echo(f"train:    {t.backend} on {t.device} in {t.dtype}"
+                   + (f", {t.quantization} quantization" if t.quantization != "none" else "")
+                   + f"; micro batch {t.micro_batch_size} x {t.gradient_accumulation_steps} accumulation x "
+                   f"{t.world_size} process(es) = {t.effective_batch_size}; optimizer {t.optimizer}")
+        for reason in t.reasons:
+            click.echo(f"          - {reason}")
+        for phase in (plan.evaluate, plan.merge):
+            click.echo(f"{phase.phase + ':':<9} {phase.device} in {phase.dtype}, batch {phase.batch_size}: "
+                       f"{phase.reason}")
+        _print_memory(plan)
+    if out_dir:
+        click.echo(f"written: {Path(out_dir) / 'preflight_report.json'}"
+                   + (f", {Path(out_dir) / 'recommended_config.json'}" if recommended is not None else ""))
+    if not report.passed:
+        fail(f"{config}: {report.summary()}:\n" + "\n".join(
+            f"  - {c.name}: {c.measured}" + (f" ({c.detail})" if c.detail else "") for c in report.failed))
+    click.echo(f"preflight: {report.summary()}")
     return 0
 
 
@@ -227,32 +287,117 @@ def _size(gb: float) -> str:
     return f"{gb:.1f} GB" if gb >= 1 else f"{gb * 1024:.0f} MB"
 
 
-def _print_memory(memory: Any) -> None:
-    click.echo(f"memory:   about {_size(memory.total_gb)} of a {_size(memory.budget_gb)} budget "
-               f"(weights {_size(memory.weights_gb)}, LoRA + optimizer {_size(memory.lora_and_optimizer_gb)}, "
-               f"activations {_size(memory.activations_gb)})")
+def _print_memory(plan: Any) -> None:
+    memory = plan.train.memory
+    click.echo(f"memory:   training {_size(memory.total_gb)}, evaluation {_size(plan.evaluate.predicted_peak_gb)}, "
+               f"merge {_size(plan.merge.predicted_peak_gb)} (budget {_size(memory.budget_gb)}); training = weights "
+               f"{_size(memory.weights_gb)} + LoRA and optimizer {_size(memory.lora_and_optimizer_gb)} + activations "
+               f"and logits {_size(memory.activations_gb)} + overhead")
+    for phase in (plan.evaluate, plan.merge):
+        for warning in phase.warnings:
+            click.echo(f"          warning: {warning}")
+
+
+def _all_phases(plan: Any) -> Any:
+    """The plan's memory of every phase in one estimate (the training plan carries only training's)."""
+    memory = plan.train.memory
+    return memory.model_copy(update={"terms": memory.terms + plan.evaluate.memory_terms + plan.merge.memory_terms,
+                                     "eval_peak_gb": plan.evaluate.predicted_peak_gb,
+                                     "merge_peak_gb": plan.merge.predicted_peak_gb})
+
+
+def _print_terms(estimate: Any) -> None:
+    from lorapipe.hardware.memory import gib
+
+    for phase, title in (("train", "training"), ("eval", "evaluation"), ("merge", "merge")):
+        terms = [t for t in estimate.terms if t.phase == phase]
+        click.echo(f"{title} peak: {gib(sum(t.bytes for t in terms))}")
+        width = max(len(t.name) for t in terms)
+        for t in terms:
+            click.echo(f"  {t.name:<{width}}  {gib(t.bytes):>10}   {t.formula}")
 
 
 @cli.command("estimate-memory")
-@_config_options
-@click.option("--json", "as_json", is_flag=True)
-def estimate_memory(config: str, overrides: tuple, as_json: bool) -> int:
-    """Estimate the training memory of a config on this machine (weights, LoRA + optimizer, activations).
+@click.argument("model", required=False)
+@click.option("-c", "--config", type=click.Path(dir_okay=False), help="Estimate a config's plan on this machine instead.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="With -c: override a config key.")
+@click.option("--method", type=click.Choice(["lora", "qlora"]), default="lora", show_default=True,
+              help="qlora: NF4 double-quantised base.")
+@click.option("--seq-len", type=int, default=1024, show_default=True)
+@click.option("--micro-batch-size", type=int, default=1, show_default=True)
+@click.option("--lora-rank", type=int, default=16, show_default=True)
+@click.option("--lora-targets", type=click.Choice(["all-linear", "attention"]), default="all-linear",
+              show_default=True)
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+                                                "sgd"]), default="adamw_torch", show_default=True)
+@click.option("--device", type=click.Choice(["cuda", "cpu", "mps"]), default="cuda", show_default=True,
+              help="Where training runs: decides the overheads (CUDA context; the process on CPU).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="Compute dtype (default: bfloat16 on cuda/mps, float32 on cpu).")
+@click.option("--backend", type=click.Choice(["hf", "unsloth", "mlx"]), default="hf", show_default=True)
+@click.option("--attn-implementation", type=click.Choice(["sdpa", "eager", "flash_attention_2"]), default="sdpa",
+              show_default=True)
+@click.option("--eval-batch-size", type=int, default=4, show_default=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--load-test", is_flag=True, help="Also build the model on the meta device and check the count.")
+@click.option("--json", "as_json", is_flag=True, help="Peaks in bytes and the per-term breakdown as JSON.")
+def estimate_memory(model: Optional[str], config: Optional[str], overrides: tuple, method: str, seq_len: int,
+                    micro_batch_size: int, lora_rank: int, lora_targets: str, gradient_checkpointing: bool,
+                    optimizer: str, device: str, dtype: Optional[str], backend: str, attn_implementation: str,
+                    eval_batch_size: int, max_new_tokens: int, load_test: bool, as_json: bool) -> int:
+    """Estimate the peak memory of LoRA/QLoRA training, evaluation and merge from the model's config alone.
+
+    MODEL is a local folder or a hub id (its config.json is read from the cache or the hub; no weights). Every term
+    is printed with its formula (docs/MEMORY.md explains them).
 
     \b
     Examples:
+      lorapipe estimate-memory meta-llama/Llama-3.1-8B --method qlora --seq-len 2048 --micro-batch-size 2
+      lorapipe estimate-memory models/tiny-llama --device cpu --seq-len 512 --json
       lorapipe estimate-memory -c configs/deepseek-coder-6.7b-qlora-24gb-balanced.yaml
-      lorapipe estimate-memory -c configs/quickstart.yaml --set train.max_seq_length=2048 --json
     """
-    hw, plan, problems = _plan(config, overrides)
-    if plan is None:
-        fail(f"{config}: no memory estimate, the plan refuses this config:\n" + "\n".join(f"  - {p}" for p in problems))
-    memory = plan.train.memory
+    from lorapipe.hardware.memory import MemoryInputs, ModelFactsError, estimate, load_test as meta_count, model_facts
+
+    if config:
+        report, plan, _cfg = _preflight(config, overrides)
+        if plan is None:
+            fail(f"{config}: no memory estimate, the plan refuses this config:\n"
+                 + "\n".join(f"  - {c.name}: {c.measured} ({c.detail})" for c in report.failed))
+        if as_json:
+            _echo_json(_all_phases(plan).as_json())
+            return 0
+        _print_terms(_all_phases(plan))
+        return 0 if plan.train.memory.total_gb <= plan.train.memory.budget_gb else 1
+    if not model:
+        raise click.UsageError("give a MODEL (local folder or hub id) or -c CONFIG")
+    try:
+        facts = model_facts(model)
+        if load_test:
+            by_formula, on_meta = meta_count(model)
+            if by_formula.total_parameters != on_meta.total_parameters:
+                fail(f"{model}: the formula counts {by_formula.total_parameters:,} parameters and the meta-device "
+                     f"model {on_meta.total_parameters:,}: trust the meta count ({on_meta.parameter_counts})")
+            click.echo(f"load test: {on_meta.total_parameters:,} parameters on the meta device, as counted", err=True)
+    except ModelFactsError as exc:
+        fail(str(exc))
+    inputs = MemoryInputs(
+        device=device, backend=backend, dtype=dtype or ("float32" if device == "cpu" else "bfloat16"),
+        quantization="nf4" if method == "qlora" else "none", micro_batch_size=micro_batch_size, seq_len=seq_len,
+        lora_r=lora_rank, lora_targets=lora_targets, gradient_checkpointing=gradient_checkpointing,
+        optimizer=optimizer, attn_implementation=attn_implementation, eval_batch_size=eval_batch_size,
+        max_new_tokens=max_new_tokens)
+    result = estimate(facts, inputs)
     if as_json:
-        _echo_json(memory.model_dump(mode="json"))
+        _echo_json({"model": model, "parameters": facts.total_parameters,
+                    "parameter_counts": facts.parameter_counts, "inputs": inputs.model_dump(mode="json"),
+                    **result.as_json()})
         return 0
-    _print_memory(memory)
-    return 0 if memory.total_gb <= memory.budget_gb else 1
+    click.echo(f"{model}: {facts.model_type}, {facts.total_parameters / 1e9:.2f} B parameters "
+               f"({', '.join(f'{k} {v / 1e6:,.1f} M' for k, v in facts.parameter_counts.items())}); "
+               f"LoRA r={lora_rank} on {lora_targets}: {result.trainable_parameters / 1e6:,.2f} M trainable")
+    _print_terms(result)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------------ predict
@@ -544,8 +689,8 @@ def _training_folder_of_run(run: str) -> str:
 @click.option("--corpus", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="JSONL files to train the tokenizer on (default: the quickstart data).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--size", type=click.Choice(["tiny", "25m"]), default="tiny", show_default=True,
-              help="Model shape: tiny (0.2 M parameters: quickstart, tests) or 25m (~25 M: benchmarks).")
+@click.option("--size", type=click.Choice(["tiny", "25m", "56m-v32k"]), default="tiny", show_default=True,
+              help="Model shape: tiny (0.2 M parameters: quickstart, tests), 25m (~25 M: benchmarks) or 56m-v32k (~56 M, 32k vocabulary: memory benchmarks).")
 def build_tiny_model(out: str, corpus: tuple, seed: int, size: str) -> int:
     """Build the deterministic tiny Llama the quickstart and tests train (no download).
 

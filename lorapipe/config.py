@@ -111,6 +111,10 @@ class TrainSection(_Section):
     weight_decay: float = Field(0.01, ge=0)
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw_torch"
     gradient_checkpointing: bool = False
+    profile: Optional[Literal["conservative", "balanced", "quality"]] = Field(
+        None, description="Memory profile: the plan chooses quantization, gradient_checkpointing, optimizer, the "
+                          "micro-batch and evaluate.batch_size where the config leaves them unset, to fit with a "
+                          "margin (25%, 15%, 10%); null: the config's values as given")
     logging_steps: int = Field(5, ge=1)
     save_steps: int = Field(200, ge=1)
     save_total_limit: int = Field(2, ge=1)
@@ -167,6 +171,23 @@ class MergeSection(_Section):
                                 description="Largest safetensors shard of the merged model, e.g. 2GB, 500MB")
 
 
+class PreflightSection(_Section):
+    probe: bool = Field(False, description="Before training, run 3 real training steps and one evaluation batch at "
+                                           "the planned sizes and set their measured peaks beside the predicted ones")
+
+
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+def shard_bytes(size: str) -> int:
+    """'2GB' -> 2_000_000_000, '1.5 GiB' -> 1610612736 (transformers' own parser takes integers only)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", size, flags=re.I)
+    if not match:
+        raise ValueError(f"merge.max_shard_size: {size!r} is not a size like 2GB, 500MB or 1GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
 class RegisterSection(_Section):
     model_name: str = Field("lorapipe-model", min_length=1)
     stage_if_better: Literal["staging", "production", "none"] = Field(
@@ -189,6 +210,7 @@ class LorapipeConfig(_Section):
     data: DataSection
     validation: ValidationSection = Field(default_factory=ValidationSection)
     split: SplitSection = Field(default_factory=SplitSection)
+    preflight: PreflightSection = Field(default_factory=PreflightSection)
     train: TrainSection = Field(default_factory=TrainSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     merge: MergeSection = Field(default_factory=MergeSection)

@@ -98,3 +98,8 @@ def section(title: str, *parts: str) -> str:
 
 def paragraph(text: str, css: str = "") -> str:
     return f'<p class="{css}">{esc(text)}</p>' if css else f"<p>{esc(text)}</p>"
+
+
+def code(text: str) -> str:
+    """Preformatted text (a config fragment, a command)."""
+    return f"<pre>{esc(text)}</pre>"

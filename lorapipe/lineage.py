@@ -106,7 +106,8 @@ def lineage_tree(mv: Any) -> dict[str, Any]:
     resolved = loaded("resolve_data_source", "resolved_data")
     validation = loaded("validate_data", "validation_report")
     plan = loaded("preflight", "training_plan")
-    probe = loaded("preflight", "preflight_report")
+    checked = loaded("preflight", "preflight_report")
+    probe = getattr(checked, "hardware", checked)  # a PreflightReport (or, from older runs, the HardwareProbe itself)
     adapter_av, merged_av = output("train_adapter", "adapter"), output("merge_model", "merged_model")
     adapter_meta = (adapter_av.run_metadata if adapter_av is not None else {}) or {}
     training = meta.get("training") or {}

@@ -23,13 +23,13 @@ from lorapipe.backends import backend_spec, get_backend
 from lorapipe.backends.base import read_adapter_metadata
 from lorapipe.backends.peft_adapter import release_memory
 from lorapipe.data.dataset import ConversationDataset
+from lorapipe.config import shard_bytes  # noqa: F401  (re-exported: callers import it from here)
 from lorapipe.hardware.plan import PhasePlan
 
 MERGE_METADATA = "lorapipe_merge.json"
 # PEFT: reference and merged model run in the same dtype, so logits differ by the rounding of W + BA to it only.
 DEFAULT_ATOL = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.02}
 _COMPARE_POSITIONS = 32  # logits compared per slice
-_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 class MergeCheckFailed(RuntimeError):
@@ -45,7 +45,8 @@ class MergeCheck(BaseModel):
     rows_checked: int
     greedy_agreement: float = 1.0  # share of positions where merged and base+adapter pick the same argmax token
     positions_checked: int = 0
-    memory_gb: float = 0.0  # the merge's own peak on CUDA (counter reset first), the process RSS on CPU
+    memory_gb: float = 0.0  # the merge's peak: CUDA's allocated peak, the process's resident high-water mark on CPU
+    memory_at_start_gb: Optional[float] = None  # what the process held when the merge began
 
     def require_passed(self) -> None:
         if not self.passed:
@@ -54,14 +55,6 @@ class MergeCheck(BaseModel):
                 f"{self.mean_abs_logit_diff:.3g}, greedy agreement {self.greedy_agreement:.1%}), above the tolerance "
                 f"{self.tolerance:.3g} for {self.dtype} on {self.rows_checked} rows; the merged weights are wrong or "
                 f"too coarse: try merge.dtype: float32, or raise merge.logits_atol if the difference is rounding")
-
-
-def shard_bytes(size: str) -> int:
-    """'2GB' -> 2_000_000_000, '1.5 GiB' -> 1610612736 (transformers' own parser takes integers only)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", size, flags=re.I)
-    if not match:
-        raise ValueError(f"merge.max_shard_size: {size!r} is not a size like 2GB, 500MB or 1GiB")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
 def adapter_fingerprint(adapter_dir: str | Path) -> str:
@@ -265,6 +258,7 @@ def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDatase
         tol = atol if atol is not None else DEFAULT_ATOL[phase.dtype]
         check = compare_with_reference(out, inputs, reference, phase, tol)
     check.memory_gb = memory.gb
+    check.memory_at_start_gb = memory.start_gb
     print(f"merge check: max |logit diff| {check.max_abs_logit_diff:.3g}, mean {check.mean_abs_logit_diff:.3g}, "
           f"greedy agreement {check.greedy_agreement:.1%} over {check.positions_checked} positions "
           f"(tolerance {check.tolerance:.3g}, {check.dtype}): {'passed' if check.passed else 'FAILED'}", flush=True)

@@ -16,6 +16,7 @@ from lorapipe.data.sources import ResolvedData
 from lorapipe.data.validation import RejectedRows, ValidationReport
 from lorapipe.evaluation.metrics import EvalMetrics
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan
+from lorapipe.hardware.preflight import PreflightReport, RecommendedConfig
 from lorapipe.hardware.probe import HardwareProbe
 from lorapipe.registry import StageHolderScores, VersionReport, render_html
 
@@ -157,6 +158,33 @@ def probe_html(probe: HardwareProbe) -> str:
                                       sorted((k, v or "not installed") for k, v in probe.packages.items()))))
 
 
+def preflight_html(report: PreflightReport) -> str:
+    mark = {"pass": "✓ pass", "warn": "⚠ warn", "fail": "✗ fail"}
+    parts = [h.paragraph(report.summary()),
+             h.section("Checks", h.table(["section", "check", "status", "measured", "requirement", "detail"],
+                                         [(c.section, c.name, mark[c.status], c.measured, c.requirement, c.detail)
+                                          for c in report.checks]))]
+    if report.probe_measurements:
+        parts.append(h.section("Probe: measured vs predicted peaks (GB)", h.table(
+            ["phase", "predicted", "measured", "error", "device", "seconds"],
+            [(r["phase"], r["predicted_gb"], r["peak_gb"], r.get("error"), r["device"], r["seconds"])
+             for r in report.probe_measurements])))
+    if report.model is not None:
+        m = report.model
+        parts.append(h.section("Model (from config.json)", h.table(
+            ["module kind", "parameters"], [(k, f"{v:,}") for k, v in m.parameter_counts.items()]
+            + [("total", f"{m.total_parameters:,}")])))
+    return h.page("Preflight report", *parts, probe_html(report.hardware))
+
+
+def recommended_config_html(rec: RecommendedConfig) -> str:
+    import yaml
+
+    return h.page("Recommended config", h.paragraph("Merge this fragment over the config to reproduce the plan."),
+                  h.code(yaml.safe_dump(rec.fragment, sort_keys=False)),
+                  h.section("Why", h.table(["reason"], [(r,) for r in rec.reasons])))
+
+
 def training_plan_html(plan: TrainingPlan) -> str:
     m = plan.memory
     return h.page(f"Training plan: {plan.backend} on {plan.device}", h.key_values([
@@ -166,8 +194,10 @@ def training_plan_html(plan: TrainingPlan) -> str:
         ("max sequence length", plan.max_seq_length), ("gradient checkpointing", plan.gradient_checkpointing),
         ("optimizer", plan.optimizer), ("data-parallel processes", plan.world_size)]),
         h.section("Memory estimate (GB)", h.table(
-            ["weights", "LoRA + optimizer", "activations", "total", "budget"],
+            ["weights", "LoRA + optimizer", "activations and logits", "training peak", "budget"],
             [(m.weights_gb, m.lora_and_optimizer_gb, m.activations_gb, m.total_gb, m.budget_gb)])),
+        h.section("Memory terms", h.table(["phase", "term", "MiB", "formula"],
+                                          [(t.phase, t.name, f"{t.bytes / 2**20:,.1f}", t.formula) for t in m.terms])),
         h.section("Why", h.table(["reason"], [(r,) for r in plan.reasons])),
         h.section("Warnings", h.table(["warning"], [(w,) for w in plan.warnings]) if plan.warnings
                   else h.paragraph("none", "muted")))
@@ -175,7 +205,12 @@ def training_plan_html(plan: TrainingPlan) -> str:
 
 def phase_plan_html(plan: PhasePlan) -> str:
     return h.page(f"{plan.phase.capitalize()} plan", h.key_values([
-        ("device", plan.device), ("dtype", plan.dtype), ("batch size", plan.batch_size), ("why", plan.reason)]))
+        ("device", plan.device), ("dtype", plan.dtype), ("batch size", plan.batch_size), ("why", plan.reason),
+        ("predicted peak (GB)", plan.predicted_peak_gb)]),
+        h.section("Memory terms", h.table(["term", "MiB", "formula"], [(t.name, f"{t.bytes / 2**20:,.1f}", t.formula)
+                                                                       for t in plan.memory_terms])),
+        h.section("Warnings", h.table(["warning"], [(w,) for w in plan.warnings]) if plan.warnings
+                  else h.paragraph("none", "muted")))
 
 
 # the evaluation view's metrics table: field, label, which way is better (what "change" means for the reader)
@@ -241,7 +276,8 @@ def stage_holder_html(data: StageHolderScores) -> str:
 
 
 VIEWS = {ResolvedData: resolved_data_html, StageHolderScores: stage_holder_html, ValidationReport: validation_html, RejectedRows: rejected_html,
-         HardwareProbe: probe_html, TrainingPlan: training_plan_html, PhasePlan: phase_plan_html, EvalMetrics: eval_html,
+         HardwareProbe: probe_html, PreflightReport: preflight_html, RecommendedConfig: recommended_config_html,
+         TrainingPlan: training_plan_html, PhasePlan: phase_plan_html, EvalMetrics: eval_html,
          VersionReport: render_html}
 
 

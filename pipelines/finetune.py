@@ -1,6 +1,8 @@
 """The seven-step fine-tuning DAG. The function only wires steps; each step gets only its config sections,
 so a change to one section re-runs that step and what follows it, and nothing before."""
 
+from typing import Optional
+
 from zenml import pipeline
 from zenml.client import Client
 
@@ -18,12 +20,13 @@ from steps import (
 
 
 @pipeline
-def finetune(config: dict, config_sha256: str) -> None:
+def finetune(config: dict, config_sha256: str, user_set: Optional[list[str]] = None) -> None:
     """resolve data -> validate -> preflight -> split -> train -> evaluate -> merge -> register.
 
     Args:
         config: the validated config (`LorapipeConfig.model_dump()`), paths made absolute.
         config_sha256: sha256 of the config, recorded on the model version.
+        user_set: the dotted keys the config set (with `train.profile` the plan chooses the others).
     """
     train_cfg = config["train"]
     micro = train_cfg["micro_batch_size"] if isinstance(train_cfg["micro_batch_size"], int) else train_cfg["max_micro_batch_size"]
@@ -34,9 +37,9 @@ def finetune(config: dict, config_sha256: str) -> None:
         max_seq_length=train_cfg["max_seq_length"], micro_batch_size=micro,
         group_key=config["split"]["group_key"], stratify_key=config["split"]["stratify_key"],
     )
-    hardware, plan, evaluation_plan, merge_plan = preflight(
+    hardware, _recommended, plan, evaluation_plan, merge_plan = preflight(
         validation_report=report, model=config["model"], train=train_cfg, evaluate=config["evaluate"],
-        merge=config["merge"])
+        merge=config["merge"], preflight=config["preflight"], user_set=user_set)
     train_split, eval_split, test_split = split_data(validated_dataset=dataset, training_plan=plan, split=config["split"])
     # The stack decides tracking: with an experiment tracker (e.g. W&B) on the active stack, training logs to it.
     tracker = Client().active_stack.experiment_tracker
@@ -54,5 +57,6 @@ def finetune(config: dict, config_sha256: str) -> None:
                                 max_seq_length=train_cfg["max_seq_length"], seed=config["seed"])
     register_model(adapter=adapter, eval_metrics=metrics, merged_model=merged, training_plan=plan,
                    validation_report=report, preflight_report=hardware, register=config["register"],
+                   evaluation_plan=evaluation_plan, merge_plan=merge_plan,
                    seed=config["seed"], resolved_data=resolved, config_sha256=config_sha256,
                    stage_holder_scores=holder)

@@ -1,14 +1,19 @@
-"""Hardware preflight: probe the machine and decide the plan of every phase, or refuse with every reason."""
+"""Hardware preflight: probe the machine, check everything a run needs, and decide the plan of every phase, or
+refuse with every reason."""
 
-from typing import Annotated, Tuple
+import tempfile
+from typing import Annotated, Optional, Tuple
 
 from zenml import step
+from zenml.client import Client
 from zenml.logger import get_logger
 
-from lorapipe.config import EvaluateSection, MergeSection, ModelSection, TrainSection
+from lorapipe.config import EvaluateSection, MergeSection, ModelSection, PreflightSection, TrainSection
 from lorapipe.data.validation import ValidationReport
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan, decide_plan, model_size
-from lorapipe.hardware.probe import HardwareProbe, machine_fingerprint, probe
+from lorapipe.hardware.measure import probe_checks
+from lorapipe.hardware.preflight import PreflightReport, RecommendedConfig, build_report
+from lorapipe.hardware.probe import machine_fingerprint, probe
 from materializers import ReportMaterializer
 from steps.caching import library_cache_policy
 
@@ -17,13 +22,16 @@ logger = get_logger(__name__)
 
 # The machine is an input of the plan: its fingerprint is in the cache key, so the same config on another machine
 # (other GPUs, RAM, packages) is planned again, and on this one the plan is served from the cache.
-@step(output_materializers={"preflight_report": ReportMaterializer, "training_plan": ReportMaterializer,
-                            "evaluation_plan": ReportMaterializer, "merge_plan": ReportMaterializer},
+@step(output_materializers={"preflight_report": ReportMaterializer, "recommended_config": ReportMaterializer,
+                            "training_plan": ReportMaterializer, "evaluation_plan": ReportMaterializer,
+                            "merge_plan": ReportMaterializer},
       cache_policy=library_cache_policy(__file__, cache_func=machine_fingerprint))
 def preflight(
     validation_report: ValidationReport, model: dict, train: dict, evaluate: dict, merge: dict,
+    preflight: Optional[dict] = None, user_set: Optional[list[str]] = None,
 ) -> Tuple[
-    Annotated[HardwareProbe, "preflight_report"],
+    Annotated[PreflightReport, "preflight_report"],
+    Annotated[RecommendedConfig, "recommended_config"],
     Annotated[TrainingPlan, "training_plan"],
     Annotated[PhasePlan, "evaluation_plan"],
     Annotated[PhasePlan, "merge_plan"],
@@ -35,22 +43,30 @@ def preflight(
 
     Args:
         validation_report: the data's token statistics (checked against the sequence length).
-        model: the config's `model` section (its config is read for the model's size; no weights load).
+        model: the config's `model` section (its config is read for the model's facts; no weights load).
         train: the config's `train` section.
         evaluate: the config's `evaluate` section (the evaluation batch).
         merge: the config's `merge` section (the merged weights' precision).
+        preflight: the config's `preflight` section (`probe: true` measures a few real steps first).
+        user_set: the dotted keys the config set; with `train.profile` the plan chooses the others.
 
     Returns:
-        The hardware probe and the training, evaluation and merge plans.
+        The preflight report (every check), the recommended config fragment, and the training, evaluation and merge
+        plans.
     """
     m, t = ModelSection(**model), TrainSection(**train)
+    e, mg = EvaluateSection(**evaluate), MergeSection(**merge)
     hw = probe(t.output_root)
-    plan = decide_plan(t, hw, model_size(m.name_or_path, m.revision, m.trust_remote_code),
-                       EvaluateSection(**evaluate), MergeSection(**merge))
+    facts = model_size(m.name_or_path, m.revision, m.trust_remote_code)
+    plan = decide_plan(t, hw, facts, e, mg, attn_implementation=m.attn_implementation,
+                       user_set=set(user_set) if user_set is not None else None)
     stats = validation_report.token_stats
     if stats and stats.truncated_rows:
         plan.train.warnings.append(f"{stats.truncated_rows} row(s) are longer than "
                                    f"max_seq_length={plan.train.max_seq_length}")
+    store = Client().active_stack.artifact_store.path
+    report = build_report(hw, facts, None, plan, [], [], t.output_root, store if "://" not in store else None,
+                          plan.train.backend)
     if plan.train.device != "cuda" and hw.ram_available_gb < plan.train.memory.total_gb:
         # said here, not in the plan: the plan must not change with what happens to be free this second
         logger.warning("plan: warning: about %.1f GB of memory is free now and training needs about %.1f GB: close "
@@ -60,4 +76,17 @@ def preflight(
     for phase in (plan.evaluate, plan.merge):
         logger.info("plan: %s on %s in %s, batch %d: %s", phase.phase, phase.device, phase.dtype, phase.batch_size,
                     phase.reason)
-    return hw, plan.train, plan.evaluate, plan.merge
+    if PreflightSection(**(preflight or {})).probe:
+        with tempfile.TemporaryDirectory(prefix="probe-", dir=t.output_root) as work:
+            checks, measured = probe_checks(m, t, plan, e, work)
+        report.checks += checks
+        report.probe_measurements = measured
+        for c in checks:
+            logger.info("probe: %s: %s (%s)", c.name, c.measured, c.status)
+    failed = [c for c in report.checks if c.status == "fail"]
+    if failed:
+        from lorapipe.hardware.plan import PlanError
+
+        raise PlanError([f"{c.name}: {c.measured}; needs {c.requirement}" + (f" ({c.detail})" if c.detail else "")
+                         for c in failed])
+    return report, RecommendedConfig.from_plan(plan), plan.train, plan.evaluate, plan.merge

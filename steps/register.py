@@ -12,8 +12,10 @@ from lorapipe.config import RegisterSection
 from lorapipe.data.sources import ResolvedData
 from lorapipe.data.validation import ValidationReport
 from lorapipe.evaluation.metrics import EvalMetrics
-from lorapipe.hardware.plan import TrainingPlan
-from lorapipe.hardware.probe import HardwareProbe, package_versions
+from lorapipe.hardware.memory import predicted_in_process
+from lorapipe.hardware.plan import PhasePlan, TrainingPlan
+from lorapipe.hardware.preflight import PreflightReport
+from lorapipe.hardware.probe import package_versions
 from lorapipe.registry import StageHolderScores, VersionReport, decide_stage, git_commit, metric_rows, render_text
 from materializers import ReportMaterializer
 
@@ -47,13 +49,37 @@ def _same_inputs_version(model_name: str, this_version: str, data_sha: str, conf
     return None
 
 
-def _memory_facts(plan: TrainingPlan, adapter_meta: dict, metrics: EvalMetrics, check: dict) -> dict:
-    """Each phase's planned and measured peak (GB), side by side: what the planner is checked against."""
+# a phase whose measured peak differs from the prediction by more than this is called out (issue 8)
+MEMORY_WARN_FRACTION = 0.15
+
+
+def _memory_facts(plan: TrainingPlan, adapter_meta: dict, metrics: EvalMetrics, check: dict,
+                  evaluation_plan: Optional[PhasePlan] = None, merge_plan: Optional[PhasePlan] = None) -> dict:
+    """Each phase's predicted and measured peak (GB), side by side, with the relative error: what the memory model
+    is checked against on every run. On the CPU the step's process already held ZenML and the earlier steps' data
+    when the phase began: the prediction is set in that process (`predicted_in_process_gb`) before comparing. A
+    phase off by more than 15% is logged as a warning."""
     trained = adapter_meta.get("result", {})
-    return {"train": {"predicted_gb": plan.memory.total_gb, "measured_gb": trained.get("peak_memory_gb"),
-                      "device": plan.device},
-            "evaluate": {"measured_gb": metrics.memory_gb},
-            "merge": {"measured_gb": check.get("memory_gb")}}
+    facts = {"train": {"predicted_gb": plan.memory.total_gb, "measured_gb": trained.get("peak_memory_gb"),
+                       "resident_at_start_gb": trained.get("resident_at_start_gb"), "device": plan.device},
+             "evaluate": {"predicted_gb": evaluation_plan.predicted_peak_gb if evaluation_plan else None,
+                          "measured_gb": metrics.memory_gb, "resident_at_start_gb": metrics.memory_at_start_gb,
+                          "device": evaluation_plan.device if evaluation_plan else None},
+             "merge": {"predicted_gb": merge_plan.predicted_peak_gb if merge_plan else None,
+                       "measured_gb": check.get("memory_gb"), "resident_at_start_gb": check.get("memory_at_start_gb"),
+                       "device": "cpu"}}
+    for phase, row in facts.items():
+        predicted, measured = row.get("predicted_gb"), row.get("measured_gb")
+        if not predicted or not measured:
+            row["error"] = None
+            continue
+        here = predicted_in_process(predicted, row.get("device") or "cpu", row.get("resident_at_start_gb"))
+        row["predicted_in_process_gb"] = round(here, 4)
+        row["error"] = round(here / measured - 1, 4)
+        if abs(row["error"]) > MEMORY_WARN_FRACTION:
+            logger.warning("memory: %s peaked at %.2f GB, predicted %.2f GB in this process (%+.0f%%): the memory "
+                           "model is off for this run; see docs/MEMORY.md", phase, measured, here, row["error"] * 100)
+    return facts
 
 
 def _pin_evaluation(context) -> None:  # noqa: ANN001
@@ -76,8 +102,9 @@ def _pin_evaluation(context) -> None:  # noqa: ANN001
 @step(enable_cache=False, output_materializers={"model_version_report": ReportMaterializer})
 def register_model(
     adapter: AdapterFolder, eval_metrics: EvalMetrics, merged_model: ModelFolder, training_plan: TrainingPlan,
-    validation_report: ValidationReport, preflight_report: HardwareProbe, register: dict, seed: int,
+    validation_report: ValidationReport, preflight_report: PreflightReport, register: dict, seed: int,
     resolved_data: ResolvedData, config_sha256: str, stage_holder_scores: StageHolderScores,
+    evaluation_plan: Optional[PhasePlan] = None, merge_plan: Optional[PhasePlan] = None,
 ) -> Tuple[Annotated[str, "model_stage"], Annotated[VersionReport, "model_version_report"]]:
     """Log the lineage facts on the model version and promote it when the tuned model beats the base.
 
@@ -87,11 +114,13 @@ def register_model(
         merged_model: the merged model and its logits check.
         training_plan: the plan that trained it.
         validation_report: gives the validated data's fingerprint.
-        preflight_report: the machine it trained on.
+        preflight_report: the preflight checks and the machine it trained on.
         register: the config's `register` section.
         seed: the run's seed.
         resolved_data: the files read and the sha256 of their bytes.
         stage_holder_scores: the version holding the target stage, scored on this run's test rows.
+        evaluation_plan: the evaluation phase's plan (its predicted peak is set beside the measured one).
+        merge_plan: the merge phase's plan (likewise).
         config_sha256: sha256 of the validated config.
 
     Returns:
@@ -158,7 +187,7 @@ def register_model(
         "machine": {"cpu_count": preflight_report.cpu_count, "ram_total_gb": preflight_report.ram_total_gb,
                     "cuda": [d.name for d in preflight_report.cuda_devices]},
         "stage_decision": reason,
-        "memory": _memory_facts(training_plan, adapter_meta, eval_metrics, check),
+        "memory": _memory_facts(training_plan, adapter_meta, eval_metrics, check, evaluation_plan, merge_plan),
         "report": report.model_dump(mode="json"),
     })
     if stage:

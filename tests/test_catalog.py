@@ -6,14 +6,16 @@ import typing
 
 import pytest
 
+from tests.model_facts import tiny_facts
+
 from lorapipe.backends import get_backend
 from lorapipe.backends.catalog import BACKENDS, OPTIONAL_FEATURES, backend_spec
 from lorapipe.config import EvaluateSection, MergeSection, TrainSection
-from lorapipe.hardware.plan import ModelSize, PlanError, decide_plan
+from lorapipe.hardware.plan import PlanError, decide_plan
 from lorapipe.hardware.probe import TRACKED_PACKAGES
 from tests.test_plan import ALL, make_probe
 
-TINY = ModelSize(parameters=200_000, hidden_size=64, layers=2, vocab_size=1024)
+TINY = tiny_facts()
 
 
 def capable_probe(backend: str):

@@ -58,16 +58,31 @@ def test_preflight_and_estimate_memory_plan_without_zenml(tiny_model_dir, tmp_pa
     assert main(["preflight", "-c", str(path)]) == 0
     out = capsys.readouterr().out
     assert "train:    hf on cpu in float32" in out and "memory:" in out
-    assert main(["preflight", "-c", str(path), "--json"]) == 0
-    plan = json.loads(capsys.readouterr().out)["plan"]
-    assert plan["train"]["backend"] == "hf" and plan["train"]["world_size"] == 1
+    assert "ok   model config: llama" in out and "preflight: " in out and "0 failed" in out
+    assert main(["preflight", "-c", str(path), "--json", "--out", str(tmp_path / "pf")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["passed"] and {c["section"] for c in printed["report"]["checks"]} >= {
+        "python", "packages", "hardware", "disk", "model", "data", "plan", "memory"}
+    # the two files of the seed "safe train" script; the recommendation is a valid config fragment
+    written = json.loads((tmp_path / "pf" / "preflight_report.json").read_text())
+    assert all({"status", "measured", "requirement"} <= set(c) for c in written["checks"])
+    recommended = json.loads((tmp_path / "pf" / "recommended_config.json").read_text())
+    from lorapipe.config import validate_config
+
+    merged = validate_config({**cfg, "train": {**cfg["train"], **recommended["train"]},
+                              "evaluate": {**cfg.get("evaluate", {}), **recommended["evaluate"]}})
+    assert merged.train.micro_batch_size == recommended["train"]["micro_batch_size"]
     assert main(["estimate-memory", "-c", str(path), "--json"]) == 0
     memory = json.loads(capsys.readouterr().out)
-    assert memory["total_gb"] == pytest.approx(plan["train"]["memory"]["total_gb"])
-    # a plan that cannot run: every reason, exit 1
+    assert memory["train_peak_bytes"] == sum(t["bytes"] for t in memory["terms"]["train"].values())
+    # a plan that cannot run: every failed check, exit 1
     assert main(["preflight", "-c", str(path), "--set", "train.backend=mlx", "--set", "train.processes=2"]) == 1
     err = capsys.readouterr().err
-    assert "the plan refuses this config" in err and "train.processes=2" in err and "Traceback" not in err
+    assert "failed" in err and "train.processes=2" in err and "Traceback" not in err
+    # over the memory budget: refused before any training, naming the knob and a value that fits
+    assert main(["preflight", "-c", str(path), "--set", "train.max_seq_length=4000000"]) == 1
+    err = capsys.readouterr().err
+    assert "training needs about" in err and "train.max_seq_length 4000000 needs" in err and "fits at" in err
 
 
 # ------------------------------------------------------------------------------------------------ data sources

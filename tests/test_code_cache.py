@@ -28,8 +28,11 @@ def test_each_step_depends_on_the_library_files_it_runs():
     train = set(dependency_files("steps/train.py"))
     assert {"lorapipe/backends/hf.py", "lorapipe/backends/trl_sft.py", "lorapipe/backends/mlx.py",
             "lorapipe/training/monitoring.py", "lorapipe/data/render.py"} <= train
-    for before_training in ("steps/validate.py", "steps/preflight.py", "steps/split.py"):
+    for before_training in ("steps/validate.py", "steps/split.py"):
         assert "lorapipe/backends/hf.py" not in dependency_files(before_training), before_training
+    # preflight's probe (preflight.probe) runs the backends, so an edit there plans again; the steps after it are
+    # keyed on the plans' content, so an unchanged plan keeps training cached
+    assert "lorapipe/hardware/measure.py" in dependency_files("steps/preflight.py")
     assert "lorapipe/data/split.py" in dependency_files("steps/split.py")
     assert "lorapipe/data/split.py" not in train  # the train step gets the splits, not the splitting code
     assert "lorapipe/merge.py" in dependency_files("steps/merge.py")

@@ -8,18 +8,20 @@ import json
 from pathlib import Path
 
 import pytest
+
+from tests.model_facts import tiny_facts
 import torch
 from safetensors.torch import load_file
 
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
-from lorapipe.hardware.plan import ModelSize, PlanError
+from lorapipe.hardware.plan import PlanError
 from tests.monitor_checks import assert_monitor_outputs
 from tests.test_plan import ALL, SMALL, decide_plan, make_probe
 
 NO_UNSLOTH = {k: v for k, v in ALL.items() if k != "unsloth"}
 CPU_ONLY = {k: v for k, v in ALL.items() if k not in ("unsloth", "mlx", "mlx_lm")}
-TINY = ModelSize(parameters=200_000, hidden_size=64, layers=2, vocab_size=1024)
+TINY = tiny_facts()
 
 
 # -- the plan decides the process count, once --------------------------------------------------------------------
@@ -32,7 +34,7 @@ def test_auto_trains_one_process_per_cuda_gpu_and_keeps_the_effective_batch():
     assert any("one per CUDA GPU" in r for r in plan.reasons)
     for gpus in (1, 0):  # one GPU, or none: one process
         one = decide_plan(TrainSection(max_seq_length=2048), make_probe(cuda_gb=80 if gpus else None, gpus=gpus,
-                                                                        packages=NO_UNSLOTH), SMALL)
+                                                                        packages=NO_UNSLOTH), SMALL if gpus else TINY)
         assert one.world_size == 1 and any(r.startswith("1 process") for r in one.reasons)
 
 

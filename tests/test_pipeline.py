@@ -172,6 +172,26 @@ def test_adapter_artifact_is_a_peft_folder_loadable_from_the_store(runs, tiny_mo
     merged = runs["first"].steps["merge_model"].outputs["merged_model"][0].load()
     assert AutoModelForCausalLM.from_pretrained(merged.path) is not None
     assert merged.metadata["check"]["passed"]
+    # preflight's report (every check) and the recommended config, each with its dashboard view
+    preflight = runs["first"].steps["preflight"].outputs
+    checks = preflight["preflight_report"][0].load().checks
+    assert checks and all(c.status in ("pass", "warn") for c in checks)
+    recommended = preflight["recommended_config"][0]
+    assert recommended.load().fragment["train"]["backend"] == "hf"
+    assert {"report.html"} <= {v.uri.rsplit("/", 1)[-1] for v in recommended.visualizations}
+
+
+def test_every_run_records_predicted_and_measured_memory_per_phase(runs):
+    from zenml.client import Client
+
+    memory = Client().get_model_version("lorapipe-test", runs["first"].model_version.name).run_metadata["memory"]
+    for phase in ("train", "evaluate", "merge"):
+        row = memory[phase]
+        assert row["predicted_gb"] > 0 and row["measured_gb"] > 0 and row["resident_at_start_gb"] > 0, phase
+        # on the CPU the prediction is set in the step's process (which already held ZenML and the data)
+        here = row["predicted_gb"] - 0.51 * 2**30 / 2**30 + row["resident_at_start_gb"]
+        assert row["predicted_in_process_gb"] == pytest.approx(here, abs=0.01)
+        assert row["error"] == pytest.approx(row["predicted_in_process_gb"] / row["measured_gb"] - 1, abs=1e-3)
 
 
 def test_no_cache_still_resumes_and_resume_false_starts_over(runs, capfd):

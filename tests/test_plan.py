@@ -5,12 +5,13 @@ import pytest
 
 from lorapipe.config import TrainSection
 from lorapipe.hardware import plan as plan_module
-from lorapipe.hardware.plan import ModelSize, PlanError
+from lorapipe.hardware.plan import PlanError
 from lorapipe.hardware.probe import CudaDevice, HardwareProbe
+from tests.model_facts import facts, tiny_facts
 
 ALL = {"torch": "2.13.0", "transformers": "5.17.0", "peft": "0.21", "trl": "1.14", "bitsandbytes": "0.50.2",
        "unsloth": "2026.10.9", "mlx": "0.32", "mlx_lm": "0.32.2"}
-SMALL = ModelSize(parameters=8_000_000_000, hidden_size=4096, layers=32, vocab_size=128256)
+SMALL = facts("llama-3.1-8b")
 
 
 def decide_plan(train, probe, size, evaluate=None, merge=None):
@@ -47,7 +48,7 @@ def test_auto_picks_mlx_on_apple_silicon():
 def test_auto_picks_hf_on_a_cpu_box():
     cpu_box = make_probe(ram_gb=24, packages={k: v for k, v in ALL.items() if k not in ("unsloth", "mlx", "mlx_lm")})
     plan = decide_plan(TrainSection(max_seq_length=128), cpu_box,
-                       ModelSize(parameters=200_000, hidden_size=64, layers=2, vocab_size=1024))
+                       tiny_facts())
     assert (plan.backend, plan.device, plan.dtype) == ("hf", "cpu", "float32")
     assert plan.micro_batch_size * plan.gradient_accumulation_steps == plan.effective_batch_size
 
@@ -68,15 +69,15 @@ def test_memory_refusal_collects_every_reason():
                     make_probe(cuda_gb=None, ram_gb=4, disk_gb=1), SMALL)
     msg = str(err.value)
     assert "cuda is not available" in msg
-    assert "exceeds the budget" in msg and "nf4" in msg
+    assert "training needs about" in msg and "no single change fits" in msg
     assert "GB free" in msg
     assert len(err.value.problems) >= 3
 
 
 def test_auto_micro_batch_backs_off_to_fit_and_keeps_the_effective_batch():
     big = decide_plan(TrainSection(effective_batch_size=16, max_seq_length=2048), make_probe(cuda_gb=80), SMALL)
-    small = decide_plan(TrainSection(effective_batch_size=16, max_seq_length=2048, quantization="nf4"),
-                        make_probe(cuda_gb=24), SMALL)
+    small = decide_plan(TrainSection(effective_batch_size=16, max_seq_length=2048, quantization="nf4",
+                                     gradient_checkpointing=True), make_probe(cuda_gb=24), SMALL)
     assert small.micro_batch_size <= big.micro_batch_size
     for plan in (big, small):
         assert plan.micro_batch_size * plan.gradient_accumulation_steps == 16
@@ -88,12 +89,12 @@ def test_seed_configs_plan_on_their_target_hardware_without_weights():
     from lorapipe.config import load_config
     from tests.conftest import REPO_ROOT
 
-    llama = ModelSize(parameters=8_030_000_000, hidden_size=4096, layers=32, vocab_size=128256)
-    mistral = ModelSize(parameters=7_240_000_000, hidden_size=4096, layers=32, vocab_size=32768)
-    deepseek = ModelSize(parameters=6_740_000_000, hidden_size=4096, layers=32, vocab_size=32256)
+    llama = facts("llama-3.1-8b")
+    mistral = facts("mistral-7b")
+    deepseek = facts("deepseek-coder-6.7b")
     cases = [("llama-3.1-8b-unsloth-cuda", make_probe(cuda_gb=24), llama, ("unsloth", "cuda", 2, 8)),
              ("mistral-7b-mlx-16gb", make_probe(apple=True, ram_gb=16), mistral, ("mlx", "mps", 1, 4))]
-    tiny = ModelSize(parameters=200_000, hidden_size=64, layers=2, vocab_size=1024)
+    tiny = tiny_facts()
     cpu_box = make_probe(ram_gb=24, packages={k: v for k, v in ALL.items() if k not in ("unsloth", "mlx", "mlx_lm")})
     cases.append(("quickstart", cpu_box, tiny, ("hf", "cpu", 8, 1)))
     for profile, accumulation in (("conservative", 8), ("balanced", 16), ("quality", 32)):

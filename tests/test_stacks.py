@@ -292,12 +292,13 @@ def pipeline_step_names() -> set[str]:
 
 
 def pipeline_arguments(pipeline) -> dict:
-    """The quickstart config for `config`; the other parameters are sha256 strings that do not shape the DAG."""
+    """The quickstart config for `config`, no keys set for `user_set`; the other parameters are sha256 strings that do
+    not shape the DAG."""
     from lorapipe.config import load_config
 
     config = load_config(REPO_ROOT / "configs" / "quickstart.yaml", []).model_dump(mode="json")
     parameters = inspect.signature(pipeline.entrypoint).parameters
-    return {name: config if name == "config" else "0" * 64 for name in parameters}
+    return {name: config if name == "config" else [] if name == "user_set" else "0" * 64 for name in parameters}
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)

@@ -41,6 +41,7 @@ class AdapterInfo(BaseModel):
     peak_memory_gb: float  # of the main process (one GPU, or one CPU process)
     resumed_from: Optional[str]
     versions: dict[str, Optional[str]]
+    resident_at_start_gb: Optional[float] = None  # CPU: the process before training loaded anything
     world_size: int = 1  # data-parallel processes that trained
 
 
@@ -247,6 +248,7 @@ class TrainingRun:
     resumed_from: Optional[str]
     log_history: list[dict[str, Any]] = field(default_factory=list)
     world_size: int = 1
+    resident_at_start_gb: Optional[float] = None
 
 
 def finish_training(run: TrainingRun, adapter_dir: Path, model: ModelSection, train_cfg: TrainSection, seed: int,
@@ -263,7 +265,7 @@ def finish_training(run: TrainingRun, adapter_dir: Path, model: ModelSection, tr
         train_loss=run.train_loss, train_tokens=run.train_tokens,
         tokens_per_second=run.train_tokens / run.train_seconds if run.train_seconds > 0 else 0.0,
         train_seconds=run.train_seconds, peak_memory_gb=run.peak_memory_gb, resumed_from=run.resumed_from,
-        versions=package_versions(), world_size=run.world_size,
+        versions=package_versions(), world_size=run.world_size, resident_at_start_gb=run.resident_at_start_gb,
     )
     if is_main:
         adapter_dir.mkdir(parents=True, exist_ok=True)

@@ -171,9 +171,13 @@ class HFBackend:
         from transformers import set_seed
 
         from lorapipe.models.loading import load_tokenizer
-        from lorapipe.training.monitoring import free_memory
+        from lorapipe.training.monitoring import free_memory, process_memory_gb, reset_peak_memory
 
         transformers.logging.set_verbosity_error()
+        resident_at_start = None
+        if plan.device != "cuda":  # the CPU phase's resident peak starts here (CUDA's counter after the model loads)
+            resident_at_start = round(process_memory_gb(), 3)
+            reset_peak_memory(plan.device)
         m = model_cfg
         work_dir, adapter_dir = Path(work_dir), Path(adapter_dir)
         if t.eval_steps and not len(eval):
@@ -245,7 +249,8 @@ class HFBackend:
                 "loaded_best_model": t.load_best_model_at_end,
             }
         info = finish_trainer_run(trainer, result, seconds, train_tokens(train_ds, t, plan), self.name, adapter_dir,
-                                  m, t, seed, plan, train, tokenizer, resume_from, extra)
+                                  m, t, seed, plan, train, tokenizer, resume_from, extra,
+                                  resident_at_start_gb=resident_at_start)
         trainer.accelerator.wait_for_everyone()
         device = plan.device
         del trainer, model, result

@@ -22,7 +22,7 @@ from lorapipe.backends.base import (
 from lorapipe.config import LoraSection, ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
-from lorapipe.training.monitoring import TrainingMonitor, memory_gb
+from lorapipe.training.monitoring import TrainingMonitor, memory_gb, peak_memory_gb
 
 
 def tokenize_dataset(dataset: ConversationDataset, tokenizer: Any, max_length: int) -> Any:
@@ -156,15 +156,15 @@ def new_monitor(adapter_dir: Path, model_cfg: ModelSection, t: TrainSection, pla
 def finish_trainer_run(trainer: Any, result: Any, seconds: float, tokens: int, backend: str, adapter_dir: Path,
                        model_cfg: ModelSection, t: TrainSection, seed: int, plan: TrainingPlan,
                        train: ConversationDataset, tokenizer: Any, resumed_from: Optional[Path],
-                       extra: dict[str, Any]) -> AdapterInfo:
+                       extra: dict[str, Any], resident_at_start_gb: Optional[float] = None) -> AdapterInfo:
     """The end of a Trainer run: the PEFT adapter folder through the one `finish_training`."""
     state = trainer.state
     run = TrainingRun(
         backend=backend, steps=state.global_step,
         train_loss=float(result.training_loss) if result.training_loss is not None else None,
-        train_tokens=tokens, train_seconds=seconds, peak_memory_gb=round(memory_gb(plan.device), 3),
+        train_tokens=tokens, train_seconds=seconds, peak_memory_gb=round(peak_memory_gb(plan.device), 3),
         resumed_from=str(resumed_from) if resumed_from else None, log_history=list(state.log_history),
-        world_size=trainer.args.world_size)
+        world_size=trainer.args.world_size, resident_at_start_gb=resident_at_start_gb)
     return finish_training(
         run, adapter_dir, model_cfg, t, seed, plan, train, tokenizer,
         save_weights=lambda folder: trainer.model.save_pretrained(str(folder), safe_serialization=True),

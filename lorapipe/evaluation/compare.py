@@ -81,7 +81,7 @@ def evaluate_adapter(adapter_dir: str, test: ConversationDataset, phase: PhasePl
     return EvalMetrics(test_rows=len(test), scored_rows=len(scored), generated_rows=len(samples), scored_tokens=tokens,
                        base=results["base"], tuned=results["tuned"], perplexity_gain=gain,
                        tuned_beats_base=results["tuned"].perplexity < results["base"].perplexity, samples=samples,
-                       row_losses=row_losses, memory_gb=memory.gb,
+                       row_losses=row_losses, memory_gb=memory.gb, memory_at_start_gb=memory.start_gb,
                        generation=_generation_settings(tokenizer, max_new_tokens, phase.batch_size, seed))
 
 

@@ -61,7 +61,8 @@ class EvalMetrics(BaseModel):
     samples: list[dict]  # per generated row: source, prompt, reference, base and tuned generation, stopped or not
     # per scored row (same order): mean masked NLL of base and tuned, for the per-row comparison
     row_losses: dict[str, list[Optional[float]]] = Field(default_factory=dict)
-    memory_gb: float = 0.0  # this phase's peak on CUDA (counter reset first), the process RSS on CPU
+    memory_gb: float = 0.0  # this phase's peak: CUDA's allocated peak, the process's resident high-water mark on CPU
+    memory_at_start_gb: Optional[float] = None  # what the process held when the phase began
     # how the generations were made: max_new_tokens, batch_size, greedy, seed, end_tokens
     generation: dict[str, Any] = Field(default_factory=dict)
 

@@ -1,6 +1,6 @@
 """The run plan: backend, and each phase's device, dtype and batch size, decided in exactly one place.
 
-`decide_plan` takes the config sections, the hardware probe and the model's size, and either returns a `RunPlan`
+`decide_plan` takes the config sections, the hardware probe and the model's facts, and either returns a `RunPlan`
 that can run here or raises `PlanError` listing every reason it cannot (with the install command or the config key
 to change). What a backend can and cannot do comes from `lorapipe.backends.catalog`. The steps receive the plan's
 phases (`train`, `evaluate`, `merge`), never flags, and no other module probes the hardware. The number of
@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel
 
 from lorapipe.backends.catalog import AUTO_PREFERENCE, BACKENDS, OPTIONAL_FEATURES, BackendSpec, required_modules
-from lorapipe.config import EvaluateSection, MergeSection, TrainSection
+from lorapipe.config import EvaluateSection, MergeSection, TrainSection, shard_bytes
+from lorapipe.hardware.memory import GIB, MemoryEstimate, MemoryInputs, MemoryTerm, ModelFacts, estimate, model_facts
 from lorapipe.hardware.probe import HardwareProbe
 
 Device = Literal["cpu", "cuda", "mps"]
@@ -29,6 +30,7 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 # Share of the device's memory the plan may fill: GPU memory on CUDA, total RAM (unified memory on Apple) elsewhere.
 CUDA_BUDGET_FRACTION = 0.9
 RAM_BUDGET_FRACTION = 0.8
+Profile = Literal["conservative", "balanced", "quality"]
 # Backends whose training runs data-parallel over several processes (one per GPU; gloo on the CPU). Unsloth trains
 # in one process and lorapipe's mlx loop has no process group. (A backend fact: its home is the catalog's BackendSpec.)
 
@@ -37,21 +39,6 @@ class PlanError(RuntimeError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("preflight refused the training plan:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-class ModelSize(BaseModel):
-    parameters: int
-    hidden_size: int
-    layers: int
-    vocab_size: int
-
-
-class MemoryEstimate(BaseModel):
-    weights_gb: float
-    lora_and_optimizer_gb: float
-    activations_gb: float
-    total_gb: float
-    budget_gb: float
 
 
 class TrainingPlan(BaseModel):
@@ -71,6 +58,7 @@ class TrainingPlan(BaseModel):
     memory: MemoryEstimate
     reasons: list[str]
     warnings: list[str]
+    profile: Optional[str] = None  # train.profile the plan chose the unset knobs by
 
 
 class PhasePlan(BaseModel):
@@ -81,36 +69,15 @@ class PhasePlan(BaseModel):
     dtype: Dtype  # evaluate: the precision models are scored in; merge: the merged weights' precision
     batch_size: int
     reason: str
+    predicted_peak_gb: float = 0.0  # the memory model's peak of this phase (see lorapipe.hardware.memory)
+    memory_terms: list[MemoryTerm] = []  # what makes up that peak
+    warnings: list[str] = []
 
 
 class RunPlan(BaseModel):
     train: TrainingPlan
     evaluate: PhasePlan
     merge: PhasePlan
-
-
-def _bytes_per_param(dtype: str, quantization: str) -> float:
-    if quantization == "nf4":
-        return 0.55  # 4-bit weights + double-quantised scales
-    if quantization == "int8":
-        return 1.05
-    return 4.0 if dtype == "float32" else 2.0
-
-
-def estimate_memory(size: ModelSize, plan_dtype: str, quantization: str, micro_batch: int, seq: int,
-                    lora_r: int, checkpointing: bool, budget_gb: float) -> MemoryEstimate:
-    """Back-of-envelope arithmetic (weights, LoRA + Adam state, activations), like the seed MLX notes."""
-    gb = 2**30
-    weights = size.parameters * _bytes_per_param(plan_dtype, quantization) / gb
-    lora_params = 2 * lora_r * size.hidden_size * 7 * size.layers  # ~7 projections per layer
-    lora_opt = lora_params * (4 + 4 + 8) / gb  # fp32 weights + grads + two Adam moments
-    act_bytes = 2 if plan_dtype != "float32" else 4
-    per_layer = micro_batch * seq * size.hidden_size * act_bytes * (2 if checkpointing else 16)
-    logits = micro_batch * seq * size.vocab_size * 4 * 2
-    activations = (per_layer * size.layers + logits) / gb
-    total = weights + lora_opt + activations
-    return MemoryEstimate(weights_gb=round(weights, 4), lora_and_optimizer_gb=round(lora_opt, 4),
-                          activations_gb=round(activations, 4), total_gb=round(total, 4), budget_gb=round(budget_gb, 2))
 
 
 def _missing(probe: HardwareProbe, needed: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
@@ -224,25 +191,210 @@ def _world_size(train: TrainSection, spec: BackendSpec, device: str, probe: Hard
     return requested
 
 
-def _phase_plans(train_plan: TrainingPlan, evaluate: EvaluateSection, merge: MergeSection) -> tuple[PhasePlan, PhasePlan]:
+def _phase_plans(train_plan: TrainingPlan, merge: MergeSection, eval_batch: int, memory: MemoryEstimate,
+                 notes: dict[str, list[str]]) -> tuple[PhasePlan, PhasePlan]:
     """Evaluation scores with torch on the training GPU (CUDA) in its dtype, else on the CPU in float32 (mlx
     adapters are scored as fused torch models); merges run on the CPU, so no GPU memory is held while the
-    merged shards are written."""
+    merged shards are written. Each carries its own predicted peak and terms."""
     if train_plan.device == "cuda":
-        evaluation = PhasePlan(phase="evaluate", device="cuda", dtype=train_plan.dtype, batch_size=evaluate.batch_size,
-                               reason=f"on the training GPU in {train_plan.dtype}")
+        device, dtype, reason = "cuda", train_plan.dtype, f"on the training GPU in {train_plan.dtype}"
     else:
-        evaluation = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=evaluate.batch_size,
-                               reason="torch on the CPU in float32" + (
-                                   " (the mlx adapter is fused and scored as a torch model)"
-                                   if train_plan.backend == "mlx" else ""))
+        device, dtype, reason = "cpu", "float32", "torch on the CPU in float32" + (
+            " (the mlx adapter is fused and scored as a torch model)" if train_plan.backend == "mlx" else "")
+    evaluation = PhasePlan(phase="evaluate", device=device, dtype=dtype, batch_size=eval_batch,
+                           reason="; ".join([reason, *notes["evaluate_reasons"]]),
+                           predicted_peak_gb=memory.eval_peak_gb or 0.0, memory_terms=memory.phase_terms("eval"),
+                           warnings=notes["evaluate_warnings"])
     merging = PhasePlan(phase="merge", device="cpu", dtype=merge.dtype, batch_size=1,
-                        reason=f"on the CPU, written as {merge.dtype} (merge.dtype); checked one row at a time")
+                        reason=f"on the CPU, written as {merge.dtype} (merge.dtype); checked one row at a time",
+                        predicted_peak_gb=memory.merge_peak_gb or 0.0, memory_terms=memory.phase_terms("merge"),
+                        warnings=notes["merge_warnings"])
     return evaluation, merging
 
 
-def decide_plan(train: TrainSection, probe: HardwareProbe, size: ModelSize,
-                evaluate: Optional[EvaluateSection] = None, merge: Optional[MergeSection] = None) -> RunPlan:
+# What each profile tries, in order, for the knobs the config leaves to the plan (see docs/MEMORY.md): quantisation,
+# gradient checkpointing, optimizer (CUDA / elsewhere), evaluation batch sizes, and the share of the budget kept free.
+PROFILES: dict[str, dict[str, Any]] = {
+    "conservative": {"combos": [("nf4", True)], "optimizer": ("paged_adamw_8bit", "adamw_torch"),
+                     "eval_batches": (1,), "margin": 0.25},
+    "balanced": {"combos": [("none", False), ("none", True), ("nf4", True)],
+                 "optimizer": ("paged_adamw_32bit", "adamw_torch"), "eval_batches": (4, 2, 1), "margin": 0.15},
+    "quality": {"combos": [("none", False), ("none", True), ("nf4", False), ("nf4", True)],
+                "optimizer": ("adamw_torch", "adamw_torch"), "eval_batches": (8, 4, 2, 1), "margin": 0.10},
+}
+# the knobs a user sets in the config that the plan may otherwise choose (with a profile)
+PLANNED_KNOBS = ("train.quantization", "train.gradient_checkpointing", "train.optimizer", "evaluate.batch_size")
+
+
+def user_set_keys(train: TrainSection, evaluate: Optional[EvaluateSection] = None) -> set[str]:
+    """The planned knobs (PLANNED_KNOBS) the config gave explicitly: pydantic remembers which fields were set. Only
+    those, so that setting an unrelated key does not change the preflight step's inputs."""
+    keys = {f"train.{k}" for k in train.model_fields_set}
+    keys |= {f"evaluate.{k}" for k in (evaluate.model_fields_set if evaluate is not None else ())}
+    return keys & set(PLANNED_KNOBS)
+
+
+def memory_inputs(train: TrainSection, evaluate: EvaluateSection, merge: MergeSection, backend: str, device: str,
+                  dtype: str, *, quantization: Optional[str] = None, micro_batch_size: Optional[int] = None,
+                  seq_len: Optional[int] = None, gradient_checkpointing: Optional[bool] = None,
+                  optimizer: Optional[str] = None, eval_batch_size: Optional[int] = None, lora_r: Optional[int] = None,
+                  attn_implementation: Optional[str] = None) -> MemoryInputs:
+    """The memory model's inputs for a config on a device; each keyword overrides the config's value."""
+    return MemoryInputs(
+        device=device, backend=backend, dtype=dtype,
+        quantization=quantization if quantization is not None else train.quantization,
+        micro_batch_size=micro_batch_size or (train.micro_batch_size if isinstance(train.micro_batch_size, int) else 1),
+        seq_len=seq_len or train.max_seq_length, lora_r=lora_r or train.lora.r, lora_targets=train.lora.target_modules,
+        gradient_checkpointing=train.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing,
+        optimizer=optimizer or train.optimizer, attn_implementation=attn_implementation,
+        eval_batch_size=eval_batch_size or evaluate.batch_size, max_new_tokens=evaluate.max_new_tokens,
+        merge_dtype=merge.dtype, max_shard_bytes=shard_bytes(merge.max_shard_size))
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / GIB:.1f} GB"
+
+
+def _what_fits(facts: ModelFacts, base: MemoryInputs, budget_bytes: float, spec: BackendSpec,
+               train: TrainSection) -> list[str]:
+    """For each knob on its own, a value that makes the training peak fit: the fixes a refusal names."""
+    fixes = []
+    need = estimate(facts, base).train_peak_bytes
+
+    def first_fit(key: str, current: Any, values: list[Any], field: str) -> None:
+        for v in values:
+            peak = estimate(facts, base.model_copy(update={field: v})).train_peak_bytes
+            if peak <= budget_bytes:
+                fixes.append(f"{key} {current} needs {_gb(need)} of {_gb(budget_bytes)}; {v} fits at {_gb(peak)}")
+                return
+
+    seq = base.seq_len
+    first_fit("train.max_seq_length", seq, [seq // 2**k for k in range(1, 8) if seq // 2**k >= 64], "seq_len")
+    if base.micro_batch_size > 1:
+        first_fit("train.micro_batch_size", base.micro_batch_size,
+                  [base.micro_batch_size // 2**k for k in range(1, 8) if base.micro_batch_size // 2**k >= 1],
+                  "micro_batch_size")
+    if base.quantization == "none" and "nf4" in spec.quantization:
+        first_fit("train.quantization", "none", ["nf4"], "quantization")
+    if not base.gradient_checkpointing:
+        first_fit("train.gradient_checkpointing", "false", [True], "gradient_checkpointing")
+    if base.optimizer in ("adamw_torch", "paged_adamw_32bit") and "paged_adamw_8bit" in spec.optimizers:
+        first_fit("train.optimizer", base.optimizer, ["paged_adamw_8bit"], "optimizer")
+    if base.lora_r > 4:
+        first_fit("train.lora.r", base.lora_r, [base.lora_r // 2**k for k in range(1, 6) if base.lora_r // 2**k >= 4],
+                  "lora_r")
+    return fixes
+
+
+def _plan_memory(train: TrainSection, evaluate: EvaluateSection, merge: MergeSection, facts: ModelFacts,
+                 spec: BackendSpec, device: str, dtype: str, budget: float, ram_budget: float, world: int,
+                 user_set: set[str], attn_implementation: Optional[str], problems: list[str],
+                 reasons: list[str], warnings: list[str],
+                 notes: dict[str, list[str]]) -> tuple[dict[str, Any], MemoryEstimate]:
+    """Choose quantisation, gradient checkpointing, optimizer, micro-batch and evaluation batch so every phase
+    fits its budget (with the profile's margin); keep every value the config set, and when they cannot fit, name
+    each knob and a value that does."""
+    profile = PROFILES.get(train.profile or "")
+    margin = profile["margin"] if profile else 0.0
+    limit = budget * (1 - margin)
+    cuda = device == "cuda"
+
+    def given(key: str) -> bool:
+        return profile is None or key in user_set
+
+    combos = [(train.quantization, train.gradient_checkpointing)]
+    if profile:
+        combos = [(q if not given("train.quantization") else train.quantization,
+                   g if not given("train.gradient_checkpointing") else train.gradient_checkpointing)
+                  for q, g in profile["combos"]]
+        # nf4 only where the backend quantises and, on the CPU, only when nothing 16-bit fits (it is slow there)
+        combos = [c for c in dict.fromkeys(combos) if c[0] in spec.quantization]
+        combos = combos or [(train.quantization, train.gradient_checkpointing)]
+    optimizer = train.optimizer
+    if profile and not given("train.optimizer"):
+        wanted = profile["optimizer"][0 if cuda else 1]
+        optimizer = wanted if wanted in spec.optimizers else train.optimizer
+    if isinstance(train.micro_batch_size, int):
+        micro = [train.micro_batch_size]
+    else:
+        micro = [2**k for k in range(int(math.log2(train.max_micro_batch_size)), -1, -1)]
+    eval_batches = [evaluate.batch_size] if given("evaluate.batch_size") else list(profile["eval_batches"])
+
+    def inputs(q: str, gc: bool, mb: int, eb: int) -> MemoryInputs:
+        return memory_inputs(train, evaluate, merge, spec.name, device, dtype, quantization=q, micro_batch_size=mb,
+                             gradient_checkpointing=gc, optimizer=optimizer, eval_batch_size=eb,
+                             attn_implementation=attn_implementation)
+
+    chosen: Optional[tuple[str, bool, int]] = None
+    for q, gc in combos:
+        for mb in micro:
+            if estimate(facts, inputs(q, gc, mb, eval_batches[-1])).train_peak_bytes <= limit * GIB:
+                chosen = (q, gc, mb)
+                break
+        if chosen:
+            break
+    if chosen is None:
+        q, gc = combos[-1]
+        base = inputs(q, gc, micro[-1], eval_batches[-1])
+        need = estimate(facts, base).train_peak_bytes
+        fixes = _what_fits(facts, base, limit * GIB, spec, train)
+        where = f"{budget:.1f} GB usable on {device}" + (f" less the {train.profile} profile's {margin:.0%} margin"
+                                                        if margin else "")
+        problems.append(f"training needs about {_gb(need)} at micro-batch {micro[-1]} and the budget is {limit:.1f} GB "
+                        f"({where}): " + ("; ".join(fixes) if fixes else
+                                         "no single change fits: use a machine with more memory or a smaller model"))
+        chosen = (q, gc, micro[-1])
+    q, gc, mb = chosen
+    # the largest evaluation batch that fits the evaluation phase's budget (the GPU on CUDA, RAM elsewhere)
+    eval_limit = limit if cuda else ram_budget * (1 - margin)
+    eb = eval_batches[-1]
+    for candidate in eval_batches:
+        if estimate(facts, inputs(q, gc, mb, candidate)).eval_peak_bytes <= eval_limit * GIB:
+            eb = candidate
+            break
+    memory = estimate(facts, inputs(q, gc, mb, eb), budget_gb=budget)
+    if memory.eval_peak_gb > eval_limit and not problems:
+        fix = ("set evaluate.batch_size: 1" if eb > 1 else "lower evaluate.max_new_tokens or train.max_seq_length")
+        problems.append(f"evaluation needs about {memory.eval_peak_gb:.1f} GB at evaluate.batch_size {eb} and the "
+                        f"budget is {eval_limit:.1f} GB on {'cuda' if cuda else 'cpu'}: {fix} (it would fail after "
+                        "training, not before)")
+    if memory.merge_peak_gb > ram_budget:
+        # a warning, not a refusal: the adapter is trained and stored before the merge, which can run again elsewhere
+        notes["merge_warnings"].append(
+            f"merge needs about {memory.merge_peak_gb:.1f} GB of RAM (a {merge.dtype} copy of the base with the "
+            f"adapter, the shard being written, the read-back for the check) and {ram_budget:.1f} GB is usable here: "
+            "the merge step may fail after training; the adapter is stored first, merge it on a machine with more RAM"
+            + ("" if merge.dtype != "float32" else ", or set merge.dtype: bfloat16"))
+    # training's choices are said in the training plan; evaluation's in its own (so that an evaluation setting leaves
+    # the training plan, and the cached training, as they were)
+    for key, value, default in (("train.quantization", q, train.quantization),
+                                ("train.gradient_checkpointing", gc, train.gradient_checkpointing),
+                                ("train.optimizer", optimizer, train.optimizer),
+                                ("evaluate.batch_size", eb, evaluate.batch_size)):
+        said = reasons if key.startswith("train.") else notes["evaluate_reasons"]
+        if profile and not given(key):
+            said.append(f"{key} {value} (profile {train.profile}" + (
+                "" if value == default else f"; the default is {default}") + ")")
+        elif profile:
+            said.append(f"{key} {value} (set in the config, kept)")
+    per = " per process" if world > 1 else ""
+    reasons.append(f"memory: training {memory.total_gb:.2f} GB predicted; budget {budget:.1f} GB{per}"
+                   + (f", {margin:.0%} kept free ({train.profile})" if margin else ""))
+    notes["evaluate_reasons"].append(f"{memory.eval_peak_gb:.2f} GB predicted")
+    return {"quantization": q, "gradient_checkpointing": gc, "optimizer": optimizer, "micro_batch_size": mb,
+            "eval_batch_size": eb}, memory
+
+
+def decide_plan(train: TrainSection, probe: HardwareProbe, facts: ModelFacts,
+                evaluate: Optional[EvaluateSection] = None, merge: Optional[MergeSection] = None, *,
+                attn_implementation: Optional[str] = None, user_set: Optional[set[str]] = None) -> RunPlan:
+    """The plan of every phase, or PlanError with every reason not. `user_set`: the dotted keys the config set
+    (default: what pydantic recorded as set on `train` and `evaluate`); with `train.profile` the plan chooses the
+    others."""
+    evaluate = evaluate or EvaluateSection()
+    merge = merge or MergeSection()
+    if user_set is None:
+        user_set = user_set_keys(train, evaluate)
     problems: list[str] = []
     warnings: list[str] = []
     backend, why = choose_backend(train.backend, probe)
@@ -264,72 +416,66 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, size: ModelSize,
     reasons.append(f"dtype {dtype}" + (" (auto)" if train.dtype == "auto" else ""))
     if device == "cpu" and dtype == "float16":
         problems.append("train.dtype=float16 is not supported for training on cpu; allowed here: float32, bfloat16, auto")
-    optimizer = train.optimizer
-    if optimizer.startswith("paged") and device != "cuda":
-        warnings.append(f"{optimizer} pages only on CUDA; bitsandbytes falls back to a non-paged optimizer here")
     world = _world_size(train, spec, device, probe, problems, reasons, warnings)
 
     # memory budget of one process: GPU memory on CUDA (the smallest of the GPUs it trains on), total RAM elsewhere
     # (unified memory on Apple), which the CPU processes of a data-parallel run share. Not free memory: the plan must
     # come out the same on one machine from run to run (preflight warns when too little is free right now).
+    ram_budget = probe.ram_total_gb * RAM_BUDGET_FRACTION
     if device == "cuda" and probe.cuda_devices:
         budget = min(d.total_memory_gb for d in probe.cuda_devices[:world]) * CUDA_BUDGET_FRACTION
+    elif device == "mps" and probe.mlx_working_set_gb:
+        # Apple's GPU works within mlx's recommended working set, below total unified memory
+        budget = min(ram_budget, probe.mlx_working_set_gb)
     else:
-        budget = probe.ram_total_gb * RAM_BUDGET_FRACTION / world
-    quant = train.quantization
-    seq = train.max_seq_length
-    if isinstance(train.micro_batch_size, int):
-        candidates = [train.micro_batch_size]
-    else:
-        candidates = [2**k for k in range(int(math.log2(train.max_micro_batch_size)), -1, -1)]
-    chosen: Optional[int] = None
-    estimate = None
-    for mb in candidates:
-        estimate = estimate_memory(size, dtype, quant, mb, seq, train.lora.r, train.gradient_checkpointing, budget)
-        if estimate.total_gb <= budget:
-            chosen = mb
-            break
-    assert estimate is not None
-    if chosen is None:
-        problems.append(
-            f"estimated memory {estimate.total_gb:.1f} GB at micro-batch {candidates[-1]} exceeds the budget "
-            f"{budget:.1f} GB on {device}: lower train.max_seq_length, set train.quantization: nf4, "
-            "or turn on train.gradient_checkpointing")
-        chosen = candidates[-1]
+        budget = ram_budget / world
+    notes: dict[str, list[str]] = {"evaluate_reasons": [], "evaluate_warnings": [], "merge_warnings": []}
+    chosen, memory = _plan_memory(train, evaluate, merge, facts, spec, device, dtype, budget, ram_budget, world,
+                                  user_set, attn_implementation, problems, reasons, warnings, notes)
+    optimizer = chosen["optimizer"]
+    if optimizer.startswith("paged") and device != "cuda":
+        warnings.append(f"{optimizer} pages only on CUDA; bitsandbytes falls back to a non-paged optimizer here")
+    if chosen["quantization"] != train.quantization or optimizer != train.optimizer:
+        for module, why, install in _missing(probe, required_modules(spec, chosen["quantization"], optimizer)):
+            problems.append(f"the {train.profile} profile chose {why.split('=', 1)[0]}={why.split('=', 1)[-1]}, which "
+                            f"needs {module}, not installed here; install with: {install} (or set it in the config)")
+    chosen_mb = chosen["micro_batch_size"]
     # each process trains micro-batches of `chosen`; accumulation makes up the rest of the effective batch, shared
     # out over the processes, so a run's optimizer steps see the same batch whatever the process count
-    chosen = min(chosen, max(1, train.effective_batch_size // world))
+    chosen_mb = min(chosen_mb, max(1, train.effective_batch_size // world))
     # the largest micro-batch that fits and divides the effective batch exactly, so the batch asked for is the
     # batch trained; when the process count does not divide it, the nearest batch above, said as a warning
-    exact = next((mb for mb in range(chosen, 0, -1) if train.effective_batch_size % (mb * world) == 0), None)
-    chosen = exact or chosen
-    ga = max(1, math.ceil(train.effective_batch_size / (chosen * world)))
-    if chosen * ga * world != train.effective_batch_size:
+    exact = next((mb for mb in range(chosen_mb, 0, -1) if train.effective_batch_size % (mb * world) == 0), None)
+    chosen_mb = exact or chosen_mb
+    ga = max(1, math.ceil(train.effective_batch_size / (chosen_mb * world)))
+    if chosen_mb * ga * world != train.effective_batch_size:
         warnings.append(f"train.effective_batch_size={train.effective_batch_size} is not a multiple of {world} "
-                        f"processes: each optimizer step sees {chosen * ga * world} rows (set a multiple of {world})")
+                        f"processes: each optimizer step sees {chosen_mb * ga * world} rows (set a multiple of {world})")
+    if chosen_mb != chosen["micro_batch_size"]:  # the memory of the micro-batch actually trained
+        memory = estimate(facts, memory_inputs(train, evaluate, merge, backend, device, dtype,
+                                               quantization=chosen["quantization"], micro_batch_size=chosen_mb,
+                                               gradient_checkpointing=chosen["gradient_checkpointing"],
+                                               optimizer=optimizer, eval_batch_size=chosen["eval_batch_size"],
+                                               attn_implementation=attn_implementation), budget_gb=budget)
     per_step = f" x {world} processes" if world > 1 else ""
-    reasons.append(f"micro-batch {chosen} x accumulation {ga}{per_step} = effective {chosen * ga * world} "
-                   f"(estimated {estimate.total_gb:.2f} of {budget:.1f} GB{' per process' if world > 1 else ''})")
-    if probe.disk_free_gb < 1.0 + size.parameters * 2 * 2 / 2**30:
+    reasons.append(f"micro-batch {chosen_mb} x accumulation {ga}{per_step} = effective {chosen_mb * ga * world} "
+                   f"(estimated {memory.total_gb:.2f} of {budget:.1f} GB{' per process' if world > 1 else ''})")
+    disk_need = 1.0 + facts.total_parameters * 2 * 2 / GIB
+    if probe.disk_free_gb < disk_need:
         problems.append(f"only {probe.disk_free_gb:.1f} GB free at {probe.disk_path}: checkpoints and the merged model "
-                        "need about twice the model's 16-bit size; free disk or move train.output_root")
+                        f"need about {disk_need:.1f} GB (twice the model's 16-bit size and 1 GB); free disk or move "
+                        "train.output_root")
     if problems:
         raise PlanError(problems)
     train_plan = TrainingPlan(
-        backend=backend, device=device, dtype=dtype, quantization=quant, micro_batch_size=chosen,
-        gradient_accumulation_steps=ga, effective_batch_size=chosen * ga * world, max_seq_length=seq,
-        gradient_checkpointing=train.gradient_checkpointing, optimizer=optimizer, world_size=world,
-        memory=estimate, reasons=reasons, warnings=warnings)
-    evaluation, merging = _phase_plans(train_plan, evaluate or EvaluateSection(), merge or MergeSection())
+        backend=backend, device=device, dtype=dtype, quantization=chosen["quantization"], micro_batch_size=chosen_mb,
+        gradient_accumulation_steps=ga, effective_batch_size=chosen_mb * ga * world, max_seq_length=train.max_seq_length,
+        gradient_checkpointing=chosen["gradient_checkpointing"], optimizer=optimizer, world_size=world,
+        memory=memory.training_only(), reasons=reasons, warnings=warnings, profile=train.profile)
+    evaluation, merging = _phase_plans(train_plan, merge, chosen["eval_batch_size"], memory, notes)
     return RunPlan(train=train_plan, evaluate=evaluation, merge=merging)
 
 
-def model_size(name_or_path: str, revision: Optional[str] = None, trust_remote_code: bool = False) -> ModelSize:
-    """Size from the model's config alone (no weights are loaded)."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    h, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
-    inter = getattr(cfg, "intermediate_size", 4 * h)
-    params = V * h * (1 if getattr(cfg, "tie_word_embeddings", False) else 2) + L * (4 * h * h + 3 * h * inter)
-    return ModelSize(parameters=params, hidden_size=h, layers=L, vocab_size=V)
+def model_size(name_or_path: str, revision: Optional[str] = None, trust_remote_code: bool = False) -> ModelFacts:
+    """The model's facts from its config alone (no weights are loaded): `lorapipe.hardware.memory.model_facts`."""
+    return model_facts(name_or_path, revision, trust_remote_code)

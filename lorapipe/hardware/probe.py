@@ -49,6 +49,8 @@ class HardwareProbe(BaseModel):
     apple_silicon: bool
     mps_available: bool
     packages: dict[str, Optional[str]]
+    # Apple Silicon with mlx: the GPU's recommended working set (unified memory mlx should stay within)
+    mlx_working_set_gb: Optional[float] = None
 
     @property
     def accelerator(self) -> str:
@@ -92,6 +94,7 @@ def probe(disk_path: str = ".") -> HardwareProbe:
     apple = platform.system() == "Darwin" and platform.machine() == "arm64"
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     return HardwareProbe(
+        mlx_working_set_gb=_mlx_working_set_gb() if apple else None,
         os=platform.system(), machine=platform.machine(), python=platform.python_version(),
         cpu_count=os.cpu_count() or 1, ram_total_gb=round(vm.total / 2**30, 2),
         ram_available_gb=round(vm.available / 2**30, 2),
@@ -99,6 +102,20 @@ def probe(disk_path: str = ".") -> HardwareProbe:
         cuda_available=cuda, cuda_devices=devices, apple_silicon=apple, mps_available=mps,
         packages=package_versions(),
     )
+
+
+def _mlx_working_set_gb() -> Optional[float]:
+    """mlx's recommended working-set size on Apple Silicon (GiB), where mlx is installed."""
+    if importlib.util.find_spec("mlx") is None:
+        return None
+    try:
+        import mlx.core as mx
+
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        size = info.get("max_recommended_working_set_size")
+        return round(size / 2**30, 2) if size else None
+    except Exception:  # noqa: BLE001 - no Metal device: the RAM budget stands
+        return None
 
 
 def _gpu_inventory() -> list[str]:

@@ -18,10 +18,14 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
 
 # Model shapes by name. "tiny" (0.2 M parameters) is the quickstart's and the tests'; "25m" (~24.7 M: hidden 512,
-# 8 layers, the same tokenizer) is for benchmarks where per-step overhead must not dominate.
+# 8 layers, the same tokenizer) is for benchmarks where per-step overhead must not dominate; "56m-v32k" for the
+# memory benchmarks.
 SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, layers=2, heads=4, kv_heads=2),
     "25m": dict(hidden_size=512, intermediate_size=1408, layers=8, heads=8, kv_heads=4),
+    # ~56 M: the 25m shape with a 32,000-row vocabulary (rows past the tokenizer's are never produced by it), so the
+    # vocabulary-wide logits weigh as in real models: the memory benchmarks' larger model
+    "56m-v32k": dict(hidden_size=512, intermediate_size=1408, layers=8, heads=8, kv_heads=4, vocab_size=32000),
 }
 
 
@@ -52,7 +56,7 @@ def build_tiny_model(out_dir: str | Path, corpus: list[Path], vocab_size: int = 
         heads: Overrides the size's attention heads.
         kv_heads: Overrides the size's key/value heads.
         seed: Seed for the weights.
-        size: A key of `SIZES`: "tiny" (default) or "25m".
+        size: A key of `SIZES`: "tiny" (default), "25m" or "56m-v32k".
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -82,7 +86,7 @@ def build_tiny_model(out_dir: str | Path, corpus: list[Path], vocab_size: int = 
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        vocab_size=max(len(fast), shape.get("vocab_size", 0)), hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=2048, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id, tie_word_embeddings=False, rms_norm_eps=1e-5,
@@ -93,6 +97,6 @@ def build_tiny_model(out_dir: str | Path, corpus: list[Path], vocab_size: int = 
     model.save_pretrained(out, safe_serialization=True)
     (out / "lorapipe_tiny.json").write_text(json.dumps(
         {"built_by": "lorapipe build-tiny-model", "seed": seed, "corpus": [str(p) for p in corpus],
-         "size": size, "vocab_size": len(fast), "hidden_size": hidden_size, "layers": layers,
+         "size": size, "vocab_size": config.vocab_size, "tokenizer_size": len(fast), "hidden_size": hidden_size, "layers": layers,
          "parameters": model.num_parameters()}, indent=2))
     return out

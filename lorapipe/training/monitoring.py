@@ -59,22 +59,60 @@ def memory_gb(device: str) -> float:
     return process_memory_gb()
 
 
+_CLEAR_REFS = "/proc/self/clear_refs"
+_STATUS = "/proc/self/status"
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start a phase's peak afresh: CUDA's peak counter; on Linux the process's resident high-water mark (writing 5
+    to /proc/self/clear_refs resets VmHWM), so a CPU phase's peak is its own, not an earlier step's."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open(_CLEAR_REFS, "w") as fh:
+            fh.write("5")
+    except OSError:  # not Linux, or not allowed: the lifetime high-water mark stands in
+        pass
+
+
+def peak_memory_gb(device: str) -> float:
+    """The peak since `reset_peak_memory` (GiB): torch's allocated CUDA peak; the process's resident high-water mark
+    elsewhere (VmHWM on Linux, the lifetime maximum on other systems)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        with open(_STATUS) as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 2**30
+    except OSError:
+        pass
+    import resource
+    import sys as _sys
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**30 if _sys.platform == "darwin" else maxrss * 1024 / 2**30
+
+
 class PhaseMemory:
-    """Memory of one phase (evaluate, merge): CUDA's peak counter is reset on entry, so the figure is the
-    phase's own peak; elsewhere the process's resident set at the end of the phase (no resettable counter)."""
+    """The peak memory of one phase (evaluate, merge): the peak counter (CUDA) or the resident high-water mark
+    (Linux) is reset on entry, so the figure is the phase's own peak, resident process included."""
 
     def __init__(self, device: str):
-        self.device, self.gb = device, 0.0
+        self.device, self.gb, self.start_gb = device, 0.0, 0.0
 
     def __enter__(self) -> "PhaseMemory":
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
+        self.start_gb = round(memory_gb(self.device) if self.device.startswith("cuda") else process_memory_gb(), 3)
+        reset_peak_memory(self.device)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.gb = round(memory_gb(self.device), 3)
+        self.gb = round(peak_memory_gb(self.device), 3)
         free_memory(self.device)
 
 

@@ -1,0 +1,90 @@
+"""Measure the truth: a few real training steps and one evaluation batch at the planned sizes, and their peaks.
+
+`measure_phase` runs one phase (train, eval or merge) of the real backends on synthetic rows that fill the planned
+sequence length, in a fresh process (`python -m lorapipe.hardware.probe_worker SPEC.json OUT.json`), so each phase's
+peak is its own: torch's allocated peak on CUDA (counter reset first, reserved recorded too), the process's resident
+high-water mark on the CPU, mlx's peak on Apple. `preflight.probe: true` runs train and eval this way before the
+real training; bench/memory_accuracy.py runs all three for its accuracy matrix.
+
+This module only starts the worker and reads its result: the preflight step imports it, not the training code the
+worker runs, so an edit to a backend re-plans nothing (the probe measures; the plan does not depend on it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel
+
+from lorapipe.config import ModelSection, TrainSection
+from lorapipe.hardware.plan import PhasePlan, TrainingPlan
+
+
+class PhaseMeasurement(BaseModel):
+    phase: str
+    peak_gb: float  # CUDA: torch's allocated peak; elsewhere the process's resident high-water mark
+    reserved_gb: Optional[float] = None  # CUDA: the allocator's reserved peak
+    resident_at_start_gb: float  # the process before the phase (imports done, nothing loaded)
+    seconds: float
+    device: str
+    error: Optional[str] = None
+
+
+def measure_phase(phase: str, model: ModelSection, train: TrainSection, plan: TrainingPlan, work_dir: str | Path,
+                  evaluate_plan: Optional[PhasePlan] = None, merge_plan: Optional[PhasePlan] = None,
+                  max_new_tokens: int = 64, timeout_s: float = 3600) -> PhaseMeasurement:
+    """Run `phase` in a fresh Python process and return its measured peak. eval and merge read the adapter the
+    train phase left in `work_dir`."""
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    spec = {"phase": phase, "model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"),
+            "plan": plan.model_dump(mode="json"), "work_dir": str(work), "max_new_tokens": max_new_tokens,
+            "eval_plan": evaluate_plan.model_dump(mode="json") if evaluate_plan else None,
+            "merge_plan": merge_plan.model_dump(mode="json") if merge_plan else None}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(spec))
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run([sys.executable, "-m", "lorapipe.hardware.probe_worker", str(spec_path), str(out_path)],
+                              capture_output=True, text=True, timeout=timeout_s, env=env)
+        if proc.returncode != 0 or not out_path.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            return PhaseMeasurement(phase=phase, peak_gb=0.0, resident_at_start_gb=0.0, seconds=0.0,
+                                    device=plan.device, error=f"exit {proc.returncode}: " + " | ".join(tail))
+        return PhaseMeasurement(**json.loads(out_path.read_text()))
+
+
+PROBE_TOLERANCE = 0.15
+
+
+def probe_checks(model: Any, train: Any, plan: Any, evaluate: Any, work_dir: str) -> tuple[list[Any], list[dict]]:
+    """`preflight.probe`: a few real training steps and one evaluation batch at the planned sizes, each in a fresh
+    process; their measured peaks beside the predictions (warn beyond 15%, fail when over the budget)."""
+    from lorapipe.hardware.preflight import Check
+
+    checks, rows = [], []
+    budget = plan.train.memory.budget_gb
+    for phase, predicted in (("train", plan.train.memory.total_gb), ("eval", plan.evaluate.predicted_peak_gb)):
+        m = measure_phase(phase, model, train, plan.train, work_dir, plan.evaluate, plan.merge,
+                          max_new_tokens=evaluate.max_new_tokens)
+        row = {"phase": phase, "predicted_gb": predicted, **m.model_dump()}
+        rows.append(row)
+        if m.error:
+            checks.append(Check(section="probe", name=f"{phase} probe", status="fail", measured=m.error,
+                                requirement="3 steps at the planned sizes run", detail="the run would fail the same way"))
+            continue
+        error = predicted / m.peak_gb - 1 if m.peak_gb else 0.0
+        row["error"] = round(error, 4)
+        status = "fail" if m.peak_gb > budget else "warn" if abs(error) > PROBE_TOLERANCE else "pass"
+        checks.append(Check(section="probe", name=f"{phase} peak (measured)", status=status,
+                            measured=f"{m.peak_gb:.2f} GB on {m.device}, predicted {predicted:.2f} GB ({error:+.0%})",
+                            requirement=f"<= {budget:.1f} GB; within {PROBE_TOLERANCE:.0%} of the prediction",
+                            detail="" if status == "pass" else "over the budget: lower the micro-batch or sequence"
+                            if status == "fail" else "the memory model is off here; the measured figure is the truth"))
+    return checks, rows

@@ -1,0 +1,117 @@
+"""The measuring process of `lorapipe.hardware.measure`: `python -m lorapipe.hardware.probe_worker SPEC.json OUT.json`
+runs one phase (train, eval, merge) of the real backends on synthetic rows at the planned sizes and writes its
+`PhaseMeasurement` (peak, resident memory at the start, seconds)."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lorapipe.config import ModelSection, TrainSection
+from lorapipe.hardware.measure import PhaseMeasurement
+from lorapipe.hardware.plan import PhasePlan, TrainingPlan
+
+PROBE_STEPS = 3
+_WORDS = ("alpha beta gamma delta model train data memory token layer value check merge probe batch field "
+          "shape label north south river stone cloud light sound water paper green").split()
+
+
+def synthetic_rows(n: int, seq_len: int, seed: int = 0) -> Any:
+    """`n` conversations long enough to fill `seq_len` tokens after truncation (a few words per token at worst)."""
+    from lorapipe.data.dataset import ConversationDataset
+    from lorapipe.data.records import Record
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(_WORDS) for _ in range(16))
+        answer = " ".join(rng.choice(_WORDS) for _ in range(seq_len + 16))
+        rows.append(Record(source="probe", line=i + 1, raw="", format="messages",
+                           messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]))
+    return ConversationDataset(rows, name="probe")
+
+
+def _resident_gb() -> float:
+    from lorapipe.training.monitoring import process_memory_gb
+
+    return process_memory_gb()
+
+
+def _run_phase(spec: dict[str, Any]) -> PhaseMeasurement:
+    """Inside the measuring process."""
+    import lorapipe.quiet  # noqa: F401  (library noise off before the heavy imports)
+    from lorapipe.backends import get_backend
+    from lorapipe.training.monitoring import peak_memory_gb, reset_peak_memory
+
+    phase = spec["phase"]
+    model = ModelSection(**spec["model"])
+    train = TrainSection(**spec["train"])
+    plan = TrainingPlan(**spec["plan"])
+    work = Path(spec["work_dir"])
+    adapter_dir = work / "adapter"
+    device = plan.device if phase == "train" else PhasePlan(**spec[f"{phase}_plan"]).device
+    import torch  # noqa: F401  (imported before the baseline is read: every phase needs it)
+    import transformers  # noqa: F401
+    import peft  # noqa: F401
+
+    if phase == "train":
+        import trl  # noqa: F401
+    start_gb = _resident_gb()
+    began = time.perf_counter()
+    reserved = None
+    if phase == "train":
+        rows = plan.micro_batch_size * plan.world_size * PROBE_STEPS
+        probe_train = train.model_copy(update={"max_steps": PROBE_STEPS, "save_steps": 10_000, "eval_steps": None,
+                                               "early_stopping_patience": None, "load_best_model_at_end": False,
+                                               "resume": False, "resume_from": None, "logging_steps": PROBE_STEPS,
+                                               "output_root": str(work)})
+        probe_plan = plan.model_copy(update={"gradient_accumulation_steps": 1,
+                                             "effective_batch_size": plan.micro_batch_size * plan.world_size})
+        from lorapipe.data.dataset import ConversationDataset
+
+        info = get_backend(plan.backend).train(model, probe_train, 0, probe_plan,
+                                               synthetic_rows(rows, plan.max_seq_length),
+                                               ConversationDataset([], name="eval"), work / "train", adapter_dir)
+        peak = info.peak_memory_gb
+    else:
+        reset_peak_memory(device)
+        phase_plan = PhasePlan(**spec[f"{phase}_plan"])
+        rows = synthetic_rows(phase_plan.batch_size if phase == "eval" else 1, plan.max_seq_length, seed=1)
+        if phase == "eval":
+            from lorapipe.evaluation.compare import evaluate_adapter
+
+            metrics = evaluate_adapter(str(adapter_dir), rows, phase_plan, max_samples=len(rows),
+                                       generation_samples=len(rows), max_new_tokens=spec["max_new_tokens"],
+                                       max_length=plan.max_seq_length, generation_metrics=[])
+            peak = metrics.memory_gb
+        else:
+            from lorapipe.merge import merge_adapter
+
+            check = merge_adapter(str(adapter_dir), str(work / "merged"), rows, phase_plan, check_samples=1,
+                                  max_length=plan.max_seq_length)
+            peak = check.memory_gb
+    if device.startswith("cuda"):
+        import torch
+
+        reserved = round(torch.cuda.max_memory_reserved() / 2**30, 4)
+    else:
+        peak = max(peak, peak_memory_gb(device))
+    return PhaseMeasurement(phase=phase, peak_gb=round(peak, 4), reserved_gb=reserved,
+                            resident_at_start_gb=round(start_gb, 4), seconds=round(time.perf_counter() - began, 2),
+                            device=device)
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    result = _run_phase(spec)
+    Path(argv[1]).write_text(result.model_dump_json())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+
