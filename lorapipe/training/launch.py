@@ -39,6 +39,7 @@ LAUNCH_DIR = "launch"
 LAST_LINES = 30
 # torchrun --tee prefixes every line of a worker with its role and local rank: "[default1]:..."
 RANK_LINE = re.compile(r"^\[default(\d+)\]:(.*)$")
+RANK_PREFIX = re.compile(r"(?=\[default\d+\]:)")
 # torchrun's failure summary names the first rank that failed and its exit code
 ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
 
@@ -119,16 +120,21 @@ def _run_streaming(cmd: list[str], env: dict[str, str], launch_dir: Path, out: T
             assert proc.stdout is not None
             for line in proc.stdout:
                 everything.write(line)
-                match = RANK_LINE.match(line.rstrip("\n"))
-                if match is None:
-                    continue  # torchrun's own lines: in launch.log
-                rank, text = int(match.group(1)), match.group(2)
-                if rank not in rank_logs:
-                    rank_logs[rank] = open(logs / f"rank{rank}.log", "w", encoding="utf-8")
-                rank_logs[rank].write(text + "\n")
-                rank_logs[rank].flush()
-                if rank == 0:
-                    print(text, file=out, flush=True)
+                # a rank's stdout and stderr are teed through one pipe and can meet mid-line ("...eta 0:00:00
+                # [default0]:"): each prefix starts a line of its own
+                for piece in RANK_PREFIX.split(line.rstrip("\n")):
+                    match = RANK_LINE.match(piece)
+                    if match is None:
+                        continue  # torchrun's own lines: in launch.log
+                    rank, text = int(match.group(1)), match.group(2)
+                    if not text.strip():
+                        continue
+                    if rank not in rank_logs:
+                        rank_logs[rank] = open(logs / f"rank{rank}.log", "w", encoding="utf-8")
+                    rank_logs[rank].write(text + "\n")
+                    rank_logs[rank].flush()
+                    if rank == 0:
+                        print(text, file=out, flush=True)
         except BaseException:
             # the step was interrupted (or the output could not be read): no rank is left running without a parent
             proc.terminate()
