@@ -59,6 +59,32 @@ def user_error_types() -> tuple[type[BaseException], ...]:
             MergeCheckFailed, EvaluationError, PreemptedError)
 
 
+def ensure_store() -> None:
+    """Create (and migrate) the local ZenML store under a file lock the first time it is used: ZenML 0.98 creates a
+    fresh SQLite store's tables without one, so two commands started together on a new machine would race (one
+    fails with "table project already exists"). Once the store exists this costs one stat."""
+    import os
+
+    from zenml.utils.io_utils import get_global_config_directory
+
+    home = Path(get_global_config_directory())
+    if os.environ.get("ZENML_STORE_URL") or (home / "local_stores" / "default_zen_store" / "zenml.db").exists():
+        return  # a remote or configured store, or a local one that exists: nothing to create
+    try:
+        import fcntl
+    except ImportError:  # not a Unix system: no lock (the race needs two first uses at once)
+        return
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".lorapipe-store.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the second command waits here while the first creates the store
+        try:
+            from zenml.client import Client
+
+            Client().zen_store  # noqa: B018 - creating the store is the point
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def use_repo_as_source_root() -> None:
     """ZenML imports steps by module path from its source root: make that this repository."""
     from zenml.utils import source_utils
@@ -151,7 +177,7 @@ class FinetuneResult:
 
 
 # Failures raised inside steps whose message already says what to do: shown as one paragraph, like user mistakes
-EXPLAINED_FAILURES = ("DataParallelLaunchError", "PreemptedError", "OutOfMemoryError")
+EXPLAINED_FAILURES = ("DataParallelLaunchError", "PreemptedError", "OutOfMemoryError", "DiskFullError")
 
 
 def failed_step_message(since: Optional[Any] = None) -> Optional[str]:
@@ -210,6 +236,7 @@ def run_finetune(config: Union[str, Path, LorapipeConfig, dict], overrides: Opti
     """
     from zenml.client import Client
 
+    ensure_store()
     prepared = prepare(config, overrides, base_dir)
     cfg = prepared.config
     version = model_version_name(prepared.data_sha256 or "", prepared.config_sha256)

@@ -742,12 +742,22 @@ def backends(as_json: bool) -> int:
 
 # --------------------------------------------------------------------------------------------------------- main
 
+# commands that never open the ZenML store (they need none on a fresh machine)
+STORE_FREE_COMMANDS = {None, "validate", "estimate-memory", "build-tiny-model", "backends", "watch"}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """The `lorapipe` entry point; returns the exit code (tests call it in-process)."""
     quiet_env()
     from lorapipe.api import user_error_types
 
     try:
+        args = sys.argv[1:] if argv is None else argv
+        command = next((a for a in args if not a.startswith("-")), None)
+        if command not in STORE_FREE_COMMANDS and not any(a in ("-h", "--help") for a in args):
+            from lorapipe.api import ensure_store
+
+            ensure_store()  # two commands on a new machine must not race to create the store
         result = cli.main(args=argv, prog_name="lorapipe", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -220,6 +219,7 @@ def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDatase
     from lorapipe.export.modelfile import write_modelfile
     from lorapipe.models.end_tokens import end_tokens
     from lorapipe.models.loading import load_tokenizer
+    from lorapipe.training.disk import merged_model_bytes, merged_model_write
     from lorapipe.training.monitoring import PhaseMemory
 
     meta = read_adapter_metadata(adapter_dir)
@@ -250,9 +250,11 @@ def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDatase
     with PhaseMemory(phase.device) as memory, \
             tempfile.TemporaryDirectory(prefix=".lorapipe-merge-check-", dir=out.parent) as scratch:
         reference = ReferenceLogits(Path(scratch))
-        _reference_then_merge(backend, adapter_dir, out, phase, inputs, reference, shard_bytes(max_shard_size))
-        tokenizer.save_pretrained(str(out))  # with the chat template training used
-        write_generation_config(out, tokenizer)
+        # a full disk: one error naming the folder, the model's size and the space free there; partial shards removed
+        with merged_model_write(out, lambda: merged_model_bytes(meta, phase.dtype), lambda: _clear_weights(out)):
+            _reference_then_merge(backend, adapter_dir, out, phase, inputs, reference, shard_bytes(max_shard_size))
+            tokenizer.save_pretrained(str(out))  # with the chat template training used
+            write_generation_config(out, tokenizer)
         if before_check is not None:
             before_check(out)
         tol = atol if atol is not None else DEFAULT_ATOL[phase.dtype]

@@ -33,6 +33,7 @@ from typing import Any, Optional
 from lorapipe.backends import peft_adapter
 from lorapipe.backends.base import AdapterInfo, checkpoint_step
 from lorapipe.backends.trl_sft import (
+    checkpoint_save_guard,
     finish_trainer_run,
     lora_config,
     monitor_callback,
@@ -136,6 +137,12 @@ def _trainer_class() -> Any:
         def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
             self.padding_counter.count(inputs)
             return super().training_step(model, inputs, *args, **kwargs)
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            # a full disk cuts the checkpoint short with an error about one file (torch.save's has no errno): say the
+            # folder, the space needed and the fix instead, and remove the cut folder so a resume skips it
+            with checkpoint_save_guard(self, trial):
+                super()._save_checkpoint(model, trial)
 
         def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
             folder = Path(checkpoint) if checkpoint else None

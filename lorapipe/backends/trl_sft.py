@@ -57,6 +57,18 @@ def checkpoint_files(world_size: int = 1) -> tuple[str, ...]:
     return ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", *rng, "trainer_state.json")
 
 
+def checkpoint_save_guard(trainer: Any, trial: Any = None) -> Any:
+    """A context manager around a Trainer's `_save_checkpoint`: a full disk raises `DiskFullError` naming the folder,
+    the space needed and free, and the fix, and the cut checkpoint is removed (`lorapipe.training.disk`)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from lorapipe.training.disk import checkpoint_write, trainable_bytes_estimate
+
+    folder = Path(trainer._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+    return checkpoint_write(folder, checkpoint_files(trainer.args.world_size),
+                            lambda: trainable_bytes_estimate(trainer.model), main_process=trainer.args.should_save)
+
+
 def resume_point(t: TrainSection, ckpt_dir: Path, world_size: int = 1) -> Optional[Path]:
     """The checkpoint this run resumes from: its own latest complete one (incomplete newer ones are said and set
     aside), else `train.resume_from`, which must be complete (see resume_checkpoint)."""
