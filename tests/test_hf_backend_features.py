@@ -159,7 +159,9 @@ def test_packing_is_padding_free_and_keeps_the_assistant_labels(env, tiny_model_
     assert seen["masked"] > 0  # the prompt tokens stay out of the loss after packing
     assert seen["use_cache"] is False
     waste = meta_of(info)["padding_waste"]
-    assert waste == {**waste, "padded_tokens": 0, "fraction": 0.0, "padding_free": True, "batches": 8}
+    # packs stay rows of a micro-batch (right-padded to the longest pack), counted from the collator's real tokens
+    assert waste["padding_free"] is True and waste["batches"] == 8 and waste["real_tokens"] > 0
+    assert waste["fraction"] < 0.25
 
     # what makes padding-free safe: restarting position ids (no mask) keep the rows from attending to each other
     from transformers import AutoModelForCausalLM
@@ -174,6 +176,24 @@ def test_packing_is_padding_free_and_keeps_the_assistant_labels(env, tiny_model_
         leaky = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
     assert torch.allclose(packed, alone, atol=1e-5)
     assert not torch.allclose(leaky, alone, atol=1e-3)
+
+    # lorapipe keeps each pack a row (sdpa/eager attend within a row, not over the whole flattened micro-batch):
+    # two packs, the first of two sequences; each sequence's logits are its own
+    from lorapipe.backends.hf import PackedRowsCollator
+
+    a, b, c = list(range(5, 25)), list(range(40, 52)), list(range(60, 67))
+    packs = [{"input_ids": a + b, "labels": a + b, "seq_lengths": [len(a), len(b)]},
+             {"input_ids": c, "labels": c, "seq_lengths": [len(c)]}]
+    rows_batch = PackedRowsCollator(DataCollatorForLanguageModeling(pad_token_id=0), pad_token_id=0)(packs)
+    assert rows_batch["input_ids"].shape == (2, len(a) + len(b)) and "attention_mask" not in rows_batch
+    assert rows_batch[PackedRowsCollator.REAL_TOKENS] == len(a) + len(b) + len(c)
+    assert rows_batch["labels"][0, len(a)] == -100  # the second sequence's first token is not predicted from the first
+    with torch.no_grad():
+        logits = model(input_ids=rows_batch["input_ids"], position_ids=rows_batch["position_ids"],
+                       use_cache=False).logits
+        own = [model(input_ids=torch.tensor([x]), use_cache=False).logits[0] for x in (a, b, c)]
+    assert torch.allclose(logits[0, :len(a) + len(b)], torch.cat(own[:2]), atol=1e-5)
+    assert torch.allclose(logits[1, :len(c)], own[2], atol=1e-5)
 
 
 # -- 5. monitoring -------------------------------------------------------------------------------------------------

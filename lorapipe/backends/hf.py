@@ -64,12 +64,13 @@ class PaddingCounter:
         self.batches = 0
         self.padding_free = False
 
-    def count(self, inputs: dict[str, Any]) -> None:
+    def count(self, inputs: dict[str, Any], real_tokens: Optional[int] = None) -> None:
         ids = inputs["input_ids"]
         total = int(ids.numel())
         mask = inputs.get("attention_mask")
-        # padding-free batches (packing) are one flattened row with position ids and no mask: nothing is padding
-        real = int(mask.sum()) if mask is not None else total
+        # padding-free batches (packing) carry position ids and no mask: flattened into one row nothing is padding;
+        # kept as rows (PackedRowsCollator), the collator says how many positions are real
+        real = real_tokens if real_tokens is not None else int(mask.sum()) if mask is not None else total
         self.real_tokens += real
         self.padded_tokens += total - real
         self.batches += 1
@@ -88,6 +89,41 @@ class PaddingCounter:
         return {"real_tokens": self.real_tokens, "padded_tokens": self.padded_tokens, "batches": self.batches,
                 "fraction": round(self.padded_tokens / total, 6) if total else 0.0,
                 "padding_free": self.padding_free}
+
+
+class PackedRowsCollator:
+    """Packed rows kept as rows. TRL's BFD packing flattens a micro-batch of packs into one sequence ([1, B x L]): with
+    FlashAttention that is varlen attention, but sdpa and eager then attend over all B x L positions under a
+    block-diagonal mask, B times the work of the packs themselves (measured: packing slower than naive padding on the
+    CPU). Here each pack stays a row ([B, L], right-padded to the longest pack), position ids restart at every packed
+    sequence and there is no attention mask: transformers builds each row's block-diagonal causal mask from the
+    position ids (masking_utils.find_packed_sequence_indices), so rows never attend across each other."""
+
+    REAL_TOKENS = "lorapipe_real_tokens"  # popped by the trainer before the model sees the batch
+
+    def __init__(self, inner: Any, pad_token_id: int) -> None:
+        self.inner, self.pad_token_id = inner, pad_token_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        lengths = [len(e["input_ids"]) for e in examples]
+        longest = max(lengths)
+        if "seq_lengths" in examples[0]:
+            positions = self.inner.get_position_ids_from_packed_seq_lengths([e["seq_lengths"] for e in examples])
+        else:
+            positions = [torch.arange(n) for n in lengths]
+        ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), longest), -100, dtype=torch.long)
+        position_ids = torch.zeros((len(examples), longest), dtype=torch.long)
+        for row, (example, n) in enumerate(zip(examples, lengths)):
+            ids[row, :n] = torch.as_tensor(example["input_ids"])
+            labels[row, :n] = torch.as_tensor(example.get("labels", example["input_ids"]))
+            position_ids[row, :n] = positions[row]
+            # the padding after a pack: positions counting on, so it reads as one more (fully masked) sequence
+            position_ids[row, n:] = torch.arange(longest - n)
+        labels[position_ids == 0] = -100  # a sequence's first token is not predicted from the one before it
+        return {"input_ids": ids, "labels": labels, "position_ids": position_ids, self.REAL_TOKENS: sum(lengths)}
 
 
 _TRAINER_CLS: Any = None
@@ -135,7 +171,7 @@ def _trainer_class() -> Any:
             return super()._get_train_sampler(train_dataset)
 
         def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-            self.padding_counter.count(inputs)
+            self.padding_counter.count(inputs, inputs.pop(PackedRowsCollator.REAL_TOKENS, None))
             return super().training_step(model, inputs, *args, **kwargs)
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
@@ -353,4 +389,6 @@ class HFBackend:
                                    peft_config=None if init_adapter is not None else lora_config(t.lora),
                                    callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)  # the monitor prints one compact line per log instead
+        if t.packing and "flash" not in str(getattr(model.config, "_attn_implementation", "")):
+            trainer.data_collator = PackedRowsCollator(trainer.data_collator, tokenizer.pad_token_id)
         return trainer
