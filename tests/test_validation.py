@@ -139,6 +139,29 @@ def test_span_mask_sweep_equals_the_plain_definition():
         assert span_mask(offsets, spans) == reference(offsets, spans), (offsets, spans)
 
 
+def test_stop_token_check_equals_the_plain_definition():
+    """Each trained run must end (within 3 tokens) with EOS: the regex over the mask (hot path) against a loop."""
+    import random
+
+    from lorapipe.data.validation import _turns_end_with
+
+    def reference(ids, mask, eos):
+        runs, start = [], None
+        for i, m in enumerate(mask + [0]):
+            if m and start is None:
+                start = i
+            elif not m and start is not None:
+                runs.append((start, i))
+                start = None
+        return bool(runs) and all(eos in ids[max(s, e - 3):e] for s, e in runs)
+
+    rng = random.Random(1)
+    for _ in range(5000):
+        n = rng.randint(0, 30)
+        ids, mask = [rng.randint(0, 5) for _ in range(n)], [rng.randint(0, 1) for _ in range(n)]
+        assert _turns_end_with(ids, mask, 3) == reference(ids, mask, 3), (ids, mask)
+
+
 def test_expectation_results_come_with_ge_data_docs(tiny_tokenizer):
     ok = validate_dataset([str(QUICKSTART_DATA)], tokenizer=tiny_tokenizer, max_seq_length=1024, min_rows=10)
     html = ok.report.expectations.data_docs_html

@@ -8,6 +8,7 @@ assistant turn, its turn-end/EOS token included, is trained; everything else is 
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,8 @@ def trainable_spans(tokenizer: Any, record: Record) -> tuple[str, list[tuple[int
         if m["role"] != "assistant":
             continue
         before = render(tokenizer, msgs[:i], tools, add_generation_prompt=True) if i else ""
-        through = render(tokenizer, msgs[: i + 1], tools, add_generation_prompt=False)
+        # the last turn rendered through is the whole conversation, rendered already
+        through = full if i == len(msgs) - 1 else render(tokenizer, msgs[: i + 1], tools, add_generation_prompt=False)
         if not full.startswith(through) or not through.startswith(before):
             raise RenderError(
                 "the chat template does not render conversations prefix by prefix, so assistant turns cannot be "
@@ -103,24 +105,23 @@ def _tokenize_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[t
 
 
 def span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    """1 for tokens overlapping a span, in one sweep (offsets and spans both ascend).
+    """1 for tokens overlapping a span (offsets and spans both ascend); found by bisection, set by slices.
 
     A token with an empty offset span (e.g. a special token like EOS) belongs to the span it closes."""
-    mask = [0] * len(offsets)
-    k, n_spans = 0, len(spans)
-    for i, (start, end) in enumerate(offsets):
-        while k < n_spans and spans[k][1] < start:
-            k += 1
-        if k == n_spans:
-            break
-        s_start, s_end = spans[k]
-        if end > start:
-            inside = start < s_end and end > s_start
-            if not inside and k + 1 < n_spans:
-                inside = start < spans[k + 1][1] and end > spans[k + 1][0]
-        else:
-            inside = s_start < start <= s_end
-        mask[i] = 1 if inside else 0
+    n = len(offsets)
+    mask = [0] * n
+    if not n or not spans:
+        return mask
+    starts = [a for a, _ in offsets]
+    ends = [b for _, b in offsets]
+    for s_start, s_end in spans:
+        lo = bisect.bisect_right(ends, s_start)  # the first token ending after the span starts
+        hi = bisect.bisect_left(starts, s_end)  # the first token starting at or after its end
+        if hi > lo:
+            mask[lo:hi] = [1] * (hi - lo)
+        while hi < n and starts[hi] == s_end and ends[hi] == s_end:  # empty tokens that close the span
+            mask[hi] = 1
+            hi += 1
     return mask
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -488,14 +489,11 @@ def _turns_end_with(ids: list[int], mask: list[int], eos_id: Optional[int], wind
     """True when every contiguous trained run has the EOS id among its last `window` tokens."""
     if eos_id is None:
         return False
-    runs, start = [], None
-    for i, m in enumerate(mask + [0]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            runs.append((start, i))
-            start = None
+    runs = [m.span() for m in _TRAINED_RUN.finditer(bytes(mask))]  # the runs of 1s, found in C
     return bool(runs) and all(eos_id in ids[max(s, e - window):e] for s, e in runs)
+
+
+_TRAINED_RUN = re.compile(b"\x01+")
 
 
 class RejectedRows(BaseModel):
