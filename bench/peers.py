@@ -188,10 +188,10 @@ def run_bare(i: int) -> dict:
     return {"wall_s": wall, "peak_rss_mb": rss, **res}
 
 
-def run_lorapipe(i: int) -> dict:
+def run_lorapipe(i: int, extra: tuple[str, ...] = (), name: str = "lorapipe") -> dict:
     env = base_env()
     wall, rss, rc, text = monitored([str(REPO / ".venv" / "bin" / "lorapipe"), "run", "-c", str(WORK / "lorapipe.yaml"),
-                                     "--no-cache"], env, WORK / f"lorapipe-{i}.log")
+                                     "--no-cache", *extra], env, WORK / f"{name}-{i}.log")
     if rc:
         return {"error": text[-1500:]}
     meta = max((WORK / "zen").rglob("lorapipe_adapter.json"), key=lambda p: p.stat().st_mtime)
@@ -225,7 +225,13 @@ def run_llamafactory(i: int) -> dict:
             "last_logged_loss": logged[-1] if logged else None, "steps": state.get("global_step")}
 
 
-RUNNERS = {"bare": run_bare, "lorapipe": run_lorapipe, "llamafactory": run_llamafactory}
+def run_lorapipe_grouped(i: int) -> dict:
+    """lorapipe with its own batching for this job: rows grouped by length (train.group_by_length)."""
+    return run_lorapipe(i, ("--set", "train.group_by_length=true"), "lorapipe_grouped")
+
+
+RUNNERS = {"bare": run_bare, "lorapipe": run_lorapipe, "llamafactory": run_llamafactory,
+           "lorapipe_grouped": run_lorapipe_grouped}
 CATEGORIES = {"validation": ("validate", "resolve_data"), "preflight": ("preflight",), "train": ("train",),
               "evaluate": ("evaluate",), "merge": ("merge",), "register": ("register", "score_holder")}
 
@@ -265,7 +271,7 @@ def main() -> None:
     init_store = "from zenml.client import Client; Client().zen_store"
     subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c", init_store], env=base_env(), cwd=REPO,
                    capture_output=True)  # the store exists before any timed run
-    out_path = REPO / "bench" / "results" / "peers.json"
+    out_path = REPO / "bench" / "results" / os.environ.get("BENCH_OUT", "peers.json")
     rounds: list[dict] = []
     for i in range(RUNS):
         rnd = {}
@@ -291,12 +297,15 @@ def write(out_path: Path, job: dict, rounds: list[dict]) -> None:
         medians[tool] = {k: med(ok, k) for k in ("wall_s", "train_runtime", "tokens_per_second", "peak_rss_mb",
                                                    "train_loss", "last_logged_loss")}
         medians[tool]["runs"] = len(ok)
-        if tool == "lorapipe":
+        if tool.startswith("lorapipe"):
             parts = [breakdown(r) for r in ok]
             medians[tool]["breakdown_s"] = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
     ratios = {}
     lp = medians.get("lorapipe")
-    for other, label in (("bare", "lorapipe/bare"), ("llamafactory", "lorapipe/llamafactory")):
+    pairs = [("lorapipe", "bare", "lorapipe/bare"), ("lorapipe", "llamafactory", "lorapipe/llamafactory"),
+             ("lorapipe_grouped", "bare", "lorapipe_grouped/bare")]
+    for mine, other, label in pairs:
+        lp = medians.get(mine)
         if lp and other in medians:
             o = medians[other]
             ratios[label] = {k: f"{lp[k] / o[k]:.2f}x" for k in ("wall_s", "train_runtime", "peak_rss_mb")
