@@ -85,7 +85,6 @@ def main() -> int:
                                         "resident_at_start_gb": m.resident_at_start_gb,
                                         "error": None if ratio is None else round(ratio - 1, 4),
                                         "seconds": m.seconds, "failed": m.error}
-            t = row["phases"]["train"]
             print(f"{i:2d} {size:9s} seq {seq:4d} mb {mb} r {r:2d} gc {'on ' if gc else 'off'} {quant:4s}  "
                   + "  ".join(f"{p} {v['predicted_gb']:.3f}/{v['measured_gb']:.3f} "
                               f"({(v['error'] or 0) * 100:+.1f}%)" for p, v in row["phases"].items()), flush=True)
@@ -100,7 +99,7 @@ def main() -> int:
            "train_within_goal": all(abs(r["phases"]["train"]["error"] or 1) <= GOAL for r in rows), "rows": rows}
     if not only:
         (REPO / "bench" / "results" / "memory_accuracy.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"worst |error|: " + ", ".join(f"{p} {w * 100:.1f}%" for p, w in worst.items() if w is not None))
+    print("worst |error|: " + ", ".join(f"{p} {w * 100:.1f}%" for p, w in worst.items() if w is not None))
     return 0
 
 

@@ -29,7 +29,7 @@ MODES = {"naive": {}, "group_by_length": {"group_by_length": True}, "packing": {
 
 
 def one_run(mode: str, work: Path) -> dict:
-    import lorapipe.quiet  # noqa: F401
+    import lorapipe.quiet  # noqa: F401  (library noise off before the heavy imports)
     from lorapipe.backends.hf import HFBackend
     from lorapipe.config import ModelSection, TrainSection
     from lorapipe.data.dataset import ConversationDataset

@@ -13,7 +13,6 @@ Plain Python over pydantic: transformers is imported only to read a config, torc
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field
@@ -522,6 +521,3 @@ def predicted_in_process(predicted_gb: float, device: str, resident_at_start_gb:
 def gib(nbytes: float) -> str:
     return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB / 10 else f"{nbytes / 2**20:.0f} MiB"
 
-
-def fits(nbytes: float, budget_gb: float) -> bool:
-    return nbytes <= budget_gb * GIB and math.isfinite(nbytes)

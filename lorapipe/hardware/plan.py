@@ -255,8 +255,7 @@ def _gb(nbytes: float) -> str:
     return f"{nbytes / GIB:.1f} GB"
 
 
-def _what_fits(facts: ModelFacts, base: MemoryInputs, budget_bytes: float, spec: BackendSpec,
-               train: TrainSection) -> list[str]:
+def _what_fits(facts: ModelFacts, base: MemoryInputs, budget_bytes: float, spec: BackendSpec) -> list[str]:
     """For each knob on its own, a value that makes the training peak fit: the fixes a refusal names."""
     fixes = []
     need = estimate(facts, base).train_peak_bytes
@@ -337,7 +336,7 @@ def _plan_memory(train: TrainSection, evaluate: EvaluateSection, merge: MergeSec
         q, gc = combos[-1]
         base = inputs(q, gc, micro[-1], eval_batches[-1])
         need = estimate(facts, base).train_peak_bytes
-        fixes = _what_fits(facts, base, limit * GIB, spec, train)
+        fixes = _what_fits(facts, base, limit * GIB, spec)
         where = f"{budget:.1f} GB usable on {device}" + (f" less the {train.profile} profile's {margin:.0%} margin"
                                                         if margin else "")
         problems.append(f"training needs about {_gb(need)} at micro-batch {micro[-1]} and the budget is {limit:.1f} GB "
