@@ -114,7 +114,8 @@ def load(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[lis
     if isinstance(config, (str, Path)):
         return load_config(config, overrides or []), str(config)
     if isinstance(config, LorapipeConfig):
-        data = config.model_dump(mode="json")
+        # only what was set: the keys a config sets are what train.profile leaves alone (lorapipe.hardware.plan)
+        data = config.model_dump(mode="json", exclude_unset=True)
     else:
         data = dict(config)
     return validate_config(apply_overrides(data, overrides or [])), "config"
@@ -150,8 +151,12 @@ def prepare(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[
     identity.train.output_root, identity.train.resume, identity.train.resume_from = "", True, None
     from lorapipe.hardware.plan import user_set_keys
 
-    return PreparedRun(config=resolved, source=source, data_sha256=data_sha, config_sha256=identity.fingerprint(),
-                       user_set=sorted(user_set_keys(cfg.train, cfg.evaluate)))
+    user_set = sorted(user_set_keys(cfg.train, cfg.evaluate))
+    config_sha = identity.fingerprint()
+    if cfg.train.profile:  # with a profile, which knobs were set changes the plan: it is part of what was asked
+        config_sha = hashlib.sha256(f"{config_sha}:{','.join(user_set)}".encode()).hexdigest()
+    return PreparedRun(config=resolved, source=source, data_sha256=data_sha, config_sha256=config_sha,
+                       user_set=user_set)
 
 
 @dataclass

@@ -169,8 +169,10 @@ def validate(paths: tuple, model: Optional[str], fmt: str, prompt_key: str, comp
 
 # ---------------------------------------------------------------------------------------- preflight and memory
 
-def _preflight(config: str, overrides: tuple, probe_now: bool = False) -> tuple[Any, Any, Any]:
-    """(preflight report, run plan or None, config) for a config on this machine, without ZenML."""
+def _preflight(config: str, overrides: tuple, probe_now: bool = False,
+               allow_probe: bool = True) -> tuple[Any, Any, Any]:
+    """(preflight report, run plan or None, config) for a config on this machine, without ZenML. The probe's real
+    steps run with `probe_now` or the config's `preflight.probe`, unless `allow_probe` is false."""
     from lorapipe.api import prepare
     from lorapipe.hardware.memory import ModelFactsError
     from lorapipe.hardware.plan import PlanError, decide_plan, model_size, user_set_keys
@@ -196,7 +198,7 @@ def _preflight(config: str, overrides: tuple, probe_now: bool = False) -> tuple[
     store = _local_artifact_store()
     report = build_report(hw, facts, model_error, plan, problems, cfg.data.paths, cfg.train.output_root, store,
                           plan.train.backend if plan else None)
-    if plan is not None and (probe_now or cfg.preflight.probe):
+    if plan is not None and allow_probe and (probe_now or cfg.preflight.probe):
         import tempfile
 
         Path(cfg.train.output_root).mkdir(parents=True, exist_ok=True)
@@ -213,6 +215,9 @@ def _local_artifact_store() -> Optional[str]:
     try:
         from zenml.client import Client
 
+        from lorapipe.api import ensure_store
+
+        ensure_store()
         path = Client().active_stack.artifact_store.path
     except Exception:  # noqa: BLE001 - no store configured yet: nothing to check
         return None
@@ -323,9 +328,9 @@ def _print_terms(estimate: Any) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="With -c: override a config key.")
 @click.option("--method", type=click.Choice(["lora", "qlora"]), default="lora", show_default=True,
               help="qlora: NF4 double-quantised base.")
-@click.option("--seq-len", type=int, default=1024, show_default=True)
-@click.option("--micro-batch-size", type=int, default=1, show_default=True)
-@click.option("--lora-rank", type=int, default=16, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--micro-batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--lora-rank", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lora-targets", type=click.Choice(["all-linear", "attention"]), default="all-linear",
               show_default=True)
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False, show_default=True)
@@ -338,8 +343,8 @@ def _print_terms(estimate: Any) -> None:
 @click.option("--backend", type=click.Choice(["hf", "unsloth", "mlx"]), default="hf", show_default=True)
 @click.option("--attn-implementation", type=click.Choice(["sdpa", "eager", "flash_attention_2"]), default="sdpa",
               show_default=True)
-@click.option("--eval-batch-size", type=int, default=4, show_default=True)
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--eval-batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=64, show_default=True)
 @click.option("--load-test", is_flag=True, help="Also build the model on the meta device and check the count.")
 @click.option("--json", "as_json", is_flag=True, help="Peaks in bytes and the per-term breakdown as JSON.")
 def estimate_memory(model: Optional[str], config: Optional[str], overrides: tuple, method: str, seq_len: int,
@@ -360,7 +365,7 @@ def estimate_memory(model: Optional[str], config: Optional[str], overrides: tupl
     from lorapipe.hardware.memory import MemoryInputs, ModelFactsError, estimate, load_test as meta_count, model_facts
 
     if config:
-        report, plan, _cfg = _preflight(config, overrides)
+        report, plan, _cfg = _preflight(config, overrides, allow_probe=False)
         if plan is None:
             fail(f"{config}: no memory estimate, the plan refuses this config:\n"
                  + "\n".join(f"  - {c.name}: {c.measured} ({c.detail})" for c in report.failed))
@@ -427,7 +432,7 @@ def _model_folder(ref: str, adapter: bool) -> str:
 @click.option("--system", help="A system message before each prompt.")
 @click.option("--adapter", "use_adapter", is_flag=True,
               help="Load the version's base model and adapter instead of its merged model.")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=256, show_default=True)
 @click.option("--stream", is_flag=True, help="Print each answer as it is generated.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per answer (prompt, completion, stopped).")
 def predict(model: str, prompt: Optional[str], prompts: tuple, prompt_file: Optional[str], system: Optional[str],

@@ -76,6 +76,8 @@ def preflight(
     for phase in (plan.evaluate, plan.merge):
         logger.info("plan: %s on %s in %s, batch %d: %s", phase.phase, phase.device, phase.dtype, phase.batch_size,
                     phase.reason)
+        for warning in phase.warnings:
+            logger.warning("plan: %s: warning: %s", phase.phase, warning)
     if PreflightSection(**(preflight or {})).probe:
         with tempfile.TemporaryDirectory(prefix="probe-", dir=t.output_root) as work:
             checks, measured = probe_checks(m, t, plan, e, work)

@@ -12,7 +12,7 @@ from lorapipe.config import RegisterSection
 from lorapipe.data.sources import ResolvedData
 from lorapipe.data.validation import ValidationReport
 from lorapipe.evaluation.metrics import EvalMetrics
-from lorapipe.hardware.memory import predicted_in_process
+from lorapipe.hardware.memory import comparable_prediction_gb
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan
 from lorapipe.hardware.preflight import PreflightReport
 from lorapipe.hardware.probe import package_versions
@@ -56,9 +56,9 @@ MEMORY_WARN_FRACTION = 0.15
 def _memory_facts(plan: TrainingPlan, adapter_meta: dict, metrics: EvalMetrics, check: dict,
                   evaluation_plan: Optional[PhasePlan] = None, merge_plan: Optional[PhasePlan] = None) -> dict:
     """Each phase's predicted and measured peak (GB), side by side, with the relative error: what the memory model
-    is checked against on every run. On the CPU the step's process already held ZenML and the earlier steps' data
-    when the phase began: the prediction is set in that process (`predicted_in_process_gb`) before comparing. A
-    phase off by more than 15% is logged as a warning."""
+    is checked against on every run, in the measured quantity (`predicted_in_process_gb`): on CUDA torch's allocated
+    peak (no context or allocator overhead); on the CPU re-based on what the step's process already held when the
+    phase began (ZenML, the earlier steps' data). A phase off by more than 15% is logged as a warning."""
     trained = adapter_meta.get("result", {})
     facts = {"train": {"predicted_gb": plan.memory.total_gb, "measured_gb": trained.get("peak_memory_gb"),
                        "resident_at_start_gb": trained.get("resident_at_start_gb"), "device": plan.device},
@@ -73,7 +73,10 @@ def _memory_facts(plan: TrainingPlan, adapter_meta: dict, metrics: EvalMetrics, 
         if not predicted or not measured:
             row["error"] = None
             continue
-        here = predicted_in_process(predicted, row.get("device") or "cpu", row.get("resident_at_start_gb"))
+        terms = {"train": plan.memory.terms, "evaluate": evaluation_plan.memory_terms if evaluation_plan else [],
+                 "merge": merge_plan.memory_terms if merge_plan else []}[phase]
+        here = comparable_prediction_gb(terms, row.get("device") or "cpu", row.get("resident_at_start_gb")) \
+            if terms else predicted
         row["predicted_in_process_gb"] = round(here, 4)
         row["error"] = round(here / measured - 1, 4)
         if abs(row["error"]) > MEMORY_WARN_FRACTION:

@@ -120,7 +120,8 @@ class PackedRowsCollator:
             ids[row, :n] = torch.as_tensor(example["input_ids"])
             labels[row, :n] = torch.as_tensor(example.get("labels", example["input_ids"]))
             position_ids[row, :n] = positions[row]
-            # the padding after a pack: positions counting on, so it reads as one more (fully masked) sequence
+            # the padding after a pack: positions restarting at 0, so it is a sequence of its own (labels -100), which
+            # attends neither into the pack nor from it
             position_ids[row, n:] = torch.arange(longest - n)
         labels[position_ids == 0] = -100  # a sequence's first token is not predicted from the one before it
         return {"input_ids": ids, "labels": labels, "position_ids": position_ids, self.REAL_TOKENS: sum(lengths)}
@@ -171,7 +172,13 @@ def _trainer_class() -> Any:
             return super()._get_train_sampler(train_dataset)
 
         def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-            self.padding_counter.count(inputs, inputs.pop(PackedRowsCollator.REAL_TOKENS, None))
+            real = inputs.pop(PackedRowsCollator.REAL_TOKENS, None)
+            self.padding_counter.count(inputs, real)
+            if real is not None and hasattr(self, "_total_train_tokens"):
+                # TRL counts a batch without an attention mask as one flattened row (position_ids.size(1) tokens);
+                # packs kept as rows hold `real`: the difference, summed over the ranks, before TRL adds its count
+                extra = torch.tensor(real - inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+                self._total_train_tokens += int(self.accelerator.gather_for_metrics(extra).sum().item())
             return super().training_step(model, inputs, *args, **kwargs)
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:

@@ -40,8 +40,8 @@ OPTIMIZER_STATE_BYTES = {"adamw_torch": 8.0, "paged_adamw_32bit": 8.0, "adamw_8b
                          "paged_adamw_8bit": 2.0 + 8 / 256, "sgd": 0.0}
 
 # Measured constants (see docs/MEMORY.md for how each was obtained).
-# Resident set of the training process before the model loads: Python, torch, transformers, peft, trl, datasets,
-# the tokenizer and the trainer's bookkeeping (0.60 GiB after the imports alone, measured on torch 2.13 CPU).
+# Resident set of the training process besides the model: Python, torch, transformers, peft, trl, datasets, the
+# tokenizer and the trainer's bookkeeping (0.51 GiB after the imports alone, measured on torch 2.13 CPU).
 CPU_PROCESS_BYTES = int(0.69 * GIB)
 # Of that, the imports alone (torch, transformers, peft, trl): what a phase's process already holds when it runs
 # inside a longer-lived process (a pipeline step), where the resident memory at the phase's start replaces it.
@@ -189,6 +189,9 @@ def count_on_meta(cfg: Any, source: str = "config") -> ModelFacts:
     cfg_dict = cfg.to_dict()
     h = cfg_dict.get("hidden_size") or cfg_dict.get("n_embd") or cfg_dict.get("d_model")
     L = cfg_dict.get("num_hidden_layers") or cfg_dict.get("n_layer") or cfg_dict.get("num_layers")
+    if not h or not L:
+        raise ModelFactsError(f"{source}: the config names no hidden size or layer count lorapipe can read "
+                              "(hidden_size / n_embd / d_model, num_hidden_layers / n_layer / num_layers)")
     heads = cfg_dict.get("num_attention_heads") or cfg_dict.get("n_head") or 1
     kv = cfg_dict.get("num_key_value_heads") or heads
     layer0 = _first_layer(model)
@@ -344,7 +347,8 @@ def _weights_terms(facts: ModelFacts, x: MemoryInputs) -> tuple[list[tuple[str, 
         return [("base weights", linear * a + other * a,
                  f"{facts.total_parameters:,} parameters x {a} B ({x.dtype})")], 0
     if x.backend == "mlx":
-        per, label = MLX_4BIT_BYTES, "mlx 4-bit, group 64"
+        per, label = (MLX_4BIT_BYTES, "mlx 4-bit, group 64") if x.quantization == "nf4" else (
+            1 + 4 / 64, "mlx 8-bit, group 64")
     elif x.quantization == "nf4":
         per = NF4_DOUBLE_QUANT_BYTES if x.double_quant else NF4_BYTES
         label = "NF4" + (" double-quantised" if x.double_quant else "")
@@ -431,12 +435,13 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gb: float = 0.0) -> Memo
     _overhead(add, "train", x, [t.bytes for t in terms if t.phase == "train"])
 
     # --- eval: scoring batches (logits + loss in fp32) and greedy generation with a KV cache
-    e_dtype = x.eval_dtype or ("float32" if x.device == "cpu" else x.dtype)
+    # evaluation loads the base unquantised, in the training precision on CUDA and in float32 on the CPU (where mlx
+    # adapters are scored too, fused into a torch model): lorapipe.hardware.plan's evaluation phase
+    e_device = "cuda" if x.device == "cuda" else "cpu"
+    e_dtype = x.eval_dtype or (x.dtype if e_device == "cuda" else "float32")
     ea = DTYPE_BYTES[e_dtype]
-    eval_weights = facts.total_parameters * ea if x.quantization == "none" or x.device == "cpu" else sum(
-        b for _, b, _ in weight_terms)
-    add("eval", "base weights", eval_weights, f"{facts.total_parameters:,} x {ea} B ({e_dtype})"
-        if x.quantization == "none" or x.device == "cpu" else "as in training (quantised)")
+    add("eval", "base weights", facts.total_parameters * ea,
+        f"{facts.total_parameters:,} x {ea} B ({e_dtype}, unquantised)")
     add("eval", "LoRA weights", lora_n * 4, f"{lora_n:,} x 4 B")
     e_tokens = x.eval_batch_size * (x.seq_len + x.max_new_tokens)
     add("eval", "logits and loss", x.eval_batch_size * x.seq_len * V * (ea + 4 * 2),
@@ -445,7 +450,7 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gb: float = 0.0) -> Memo
         f"2 x layers x kv_heads x head_dim x eval batch x (seq + max_new_tokens) x {ea} B")
     add("eval", "one layer's activations", x.eval_batch_size * x.seq_len * ea * (2 * h + 3 * facts.intermediate_size),
         "eval batch x seq x a x (2h + 3I)")
-    _overhead(add, "eval", x, [t.bytes for t in terms if t.phase == "eval"])
+    _overhead(add, "eval", x.model_copy(update={"device": e_device}), [t.bytes for t in terms if t.phase == "eval"])
 
     # --- merge: on the CPU, a 16-bit copy of the base with the adapter folded in, one shard serialised at a time
     # (safetensors builds the shard's bytes in memory), then the saved folder read back for the merge check (mapped,
@@ -507,6 +512,17 @@ def _small_tensor_bytes(facts: ModelFacts, nbytes_per: int) -> int:
     small += emb * (1 if facts.tied_embeddings else 2) if emb < GLIBC_MMAP_THRESHOLD_MAX else 0
     small += facts.parameter_counts.get("norms", 0) * nbytes_per
     return small
+
+
+CUDA_OVERHEAD_TERMS = ("CUDA context", "CUDA allocator overhead")
+
+
+def comparable_prediction_gb(terms: list[MemoryTerm], device: str, resident_at_start_gb: Optional[float]) -> float:
+    """The prediction in the measured quantity: on CUDA torch's allocated peak (no context, no allocator overhead),
+    on the CPU the process's peak re-based on what it held when the phase began (`predicted_in_process`)."""
+    if device.startswith("cuda"):
+        return sum(t.bytes for t in terms if t.name not in CUDA_OVERHEAD_TERMS) / GIB
+    return predicted_in_process(sum(t.bytes for t in terms) / GIB, device, resident_at_start_gb)
 
 
 def predicted_in_process(predicted_gb: float, device: str, resident_at_start_gb: Optional[float]) -> float:

@@ -288,8 +288,8 @@ def _what_fits(facts: ModelFacts, base: MemoryInputs, budget_bytes: float, spec:
 def _plan_memory(train: TrainSection, evaluate: EvaluateSection, merge: MergeSection, facts: ModelFacts,
                  spec: BackendSpec, device: str, dtype: str, budget: float, ram_budget: float, world: int,
                  user_set: set[str], attn_implementation: Optional[str], problems: list[str],
-                 reasons: list[str], warnings: list[str],
-                 notes: dict[str, list[str]]) -> tuple[dict[str, Any], MemoryEstimate]:
+                 reasons: list[str], warnings: list[str], notes: dict[str, list[str]],
+                 probe: HardwareProbe) -> tuple[dict[str, Any], MemoryEstimate]:
     """Choose quantisation, gradient checkpointing, optimizer, micro-batch and evaluation batch so every phase
     fits its budget (with the profile's margin); keep every value the config set, and when they cannot fit, name
     each knob and a value that does."""
@@ -301,18 +301,25 @@ def _plan_memory(train: TrainSection, evaluate: EvaluateSection, merge: MergeSec
     def given(key: str) -> bool:
         return profile is None or key in user_set
 
+    def available(quantization: str, optimizer_name: str) -> bool:
+        """The backend honours it on this device and its package is installed (a profile never picks what fails)."""
+        if quantization not in spec.quantization or (quantization != "none" and device == "mps" and spec.name != "mlx"):
+            return False
+        return not _missing(probe, required_modules(spec, quantization, optimizer_name))
+
     combos = [(train.quantization, train.gradient_checkpointing)]
     if profile:
-        combos = [(q if not given("train.quantization") else train.quantization,
+        # a profile's 4-bit choice falls back to 16-bit where the backend, the device or the packages cannot quantise
+        combos = [(q if given("train.quantization") or available(q, "adamw_torch") else "none",
                    g if not given("train.gradient_checkpointing") else train.gradient_checkpointing)
                   for q, g in profile["combos"]]
-        # nf4 only where the backend quantises and, on the CPU, only when nothing 16-bit fits (it is slow there)
-        combos = [c for c in dict.fromkeys(combos) if c[0] in spec.quantization]
-        combos = combos or [(train.quantization, train.gradient_checkpointing)]
+        if given("train.quantization"):
+            combos = [(train.quantization, g) for _, g in combos]
+        combos = list(dict.fromkeys(combos))
     optimizer = train.optimizer
     if profile and not given("train.optimizer"):
         wanted = profile["optimizer"][0 if cuda else 1]
-        optimizer = wanted if wanted in spec.optimizers else train.optimizer
+        optimizer = wanted if wanted in spec.optimizers and available("none", wanted) else "adamw_torch"
     if isinstance(train.micro_batch_size, int):
         micro = [train.micro_batch_size]
     else:
@@ -352,11 +359,19 @@ def _plan_memory(train: TrainSection, evaluate: EvaluateSection, merge: MergeSec
             eb = candidate
             break
     memory = estimate(facts, inputs(q, gc, mb, eb), budget_gb=budget)
-    if memory.eval_peak_gb > eval_limit and not problems:
-        fix = ("set evaluate.batch_size: 1" if eb > 1 else "lower evaluate.max_new_tokens or train.max_seq_length")
-        problems.append(f"evaluation needs about {memory.eval_peak_gb:.1f} GB at evaluate.batch_size {eb} and the "
-                        f"budget is {eval_limit:.1f} GB on {'cuda' if cuda else 'cpu'}: {fix} (it would fail after "
-                        "training, not before)")
+    if memory.eval_peak_gb > eval_limit:
+        # said before training, as a warning of the evaluation phase: the adapter is trained and stored before the
+        # evaluation, and evaluating it elsewhere (a machine with more memory) recovers the run
+        weights = next(t.bytes for t in memory.terms if t.phase == "eval" and t.name == "base weights") / GIB
+        if weights > eval_limit * 0.9:
+            # evaluation and the stage holder's scoring load the base unquantised (QLoRA's 4-bit saving is training's)
+            fix = (f"it loads the base unquantised ({weights:.1f} GB of weights alone): evaluate on a machine with "
+                   "more memory, or train a smaller model")
+        else:
+            fix = ("set evaluate.batch_size: 1" if eb > 1 else "lower evaluate.max_new_tokens or train.max_seq_length")
+        notes["evaluate_warnings"].append(
+            f"evaluation needs about {memory.eval_peak_gb:.1f} GB at evaluate.batch_size {eb} and {eval_limit:.1f} GB "
+            f"is usable on {'cuda' if cuda else 'cpu'}: it may run out of memory after training; {fix}")
     if memory.merge_peak_gb > ram_budget:
         # a warning, not a refusal: the adapter is trained and stored before the merge, which can run again elsewhere
         notes["merge_warnings"].append(
@@ -430,14 +445,10 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, facts: ModelFacts,
         budget = ram_budget / world
     notes: dict[str, list[str]] = {"evaluate_reasons": [], "evaluate_warnings": [], "merge_warnings": []}
     chosen, memory = _plan_memory(train, evaluate, merge, facts, spec, device, dtype, budget, ram_budget, world,
-                                  user_set, attn_implementation, problems, reasons, warnings, notes)
+                                  user_set, attn_implementation, problems, reasons, warnings, notes, probe)
     optimizer = chosen["optimizer"]
     if optimizer.startswith("paged") and device != "cuda":
         warnings.append(f"{optimizer} pages only on CUDA; bitsandbytes falls back to a non-paged optimizer here")
-    if chosen["quantization"] != train.quantization or optimizer != train.optimizer:
-        for module, why, install in _missing(probe, required_modules(spec, chosen["quantization"], optimizer)):
-            problems.append(f"the {train.profile} profile chose {why.split('=', 1)[0]}={why.split('=', 1)[-1]}, which "
-                            f"needs {module}, not installed here; install with: {install} (or set it in the config)")
     chosen_mb = chosen["micro_batch_size"]
     # each process trains micro-batches of `chosen`; accumulation makes up the rest of the effective batch, shared
     # out over the processes, so a run's optimizer steps see the same batch whatever the process count

@@ -186,8 +186,9 @@ def plan_checks(plan: Optional[RunPlan], problems: list[str]) -> list[Check]:
                         measured=f"{t.backend} on {t.device} in {t.dtype}, {t.quantization}, micro-batch "
                                  f"{t.micro_batch_size} x {t.gradient_accumulation_steps}",
                         requirement="every phase fits its budget"))
-    for w in t.warnings:
-        checks.append(Check(section="plan", name="plan warning", status="warn", measured=w, requirement="-"))
+    for phase, found in (("training", t.warnings), ("evaluation", plan.evaluate.warnings), ("merge", plan.merge.warnings)):
+        for w in found:
+            checks.append(Check(section="plan", name=f"{phase} warning", status="warn", measured=w, requirement="-"))
     budget = t.memory.budget_gb
     for name, peak, where in (("training", t.memory.total_gb, t.device),
                               ("evaluation", plan.evaluate.predicted_peak_gb, plan.evaluate.device),
