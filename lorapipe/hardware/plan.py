@@ -310,12 +310,10 @@ def _plan_memory(train: TrainSection, evaluate: EvaluateSection, merge: MergeSec
     combos = [(train.quantization, train.gradient_checkpointing)]
     if profile:
         # a profile's 4-bit choice falls back to 16-bit where the backend, the device or the packages cannot quantise
-        combos = [(q if given("train.quantization") or available(q, "adamw_torch") else "none",
-                   g if not given("train.gradient_checkpointing") else train.gradient_checkpointing)
-                  for q, g in profile["combos"]]
-        if given("train.quantization"):
-            combos = [(train.quantization, g) for _, g in combos]
-        combos = list(dict.fromkeys(combos))
+        combos = list(dict.fromkeys(
+            (train.quantization if given("train.quantization") else q if available(q, "adamw_torch") else "none",
+             train.gradient_checkpointing if given("train.gradient_checkpointing") else g)
+            for q, g in profile["combos"]))
     optimizer = train.optimizer
     if profile and not given("train.optimizer"):
         wanted = profile["optimizer"][0 if cuda else 1]

@@ -137,14 +137,11 @@ def _needed(backend: Optional[str]) -> set[str]:
 
 def disk_checks(paths: dict[str, str], need_gb: dict[str, float]) -> list[Check]:
     """Free space where each kind of output is written; one check per distinct filesystem location."""
-    import shutil
+    from lorapipe.training.disk import free_bytes
 
     checks = []
     for what, path in paths.items():
-        probe_path = path
-        while probe_path and not os.path.exists(probe_path):
-            probe_path = os.path.dirname(probe_path)
-        free = shutil.disk_usage(probe_path or ".").free / GIB
+        free = free_bytes(path) / GIB  # at the nearest folder that exists: outputs may not be there yet
         need = need_gb.get(what, 1.0)
         checks.append(Check(section="disk", name=f"free disk for {what}", status="pass" if free >= need else "fail",
                             measured=f"{free:.1f} GB free at {path}", requirement=f">= {need:.1f} GB",

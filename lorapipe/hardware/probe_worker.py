@@ -35,17 +35,11 @@ def synthetic_rows(n: int, seq_len: int, seed: int = 0) -> Any:
     return ConversationDataset(rows, name="probe")
 
 
-def _resident_gb() -> float:
-    from lorapipe.training.monitoring import process_memory_gb
-
-    return process_memory_gb()
-
-
 def _run_phase(spec: dict[str, Any]) -> PhaseMeasurement:
     """Inside the measuring process."""
     import lorapipe.quiet  # noqa: F401  (library noise off before the heavy imports)
     from lorapipe.backends import get_backend
-    from lorapipe.training.monitoring import peak_memory_gb, reset_peak_memory
+    from lorapipe.training.monitoring import peak_memory_gb, process_memory_gb, reset_peak_memory
 
     phase = spec["phase"]
     model = ModelSection(**spec["model"])
@@ -60,7 +54,7 @@ def _run_phase(spec: dict[str, Any]) -> PhaseMeasurement:
 
     if phase == "train":
         import trl  # noqa: F401
-    start_gb = _resident_gb()
+    start_gb = process_memory_gb()
     began = time.perf_counter()
     reserved = None
     if phase == "train":

@@ -107,7 +107,7 @@ class PhaseMemory:
         self.device, self.gb, self.start_gb = device, 0.0, 0.0
 
     def __enter__(self) -> "PhaseMemory":
-        self.start_gb = round(memory_gb(self.device) if self.device.startswith("cuda") else process_memory_gb(), 3)
+        self.start_gb = round(memory_gb(self.device), 3)
         reset_peak_memory(self.device)
         return self
 
