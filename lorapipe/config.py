@@ -50,15 +50,49 @@ class DataSection(_Section):
     artifact: Optional[str] = Field(
         None, description="Name of a ZenML artifact whose latest version holds the rows (a list of dicts, "
                           "JSONL text or a JSONL file path); read when the run starts, instead of paths")
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = "auto"
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "classification"] = Field(
+        "auto", description="classification: rows of text (and an optional text pair) with a label; set by "
+                            "task: classification")
     prompt_key: str = "prompt"
     completion_key: str = "completion"
+    text_key: str = Field("text", description="task: classification: the field holding the text to classify")
+    text_pair_key: Optional[str] = Field(
+        None, description="task: classification: a second text field, classified as a pair with text_key "
+                          "(e.g. NLI premise/hypothesis, query/document)")
+    label_key: str = Field("label", description="task: classification: the field holding the label (string or "
+                                                "integer)")
+    labels: Optional[Union[list[str], dict[str, str]]] = Field(
+        None, description="task: classification: the label set, frozen in this order (ids 0..n-1), or a mapping "
+                          "from the values in the rows to label names (e.g. {0: negative, 1: positive}); null: "
+                          "inferred from the rows, sorted")
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_names(cls, v: Any) -> Any:
+        # YAML reads `{0: negative}` with integer keys and `[0, 1]` as integers: labels are compared as strings
+        if isinstance(v, dict):
+            return {str(k): str(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [str(x) for x in v]
+        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSection":
         if bool(self.paths) == bool(self.artifact):
             raise ValueError("data needs exactly one source: data.paths (files or globs) or data.artifact (a name)")
+        if self.labels is not None:
+            names = list(self.labels.values()) if isinstance(self.labels, dict) else self.labels
+            if len(set(names)) < 2:
+                raise ValueError("data.labels needs at least two distinct label names")
+            if isinstance(self.labels, list) and len(set(names)) != len(names):
+                raise ValueError("data.labels names a label twice")
         return self
+
+    def label_names(self) -> Optional[list[str]]:
+        """The frozen label order given in the config (ids 0..n-1), or None to infer it from the rows."""
+        if self.labels is None:
+            return None
+        return list(dict.fromkeys(self.labels.values())) if isinstance(self.labels, dict) else list(self.labels)
 
 
 class ValidationSection(_Section):
@@ -66,6 +100,9 @@ class ValidationSection(_Section):
     max_bad_fraction: float = Field(0.0, ge=0.0, le=1.0)
     overlength: Literal["drop", "truncate", "fail"] = "fail"
     min_rows: int = Field(10, ge=1)
+    max_class_imbalance: float = Field(
+        10.0, ge=1.0, description="task: classification: warn when the largest class has more than this many times "
+                                  "the rows of the smallest (consider train.class_weights: balanced)")
 
 
 class SplitSection(_Section):
@@ -134,6 +171,20 @@ class TrainSection(_Section):
         "auto", description="Data-parallel training processes. auto: one per CUDA GPU (hf backend), else 1; "
                             "an integer > 1 on the CPU trains with gloo (slow; for testing the launch)")
     lora: LoraSection = Field(default_factory=LoraSection)
+    method: Literal["lora", "full"] = Field(
+        "lora", description="lora (QLoRA with train.quantization); full: every weight trained, for small encoder "
+                            "classifiers (task: classification)")
+    metric_for_best_model: Optional[Literal["eval_loss", "accuracy", "macro_f1", "weighted_f1"]] = Field(
+        None, description="What early stopping and load_best_model_at_end compare; null: eval_loss, or macro_f1 for "
+                          "task: classification")
+    early_stopping_threshold: float = Field(
+        0.0, ge=0.0, description="An evaluation improves on the best only by more than this (absolute)")
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="task: classification: balanced weighs each class's loss by n_rows / (n_classes x "
+                            "class rows) of the training split, for imbalanced labels")
+    head_only_baseline: bool = Field(
+        True, description="task: classification: also train the classifier head alone on the frozen base (same "
+                          "schedule): the untuned baseline evaluation compares the fine-tune with")
 
     @model_validator(mode="after")
     def _cross(self) -> "TrainSection":
@@ -192,8 +243,10 @@ class RegisterSection(_Section):
     model_name: str = Field("lorapipe-model", min_length=1)
     stage_if_better: Literal["staging", "production", "none"] = Field(
         "staging", description="The stage a version earns by beating the base and that stage's current holder")
-    primary_metric: Literal["perplexity", "loss", "rouge_l", "exact_match", "bleu", "chrf", "stop_rate"] = Field(
-        "perplexity", description="The metric promotion compares (lower is better for perplexity and loss)")
+    primary_metric: Literal["perplexity", "loss", "rouge_l", "exact_match", "bleu", "chrf", "stop_rate", "accuracy",
+                            "macro_f1", "weighted_f1"] = Field(
+        "perplexity", description="The metric promotion compares (lower is better for perplexity and loss); "
+                                  "task: classification defaults to macro_f1")
     margin: float = Field(0.0, ge=0.0, description="Relative improvement of the primary metric over the base and "
                                                    "over the stage's holder needed to promote, e.g. 0.02 = 2%")
     min_stop_rate: float = Field(0.0, ge=0.0, le=1.0,
@@ -204,8 +257,15 @@ class RegisterSection(_Section):
 warnings.filterwarnings("ignore", message='Field name "register"')
 
 
+TASKS = ("sft", "classification")
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "weighted_f1")
+
+
 class LorapipeConfig(_Section):
     seed: int = 42
+    task: Literal["sft", "classification"] = Field(
+        "sft", description="sft: instruction/chat fine-tuning of a causal LM; classification: a label per text "
+                           "(AutoModelForSequenceClassification, encoder or decoder)")
     model: ModelSection
     data: DataSection
     validation: ValidationSection = Field(default_factory=ValidationSection)
@@ -222,6 +282,53 @@ class LorapipeConfig(_Section):
         if v < 0:
             raise ValueError("seed must be >= 0")
         return v
+
+    @model_validator(mode="after")
+    def _task(self) -> "LorapipeConfig":
+        """Keys that belong to one task, checked against the task; the task's defaults where the config is silent."""
+        problems = []
+        t, r = self.train, self.register
+        if self.task == "classification":
+            if self.data.format not in ("auto", "classification"):
+                problems.append(f"data.format={self.data.format} is a chat/SFT format; task: classification reads "
+                                "data.text_key (and data.text_pair_key) and data.label_key: set data.format: auto")
+            self.data.format = "classification"
+            if "primary_metric" not in r.model_fields_set:
+                r.primary_metric = "macro_f1"
+            elif r.primary_metric not in CLASSIFICATION_METRICS:
+                problems.append(f"register.primary_metric={r.primary_metric} is a generation metric; task: "
+                                f"classification promotes by one of {', '.join(CLASSIFICATION_METRICS)}")
+            if "target_modules" not in t.lora.model_fields_set:
+                t.lora.target_modules = "all-linear"  # encoders name their projections query/key/value/dense
+            if t.metric_for_best_model is None:
+                t.metric_for_best_model = "macro_f1"
+            if t.packing:
+                problems.append("train.packing joins rows into one sequence; a classifier needs one label per row: "
+                                "unset train.packing")
+            if t.init_adapter:
+                problems.append("train.init_adapter continues a causal-LM adapter; task: classification starts one "
+                                "with its head: unset train.init_adapter")
+            if t.method == "full" and t.quantization != "none":
+                problems.append(f"train.method: full trains every weight, which train.quantization="
+                                f"{t.quantization} freezes in 4/8 bit: set train.quantization: none, or "
+                                "train.method: lora (QLoRA)")
+        else:
+            if self.data.format == "classification":
+                problems.append("data.format: classification needs task: classification")
+            if r.primary_metric in CLASSIFICATION_METRICS:
+                problems.append(f"register.primary_metric={r.primary_metric} needs task: classification")
+            if t.method == "full":
+                problems.append("train.method: full is for task: classification (small encoders); task: sft trains "
+                                "LoRA: set train.method: lora")
+            if t.metric_for_best_model not in (None, "eval_loss"):
+                problems.append(f"train.metric_for_best_model={t.metric_for_best_model} needs task: classification "
+                                "(task: sft compares eval_loss)")
+            for key in ("class_weights",):
+                if getattr(t, key) != "none":
+                    problems.append(f"train.{key} needs task: classification")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
     def resolve_paths(self, base_dir: Path) -> "LorapipeConfig":
         """Make relative data/model paths absolute against `base_dir` (the repo or the config's folder)."""
@@ -264,6 +371,8 @@ def _explain(err: ValidationError) -> list[str]:
             problems.append(f"unknown key '{key}'; allowed keys here: {', '.join(allowed)}")
         elif e["type"] == "missing":
             problems.append(f"missing required key '{key}'")
+        elif not loc:  # a cross-section check: each of its problems on a line of its own, without the whole config
+            problems.extend(e["msg"].replace("Value error, ", "").splitlines())
         else:
             msg = e["msg"].replace("Value error, ", "")
             problems.append(f"'{key}': {msg} (got {e.get('input')!r})")

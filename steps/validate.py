@@ -52,13 +52,17 @@ def validate_data(
     """
     from lorapipe.models.loading import load_tokenizer
 
+    from lorapipe.data.formats import LabelFields
+
     d, v, m = DataSection(**data), ValidationSection(**validation), ModelSection(**model)
     tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, m.chat_template)
     outcome = validate_dataset(
-        local_files(resolved_data, d, _output_root()), d.format, d.prompt_key, d.completion_key, tokenizer=tokenizer, max_seq_length=max_seq_length,
-        overlength=v.overlength, on_bad_rows=v.on_bad_rows, max_bad_fraction=v.max_bad_fraction,
-        min_rows=v.min_rows, micro_batch_size=micro_batch_size, group_key=group_key, stratify_key=stratify_key,
-        progress=True,
+        local_files(resolved_data, d, _output_root()), d.format, d.prompt_key, d.completion_key, tokenizer=tokenizer,
+        max_seq_length=max_seq_length, overlength=v.overlength, on_bad_rows=v.on_bad_rows,
+        max_bad_fraction=v.max_bad_fraction, min_rows=v.min_rows, micro_batch_size=micro_batch_size,
+        group_key=group_key, stratify_key=stratify_key, progress=True,
+        label_fields=LabelFields.from_config(d.text_key, d.text_pair_key, d.label_key, d.labels),
+        max_class_imbalance=v.max_class_imbalance,
     )
     for line in outcome.report.summary_lines():
         logger.info(line)

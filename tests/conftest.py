@@ -23,6 +23,8 @@ import pytest  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = REPO_ROOT.parent / "shared" / "datasets"
 QUICKSTART_DATA = REPO_ROOT / "data" / "quickstart" / "wwdc25_train_slice.jsonl"
+# task: classification's example data: 450 requests labelled general / sql / sports by the source they came from
+CLASSIFICATION_DATA = REPO_ROOT / "data" / "classification" / "source_routing.jsonl"
 
 requires_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared/datasets is not beside the repo")
 
@@ -44,6 +46,17 @@ def tiny_tokenizer(tiny_model_dir):
     from lorapipe.models.loading import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT-style encoder (no head) with a WordPiece tokenizer trained on the classification data, as
+    `lorapipe build-tiny-model --encoder` builds it: AutoModelForSequenceClassification adds the head."""
+    from lorapipe.data.formats import read_records
+    from lorapipe.models.tiny import build_tiny_encoder
+
+    texts = [r.text for r in read_records([str(CLASSIFICATION_DATA)]).records]
+    return build_tiny_encoder(tmp_path_factory.mktemp("encoder") / "tiny-encoder", texts)
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,8 @@ def build_suite(columns: list[str], max_seq_length: Optional[int], min_rows: int
         suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column="n_tokens"))
         suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="n_tokens", min_value=1, max_value=max_seq_length))
         suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="n_trainable_tokens", min_value=1))
+    if "label_id" in columns:  # task: classification: a classifier needs two labels with rows at least
+        suite.add_expectation(E.ExpectColumnUniqueValueCountToBeBetween(column="label_id", min_value=2))
     return suite
 
 

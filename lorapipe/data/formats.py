@@ -1,9 +1,10 @@
 """Read the files people really feed fine-tuning tools and normalise every row to one conversation form.
 
 Formats: Alpaca, chat `messages` (OpenAI roles), ShareGPT `conversations`, `prompt`/`completion`
-(mlx-lm's convention, keys configurable) and plain `text`. JSONL (optionally gzipped) is streamed a line
-at a time; a JSON array (also inside a `.jsonl` file) is decoded element by element so every row keeps the
-line it starts on. Reading never raises for bad data: each problem becomes a `Problem` with file and line,
+(mlx-lm's convention, keys configurable), plain `text`, and `classification` (a text, an optional text pair and a
+label; keys configurable). JSONL (optionally gzipped) is streamed a line at a time; a JSON array (also inside a
+`.jsonl` file) is decoded element by element so every row keeps the line it starts on; CSV/TSV files (a header
+row, then one row per record; a quoted field may span lines) are streamed with the line each record starts on. Reading never raises for bad data: each problem becomes a `Problem` with file and line,
 carried by the row it belongs to, and the row's original text is kept so nothing the user gave is lost.
 The types themselves (`Problem`, `RawRow`, `Record`) live in `lorapipe.data.records`.
 """
@@ -20,7 +21,8 @@ from typing import Iterator, Optional
 
 from lorapipe.data.records import Problem, RawRow, Record
 
-FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
+FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text", "classification")
+CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 TRAINABLE_ROLES = ("assistant",)
 SHAREGPT_ROLES = {
     "human": "user",
@@ -66,6 +68,10 @@ def iter_raw_rows(path: str | Path, problems: list[Problem]) -> Iterator[RawRow]
     if not path.exists():
         problems.append(Problem(source, 0, "(file)", "file not found", "check data.paths in the config", "not_found"))
         return
+    table = path.suffixes[-2] if path.suffix == ".gz" and len(path.suffixes) > 1 else path.suffix
+    if table.lower() in CSV_SUFFIXES:
+        yield from _iter_csv(path, CSV_SUFFIXES[table.lower()], problems)
+        return
     if _first_char(path) == "[":
         yield from _iter_json_array(path, problems)
         return
@@ -104,6 +110,60 @@ def iter_raw_rows(path: str | Path, problems: list[Problem]) -> Iterator[RawRow]
     if rows == 0:
         problems.append(Problem(source, 0, "(file)", "the file is empty (or holds only whitespace)",
                                 "add rows to it, or remove it from data.paths", "empty_file"))
+
+
+def _iter_csv(path: Path, delimiter: str, problems: list[Problem]) -> Iterator[RawRow]:
+    """A header row names the fields; each record becomes {field: text}, with the line it starts on and its own
+    text (a quoted field may span lines). Every value is a string, as the file holds it."""
+    import csv
+    import io
+
+    source = str(path)
+    consumed: list[str] = []  # the physical lines of the record being read: its raw text
+
+    def lines(fh: io.TextIOBase) -> Iterator[str]:
+        for line in fh:
+            consumed.append(line)
+            yield line
+
+    try:
+        with io.TextIOWrapper(_open_bytes(path), encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(lines(fh), delimiter=delimiter)
+            header: Optional[list[str]] = None
+            end = 0  # the last physical line read so far
+            for fields in reader:
+                start, end = end + 1, reader.line_num
+                raw = "".join(consumed).rstrip("\r\n")
+                consumed.clear()
+                if not any(f.strip() for f in fields):
+                    continue  # blank lines are not rows
+                if header is None:
+                    header = [f.strip() for f in fields]
+                    dupes = sorted({f for f in header if header.count(f) > 1})
+                    if dupes or not all(header):
+                        problems.append(Problem(source, start, "(header)",
+                                                f"the header names {', '.join(dupes)} twice" if dupes else
+                                                "the header has an empty column name",
+                                                "give every column one distinct name in the first row", "invalid_csv"))
+                        return
+                    continue
+                if len(fields) != len(header):
+                    problem = Problem(source, start, "(row)", f"{len(fields)} fields, the header has {len(header)}",
+                                      f"quote fields that hold '{delimiter}' or a line break", "invalid_csv")
+                    yield _with_problem(RawRow(source, start, raw), problem, problems)
+                    continue
+                yield RawRow(source, start, raw, dict(zip(header, fields)))
+    except UnicodeDecodeError as exc:
+        problems.append(Problem(source, end + 1, "(file)", f"invalid UTF-8 ({exc.reason})", "re-save the file as UTF-8",
+                                "invalid_utf8"))
+        return
+    except csv.Error as exc:
+        problems.append(Problem(source, end + 1, "(file)", f"not readable as CSV: {exc}",
+                                "close the quoted field (the file may be truncated)", "invalid_csv"))
+        return
+    if header is None:
+        problems.append(Problem(source, 0, "(file)", "the file is empty (or holds only whitespace)",
+                                "add a header row and rows to it, or remove it from data.paths", "empty_file"))
 
 
 def _iter_json_array(path: Path, problems: list[Problem]) -> Iterator[RawRow]:
@@ -202,14 +262,60 @@ def _expect_str(obj: dict, key: str, row: RawRow, problems: list[Problem], requi
     return value
 
 
+@dataclass(frozen=True)
+class LabelFields:
+    """task: classification: the fields holding a row's text, text pair and label, and the label set when the config
+    froze it (`labels`: the value in the rows, as a string, -> the label's name)."""
+
+    text_key: str = "text"
+    text_pair_key: Optional[str] = None
+    label_key: str = "label"
+    labels: Optional[dict[str, str]] = None
+
+    @classmethod
+    def from_config(cls, text_key: str, text_pair_key: Optional[str], label_key: str,
+                    labels: Optional[list[str] | dict[str, str]]) -> "LabelFields":
+        mapping = {n: n for n in labels} if isinstance(labels, list) else labels
+        return cls(text_key, text_pair_key, label_key, mapping)
+
+
+def _label(obj: dict, row: RawRow, fields: LabelFields, found: list[Problem]) -> Optional[str]:
+    """The row's label name: a string or an integer (compared as its string), one of the frozen set if there is one."""
+    key = fields.label_key
+    value = obj.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        found.append(Problem(row.source, row.line, key, "missing label", f"give every row a '{key}', or remove the row",
+                             "missing_label"))
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        found.append(Problem(row.source, row.line, key, f"a label is a string or an integer, got {type(value).__name__} "
+                             f"{value!r}", f"write '{key}' as a string (or an integer id)", "wrong_type"))
+        return None
+    raw = value.strip() if isinstance(value, str) else str(value)
+    if fields.labels is None:
+        return raw
+    if raw not in fields.labels:
+        allowed = ", ".join(fields.labels)
+        found.append(Problem(row.source, row.line, key, f"label {raw!r} is not in data.labels ({allowed})",
+                             "fix the label, or add it to data.labels", "unknown_label"))
+        return None
+    return fields.labels[raw]
+
+
 def normalise(row: RawRow, fmt: str, problems: list[Problem], prompt_key: str = "prompt",
-              completion_key: str = "completion") -> Optional[Record]:
+              completion_key: str = "completion", label_fields: Optional[LabelFields] = None) -> Optional[Record]:
     """Turn one parsed row into a Record, or None when it cannot be built; its field problems go on `row.problems`
     and into `problems`."""
     obj = row.obj
     found: list[Problem] = []
     rec = Record(row.source, row.line, row.raw, fmt)
-    if fmt == "text":
+    if fmt == "classification":
+        fields = label_fields or LabelFields()
+        rec.text = _expect_str(obj, fields.text_key, row, found)
+        if fields.text_pair_key:
+            rec.text_pair = _expect_str(obj, fields.text_pair_key, row, found)
+        rec.label = _label(obj, row, fields, found)
+    elif fmt == "text":
         rec.text = _expect_str(obj, "text", row, found)
     elif fmt == "prompt_completion":
         prompt = _expect_str(obj, prompt_key, row, found)
@@ -306,11 +412,32 @@ class ReadResult:
 
 def iter_records(paths: list[str], fmt: str, prompt_key: str, completion_key: str, problems: list[Problem],
                  formats: dict[str, str], group_key: Optional[str] = None,
-                 label_key: Optional[str] = None) -> Iterator[tuple[RawRow, Optional[Record]]]:
+                 label_key: Optional[str] = None,
+                 label_fields: Optional[LabelFields] = None) -> Iterator[tuple[RawRow, Optional[Record]]]:
     """Stream (raw row, record or None when rejected) over every file.
 
     A rejected row carries its reasons in `row.problems`; every problem is also appended to `problems` as found.
+    `fmt="classification"` reads `label_fields` (the label is then the record's `label`, which the split stratifies
+    by; `label_key` is not read).
     """
+    if fmt == "classification":
+        for path in paths:
+            for row in iter_raw_rows(path, problems):
+                if row.obj is None:
+                    yield row, None
+                    continue
+                formats[str(path)] = fmt
+                rec = normalise(row, fmt, problems, prompt_key, completion_key, label_fields)
+                if rec is not None and group_key:
+                    if row.obj.get(group_key) in (None, ""):
+                        _with_problem(row, Problem(row.source, row.line, group_key, "missing",
+                                                   f"add '{group_key}' to every row, or unset split.group_key",
+                                                   "missing_field"), problems)
+                        rec = None
+                    else:
+                        rec.group = str(row.obj[group_key])
+                yield row, rec
+        return
     for path in paths:
         file_fmt: Optional[str] = None if fmt == "auto" else fmt
         first_line = 0

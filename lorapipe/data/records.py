@@ -49,12 +49,15 @@ class Record:
     text: Optional[str] = None
     tools: Optional[str] = None
     group: Optional[str] = None  # split.group_key's value: rows of one group stay in one split
-    label: Optional[str] = None  # split.stratify_key's value
+    label: Optional[str] = None  # split.stratify_key's value; task: classification: the class label's name
+    text_pair: Optional[str] = None  # task: classification: the second text of a pair (data.text_pair_key)
 
     def content_key(self) -> str:
         """Whitespace-normalised content, for duplicate detection and content-hash splitting."""
         if self.text is not None:
             body = " ".join(self.text.split())
+            if self.text_pair is not None:  # a pair is one row: the same first text with another pair is not a copy
+                body += "\x1d" + " ".join(self.text_pair.split())
         else:
             body = "\x1e".join(f"{m['role']}\x1f{' '.join(str(m.get('content') or '').split())}" for m in self.messages)
         return hashlib.sha256(body.encode("utf-8")).hexdigest()
@@ -65,6 +68,8 @@ class Record:
             out["text"] = self.text
         else:
             out["messages"] = self.messages
+        if self.text_pair is not None:
+            out["text_pair"] = self.text_pair
         for key in ("tools", "group", "label"):
             if getattr(self, key):
                 out[key] = getattr(self, key)
@@ -82,6 +87,7 @@ class Record:
             tools=d.get("tools"),
             group=d.get("group"),
             label=d.get("label"),
+            text_pair=d.get("text_pair"),
         )
 
 

@@ -19,7 +19,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, Field
 
 from lorapipe.data.expectations import ExpectationsReport, run_suite
-from lorapipe.data.formats import CONTROL_RE, PLACEHOLDER_RE, iter_records
+from lorapipe.data.formats import CONTROL_RE, PLACEHOLDER_RE, LabelFields, iter_records
 from lorapipe.data.records import Problem, RawRow, Record, fingerprint_part
 
 
@@ -57,6 +57,37 @@ class AuditReport(BaseModel):
     explanation: str
 
 
+class ClassificationData(BaseModel):
+    """task: classification: the label set frozen for training (ids 0..n-1 in this order) and the rows per label."""
+
+    labels: list[str]
+    label_source: str = Field(description="'config' (data.labels) or 'inferred' from the rows, sorted")
+    counts: dict[str, int] = Field(description="accepted rows per label")
+    imbalance_ratio: float = Field(description="rows of the largest class / rows of the smallest (with rows)")
+    text_pair: bool = False
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.labels))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.labels)}
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{name} {self.counts.get(name, 0)}" for name in self.labels[:12])
+        more = f", ... {len(self.labels) - 12} more" if len(self.labels) > 12 else ""
+        return (f"labels ({len(self.labels)}, {self.label_source}): {counts}{more}; largest/smallest class "
+                f"{self.imbalance_ratio:.1f}x")
+
+
+def label_order(names: list[str]) -> list[str]:
+    """Inferred labels in a stable order: numerically when every label is an integer (0, 1, ..., 10), else sorted."""
+    if names and all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
 class ValidationReport(BaseModel):
     files: dict[str, str] = Field(description="file -> detected format")
     data_fingerprint: str = Field(description="sha256 of the accepted rows' normalised content")
@@ -70,6 +101,7 @@ class ValidationReport(BaseModel):
     token_stats: Optional[TokenStats] = None
     audit: Optional[AuditReport] = None
     expectations: Optional[ExpectationsReport] = None
+    classification: Optional[ClassificationData] = None
     passed: bool
     verdict: str
 
@@ -102,6 +134,8 @@ class ValidationReport(BaseModel):
             lines.append(f"tokens per row: p50 {t.p50:.0f}, p95 {t.p95:.0f}, max {t.max}; total {t.total_tokens}, "
                          f"trained {t.trainable_tokens}; padding waste {t.padding_waste_in_order:.1%} in order, "
                          f"{t.padding_waste_length_grouped:.1%} length-grouped (micro-batch {t.micro_batch_size})")
+        if self.classification:
+            lines.append(self.classification.summary())
         if self.audit:
             a = self.audit
             lines.append(f"learns-to-stop audit: {a.stop_token_trained_fraction:.1%} rows train the stop token "
@@ -159,7 +193,13 @@ def check_record(rec: Record, problems: list[Problem], prompt_key: str = "prompt
                  completion_key: str = "completion") -> None:
     """Content checks on one normalised record (fields are known to be well-typed here)."""
     src, line = rec.source, rec.line
-    if rec.text is not None:
+    if rec.format == "classification":
+        contents = [("text", rec.text or "")] + ([("text_pair", rec.text_pair)] if rec.text_pair is not None else [])
+        for fld, text in contents:
+            if not text.strip():
+                problems.append(Problem(src, line, fld, "empty or whitespace-only text", "write the text, or remove "
+                                        "the row", "empty_text"))
+    elif rec.text is not None:
         if not rec.text.strip():
             problems.append(Problem(src, line, "text", "empty or whitespace-only", "remove the row or fill it", "empty_response"))
         contents = [("text", rec.text)]
@@ -267,6 +307,8 @@ def validate_dataset(
     group_key: Optional[str] = None,
     stratify_key: Optional[str] = None,
     progress: bool = False,
+    label_fields: Optional[LabelFields] = None,
+    max_class_imbalance: float = 10.0,
 ) -> ValidationOutcome:
     """One streaming pass: read, normalise, check, de-duplicate and (with a tokenizer) audit every row.
 
@@ -282,10 +324,14 @@ def validate_dataset(
     first_seen: dict[bytes, int] = {}  # content digest -> (file index << 32 | line)
     kept: list[Record] = []
     fingerprint = hashlib.sha256()
-    audit = _TokenAudit(tokenizer, max_seq_length, overlength) if tokenizer is not None else None
+    classifying = fmt == "classification"
+    first_label: dict[bytes, Optional[str]] = {}  # classification: the label a text was first seen with
+    audit_cls = _ClassificationTokenAudit if classifying else _TokenAudit
+    audit = audit_cls(tokenizer, max_seq_length, overlength) if tokenizer is not None else None
     chat_template_source = getattr(tokenizer, "lorapipe_chat_template_source", chat_template_source)
     facts: dict[str, array] = {}  # columnar: a million rows of facts cost megabytes, not a dict per row
     rows_read = n_kept = 0
+    label_counts: Counter = Counter()
 
     def reject(row: RawRow | Record, reasons: list[str]) -> None:
         key = (row.source, row.line)
@@ -294,7 +340,8 @@ def validate_dataset(
         rejected[key].reasons.extend(reasons)
 
     bar = _progress_bar(paths) if progress else None
-    for row, rec in iter_records(paths, fmt, prompt_key, completion_key, problems, formats, group_key, stratify_key):
+    for row, rec in iter_records(paths, fmt, prompt_key, completion_key, problems, formats, group_key,
+                                 None if classifying else stratify_key, label_fields):
         rows_read += 1
         if bar is not None:
             bar.update(len(row.raw) + 1)
@@ -312,11 +359,21 @@ def validate_dataset(
             packed = first_seen[digest]
             f_src, f_line = source_names[packed >> 32], packed & 0xFFFFFFFF
             where = f"line {f_line}" if f_src == rec.source else f"{f_src}:{f_line}"
-            found.append(Problem(rec.source, rec.line, "(row)", f"exact duplicate of {where} (after whitespace normalisation)",
-                                 "remove one copy; both always land in the same split", "duplicate",
-                                 severity="warning", other_line=f_line))
+            if classifying and first_label.get(digest) != rec.label:
+                found.append(Problem(rec.source, rec.line, label_fields.label_key if label_fields else "label",
+                                     f"the same text as {where} with another label: {rec.label!r} here, "
+                                     f"{first_label.get(digest)!r} there",
+                                     "keep one label per text: fix the wrong one, or remove a copy", "conflicting_label",
+                                     other_line=f_line))
+            else:
+                found.append(Problem(rec.source, rec.line, "(row)",
+                                     f"exact duplicate of {where} (after whitespace normalisation)",
+                                     "remove one copy; both always land in the same split", "duplicate",
+                                     severity="warning", other_line=f_line))
         else:
             first_seen[digest] = (sources[row.source] << 32) | rec.line
+            if classifying:
+                first_label[digest] = rec.label
         if audit is None and len(row.raw) > LONG_ROW_CHARS:
             found.append(Problem(rec.source, rec.line, "(row)", f"{len(row.raw):,} characters",
                                  "check it is meant to be one row; give --model (or train with it) to count its tokens "
@@ -330,6 +387,8 @@ def validate_dataset(
             continue
         rec.raw = ""  # accepted rows live on in normalised form; raw text is kept only for rejected rows
         n_kept += 1
+        if classifying:
+            label_counts[rec.label] += 1
         fingerprint.update(fingerprint_part(rec, key))
         for name, value in (audit.last_facts if audit is not None else _facts(rec)).items():
             facts.setdefault(name, array("q")).append(value)
@@ -341,6 +400,12 @@ def validate_dataset(
     token_stats = audit_report = None
     if audit is not None:
         token_stats, audit_report = audit.finish(micro_batch_size, chat_template_source)
+
+    classification = None
+    if classifying:
+        classification = _classification_data(label_counts, label_fields, max_class_imbalance, min_rows, problems)
+        for name, value in (("label_id", [classification.label2id[r.label] for r in kept]),) if keep_records else ():
+            facts[name] = array("q", value)
 
     n_rejected = len(rejected)
     errors = [p for p in problems if p.severity == "error"]
@@ -364,6 +429,10 @@ def validate_dataset(
     if audit_report is not None and not audit_report.passed:
         passed = False
         verdicts.append(audit_report.explanation)
+    if classification is not None and n_kept and len([c for c in classification.counts.values() if c]) < 2:
+        passed = False
+        verdicts.append(f"every accepted row has the label {next(iter(label_counts))!r}: a classifier needs at least "
+                        "two labels with rows")
 
     expectations = None
     if run_expectations and facts:
@@ -385,10 +454,47 @@ def validate_dataset(
         token_stats=token_stats,
         audit=audit_report,
         expectations=expectations,
+        classification=classification,
         passed=passed,
         verdict="PASSED" if passed else "FAILED: " + "; ".join(verdicts),
     )
     return ValidationOutcome(kept, sorted(rejected.values(), key=lambda r: (r.source, r.line)), report, facts)
+
+
+DATASET = "(dataset)"  # where a problem of the whole dataset (not one row) is said to be
+
+
+def _classification_data(counts: Counter, fields: Optional[LabelFields], max_imbalance: float, min_rows: int,
+                         problems: list[Problem]) -> ClassificationData:
+    """The frozen label set and its counts; warns about labels without rows, tiny classes and imbalance."""
+    fields = fields or LabelFields()
+    if fields.labels is not None:
+        labels, source = list(dict.fromkeys(fields.labels.values())), "config"
+    else:
+        labels, source = label_order([str(k) for k in counts]), "inferred"
+    for name in labels:
+        n = counts.get(name, 0)
+        if n == 0 and source == "config":
+            problems.append(Problem(DATASET, 0, fields.label_key, f"label {name!r} of data.labels has no row",
+                                    "add rows of it, or remove it from data.labels (the model would never predict it)",
+                                    "empty_class", severity="warning"))
+        elif 0 < n < 3:
+            problems.append(Problem(DATASET, 0, fields.label_key, f"label {name!r} has {n} row(s)",
+                                    "add rows: the stratified split needs one per split (train, eval, test) at least",
+                                    "small_class", severity="warning"))
+    present = [counts[n] for n in labels if counts.get(n)]
+    ratio = max(present) / min(present) if present else 0.0
+    if ratio > max_imbalance:
+        big = max(labels, key=lambda n: counts.get(n, 0))
+        small = min((n for n in labels if counts.get(n)), key=lambda n: counts[n])
+        problems.append(Problem(DATASET, 0, fields.label_key,
+                                f"imbalanced labels: {big!r} has {counts[big]} rows, {small!r} {counts[small]} "
+                                f"({ratio:.1f}x, above validation.max_class_imbalance={max_imbalance:g})",
+                                f"set train.class_weights: balanced, or add rows of {small!r}; judge the model by "
+                                "macro F1 (the default promotion metric), not accuracy", "class_imbalance",
+                                severity="warning"))
+    return ClassificationData(labels=labels, label_source=source, counts={n: counts.get(n, 0) for n in labels},
+                              imbalance_ratio=round(ratio, 3), text_pair=fields.text_pair_key is not None)
 
 
 def _facts(rec: Record) -> dict:
@@ -494,6 +600,38 @@ def _turns_end_with(ids: list[int], mask: list[int], eos_id: Optional[int], wind
 
 
 _TRAINED_RUN = re.compile(b"\x01+")
+
+
+class _ClassificationTokenAudit(_TokenAudit):
+    """A classifier reads the text (and pair) the tokenizer encodes with its special tokens, and every token feeds the
+    label: token counts and the over-length policy, no stop-token audit (nothing is generated)."""
+
+    def add(self, rec: Record, problems: list[Problem]) -> list[str]:
+        self.rows += 1
+        enc = self.tok(rec.text, rec.text_pair, truncation=False)
+        n = len(enc["input_ids"])
+        if self.max_len is not None and n > self.max_len:
+            if self.overlength in ("fail", "drop"):
+                code = "overlength" if self.overlength == "fail" else "overlength_dropped"
+                problems.append(Problem(rec.source, rec.line, "(row)",
+                                        f"{n} tokens, above train.max_seq_length={self.max_len}",
+                                        "raise train.max_seq_length, shorten the text, or set validation.overlength: "
+                                        "truncate (the usual choice for classification) or drop", code,
+                                        severity="error" if self.overlength == "fail" else "dropped"))
+                return [code]
+            self.truncated += 1
+            problems.append(Problem(rec.source, rec.line, "(row)", f"{n} tokens truncated to {self.max_len}",
+                                    "none needed, or raise train.max_seq_length", "overlength_truncated",
+                                    severity="warning"))
+            n = self.max_len
+        self.lengths.append(n)
+        self.trained += n
+        self.last_facts = {**_facts(rec), "n_tokens": n, "n_trainable_tokens": n}
+        return []
+
+    def finish(self, micro_batch: int, template_source: str) -> tuple[TokenStats, None]:  # type: ignore[override]
+        stats, _ = super().finish(micro_batch, template_source)
+        return stats, None
 
 
 class RejectedRows(BaseModel):

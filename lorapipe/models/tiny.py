@@ -3,6 +3,9 @@
 Seeded random weights and a byte-level BPE tokenizer trained with `tokenizers` on the quickstart data,
 a ChatML-style chat template, distinct EOS (`<|im_end|>`) and PAD. It is saved with `save_pretrained` and
 read back through `lorapipe.models.loading`, the same code that loads a hub id.
+
+For `task: classification`: `build_tiny_encoder` (a BERT-style encoder with a WordPiece tokenizer, saved as a bare
+`BertModel` like bert-base-uncased) and `build_tiny_decoder_classifier` (the tiny Llama with a score head).
 """
 
 from __future__ import annotations
@@ -99,4 +102,99 @@ def build_tiny_model(out_dir: str | Path, corpus: list[Path], vocab_size: int = 
         {"built_by": "lorapipe build-tiny-model", "seed": seed, "corpus": [str(p) for p in corpus],
          "size": size, "vocab_size": config.vocab_size, "tokenizer_size": len(fast), "hidden_size": hidden_size, "layers": layers,
          "parameters": model.num_parameters()}, indent=2))
+    return out
+
+
+BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def build_tiny_encoder(out_dir: str | Path, texts: Iterable[str], vocab_size: int = 2000, hidden_size: int = 64,
+                       layers: int = 2, heads: int = 4, intermediate_size: int = 128, seed: int = 0,
+                       num_labels: int | None = None) -> Path:
+    """Build a seeded random BERT-style encoder and its WordPiece tokenizer in `out_dir`, saved with `save_pretrained`.
+
+    The tokenizer is an uncased BERT pipeline (lower-casing normaliser, BERT pre-tokeniser, WordPiece) trained on
+    `texts`, with `[CLS] A [SEP]` / `[CLS] A [SEP] B [SEP]` templates so text pairs get token_type_ids. Without
+    `num_labels` the weights are a plain `BertModel`, so `AutoModelForSequenceClassification.from_pretrained(out,
+    num_labels=k)` adds a fresh head exactly as it would to bert-base-uncased; with it, a
+    `BertForSequenceClassification` with that many (unnamed) labels.
+
+    Args:
+        out_dir: Folder to write the tokenizer and model into (created if missing).
+        texts: Texts the WordPiece vocabulary is trained on.
+        vocab_size: Target WordPiece vocabulary size (special tokens included).
+        hidden_size: Hidden width.
+        layers: Number of encoder layers.
+        heads: Attention heads.
+        intermediate_size: Width of the feed-forward layers.
+        seed: Seed for the weights.
+        num_labels: Save a sequence classifier with this many labels instead of the bare encoder.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIAL_TOKENS,
+                                        show_progress=False)
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=512,
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    fast.save_pretrained(out)
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(fast), hidden_size=hidden_size, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=intermediate_size, max_position_embeddings=512,
+                        type_vocab_size=2, pad_token_id=fast.pad_token_id,
+                        **({"num_labels": num_labels} if num_labels is not None else {}))
+    model = BertForSequenceClassification(config) if num_labels is not None else BertModel(config)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "lorapipe_tiny.json").write_text(json.dumps(
+        {"built_by": "lorapipe build_tiny_encoder", "seed": seed, "architecture": type(model).__name__,
+         "num_labels": num_labels, "vocab_size": config.vocab_size, "tokenizer_size": len(fast),
+         "hidden_size": hidden_size, "layers": layers, "parameters": model.num_parameters()}, indent=2))
+    return out
+
+
+def build_tiny_decoder_classifier(out_dir: str | Path, corpus: list[Path], num_labels: int = 2, seed: int = 0) -> Path:
+    """Build the tiny Llama of `build_tiny_model` as a `LlamaForSequenceClassification` in `out_dir`.
+
+    The decoder weights are the causal tiny model's; the score head is new (seeded). `pad_token_id` is set in the
+    config so a padded batch is classified from each row's last non-pad token.
+
+    Args:
+        out_dir: Folder to write the tokenizer and model into (created if missing).
+        corpus: JSONL files the tokenizer is trained on.
+        num_labels: Number of labels of the score head.
+        seed: Seed for the weights.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassification
+
+    out = build_tiny_model(out_dir, corpus, seed=seed)
+    causal = LlamaForCausalLM.from_pretrained(out)
+    config = causal.config
+    config.num_labels = num_labels
+    config.pad_token_id = AutoTokenizer.from_pretrained(out).pad_token_id
+    config.architectures = None
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(config)
+    model.model.load_state_dict(causal.model.state_dict())
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "generation_config.json").unlink(missing_ok=True)
+    facts_path = out / "lorapipe_tiny.json"
+    facts = json.loads(facts_path.read_text())
+    facts.update(built_by="lorapipe build_tiny_decoder_classifier", architecture=type(model).__name__,
+                 num_labels=num_labels, parameters=model.num_parameters())
+    facts_path.write_text(json.dumps(facts, indent=2))
     return out
