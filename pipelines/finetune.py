@@ -39,7 +39,7 @@ def finetune(config: dict, config_sha256: str, user_set: Optional[list[str]] = N
     )
     hardware, _recommended, plan, evaluation_plan, merge_plan = preflight(
         validation_report=report, model=config["model"], train=train_cfg, evaluate=config["evaluate"],
-        merge=config["merge"], preflight=config["preflight"], user_set=user_set)
+        merge=config["merge"], preflight=config["preflight"], user_set=user_set, task=config["task"])
     train_split, eval_split, test_split = split_data(validated_dataset=dataset, training_plan=plan, split=config["split"])
     # The stack decides tracking: with an experiment tracker (e.g. W&B) on the active stack, training logs to it.
     tracker = Client().active_stack.experiment_tracker

@@ -28,7 +28,7 @@ logger = get_logger(__name__)
       cache_policy=library_cache_policy(__file__, cache_func=machine_fingerprint))
 def preflight(
     validation_report: ValidationReport, model: dict, train: dict, evaluate: dict, merge: dict,
-    preflight: Optional[dict] = None, user_set: Optional[list[str]] = None,
+    preflight: Optional[dict] = None, user_set: Optional[list[str]] = None, task: str = "sft",
 ) -> Tuple[
     Annotated[PreflightReport, "preflight_report"],
     Annotated[RecommendedConfig, "recommended_config"],
@@ -49,6 +49,8 @@ def preflight(
         merge: the config's `merge` section (the merged weights' precision).
         preflight: the config's `preflight` section (`probe: true` measures a few real steps first).
         user_set: the dotted keys the config set; with `train.profile` the plan chooses the others.
+        task: the config's `task`: sft (a causal LM) or classification (a sequence classifier whose number of labels
+            is the validation report's label set).
 
     Returns:
         The preflight report (every check), the recommended config fragment, and the training, evaluation and merge
@@ -57,9 +59,18 @@ def preflight(
     m, t = ModelSection(**model), TrainSection(**train)
     e, mg = EvaluateSection(**evaluate), MergeSection(**merge)
     hw = probe(t.output_root)
-    facts = model_size(m.name_or_path, m.revision, m.trust_remote_code)
+    num_labels, labels = 2, []
+    if task == "classification":
+        # the label set validation froze (ids 0..n-1): the head's size and names, decided once, carried by the plan
+        if validation_report.classification is None:
+            raise ValueError("task: classification, but the validation report carries no label set: the data was "
+                             "validated as another task")
+        labels = validation_report.classification.labels
+        num_labels = len(labels)
+    facts = model_size(m.name_or_path, m.revision, m.trust_remote_code, task=task, num_labels=num_labels)
     plan = decide_plan(t, hw, facts, e, mg, attn_implementation=m.attn_implementation,
-                       user_set=set(user_set) if user_set is not None else None)
+                       user_set=set(user_set) if user_set is not None else None, task=task, num_labels=num_labels)
+    plan.train.labels = labels
     stats = validation_report.token_stats
     if stats and stats.truncated_rows:
         plan.train.warnings.append(f"{stats.truncated_rows} row(s) are longer than "

@@ -4,7 +4,8 @@
 sequence length, in a fresh process (`python -m lorapipe.hardware.probe_worker SPEC.json OUT.json`), so each phase's
 peak is its own: torch's allocated peak on CUDA (counter reset first, reserved recorded too), the process's resident
 high-water mark on the CPU, mlx's peak on Apple. `preflight.probe: true` runs train and eval this way before the
-real training; bench/memory_accuracy.py runs all three for its accuracy matrix.
+real training; bench/memory_accuracy.py runs all three for its accuracy matrix. The worker trains a causal LM:
+for `task: classification` the probe is skipped, with a check that says so.
 
 This module only starts the worker and reads its result: the preflight step imports it, not the training code the
 worker runs, so an edit to a backend re-plans nothing (the probe measures; the plan does not depend on it).
@@ -69,6 +70,13 @@ def probe_checks(model: Any, train: Any, plan: Any, evaluate: Any, work_dir: str
     from lorapipe.hardware.memory import comparable_prediction_gb
     from lorapipe.hardware.preflight import Check
 
+    if plan.train.task != "sft":
+        # the worker trains and scores a causal LM (lorapipe.hardware.probe_worker): measuring it would measure
+        # another model than the classifier this run trains
+        return [Check(section="probe", name="probe", status="warn", measured=f"skipped: task {plan.train.task}",
+                      requirement="3 steps at the planned sizes run",
+                      detail="the probe measures causal-LM training only; the predicted peaks stand unmeasured: "
+                             "unset preflight.probe, or watch the first steps' peak in the training log")], []
     checks, rows = [], []
     budget = plan.train.memory.budget_gb
     for phase, terms, device in (("train", plan.train.memory.terms, plan.train.device),

@@ -5,7 +5,12 @@ that can run here or raises `PlanError` listing every reason it cannot (with the
 to change). What a backend can and cannot do comes from `lorapipe.backends.catalog`. The steps receive the plan's
 phases (`train`, `evaluate`, `merge`), never flags, and no other module probes the hardware. The number of
 data-parallel training processes is decided here too (`train.processes` and the probe's GPUs); the train step
-launches that many (`lorapipe.training.launch`).
+launches that many (`lorapipe.training.launch`). The task (`sft`, or `classification` with its number of labels) and
+`train.method` (LoRA/QLoRA, or full fine-tuning) are planned here too: a backend that lacks them is refused (or, for
+`train.backend: auto`, skipped), and the memory model counts the model the way it will train.
+
+`size_guide` asks the same memory model which methods fit which GPU sizes for a list of models (hardware guidance by
+model size, computed rather than written down).
 
 The plan depends only on the config and on facts that stay put between two runs on one machine (the memory budget
 comes from total, not free, memory), so planning the same config on the same machine gives the same plan: the
@@ -16,11 +21,12 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 from pydantic import BaseModel
 
-from lorapipe.backends.catalog import AUTO_PREFERENCE, BACKENDS, OPTIONAL_FEATURES, BackendSpec, required_modules
+from lorapipe.backends.catalog import (AUTO_PREFERENCE, BACKENDS, OPTIONAL_FEATURES, BackendSpec, backends_for,
+                                       required_modules)
 from lorapipe.config import EvaluateSection, MergeSection, TrainSection, shard_bytes
 from lorapipe.hardware.memory import GIB, MemoryEstimate, MemoryInputs, MemoryTerm, ModelFacts, estimate, model_facts
 from lorapipe.hardware.probe import HardwareProbe
@@ -59,6 +65,16 @@ class TrainingPlan(BaseModel):
     reasons: list[str]
     warnings: list[str]
     profile: Optional[str] = None  # train.profile the plan chose the unset knobs by
+    task: str = "sft"  # sft (a causal LM) or classification (a sequence classifier with num_labels outputs)
+    method: str = "lora"  # train.method: lora (QLoRA with quantization) or full (every weight trained, fp32)
+    num_labels: Optional[int] = None  # classification: the head's outputs
+    labels: list[str] = []  # classification: the label set validation froze (ids 0..n-1), the head's names
+
+    @property
+    def load_dtype(self) -> str:
+        """The dtype to load the weights in: float32 for full fine-tuning (the optimizer updates fp32 weights, and a
+        16-bit `dtype` is the Trainer's autocast compute dtype, as the memory model counts it), else `dtype`."""
+        return "float32" if self.method == "full" else self.dtype
 
 
 class PhasePlan(BaseModel):
@@ -84,18 +100,42 @@ def _missing(probe: HardwareProbe, needed: list[tuple[str, str, str]]) -> list[t
     return [n for n in needed if not probe.packages.get(n[0])]
 
 
-def choose_backend(requested: str, probe: HardwareProbe) -> tuple[str, str]:
+def choose_backend(requested: str, probe: HardwareProbe, task: str = "sft", method: str = "lora") -> tuple[str, str]:
     """(backend, reason). `auto`: the catalog's preferred backend for this machine's accelerator that is installed
-    (unsloth on CUDA, mlx-lm on Apple Silicon), else hf."""
+    (unsloth on CUDA, mlx-lm on Apple Silicon) and trains this task with this method, else hf."""
     if requested != "auto":
         return requested, f"train.backend={requested} was requested"
     accelerator = probe.accelerator
+    passed_over = []
     for name in AUTO_PREFERENCE:
         spec = BACKENDS[name]
         if accelerator in spec.auto_on and all(probe.packages.get(m) for m in spec.modules):
-            return name, f"{accelerator} machine and {name} is installed"
-    return AUTO_PREFERENCE[-1], f"no backend prefers {accelerator} here: {AUTO_PREFERENCE[-1]} on " + (
+            lacking = _lacking(spec, task, method)
+            if lacking:
+                passed_over.append(f"{name} is installed but cannot train {lacking}")
+                continue
+            return name, "".join(f"{p}; " for p in passed_over) + f"{accelerator} machine and {name} is installed"
+    fallback = AUTO_PREFERENCE[-1]
+    if passed_over:
+        return fallback, "; ".join(passed_over) + f": {fallback}"
+    return fallback, f"no backend prefers {accelerator} here: {fallback} on " + (
         "CUDA" if accelerator == "cuda" else "CPU")
+
+
+def _task_refusals(spec: BackendSpec, task: str, method: str) -> list[str]:
+    """The task or train.method this backend cannot train: one line with why and the fix."""
+    lacking = _lacking(spec, task, method)
+    if not lacking:
+        return []
+    why = spec.limits_note or "not in its catalog entry"
+    fix = " or ".join([*backends_for(task, method), "auto"])
+    return [f"train.backend={spec.name} cannot train {lacking}: {why}; set train.backend: {fix}"]
+
+
+def _lacking(spec: BackendSpec, task: str, method: str) -> str:
+    """'task X', 'train.method Y', both joined by 'with', or '' when the backend trains both."""
+    parts = [f"task {task}"] * (task not in spec.tasks) + [f"train.method {method}"] * (method not in spec.methods)
+    return " with ".join(parts)
 
 
 def _refusals(spec: BackendSpec, train: TrainSection) -> list[str]:
@@ -238,9 +278,10 @@ def memory_inputs(train: TrainSection, evaluate: EvaluateSection, merge: MergeSe
                   dtype: str, *, quantization: Optional[str] = None, micro_batch_size: Optional[int] = None,
                   seq_len: Optional[int] = None, gradient_checkpointing: Optional[bool] = None,
                   optimizer: Optional[str] = None, eval_batch_size: Optional[int] = None, lora_r: Optional[int] = None,
-                  attn_implementation: Optional[str] = None) -> MemoryInputs:
+                  attn_implementation: Optional[str] = None, task: str = "sft", num_labels: int = 2,
+                  method: Optional[str] = None) -> MemoryInputs:
     """The memory model's inputs for a config on a device; each keyword overrides the config's value."""
-    return MemoryInputs(
+    return MemoryInputs(task=task, num_labels=num_labels, full_finetune=(method or train.method) == "full",
         device=device, backend=backend, dtype=dtype,
         quantization=quantization if quantization is not None else train.quantization,
         micro_batch_size=micro_batch_size or (train.micro_batch_size if isinstance(train.micro_batch_size, int) else 1),
@@ -260,11 +301,12 @@ def _what_fits(facts: ModelFacts, base: MemoryInputs, budget_bytes: float, spec:
     fixes = []
     need = estimate(facts, base).train_peak_bytes
 
-    def first_fit(key: str, current: Any, values: list[Any], field: str) -> None:
+    def first_fit(key: str, current: Any, values: list[Any], field: str, shown: Optional[dict] = None) -> None:
         for v in values:
             peak = estimate(facts, base.model_copy(update={field: v})).train_peak_bytes
             if peak <= budget_bytes:
-                fixes.append(f"{key} {current} needs {_gb(need)} of {_gb(budget_bytes)}; {v} fits at {_gb(peak)}")
+                value = (shown or {}).get(v, v)
+                fixes.append(f"{key} {current} needs {_gb(need)} of {_gb(budget_bytes)}; {value} fits at {_gb(peak)}")
                 return
 
     seq = base.seq_len
@@ -273,13 +315,15 @@ def _what_fits(facts: ModelFacts, base: MemoryInputs, budget_bytes: float, spec:
         first_fit("train.micro_batch_size", base.micro_batch_size,
                   [base.micro_batch_size // 2**k for k in range(1, 8) if base.micro_batch_size // 2**k >= 1],
                   "micro_batch_size")
-    if base.quantization == "none" and "nf4" in spec.quantization:
+    if base.full_finetune:
+        first_fit("train.method", "full", [False], "full_finetune", {False: "lora"})
+    elif base.quantization == "none" and "nf4" in spec.quantization:
         first_fit("train.quantization", "none", ["nf4"], "quantization")
     if not base.gradient_checkpointing:
         first_fit("train.gradient_checkpointing", "false", [True], "gradient_checkpointing")
     if base.optimizer in ("adamw_torch", "paged_adamw_32bit") and "paged_adamw_8bit" in spec.optimizers:
         first_fit("train.optimizer", base.optimizer, ["paged_adamw_8bit"], "optimizer")
-    if base.lora_r > 4:
+    if base.lora_r > 4 and not base.full_finetune:
         first_fit("train.lora.r", base.lora_r, [base.lora_r // 2**k for k in range(1, 6) if base.lora_r // 2**k >= 4],
                   "lora_r")
     return fixes
@@ -289,7 +333,7 @@ def _plan_memory(train: TrainSection, evaluate: EvaluateSection, merge: MergeSec
                  spec: BackendSpec, device: str, dtype: str, budget: float, ram_budget: float, world: int,
                  user_set: set[str], attn_implementation: Optional[str], problems: list[str],
                  reasons: list[str], warnings: list[str], notes: dict[str, list[str]],
-                 probe: HardwareProbe) -> tuple[dict[str, Any], MemoryEstimate]:
+                 probe: HardwareProbe, task: str = "sft", num_labels: int = 2) -> tuple[dict[str, Any], MemoryEstimate]:
     """Choose quantisation, gradient checkpointing, optimizer, micro-batch and evaluation batch so every phase
     fits its budget (with the profile's margin); keep every value the config set, and when they cannot fit, name
     each knob and a value that does."""
@@ -304,6 +348,8 @@ def _plan_memory(train: TrainSection, evaluate: EvaluateSection, merge: MergeSec
     def available(quantization: str, optimizer_name: str) -> bool:
         """The backend honours it on this device and its package is installed (a profile never picks what fails)."""
         if quantization not in spec.quantization or (quantization != "none" and device == "mps" and spec.name != "mlx"):
+            return False
+        if quantization != "none" and train.method == "full":  # full fine-tuning trains every weight: none frozen
             return False
         return not _missing(probe, required_modules(spec, quantization, optimizer_name))
 
@@ -327,7 +373,7 @@ def _plan_memory(train: TrainSection, evaluate: EvaluateSection, merge: MergeSec
     def inputs(q: str, gc: bool, mb: int, eb: int) -> MemoryInputs:
         return memory_inputs(train, evaluate, merge, spec.name, device, dtype, quantization=q, micro_batch_size=mb,
                              gradient_checkpointing=gc, optimizer=optimizer, eval_batch_size=eb,
-                             attn_implementation=attn_implementation)
+                             attn_implementation=attn_implementation, task=task, num_labels=num_labels)
 
     chosen: Optional[tuple[str, bool, int]] = None
     for q, gc in combos:
@@ -399,19 +445,34 @@ def _plan_memory(train: TrainSection, evaluate: EvaluateSection, merge: MergeSec
 
 def decide_plan(train: TrainSection, probe: HardwareProbe, facts: ModelFacts,
                 evaluate: Optional[EvaluateSection] = None, merge: Optional[MergeSection] = None, *,
-                attn_implementation: Optional[str] = None, user_set: Optional[set[str]] = None) -> RunPlan:
+                attn_implementation: Optional[str] = None, user_set: Optional[set[str]] = None, task: str = "sft",
+                num_labels: int = 2) -> RunPlan:
     """The plan of every phase, or PlanError with every reason not. `user_set`: the dotted keys the config set
     (default: what pydantic recorded as set on `train` and `evaluate`); with `train.profile` the plan chooses the
-    others."""
+    others. `task`: sft or classification (with `num_labels`); `facts` must be counted for the same task
+    (`model_size(..., task=..., num_labels=...)`). `train.method` says LoRA/QLoRA or full fine-tuning."""
+    if facts.task != task or (task == "classification" and facts.num_labels != num_labels):
+        raise ValueError(f"decide_plan(task={task!r}, num_labels={num_labels}) was given the facts of a "
+                         f"{facts.task} model ({facts.num_labels} labels): count them with model_size(..., "
+                         f"task={task!r}, num_labels={num_labels})")
     evaluate = evaluate or EvaluateSection()
     merge = merge or MergeSection()
     if user_set is None:
         user_set = user_set_keys(train, evaluate)
     problems: list[str] = []
     warnings: list[str] = []
-    backend, why = choose_backend(train.backend, probe)
+    method = train.method
+    backend, why = choose_backend(train.backend, probe, task, method)
     spec = BACKENDS[backend]
     reasons = [f"backend {backend}: {why}"]
+    problems += _task_refusals(spec, task, method)
+    if task == "classification":
+        reasons.append(f"task classification: a sequence classifier with {num_labels} labels ({facts.block}); "
+                       + ("train.method full: every weight trained (fp32 weights, gradients and optimizer state)"
+                          if method == "full" else "train.method lora: LoRA adapters and a trained copy of the head"))
+    elif method == "full":
+        problems.append("train.method full is for task: classification (small encoders); task sft trains LoRA: set "
+                        "train.method: lora")
     for module, why, install in _missing(probe, required_modules(spec, train.quantization, train.optimizer)):
         problems.append(f"{why} needs {module}, not installed here; install with: {install}" + (
             " (or set train.backend to auto/hf)" if why.startswith("train.backend") else ""))
@@ -443,7 +504,8 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, facts: ModelFacts,
         budget = ram_budget / world
     notes: dict[str, list[str]] = {"evaluate_reasons": [], "evaluate_warnings": [], "merge_warnings": []}
     chosen, memory = _plan_memory(train, evaluate, merge, facts, spec, device, dtype, budget, ram_budget, world,
-                                  user_set, attn_implementation, problems, reasons, warnings, notes, probe)
+                                  user_set, attn_implementation, problems, reasons, warnings, notes, probe, task,
+                                  num_labels)
     optimizer = chosen["optimizer"]
     if optimizer.startswith("paged") and device != "cuda":
         warnings.append(f"{optimizer} pages only on CUDA; bitsandbytes falls back to a non-paged optimizer here")
@@ -464,7 +526,8 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, facts: ModelFacts,
                                                quantization=chosen["quantization"], micro_batch_size=chosen_mb,
                                                gradient_checkpointing=chosen["gradient_checkpointing"],
                                                optimizer=optimizer, eval_batch_size=chosen["eval_batch_size"],
-                                               attn_implementation=attn_implementation), budget_gb=budget)
+                                               attn_implementation=attn_implementation, task=task,
+                                               num_labels=num_labels), budget_gb=budget)
     per_step = f" x {world} processes" if world > 1 else ""
     reasons.append(f"micro-batch {chosen_mb} x accumulation {ga}{per_step} = effective {chosen_mb * ga * world} "
                    f"(estimated {memory.total_gb:.2f} of {budget:.1f} GB{' per process' if world > 1 else ''})")
@@ -479,11 +542,108 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, facts: ModelFacts,
         backend=backend, device=device, dtype=dtype, quantization=chosen["quantization"], micro_batch_size=chosen_mb,
         gradient_accumulation_steps=ga, effective_batch_size=chosen_mb * ga * world, max_seq_length=train.max_seq_length,
         gradient_checkpointing=chosen["gradient_checkpointing"], optimizer=optimizer, world_size=world,
-        memory=memory.training_only(), reasons=reasons, warnings=warnings, profile=train.profile)
+        memory=memory.training_only(), reasons=reasons, warnings=warnings, profile=train.profile, task=task,
+        method=method, num_labels=num_labels if task == "classification" else None)
     evaluation, merging = _phase_plans(train_plan, merge, chosen["eval_batch_size"], memory, notes)
     return RunPlan(train=train_plan, evaluate=evaluation, merge=merging)
 
 
-def model_size(name_or_path: str, revision: Optional[str] = None, trust_remote_code: bool = False) -> ModelFacts:
-    """The model's facts from its config alone (no weights are loaded): `lorapipe.hardware.memory.model_facts`."""
-    return model_facts(name_or_path, revision, trust_remote_code)
+def model_size(name_or_path: str, revision: Optional[str] = None, trust_remote_code: bool = False,
+               task: str = "sft", num_labels: int = 2) -> ModelFacts:
+    """The model's facts from its config alone (no weights are loaded): `lorapipe.hardware.memory.model_facts`;
+    `task: classification` counts the sequence classifier with `num_labels` outputs."""
+    return model_facts(name_or_path, revision, trust_remote_code, task=task, num_labels=num_labels)
+
+
+# ------------------------------------------------------------------------------------------- guidance by model size
+# The methods the size guide compares: train.quantization and whether every weight is trained (train.method: full).
+GUIDE_METHODS = {"full": ("none", True), "lora": ("none", False), "qlora": ("nf4", False)}
+GUIDE_BUDGETS_GB = (8, 16, 24, 48, 80)
+
+
+def size_guide(facts_by_name: dict[str, ModelFacts], budgets_gb: Sequence[float] = GUIDE_BUDGETS_GB, *,
+               task: str = "sft", seq_len: int = 512, micro_batch_size: int = 8, device: str = "cuda",
+               methods: Optional[Sequence[str]] = None, dtype: Optional[str] = None, optimizer: str = "adamw_torch",
+               lora_r: int = 16, lora_targets: Any = "all-linear") -> list[dict[str, Any]]:
+    """Hardware guidance by model size, from the memory model: for each model and method (full fine-tuning, LoRA,
+    QLoRA), the predicted training peak with gradient checkpointing off and on, and for each memory size whether it
+    fits the share the plan may fill (90% of a GPU; 80% of RAM on the CPU or a Mac).
+
+    Args:
+        facts_by_name: display name -> the model's facts, counted for `task` (`model_facts(..., task=task)`).
+        budgets_gb: the memory sizes to check (GiB, as torch and the probe report a GPU).
+        task: sft or classification (each model's facts carry its number of labels).
+        seq_len: tokens per row (train.max_seq_length).
+        micro_batch_size: rows per step.
+        device: cuda, cpu or mps.
+        methods: which of full, lora, qlora; default all three for classification, lora and qlora for sft (full
+            fine-tuning is for classifiers).
+        dtype: the compute dtype; default bfloat16 on a GPU, float32 on the CPU.
+        optimizer: train.optimizer.
+        lora_r: train.lora.r.
+        lora_targets: train.lora.target_modules.
+
+    Returns:
+        One dict per (model, method): model, method, parameters, trainable_parameters, train_peak_gb,
+        train_peak_gc_gb (with gradient checkpointing), eval_peak_gb, fits ({budget: "yes" | "gradient
+        checkpointing" | "no"}) and the settings (with budget_fraction).
+    """
+    methods = list(methods or (("full", "lora", "qlora") if task == "classification" else ("lora", "qlora")))
+    unknown = [m for m in methods if m not in GUIDE_METHODS]
+    if unknown:
+        raise ValueError(f"size_guide: unknown method(s) {', '.join(unknown)}; known: {', '.join(GUIDE_METHODS)}")
+    dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
+    fraction = CUDA_BUDGET_FRACTION if device == "cuda" else RAM_BUDGET_FRACTION
+    backend = "mlx" if device == "mps" and task == "sft" else "hf"
+    settings = {"task": task, "seq_len": seq_len, "micro_batch_size": micro_batch_size, "device": device,
+                "dtype": dtype, "optimizer": optimizer, "lora_r": lora_r, "backend": backend,
+                "budget_fraction": fraction}
+    rows = []
+    for name, facts in facts_by_name.items():
+        if facts.task != task:
+            raise ValueError(f"size_guide(task={task!r}): {name}'s facts were counted for task {facts.task}: count "
+                             f"them with model_facts(..., task={task!r})")
+        for method in methods:
+            quantization, full = GUIDE_METHODS[method]
+            x = MemoryInputs(device=device, backend=backend, dtype=dtype, quantization=quantization, seq_len=seq_len,
+                             micro_batch_size=micro_batch_size, lora_r=lora_r, lora_targets=lora_targets,
+                             optimizer=optimizer, eval_batch_size=micro_batch_size, task=task,
+                             num_labels=facts.num_labels or 2, full_finetune=full)
+            plain = estimate(facts, x)
+            checkpointed = estimate(facts, x.model_copy(update={"gradient_checkpointing": True}))
+            fits = {}
+            for budget in budgets_gb:
+                limit = budget * fraction * GIB
+                fits[budget] = ("yes" if plain.train_peak_bytes <= limit else "gradient checkpointing"
+                                if checkpointed.train_peak_bytes <= limit else "no")
+            rows.append({"model": name, "method": method, "parameters": facts.total_parameters,
+                         "trainable_parameters": plain.trainable_parameters,
+                         "train_peak_gb": round(plain.train_peak_bytes / GIB, 2),
+                         "train_peak_gc_gb": round(checkpointed.train_peak_bytes / GIB, 2),
+                         "eval_peak_gb": round(plain.eval_peak_bytes / GIB, 2), "fits": fits, "settings": settings})
+    return rows
+
+
+def format_size_guide(rows: list[dict[str, Any]]) -> list[str]:
+    """`size_guide`'s rows as a text table: one line per model and method, a column per memory size ("yes", "gc":
+    only with gradient checkpointing, "-": does not fit)."""
+    if not rows:
+        return []
+    st = rows[0]["settings"]
+    budgets = list(rows[0]["fits"])
+    mark = {"yes": "yes", "gradient checkpointing": "gc", "no": "-"}
+    width = max(len("model"), *(len(r["model"]) for r in rows))
+    lines = [f"training peak by method: task {st['task']}, seq {st['seq_len']} x micro-batch {st['micro_batch_size']}, "
+             f"{st['device']} {st['dtype']}, {st['optimizer']}, LoRA r={st['lora_r']}; a size fits when the peak is "
+             f"at most {st['budget_fraction']:.0%} of it (gc: only with train.gradient_checkpointing)",
+             f"{'model'.ljust(width)}  {'params':>8}  {'method':<6}  {'trained':>8}  {'peak GB':>7}  {'gc GB':>6}  "
+             + "  ".join(f"{b:g} GB".rjust(6) for b in budgets)]
+    for r in rows:
+        lines.append(f"{r['model'].ljust(width)}  {_count(r['parameters']):>8}  {r['method']:<6}  "
+                     f"{_count(r['trainable_parameters']):>8}  {r['train_peak_gb']:>7.1f}  "
+                     f"{r['train_peak_gc_gb']:>6.1f}  " + "  ".join(mark[r["fits"][b]].rjust(6) for b in budgets))
+    return lines
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"

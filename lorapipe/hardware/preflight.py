@@ -179,8 +179,9 @@ def plan_checks(plan: Optional[RunPlan], problems: list[str]) -> list[Check]:
     if plan is None:
         return checks
     t = plan.train
+    task = "" if t.task == "sft" else f"{t.task} ({t.num_labels} labels, train.method {t.method}), "
     checks.append(Check(section="plan", name="plan", status="pass",
-                        measured=f"{t.backend} on {t.device} in {t.dtype}, {t.quantization}, micro-batch "
+                        measured=f"{task}{t.backend} on {t.device} in {t.dtype}, {t.quantization}, micro-batch "
                                  f"{t.micro_batch_size} x {t.gradient_accumulation_steps}",
                         requirement="every phase fits its budget"))
     for phase, found in (("training", t.warnings), ("evaluation", plan.evaluate.warnings), ("merge", plan.merge.warnings)):
@@ -233,6 +234,8 @@ def recommended_config(plan: RunPlan) -> dict[str, Any]:
         "max_seq_length": t.max_seq_length, "micro_batch_size": t.micro_batch_size,
         "effective_batch_size": t.effective_batch_size, "gradient_checkpointing": t.gradient_checkpointing,
         "optimizer": t.optimizer}, "evaluate": {"batch_size": plan.evaluate.batch_size}}
+    if t.task != "sft":
+        fragment["train"]["method"] = t.method
     if t.world_size > 1:
         fragment["train"]["processes"] = t.world_size
     return fragment
@@ -244,8 +247,9 @@ def build_report(hw: HardwareProbe, facts: Optional[ModelFacts], model_error: Op
     checks = package_checks(hw, backend)
     checks += hardware_checks(hw, plan)
     if facts is not None:
+        kind = "" if facts.task == "sft" else f" {facts.block} sequence classifier, {facts.num_labels} labels,"
         checks.append(Check(section="model", name="model config", status="pass",
-                            measured=f"{facts.model_type}, {facts.total_parameters / 1e6:,.1f} M parameters, "
+                            measured=f"{facts.model_type},{kind} {facts.total_parameters / 1e6:,.1f} M parameters, "
                                      f"{facts.layers} layers, vocabulary {facts.vocab_size:,}",
                             requirement="a readable config.json"))
     else:
