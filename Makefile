@@ -13,10 +13,11 @@ TORCH_CONSTRAINTS ?= constraints/torch-cpu.txt
 EXTRAS ?= cuda,mlx,tracking,test
 STAMP := $(VENV)/.lorapipe-setup
 TINY_MODEL := models/tiny-llama
+TINY_ENCODER := models/tiny-encoder
 QUICKSTART_CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup quickstart test tiny-model dashboard bench clean-runs
+.PHONY: setup quickstart classification-quickstart test tiny-model tiny-encoder dashboard bench clean-runs
 
 setup: $(STAMP)
 
@@ -39,6 +40,15 @@ tiny-model: $(TINY_MODEL)/config.json
 
 quickstart: setup tiny-model
 	$(BIN)/lorapipe run -c $(QUICKSTART_CONFIG)
+
+$(TINY_ENCODER)/config.json: $(STAMP)
+	$(BIN)/lorapipe build-tiny-model --encoder --out $(TINY_ENCODER)
+
+tiny-encoder: $(TINY_ENCODER)/config.json
+
+# task: classification on the same pipeline: a tiny encoder routes requests (general / sql / sports)
+classification-quickstart: setup tiny-encoder
+	$(BIN)/lorapipe run -c configs/classification-quickstart.yaml
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -7,6 +7,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 for script in ("pipeline_cache.py", "validate_throughput.py", "backends.py", "eval_batching.py", "merge_memory.py",
-               "memory_accuracy.py", "memory_anchors.py", "padding.py"):
+               "memory_accuracy.py", "memory_anchors.py", "padding.py", "classification.py"):
     print(f"== {script}", flush=True)
     subprocess.run([sys.executable, str(HERE / script)], check=True)

@@ -95,8 +95,15 @@ def print_summary(result: Any) -> None:
     click.echo(f"model        {result.model_name} version {result.model_version}, stage: {result.stage}")
     if result.decision:
         click.echo(f"decision     {result.decision}")
-    click.echo(f"perplexity   base {metrics.base.perplexity:.2f} -> tuned {metrics.tuned.perplexity:.2f} "
-               f"({metrics.perplexity_gain:+.1%}) on {metrics.scored_rows} test rows")
+    if metrics.classification is not None:  # a classifier: its report against the baselines, not perplexity
+        c = metrics.classification
+        click.echo(f"classifier   {len(c.labels)} labels, {metrics.test_rows} test rows (accuracy / macro F1):")
+        for name in (*c.baselines, "tuned"):
+            r = c.reports[name]
+            click.echo(f"  {name:<10} {r['accuracy']:.3f} / {r['macro_f1']:.3f}")
+    else:
+        click.echo(f"perplexity   base {metrics.base.perplexity:.2f} -> tuned {metrics.tuned.perplexity:.2f} "
+                   f"({metrics.perplexity_gain:+.1%}) on {metrics.scored_rows} test rows")
     shown = [(label, field, spec) for label, field, spec in
              (("ROUGE-L", "rouge_l", ".3f"), ("BLEU", "bleu", ".1f"), ("chrF", "chrf", ".1f"),
               ("learned to stop", "stop_rate", ".0%")) if getattr(metrics.tuned, field, None) is not None]
@@ -109,7 +116,8 @@ def print_summary(result: Any) -> None:
     click.echo(f"store        {result.store_url}")
     click.echo("look further:")
     click.echo(f"  lorapipe lineage {result.model_name}:{result.model_version}")
-    click.echo(f"  lorapipe predict {result.model_name}:{result.model_version} --prompt \"...\"")
+    click.echo(f"  lorapipe predict {result.model_name}:{result.model_version} "
+               + ("\"a text to classify\"" if metrics.classification is not None else "--prompt \"...\""))
     click.echo("  lorapipe runs")
     click.echo("  make dashboard        # local ZenML dashboard: runs, artifacts, model versions")
     click.echo("=" * 72)
@@ -121,14 +129,21 @@ def print_summary(result: Any) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--model", help="Model folder or hub id: enables the token checks and the learns-to-stop audit.")
 @click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"]))
+              type=click.Choice(["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text",
+                                 "classification"]))
 @click.option("--prompt-key", default="prompt", show_default=True)
 @click.option("--completion-key", default="completion", show_default=True)
+@click.option("--text-key", default="text", show_default=True, help="--format classification: the text field.")
+@click.option("--text-pair-key", default=None, help="--format classification: a second text field (pairs).")
+@click.option("--label-key", default="label", show_default=True, help="--format classification: the label field.")
+@click.option("--labels", default=None, help="--format classification: the label set, comma-separated "
+                                              "(default: inferred from the rows).")
 @click.option("--max-seq-length", type=int, default=None)
 @click.option("--overlength", default="fail", show_default=True, type=click.Choice(["drop", "truncate", "fail"]))
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON (every problem).")
-def validate(paths: tuple, model: Optional[str], fmt: str, prompt_key: str, completion_key: str,
-             max_seq_length: Optional[int], overlength: str, as_json: bool) -> int:
+def validate(paths: tuple, model: Optional[str], fmt: str, prompt_key: str, completion_key: str, text_key: str,
+             text_pair_key: Optional[str], label_key: str, labels: Optional[str], max_seq_length: Optional[int],
+             overlength: str, as_json: bool) -> int:
     """Validate data files without ZenML: every problem with its file and line.
 
     Exit code 0 when the data passes, 1 when it does not.
@@ -137,7 +152,9 @@ def validate(paths: tuple, model: Optional[str], fmt: str, prompt_key: str, comp
     Examples:
       lorapipe validate data/quickstart/wwdc25_train_slice.jsonl
       lorapipe validate data/*.jsonl --model models/tiny-llama --max-seq-length 512 --json > report.json
+      lorapipe validate tickets.csv --format classification --text-key body --label-key queue
     """
+    from lorapipe.data.formats import LabelFields
     from lorapipe.data.validation import validate_dataset
 
     tokenizer = None
@@ -157,9 +174,11 @@ def validate(paths: tuple, model: Optional[str], fmt: str, prompt_key: str, comp
             raise click.UsageError(f"--model {model}: cannot load its tokenizer: {exc}") from None
     # libraries log to stdout; keep stdout for the report alone (pipe-able JSON)
     with contextlib.redirect_stdout(sys.stderr):
+        label_fields = LabelFields.from_config(text_key, text_pair_key, label_key,
+                                               [x.strip() for x in labels.split(",")] if labels else None)
         outcome = validate_dataset(list(paths), fmt, prompt_key, completion_key, tokenizer=tokenizer,
                                    max_seq_length=max_seq_length, overlength=overlength, on_bad_rows="fail",
-                                   min_rows=1, progress=not as_json)
+                                   min_rows=1, progress=not as_json, label_fields=label_fields)
     if as_json:
         _echo_json(outcome.report.model_dump(mode="json"))
     else:
@@ -168,6 +187,27 @@ def validate(paths: tuple, model: Optional[str], fmt: str, prompt_key: str, comp
 
 
 # ---------------------------------------------------------------------------------------- preflight and memory
+
+def _label_count(cfg: Any) -> int:
+    """A classifier's head size before a run: the labels the config froze, else those of the data files as they are
+    now (read without a tokenizer), else 2."""
+    if cfg.task != "classification":
+        return 2
+    if cfg.data.label_names():
+        return len(cfg.data.label_names())
+    from lorapipe.data.formats import LabelFields
+    from lorapipe.data.sources import expand_paths
+    from lorapipe.data.validation import validate_dataset
+
+    files, _ = expand_paths(cfg.data.paths, patterns_may_be_empty=True)
+    if not files:
+        return 2
+    d = cfg.data
+    with contextlib.redirect_stdout(sys.stderr):
+        found = validate_dataset(files, "classification", label_fields=LabelFields.from_config(
+            d.text_key, d.text_pair_key, d.label_key, d.labels), run_expectations=False, keep_records=False)
+    return max(2, len(found.report.classification.labels)) if found.report.classification else 2
+
 
 def _preflight(config: str, overrides: tuple, probe_now: bool = False,
                allow_probe: bool = True) -> tuple[Any, Any, Any]:
@@ -184,15 +224,17 @@ def _preflight(config: str, overrides: tuple, probe_now: bool = False,
     cfg = prepared.config
     hw = probe(cfg.train.output_root if Path(cfg.train.output_root).exists() else ".")
     facts, model_error, plan, problems = None, None, None, []
+    num_labels = _label_count(cfg)
     try:
-        facts = model_size(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+        facts = model_size(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code, task=cfg.task,
+                           num_labels=num_labels)
     except ModelFactsError as exc:
         model_error = str(exc)
     if facts is not None:
         try:
             plan = decide_plan(cfg.train, hw, facts, cfg.evaluate, cfg.merge,
                                attn_implementation=cfg.model.attn_implementation,
-                               user_set=user_set_keys(cfg.train, cfg.evaluate))
+                               user_set=user_set_keys(cfg.train, cfg.evaluate), task=cfg.task, num_labels=num_labels)
         except PlanError as exc:
             problems = exc.problems
     store = _local_artifact_store()
@@ -326,8 +368,14 @@ def _print_terms(estimate: Any) -> None:
 @click.argument("model", required=False)
 @click.option("-c", "--config", type=click.Path(dir_okay=False), help="Estimate a config's plan on this machine instead.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="With -c: override a config key.")
-@click.option("--method", type=click.Choice(["lora", "qlora"]), default="lora", show_default=True,
-              help="qlora: NF4 double-quantised base.")
+@click.option("--method", type=click.Choice(["lora", "qlora", "full"]), default="lora", show_default=True,
+              help="qlora: NF4 double-quantised base; full: every weight trained (--task classification).")
+@click.option("--task", type=click.Choice(["sft", "classification"]), default="sft", show_default=True,
+              help="classification: the model as a sequence classifier (a head of --num-labels, no generation).")
+@click.option("--num-labels", type=click.IntRange(min=2), default=2, show_default=True)
+@click.option("--guide", is_flag=True, help="Which method fits which memory size (8-80 GB), from the memory model, "
+                                            "for MODEL and every --guide-model.")
+@click.option("--guide-model", "guide_models", multiple=True, help="With --guide: another model to compare.")
 @click.option("--seq-len", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--micro-batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--lora-rank", type=click.IntRange(min=1), default=16, show_default=True)
@@ -350,7 +398,8 @@ def _print_terms(estimate: Any) -> None:
 def estimate_memory(model: Optional[str], config: Optional[str], overrides: tuple, method: str, seq_len: int,
                     micro_batch_size: int, lora_rank: int, lora_targets: str, gradient_checkpointing: bool,
                     optimizer: str, device: str, dtype: Optional[str], backend: str, attn_implementation: str,
-                    eval_batch_size: int, max_new_tokens: int, load_test: bool, as_json: bool) -> int:
+                    eval_batch_size: int, max_new_tokens: int, load_test: bool, as_json: bool, task: str = "sft",
+                    num_labels: int = 2, guide: bool = False, guide_models: tuple = ()) -> int:
     """Estimate the peak memory of LoRA/QLoRA training, evaluation and merge from the model's config alone.
 
     MODEL is a local folder or a hub id (its config.json is read from the cache or the hub; no weights). Every term
@@ -361,6 +410,9 @@ def estimate_memory(model: Optional[str], config: Optional[str], overrides: tupl
       lorapipe estimate-memory meta-llama/Llama-3.1-8B --method qlora --seq-len 2048 --micro-batch-size 2
       lorapipe estimate-memory models/tiny-llama --device cpu --seq-len 512 --json
       lorapipe estimate-memory -c configs/deepseek-coder-6.7b-qlora-24gb-balanced.yaml
+      lorapipe estimate-memory bert-base-uncased --task classification --method full --seq-len 128 --micro-batch-size 32
+      lorapipe estimate-memory bert-base-uncased --task classification --guide --guide-model bert-large-uncased \
+          --seq-len 128 --micro-batch-size 32
     """
     from lorapipe.hardware.memory import MemoryInputs, ModelFactsError, estimate, load_test as meta_count, model_facts
 
@@ -376,10 +428,15 @@ def estimate_memory(model: Optional[str], config: Optional[str], overrides: tupl
         return 0 if plan.train.memory.total_gb <= plan.train.memory.budget_gb else 1
     if not model:
         raise click.UsageError("give a MODEL (local folder or hub id) or -c CONFIG")
+    if method == "full" and task != "classification":
+        raise click.UsageError("--method full is for --task classification (task: sft trains LoRA)")
+    if guide:
+        return _size_guide([model, *guide_models], task, num_labels, seq_len, micro_batch_size, device, dtype,
+                           optimizer, lora_rank, lora_targets, as_json)
     try:
-        facts = model_facts(model)
+        facts = model_facts(model, task=task, num_labels=num_labels)
         if load_test:
-            by_formula, on_meta = meta_count(model)
+            by_formula, on_meta = meta_count(model, task=task, num_labels=num_labels)
             if by_formula.total_parameters != on_meta.total_parameters:
                 fail(f"{model}: the formula counts {by_formula.total_parameters:,} parameters and the meta-device "
                      f"model {on_meta.total_parameters:,}: trust the meta count ({on_meta.parameter_counts})")
@@ -391,7 +448,7 @@ def estimate_memory(model: Optional[str], config: Optional[str], overrides: tupl
         quantization="nf4" if method == "qlora" else "none", micro_batch_size=micro_batch_size, seq_len=seq_len,
         lora_r=lora_rank, lora_targets=lora_targets, gradient_checkpointing=gradient_checkpointing,
         optimizer=optimizer, attn_implementation=attn_implementation, eval_batch_size=eval_batch_size,
-        max_new_tokens=max_new_tokens)
+        max_new_tokens=max_new_tokens, task=task, num_labels=num_labels, full_finetune=method == "full")
     result = estimate(facts, inputs)
     if as_json:
         _echo_json({"model": model, "parameters": facts.total_parameters,
@@ -400,8 +457,32 @@ def estimate_memory(model: Optional[str], config: Optional[str], overrides: tupl
         return 0
     click.echo(f"{model}: {facts.model_type}, {facts.total_parameters / 1e9:.2f} B parameters "
                f"({', '.join(f'{k} {v / 1e6:,.1f} M' for k, v in facts.parameter_counts.items())}); "
-               f"LoRA r={lora_rank} on {lora_targets}: {result.trainable_parameters / 1e6:,.2f} M trainable")
+               + (f"every weight trained: {result.trainable_parameters / 1e6:,.2f} M" if method == "full" else
+                  f"LoRA r={lora_rank} on {lora_targets}: {result.trainable_parameters / 1e6:,.2f} M trainable"))
     _print_terms(result)
+    return 0
+
+
+def _size_guide(models: list[str], task: str, num_labels: int, seq_len: int, micro_batch_size: int, device: str,
+                dtype: Optional[str], optimizer: str, lora_rank: int, lora_targets: str, as_json: bool) -> int:
+    """estimate-memory --guide: which method fits which memory size, from the memory model (not a static table)."""
+    from lorapipe.hardware.memory import ModelFactsError, model_facts
+    from lorapipe.hardware.plan import format_size_guide, size_guide
+
+    facts, problems = {}, []
+    for name in models:
+        try:
+            facts[name] = model_facts(name, task=task, num_labels=num_labels)
+        except ModelFactsError as exc:
+            problems.append(str(exc))
+    if problems:
+        fail("\n".join(problems))
+    rows = size_guide(facts, task=task, seq_len=seq_len, micro_batch_size=micro_batch_size, device=device,
+                      dtype=dtype, optimizer=optimizer, lora_r=lora_rank, lora_targets=lora_targets)
+    if as_json:
+        _echo_json(rows)
+        return 0
+    click.echo("\n".join(format_size_guide(rows)))
     return 0
 
 
@@ -435,12 +516,19 @@ def _model_folder(ref: str, adapter: bool) -> str:
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=256, show_default=True)
 @click.option("--stream", is_flag=True, help="Print each answer as it is generated.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per answer (prompt, completion, stopped).")
+@click.option("--pair", "text_pair", help="A classifier of text pairs: the second text of each pair.")
+@click.option("--text-key", default="text", show_default=True, help="A classifier's --file: the text field.")
+@click.option("--text-pair-key", default="text_pair", show_default=True,
+              help="A classifier's --file: the second text's field.")
 def predict(model: str, prompt: Optional[str], prompts: tuple, prompt_file: Optional[str], system: Optional[str],
-            use_adapter: bool, max_new_tokens: int, stream: bool, as_json: bool) -> int:
+            use_adapter: bool, max_new_tokens: int, stream: bool, as_json: bool, text_pair: Optional[str],
+            text_key: str = "text", text_pair_key: str = "text_pair") -> int:
     """Answer prompts with a fine-tuned model: MODEL[:VERSION|STAGE] from the registry, or a model/adapter folder.
 
     Greedy decoding with the model's saved chat template, stopping on every end token (EOS and the template's
     turn end); says when an answer hit --max-new-tokens without stopping. No prompt given: stdin lines.
+    A classifier (task: classification) prints each text's label and every label's probability instead; --file
+    then reads rows with a "text" (and "text_pair") field, JSONL or CSV.
 
     \b
     Examples:
@@ -448,10 +536,14 @@ def predict(model: str, prompt: Optional[str], prompts: tuple, prompt_file: Opti
       lorapipe predict lorapipe-quickstart:production --file prompts.jsonl --json > answers.jsonl
       lorapipe predict lorapipe-quickstart --adapter --stream -p "Hello"
       lorapipe predict runs/<key>/adapter --max-new-tokens 64 < prompts.txt
+      lorapipe predict lorapipe-router:staging "How many points did the Eagles score?"
     """
-    from lorapipe.inference import generate, inference_device, load_for_inference, read_prompts
+    from lorapipe.inference import generate, inference_device, is_classifier, load_for_inference, read_prompts
 
     asked: list = ([prompt] if prompt else []) + list(prompts)
+    folder = _model_folder(model, use_adapter)
+    if is_classifier(folder):
+        return _classify(folder, asked, prompt_file, text_pair, as_json, text_key, text_pair_key)
     if prompt_file:
         try:
             asked += read_prompts(prompt_file)
@@ -461,7 +553,6 @@ def predict(model: str, prompt: Optional[str], prompts: tuple, prompt_file: Opti
         asked = [line.strip() for line in sys.stdin if line.strip()]
     if not asked:
         raise click.UsageError("give a PROMPT, --prompt TEXT (repeatable), --file prompts.jsonl, or lines on stdin")
-    folder = _model_folder(model, use_adapter)
     device, dtype = inference_device()
     try:
         loaded, tokenizer, described = load_for_inference(folder, device, dtype)
@@ -481,6 +572,43 @@ def predict(model: str, prompt: Optional[str], prompts: tuple, prompt_file: Opti
         if not stream:
             click.echo(f"> {answer['prompt']}\n{answer['completion']}")
         click.echo(("" if answer["stopped"] else f"[did not stop within {max_new_tokens} new tokens]\n"))
+    return 0
+
+
+def _classify(folder: str, texts: list, rows_file: Optional[str], text_pair: Optional[str], as_json: bool,
+              text_key: str = "text", text_pair_key: str = "text_pair") -> int:
+    """`predict` with a classifier: each text's label and the probability of every label."""
+    from lorapipe.inference import classifier_settings, classify, inference_device, load_for_inference, read_rows
+
+    rows = [(t, text_pair) for t in texts]
+    if rows_file:
+        try:
+            rows += read_rows(rows_file, text_key, text_pair_key)
+        except ValueError as exc:
+            fail(str(exc))
+    if not rows:
+        rows = [(line.strip(), text_pair) for line in sys.stdin if line.strip()]
+    if not rows:
+        raise click.UsageError("give a TEXT, --prompt TEXT (repeatable), --file rows.jsonl, or lines on stdin")
+    settings = classifier_settings(folder)
+    if settings["text_pair"] and any(pair is None for _, pair in rows):
+        raise click.UsageError("this classifier was trained on text pairs: give --pair TEXT, or a --file whose rows "
+                               f"have '{text_pair_key}'")
+    device, dtype = inference_device()
+    try:
+        loaded, tokenizer, described = load_for_inference(folder, device, dtype)
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    if not as_json:
+        click.echo(f"{described} on {device} in {dtype}", err=True)
+    for text, pair in rows:
+        answer = classify(loaded, tokenizer, text, pair, settings["max_length"])
+        if as_json:
+            click.echo(json.dumps(answer, ensure_ascii=False))
+            continue
+        ranked = sorted(answer["probabilities"].items(), key=lambda kv: -kv[1])
+        click.echo(f"> {text}" + (f" || {pair}" if pair else ""))
+        click.echo(f"{answer['label']}  ({', '.join(f'{name} {p:.3f}' for name, p in ranked)})")
     return 0
 
 
@@ -696,16 +824,29 @@ def _training_folder_of_run(run: str) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--size", type=click.Choice(["tiny", "25m", "56m-v32k"]), default="tiny", show_default=True,
               help="Model shape: tiny (0.2 M parameters: quickstart, tests), 25m (~25 M: benchmarks) or 56m-v32k (~56 M, 32k vocabulary: memory benchmarks).")
-def build_tiny_model(out: str, corpus: tuple, seed: int, size: str) -> int:
+@click.option("--encoder", is_flag=True,
+              help="A tiny random BERT-style encoder with a WordPiece tokenizer instead (task: classification); its "
+                   "tokenizer is trained on the texts of --corpus (default: the classification example's data).")
+def build_tiny_model(out: str, corpus: tuple, seed: int, size: str, encoder: bool) -> int:
     """Build the deterministic tiny Llama the quickstart and tests train (no download).
 
     \b
     Examples:
       lorapipe build-tiny-model --out models/tiny-llama
       lorapipe build-tiny-model --size 25m --out models/llama-25m   # a model where arithmetic matters
+      lorapipe build-tiny-model --encoder --out models/tiny-encoder  # for configs/classification-quickstart.yaml
     """
-    from lorapipe.models.tiny import build_tiny_model as build
+    from lorapipe.models.tiny import build_tiny_encoder, build_tiny_model as build
 
+    if encoder:
+        from lorapipe.data.formats import read_records
+
+        files = [str(p) for p in corpus] or [str(REPO_ROOT / "data" / "classification" / "source_routing.jsonl")]
+        records = read_records(files).records
+        texts = [r.text for r in records if r.text] + [m["content"] for r in records for m in r.messages
+                                                       if m.get("content")]
+        click.echo(f"tiny encoder written to {build_tiny_encoder(out, texts, seed=seed)}")
+        return 0
     texts = [Path(p) for p in corpus] or [REPO_ROOT / "data" / "quickstart" / "wwdc25_train_slice.jsonl"]
     click.echo(f"{size} model written to {build(out, texts, seed=seed, size=size)}")
     return 0
@@ -729,7 +870,8 @@ def backends(as_json: bool) -> int:
         rows.append({"backend": spec.name, "installed": not missing, "missing": missing, "summary": spec.summary,
                      "devices": list(spec.devices), "quantization": list(spec.quantization),
                      "optimizers": list(spec.optimizers), "features": list(spec.features),
-                     "adapter_format": spec.adapter_format, "install": spec.install})
+                     "adapter_format": spec.adapter_format, "install": spec.install, "tasks": list(spec.tasks),
+                     "methods": list(spec.methods), "limits": spec.limits_note})
     if as_json:
         _echo_json(rows)
         return 0
@@ -740,6 +882,8 @@ def backends(as_json: bool) -> int:
         click.echo(f"  devices {', '.join(r['devices'])}; quantization {', '.join(r['quantization'])}; "
                    f"adapter {r['adapter_format']}")
         click.echo(f"  optimizers {', '.join(r['optimizers'])}")
+        click.echo(f"  tasks {', '.join(r['tasks'])}; train.method {', '.join(r['methods'])}"
+                   + (f" ({r['limits']})" if r["limits"] else ""))
         lacks = [f for f in OPTIONAL_FEATURES if f not in r["features"]]
         click.echo(f"  train options it lacks (refused at preflight): {', '.join(lacks) if lacks else 'none'}")
     return 0

@@ -70,6 +70,9 @@ class DataSection(_Section):
     @classmethod
     def _label_names(cls, v: Any) -> Any:
         # YAML reads `{0: negative}` with integer keys and `[0, 1]` as integers: labels are compared as strings
+        values = list(v.items()) if isinstance(v, dict) else v if isinstance(v, list) else []
+        if any(isinstance(x, bool) for item in values for x in (item if isinstance(item, tuple) else (item,))):
+            raise ValueError("YAML reads yes/no/true/false/on/off as booleans: quote the labels, e.g. ['yes', 'no']")
         if isinstance(v, dict):
             return {str(k): str(x) for k, x in v.items()}
         if isinstance(v, list):
@@ -298,6 +301,8 @@ class LorapipeConfig(_Section):
             elif r.primary_metric not in CLASSIFICATION_METRICS:
                 problems.append(f"register.primary_metric={r.primary_metric} is a generation metric; task: "
                                 f"classification promotes by one of {', '.join(CLASSIFICATION_METRICS)}")
+            if "model_name" not in r.model_fields_set:  # not the SFT default: a stage holder of another task
+                r.model_name = "lorapipe-classifier"
             if "target_modules" not in t.lora.model_fields_set:
                 t.lora.target_modules = "all-linear"  # encoders name their projections query/key/value/dense
             if t.metric_for_best_model is None:

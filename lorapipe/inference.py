@@ -31,6 +31,8 @@ def load_for_inference(folder: str | Path, device: str, dtype: str) -> tuple[Any
         raise FileNotFoundError(f"{folder}: neither a saved model (config.json) nor a PEFT adapter "
                                 "(adapter_config.json)")
     tokenizer = load_tokenizer(str(folder))
+    if is_classifier(folder):
+        return _load_classifier(folder, device, dtype, tokenizer)
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -50,6 +52,92 @@ def load_for_inference(folder: str | Path, device: str, dtype: str) -> tuple[Any
         described = f"model {folder}"
     model.eval()
     return model, tokenizer, described
+
+
+def is_classifier(folder: str | Path) -> bool:
+    """A sequence classifier: a saved model whose architecture is *ForSequenceClassification, or an adapter folder
+    lorapipe trained for task: classification."""
+    import json
+
+    folder = Path(folder)
+    meta_path = folder / AdapterFolder.METADATA_FILE
+    if meta_path.is_file():
+        return json.loads(meta_path.read_text()).get("task") == "classification"
+    config = folder / "config.json"
+    if config.is_file():
+        return any(a.endswith("ForSequenceClassification")
+                   for a in json.loads(config.read_text()).get("architectures") or [])
+    return False
+
+
+def classifier_settings(folder: str | Path) -> dict[str, Any]:
+    """What a lorapipe classifier was trained with, from its adapter or merge record: the sequence length and
+    whether it reads text pairs (a folder lorapipe did not write: 512 and unknown)."""
+    import json
+
+    folder = Path(folder)
+    meta: dict[str, Any] = {}
+    if (folder / AdapterFolder.METADATA_FILE).is_file():
+        meta = json.loads((folder / AdapterFolder.METADATA_FILE).read_text())
+    elif (folder / "lorapipe_merge.json").is_file():
+        meta = json.loads((folder / "lorapipe_merge.json").read_text()).get("adapter_metadata", {})
+    return {"max_length": (meta.get("plan") or {}).get("max_seq_length", 512), "text_pair": meta.get("text_pair")}
+
+
+def _load_classifier(folder: Path, device: str, dtype: str, tokenizer: Any) -> tuple[Any, Any, str]:
+    from lorapipe.backends.base import read_adapter_metadata
+    from lorapipe.models.loading import load_model
+
+    if (folder / AdapterFolder.METADATA_FILE).is_file():
+        from lorapipe.evaluation.classify import load_tuned
+        from lorapipe.hardware.plan import PhasePlan
+
+        meta = read_adapter_metadata(folder)
+        phase = PhasePlan(phase="evaluate", device=device, dtype=dtype, batch_size=1, reason="lorapipe predict")
+        model = load_tuned(str(folder), meta, phase)
+        described = f"classifier adapter {folder} over {meta['base_model']}"
+    else:
+        model = load_model(str(folder), dtype, device=device, task="classification")
+        described = f"classifier {folder}"
+    model.eval()
+    return model, tokenizer, described + f" ({model.config.num_labels} labels)"
+
+
+def classify(model: Any, tokenizer: Any, text: str, text_pair: Optional[str] = None,
+             max_length: int = 512) -> dict[str, Any]:
+    """{"text", "text_pair", "label", "probabilities": {label: p}} with the labels in the model's order."""
+    import torch
+
+    enc = tokenizer(text, text_pair, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**{k: v.to(model.device) for k, v in enc.items()}).logits.float()[0]
+    probs = torch.softmax(logits, dim=-1).cpu().tolist()
+    config = getattr(model, "config", None)
+    names = [config.id2label.get(i, str(i)) for i in range(len(probs))]
+    best = max(range(len(probs)), key=probs.__getitem__)
+    return {"text": text, "text_pair": text_pair, "label": names[best],
+            "probabilities": {name: round(p, 6) for name, p in zip(names, probs)}}
+
+
+def read_rows(path: str | Path, text_key: str = "text",
+              text_pair_key: Optional[str] = "text_pair") -> list[tuple[str, Optional[str]]]:
+    """(text, pair) of each row of a JSONL/JSON/CSV file of texts to classify; every problem said at once."""
+    from lorapipe.data.formats import iter_raw_rows
+
+    problems: list = []
+    rows: list[tuple[str, Optional[str]]] = []
+    bad: list[str] = []
+    for row in iter_raw_rows(path, problems):
+        text = row.obj.get(text_key) if isinstance(row.obj, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            bad.append(f"{row.source}:{row.line}: no '{text_key}' string")
+            continue
+        pair = row.obj.get(text_pair_key) if text_pair_key else None
+        rows.append((text, pair if isinstance(pair, str) else None))
+    bad += [f"{p.source}:{p.line}: {p.message}" for p in problems]
+    if bad:
+        raise ValueError("cannot read the rows to classify:\n" + "\n".join(f"  {b}" for b in bad))
+    return rows
 
 
 def read_prompts(path: str | Path) -> list[list[dict]]:

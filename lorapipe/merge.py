@@ -14,6 +14,7 @@ import hashlib
 import json
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Optional
 
 from pydantic import BaseModel
@@ -58,9 +59,13 @@ class MergeCheck(BaseModel):
 
 def adapter_fingerprint(adapter_dir: str | Path) -> str:
     """sha256 of the adapter's weights and config (`adapter*` files: PEFT's and mlx-lm's alike), the files that,
-    with the base model, decide the merged weights."""
+    with the base model, decide the merged weights; a fully fine-tuned classifier's own weights and config
+    (`model*.safetensors`, `config.json`), which are the merged weights."""
     digest = hashlib.sha256()
-    for path in sorted(Path(adapter_dir).glob("adapter*")):
+    folder = Path(adapter_dir)
+    whole = [*folder.glob("model*.safetensors"), folder / "config.json"] if (folder / "model.safetensors").is_file() \
+        or (folder / "model.safetensors.index.json").is_file() else []
+    for path in sorted([*folder.glob("adapter*"), *whole]):
         if path.is_file():
             digest.update(path.name.encode())
             with open(path, "rb") as fh:
@@ -106,11 +111,14 @@ def _clear_weights(out: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def _check_inputs(tokenizer: Any, rows: list, max_length: int) -> list[Any]:
+def _check_inputs(tokenizer: Any, rows: list, max_length: int, classifying: bool = False) -> list[Any]:
     import torch
 
     from lorapipe.data.render import encode
 
+    if classifying:  # a classifier's row: the text (and pair) encoded as training encoded it
+        return [dict(tokenizer(rec.text, rec.text_pair, truncation=True, max_length=max_length, return_tensors="pt"))
+                for rec in rows]
     return [torch.tensor([encode(tokenizer, rec, max_length).input_ids]) for rec in rows]
 
 
@@ -191,6 +199,32 @@ def compare_with_reference(out_dir: str | Path, inputs: list[Any], reference: Re
                       greedy_agreement=agree / positions, positions_checked=positions)
 
 
+def compare_classifier(out_dir: str | Path, inputs: list[Any], reference: ReferenceLogits, phase: PhasePlan,
+                       tolerance: float) -> MergeCheck:
+    """A merged classifier reloaded with AutoModelForSequenceClassification: its label logits against the reference,
+    and how often both pick the same label."""
+    import torch
+
+    from lorapipe.backends.peft_adapter import forward_logits
+    from lorapipe.models.loading import load_model
+
+    reloaded = load_model(str(out_dir), phase.dtype, device=phase.device, task="classification").eval()
+    max_diff, diff_sum, agree = 0.0, 0.0, 0
+    with torch.no_grad():
+        for row, enc in enumerate(inputs):
+            got = forward_logits(reloaded, enc).float().cpu()[0]
+            ref = next(reference.slices(row, got.shape[0])).float()
+            agree += int(ref.argmax() == got.argmax())
+            d = (ref - got).abs()
+            max_diff = max(max_diff, float(d.max()))
+            diff_sum += float(d.mean())
+    del reloaded
+    release_memory(phase.device)
+    return MergeCheck(dtype=phase.dtype, max_abs_logit_diff=max_diff, mean_abs_logit_diff=diff_sum / len(inputs),
+                      tolerance=tolerance, passed=max_diff <= tolerance, rows_checked=len(inputs),
+                      greedy_agreement=agree / len(inputs), positions_checked=len(inputs))
+
+
 def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDataset, phase: PhasePlan,
                   check_samples: int = 4, atol: Optional[float] = None, max_length: int = 256,
                   max_shard_size: str = "2GB",
@@ -243,9 +277,10 @@ def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDatase
     out.mkdir(parents=True, exist_ok=True)
     _clear_weights(out)
     backend = meta["plan"]["backend"]
+    classifying = meta.get("task") == "classification"  # a sequence classifier: label logits, no generation
     tokenizer = load_tokenizer(adapter_dir, trust_remote_code=meta.get("trust_remote_code", False),
                                chat_template=meta.get("chat_template_override"))
-    inputs = _check_inputs(tokenizer, rows, max_length)
+    inputs = _check_inputs(tokenizer, rows, max_length, classifying)
     # beside the output, on the filesystem that has room for the model anyway (/tmp may be memory)
     with PhaseMemory(phase.device) as memory, \
             tempfile.TemporaryDirectory(prefix=".lorapipe-merge-check-", dir=out.parent) as scratch:
@@ -254,21 +289,26 @@ def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDatase
         with merged_model_write(out, lambda: merged_model_bytes(meta, phase.dtype), lambda: _clear_weights(out)):
             _reference_then_merge(backend, adapter_dir, out, phase, inputs, reference, shard_bytes(max_shard_size))
             tokenizer.save_pretrained(str(out))  # with the chat template training used
-            write_generation_config(out, tokenizer)
+            if not classifying:
+                write_generation_config(out, tokenizer)
         if before_check is not None:
             before_check(out)
         tol = atol if atol is not None else DEFAULT_ATOL[phase.dtype]
-        check = compare_with_reference(out, inputs, reference, phase, tol)
+        check = (compare_classifier if classifying else compare_with_reference)(out, inputs, reference, phase, tol)
     check.memory_gb = memory.gb
     check.memory_at_start_gb = memory.start_gb
     print(f"merge check: max |logit diff| {check.max_abs_logit_diff:.3g}, mean {check.mean_abs_logit_diff:.3g}, "
           f"greedy agreement {check.greedy_agreement:.1%} over {check.positions_checked} positions "
           f"(tolerance {check.tolerance:.3g}, {check.dtype}): {'passed' if check.passed else 'FAILED'}", flush=True)
 
-    ends = end_tokens(tokenizer)
-    modelfile = write_modelfile(out, tokenizer, ends)
-    if modelfile.family is None:
-        print(f"Ollama Modelfile written without TEMPLATE: {modelfile.note}", flush=True)
+    if classifying:  # Ollama serves generation, not classifiers: no Modelfile
+        ends = []
+        modelfile = SimpleNamespace(family=None, note="a sequence classifier: Ollama serves text generation")
+    else:
+        ends = end_tokens(tokenizer)
+        modelfile = write_modelfile(out, tokenizer, ends)
+        if modelfile.family is None:
+            print(f"Ollama Modelfile written without TEMPLATE: {modelfile.note}", flush=True)
     files = sorted({p.name for p in out.iterdir()} | {"README.md", MERGE_METADATA})
     write_model_card(out, model_card(meta, check.model_dump(), test_rows=len(check_rows),
                                      adapter_fingerprint=fingerprint, ollama_family=modelfile.family,

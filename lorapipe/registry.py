@@ -28,7 +28,8 @@ def git_commit(repo_dir: str | Path = ".") -> dict:
 # metric -> (ModelScores field, lower is better)
 PRIMARY_METRICS = {"perplexity": ("perplexity", True), "loss": ("loss", True), "rouge_l": ("rouge_l", False),
                    "exact_match": ("exact_match", False), "bleu": ("bleu", False), "chrf": ("chrf", False),
-                   "stop_rate": ("stop_rate", False)}
+                   "stop_rate": ("stop_rate", False), "accuracy": ("accuracy", False),
+                   "macro_f1": ("macro_f1", False), "weighted_f1": ("weighted_f1", False)}
 
 
 class StageHolderScores(BaseModel):
@@ -42,6 +43,8 @@ class StageHolderScores(BaseModel):
     # comparison is like for like (the evaluate step scores base + adapter, which rounding makes differ slightly)
     candidate: Optional[dict[str, Optional[float]]] = None
     note: str = ""  # why there is nothing to compare with, or what was scored
+    # False: the holder cannot be compared with this run's model (another task under the same model name): no stage
+    comparable: bool = True
 
 
 def improvement(new: float, old: float, lower_is_better: bool) -> float:
@@ -59,6 +62,8 @@ def decide_stage(metrics: EvalMetrics, merge_passed: bool, stage_if_better: str,
     enough, and beats the base and the stage's current holder on the primary metric by `margin` (relative)."""
     if stage_if_better == "none":
         return None, "register.stage_if_better is 'none'"
+    if holder is not None and not holder.comparable:
+        return None, holder.note
     if not merge_passed:
         return None, "the merged model failed its logits check"
     field, lower = PRIMARY_METRICS[primary_metric]
@@ -75,11 +80,22 @@ def decide_stage(metrics: EvalMetrics, merge_passed: bool, stage_if_better: str,
         return None, (f"learned-to-stop rate {shown} is below register.min_stop_rate={min_stop_rate:.0%}: the "
                       "model does not end its answers")
     direction = "lower" if lower else "higher"
-    over_base = improvement(tuned, base, lower)
-    if over_base <= 0 or over_base < margin:
-        return None, (f"tuned {primary_metric} {tuned:.4g} does not beat base {base:.4g} by register.margin="
-                      f"{margin:.1%} ({direction} is better; {over_base:+.1%})")
-    reason = f"tuned {primary_metric} {tuned:.4g} beats base {base:.4g} ({over_base:+.1%})"
+    # a classifier's "base" is its untuned baseline; it must also beat every other baseline (the majority class)
+    baselines = {"base": base}
+    if metrics.classification is not None:
+        names = {"majority": "the majority class", "head_only": "the head-only baseline (untuned model)"}
+        baselines = {names.get(n, n): metrics.classification.reports[n].get(field) for n in
+                     metrics.classification.baselines}
+    for name, value in baselines.items():
+        if value is None:
+            continue
+        over_base = improvement(tuned, value, lower)
+        if over_base <= 0 or over_base < margin:
+            return None, (f"tuned {primary_metric} {tuned:.4g} does not beat {name} {value:.4g} by register.margin="
+                          f"{margin:.1%} ({direction} is better; {over_base:+.1%})")
+    reason = f"tuned {primary_metric} {tuned:.4g} beats " + ", ".join(
+        f"{name} {value:.4g} ({improvement(tuned, value, lower):+.1%})" for name, value in baselines.items()
+        if value is not None)
     if holder is not None and holder.scores is not None:
         held = holder.scores.get(field)
         if holder.candidate is not None and holder.candidate.get(field) is not None:
@@ -121,7 +137,10 @@ class VersionReport(BaseModel):
 METRIC_ROWS = (("perplexity", "base_perplexity", "tuned_perplexity"), ("loss", "base_loss", "tuned_loss"),
                ("ROUGE-L", "base_rouge_l", "tuned_rouge_l"), ("exact match", "base_exact_match", "tuned_exact_match"),
                ("BLEU", "base_bleu", "tuned_bleu"), ("chrF", "base_chrf", "tuned_chrf"),
-               ("stop rate", "base_stop_rate", "tuned_stop_rate"))
+               ("stop rate", "base_stop_rate", "tuned_stop_rate"),
+               # task: classification: "base" is the untuned model (the head trained alone, else the majority class)
+               ("accuracy", "base_accuracy", "tuned_accuracy"), ("macro F1", "base_macro_f1", "tuned_macro_f1"),
+               ("weighted F1", "base_weighted_f1", "tuned_weighted_f1"), ("ECE", "base_ece", "tuned_ece"))
 
 
 def metric_rows(metrics: dict[str, float], production: Optional[dict[str, float]]) -> list[dict[str, Any]]:

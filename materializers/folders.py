@@ -146,6 +146,7 @@ class ModelFolderMaterializer(_FolderMaterializer):
                                            "tolerance", "passed", "rows_checked") if k in check})
         meta["weight_shards"] = sum(1 for f in self.stored_files() if f.endswith(".safetensors"))
         meta["ollama_template"] = (data.metadata.get("ollama") or {}).get("family") or "none"
+        meta["task"] = data.metadata.get("adapter_metadata", {}).get("task", "sft")
         return meta
 
     def save_visualizations(self, data: ModelFolder) -> Dict[str, VisualizationType]:

@@ -223,7 +223,27 @@ EVAL_METRIC_ROWS = (
     ("generation_seconds", "generation time (s)", "lower"))
 
 
+def classifier_eval_html(metrics: EvalMetrics) -> str:
+    """task: classification: the comparison with the baselines, the tuned model's per-class report and confusion
+    matrix (table and image), and test rows with every model's prediction."""
+    from lorapipe.evaluation.classification import report_html
+
+    c = metrics.classification
+    reports = {name: c.report(name) for name in c.reports}
+    page = report_html(reports, tuned="tuned")
+    if metrics.samples:
+        names = [n for n in reports]
+        samples = h.table(["row", "text", "label", *names],
+                          [(f"{s['source'].rsplit('/', 1)[-1]}:{s['line']}",
+                            s["text"] + (f" || {s['text_pair']}" if s.get("text_pair") else ""), s["label"],
+                            *[s.get(n, "") for n in names]) for s in metrics.samples], keep_columns=(0,))
+        page = page.replace("</body>", h.section(f"First {len(metrics.samples)} test rows", samples) + "</body>")
+    return page
+
+
 def eval_html(metrics: EvalMetrics) -> str:
+    if metrics.classification is not None:
+        return classifier_eval_html(metrics)
     rows = []
     for name, label, better in EVAL_METRIC_ROWS:
         base, tuned = getattr(metrics.base, name), getattr(metrics.tuned, name)
@@ -298,12 +318,24 @@ class ReportMaterializer(PydanticMaterializer):
                 out[self._write("token_lengths.png", token_length_histogram_png(data))] = VisualizationType.IMAGE
             if data.expectations and data.expectations.data_docs_html:
                 self._write(GE_DATA_DOCS, data.expectations.data_docs_html)  # a file to download, not a view
+        if isinstance(data, EvalMetrics) and data.classification is not None:
+            import tempfile
+
+            from lorapipe.evaluation.classification import confusion_matrix_png
+
+            with tempfile.TemporaryDirectory() as tmp:
+                png = confusion_matrix_png(data.classification.report("tuned"), os.path.join(tmp, "cm.png"),
+                                           title="tuned: confusion matrix (test split)")
+                out[self._write("confusion_matrix.png", png.read_bytes())] = VisualizationType.IMAGE
         return out
 
     def extract_metadata(self, data: BaseModel) -> Dict[str, Any]:
         if isinstance(data, ValidationReport):
             return {"passed": data.passed, "rows_accepted": data.rows_accepted, "rows_rejected": data.rows_rejected,
                     "data_fingerprint": data.data_fingerprint}
+        if isinstance(data, EvalMetrics) and data.classification is not None:
+            return {"tuned_macro_f1": data.tuned.macro_f1, "tuned_accuracy": data.tuned.accuracy,
+                    "untuned_macro_f1": data.base.macro_f1, "tuned_beats_base": data.tuned_beats_base}
         if isinstance(data, EvalMetrics):
             return {"base_perplexity": data.base.perplexity, "tuned_perplexity": data.tuned.perplexity,
                     "tuned_beats_base": data.tuned_beats_base}

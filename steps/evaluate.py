@@ -1,5 +1,6 @@
 """Offline evaluation on the test split: base vs tuned loss/perplexity, then batched greedy generations scored with
-exact match, ROUGE-L, BLEU, chrF, the learned-to-stop rate and the overshoot."""
+exact match, ROUGE-L, BLEU, chrF, the learned-to-stop rate and the overshoot; for task: classification, the
+classifier against the majority class and its head-only baseline (lorapipe.evaluation.classify)."""
 
 from typing import Annotated
 
@@ -37,6 +38,11 @@ def evaluate_model(
         Base and tuned metrics.
     """
     e, m = EvaluateSection(**evaluate), ModelSection(**model)
+    if adapter.metadata.get("task") == "classification":
+        from lorapipe.evaluation.classify import evaluate_classifier
+
+        # every test row, against the majority class and the head-only baseline (no generation: nothing to sample)
+        return evaluate_classifier(adapter.path, test_split, evaluation_plan, training_plan.max_seq_length)
     return evaluate_adapter(adapter.path, test_split, evaluation_plan, e.max_samples, e.generation_samples,
                             e.max_new_tokens, training_plan.max_seq_length, chat_template=m.chat_template, seed=seed,
                             generation_metrics=e.generation_metrics)

@@ -152,9 +152,15 @@ def register_model(
     base, tuned = eval_metrics.base, eval_metrics.tuned
     metrics = {"base_perplexity": base.perplexity, "tuned_perplexity": tuned.perplexity,
                "base_loss": base.loss, "tuned_loss": tuned.loss, "perplexity_gain": eval_metrics.perplexity_gain}
-    for name in ("rouge_l", "exact_match", "bleu", "chrf", "stop_rate", "overshoot"):  # absent when not measured
+    for name in ("rouge_l", "exact_match", "bleu", "chrf", "stop_rate", "overshoot",  # absent when not measured
+                 "accuracy", "macro_f1", "weighted_f1", "ece"):
         if getattr(tuned, name, None) is not None:
             metrics[f"base_{name}"], metrics[f"tuned_{name}"] = getattr(base, name), getattr(tuned, name)
+    if eval_metrics.classification is not None:  # "base" is the untuned model; the majority class beside it
+        c = eval_metrics.classification
+        metrics["untuned_baseline"] = c.untuned
+        for name in ("accuracy", "macro_f1", "weighted_f1"):
+            metrics[f"majority_{name}"] = c.reports["majority"][name]
     holder_metrics = None
     if holder.scores is not None:
         holder_metrics = {f"holder_{k}": v for k, v in holder.scores.items() if isinstance(v, (int, float))}

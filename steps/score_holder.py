@@ -58,9 +58,33 @@ def score_stage_holder(
     if merged is None:
         return StageHolderScores(stage=r.stage_if_better, version=holder.name,
                                  note=f"version {holder.name} holds {r.stage_if_better} but has no merged model to score")
-    folder = merged.load().path
+    held = merged.load()
+    folder = held.path
+    task = merged_model.metadata.get("adapter_metadata", {}).get("task", "sft")
+    held_task = held.metadata.get("adapter_metadata", {}).get("task", "sft")
+    if held_task != task:  # one model name, two tasks: neither can be scored as the other
+        return StageHolderScores(
+            stage=r.stage_if_better, version=holder.name, comparable=False,
+            note=f"version {holder.name} holds {r.stage_if_better} of register.model_name {r.model_name} and is a "
+                 f"{held_task} model, this one a {task} model: they cannot be compared; give this task its own "
+                 "register.model_name")
     logger.info("scoring version %s, which holds %s, and this run's merged model on this run's test rows",
                 holder.name, r.stage_if_better)
+    if task == "classification":
+        from lorapipe.evaluation.classify import score_classifier_folder
+
+        try:
+            scores = score_classifier_folder(folder, test_split, evaluation_plan, max_seq_length)
+        except ValueError as exc:  # a classifier of other labels: not comparable, it keeps the stage
+            return StageHolderScores(stage=r.stage_if_better, version=holder.name, comparable=False,
+                                     note=f"version {holder.name}, which holds {r.stage_if_better}, classifies other "
+                                          f"labels ({str(exc).splitlines()[0]}): not comparable; it keeps the stage "
+                                          "(give the new label set its own register.model_name)")
+        candidate = score_classifier_folder(merged_model.path, test_split, evaluation_plan, max_seq_length)
+        return StageHolderScores(stage=r.stage_if_better, version=holder.name, scores=scores.model_dump(),
+                                 candidate=candidate.model_dump(),
+                                 note=f"version {holder.name} and this version's merged classifier scored on every "
+                                      "test row of this run")
     e = EvaluateSection(**evaluate)
     scores, _ = score_model_folder(folder, test_split, evaluation_plan, e, max_seq_length, seed,
                                    chat_template=m.chat_template)

@@ -149,3 +149,26 @@ def test_config_keys_that_belong_to_the_task():
     assert len(err.value.problems) == 3 and all("task: classification" in p for p in err.value.problems)
     with pytest.raises(ConfigError, match="data.labels names a label twice"):
         validate_config({**base, "task": "classification", "data": {"paths": ["d"], "labels": ["a", "b", "a"]}})
+
+
+def test_csv_a_bad_line_or_an_unclosed_quote_is_named_and_the_rest_still_read(tmp_path):
+    bad = tmp_path / "bytes.csv"
+    bad.write_bytes(b'text,label\nok,a\nbad \xff byte,b\nfine,a\n"two\nlines",b\n')
+    out = _validate([bad])
+    assert [(r.line, r.text) for r in out.records] == [(2, "ok"), (4, "fine"), (5, "two\nlines")]
+    assert _where(out.report, "invalid_utf8") == [("bytes.csv", 3, "(line)")]
+    unclosed = tmp_path / "quote.csv"
+    unclosed.write_text('text,label\nok one,a\n"never closed,b\nmore,a\nlast,b\n')
+    out = _validate([unclosed])
+    problem = next(p for p in out.report.problems if p.code == "invalid_csv")
+    assert (problem.line, problem.fix) == (3, "close the quote") and "lines 3-5 read as one row" in problem.message
+    pandas_index = tmp_path / "index.csv"
+    pandas_index.write_text(",text,label\n0,hi,a\n")
+    out = _validate([pandas_index])
+    assert "index=False" in next(p.fix for p in out.report.problems if p.code == "invalid_csv")
+
+
+def test_yaml_booleans_as_labels_are_refused_with_the_fix():
+    with pytest.raises(ConfigError, match="quote the labels"):
+        validate_config({"task": "classification", "model": {"name_or_path": "m"},
+                         "data": {"paths": ["d"], "labels": [True, False]}})

@@ -34,10 +34,24 @@ def release_memory(device: str) -> None:
 
 
 def _base(meta: dict, dtype: str, device: str) -> Any:
+    """The adapter's base: a causal LM, or (task: classification) a sequence classifier with the adapter's frozen
+    labels, its head then replaced by the adapter's trained copy (modules_to_save)."""
     from lorapipe.models.loading import load_model
 
-    return load_model(meta["base_model"], dtype, meta.get("base_revision"), meta.get("trust_remote_code", False),
-                      device=device)
+    task = meta.get("task", "sft")
+    model = load_model(meta["base_model"], dtype, meta.get("base_revision"), meta.get("trust_remote_code", False),
+                       device=device, task=task, labels=meta.get("labels") if task == "classification" else None)
+    if task == "classification" and model.config.pad_token_id is None:
+        model.config.pad_token_id = meta.get("pad_token_id")
+    return model
+
+
+def forward_logits(model: Any, inputs: Any) -> Any:
+    """Logits of one check input: token ids (a causal LM's [1, positions, vocab]) or a classifier's encoded row (a
+    dict of tensors; [1, labels])."""
+    if isinstance(inputs, dict):
+        return model(**{k: v.to(model.device) for k, v in inputs.items()}).logits
+    return model(input_ids=inputs.to(model.device), use_cache=False).logits
 
 
 def eval_models(adapter_dir: str, phase: PhasePlan) -> dict[str, Callable[[], Any]]:
@@ -73,19 +87,28 @@ def merge_with_reference(adapter_dir: str, out_dir: str, phase: PhasePlan, input
         print(f"the adapter was trained on a {quantization}-quantised base; merging into a {phase.dtype} copy of the "
               f"unquantised base: merged into quantised weights the adapter's update would lose its precision "
               f"(peft warns, LLaMA-Factory refuses)", flush=True)
-    model = PeftModel.from_pretrained(_base(meta, phase.dtype, phase.device), adapter_dir).eval()
+    if meta.get("method") == "full":  # a fully fine-tuned classifier: nothing to fold in, written in the merge dtype
+        from lorapipe.models.loading import load_model
+
+        model = load_model(adapter_dir, phase.dtype, device=phase.device, task="classification").eval()
+    else:
+        model = PeftModel.from_pretrained(_base(meta, phase.dtype, phase.device), adapter_dir).eval()
     with torch.no_grad():
         for ids in inputs:
-            keep_reference(model(input_ids=ids.to(phase.device), use_cache=False).logits.cpu())
+            keep_reference(forward_logits(model, ids).cpu())
             trim_heap()  # the forward pass's activations
     release_memory(phase.device)
-    # W += B A scale in place, one layer at a time with its temporaries given back before the next: in one
-    # merge_and_unload() they pile up in malloc's arenas (~0.4 x the model on bench/merge_memory.py's 25M one)
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.merge()
-            trim_heap()
-    merged = model.unload()  # the LoRA layers dropped, the merged base layers kept
+    if meta.get("method") == "full":
+        merged = model
+    else:
+        # W += B A scale in place, one layer at a time with its temporaries given back before the next: in one
+        # merge_and_unload() they pile up in malloc's arenas (~0.4 x the model on bench/merge_memory.py's 25M one)
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+                trim_heap()
+        # the LoRA layers dropped, the merged base layers kept (a classifier's head: its trained copy)
+        merged = model.unload()
     del model
     release_memory(phase.device)
     Path(out_dir).mkdir(parents=True, exist_ok=True)

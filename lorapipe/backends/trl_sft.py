@@ -22,7 +22,7 @@ from lorapipe.backends.base import (
 from lorapipe.config import LoraSection, ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
-from lorapipe.training.monitoring import TrainingMonitor, memory_gb, peak_memory_gb
+from lorapipe.training.monitoring import CLASSIFIER_EVAL_METRICS, TrainingMonitor, memory_gb, peak_memory_gb
 
 
 def tokenize_dataset(dataset: ConversationDataset, tokenizer: Any, max_length: int) -> Any:
@@ -69,15 +69,17 @@ def checkpoint_save_guard(trainer: Any, trial: Any = None) -> Any:
                             lambda: trainable_bytes_estimate(trainer.model), main_process=trainer.args.should_save)
 
 
-def resume_point(t: TrainSection, ckpt_dir: Path, world_size: int = 1) -> Optional[Path]:
+def resume_point(t: TrainSection, ckpt_dir: Path, world_size: int = 1,
+                 files: Optional[tuple[str, ...]] = None) -> Optional[Path]:
     """The checkpoint this run resumes from: its own latest complete one (incomplete newer ones are said and set
-    aside), else `train.resume_from`, which must be complete (see resume_checkpoint)."""
+    aside), else `train.resume_from`, which must be complete (see resume_checkpoint). `files`: what a complete
+    checkpoint holds (default: a LoRA adapter's, `checkpoint_files`)."""
+    files = files or checkpoint_files(world_size)
     main_process = int(os.environ.get("RANK", "0")) == 0  # the one process that sets checkpoints aside
-    own = latest_complete_checkpoint(ckpt_dir, checkpoint_files(world_size), CHECKPOINT_PREFIX,
-                                     set_aside=main_process) if t.resume else None
+    own = latest_complete_checkpoint(ckpt_dir, files, CHECKPOINT_PREFIX, set_aside=main_process) if t.resume else None
     if own is None and t.resume_from is not None:
         # resumed on purpose, possibly from another process count: the RNG files are checked if present, not required
-        problem = checkpoint_problem(Path(t.resume_from), [f for f in checkpoint_files() if f != "rng_state.pth"])
+        problem = checkpoint_problem(Path(t.resume_from), [f for f in files if not f.startswith("rng_state")])
         if problem:
             raise ValueError(f"train.resume_from: {t.resume_from} cannot be resumed from ({problem}); name a complete "
                              "checkpoint folder, or unset train.resume_from to start over")
@@ -149,7 +151,8 @@ def monitor_callback(monitor: TrainingMonitor) -> Any:
                 tokens = getattr(state, "num_input_tokens_seen", 0) or None
             monitor.log(state.global_step, loss=logs.get("loss"), learning_rate=logs.get("learning_rate"),
                         grad_norm=logs.get("grad_norm"), eval_loss=logs.get("eval_loss"),
-                        epoch=logs.get("epoch", state.epoch), tokens_seen=tokens)
+                        epoch=logs.get("epoch", state.epoch), tokens_seen=tokens,
+                        eval_metrics={k: logs[k] for k in CLASSIFIER_EVAL_METRICS if k in logs})
 
         def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
             monitor.checkpoint_saved(state.global_step)

@@ -114,53 +114,78 @@ def iter_raw_rows(path: str | Path, problems: list[Problem]) -> Iterator[RawRow]
 
 def _iter_csv(path: Path, delimiter: str, problems: list[Problem]) -> Iterator[RawRow]:
     """A header row names the fields; each record becomes {field: text}, with the line it starts on and its own
-    text (a quoted field may span lines). Every value is a string, as the file holds it."""
+    text (a quoted field may span lines). Every value is a string, as the file holds it. Lines are decoded one at a
+    time, so a line that is not UTF-8 is a problem of that line and the rows after it are still read."""
     import csv
-    import io
+    import sys
 
+    csv.field_size_limit(sys.maxsize)  # a long text is a row, not the end of the file
     source = str(path)
     consumed: list[str] = []  # the physical lines of the record being read: its raw text
+    bad_lines: list[tuple[int, RawRow]] = []  # lines that are not UTF-8, said in reading order
+    lineno = first_line = 0  # the last line read; the first line of the record being read
 
-    def lines(fh: io.TextIOBase) -> Iterator[str]:
-        for line in fh:
-            consumed.append(line)
-            yield line
+    def lines() -> Iterator[str]:
+        nonlocal lineno, first_line
+        with _open_bytes(path) as fh:
+            for raw in fh:
+                lineno += 1
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    row = RawRow(source, lineno, raw.decode("utf-8", "backslashreplace").rstrip("\r\n"))
+                    bad_lines.append((lineno, _with_problem(row, Problem(
+                        source, lineno, "(line)", f"invalid UTF-8 at byte {exc.start}", "re-save the file as UTF-8",
+                        "invalid_utf8", column=exc.start + 1), problems)))
+                    continue
+                if not consumed:
+                    first_line = lineno
+                consumed.append(text)
+                yield text
 
-    try:
-        with io.TextIOWrapper(_open_bytes(path), encoding="utf-8-sig", newline="") as fh:
-            reader = csv.reader(lines(fh), delimiter=delimiter)
-            header: Optional[list[str]] = None
-            end = 0  # the last physical line read so far
-            for fields in reader:
-                start, end = end + 1, reader.line_num
-                raw = "".join(consumed).rstrip("\r\n")
-                consumed.clear()
-                if not any(f.strip() for f in fields):
-                    continue  # blank lines are not rows
-                if header is None:
-                    header = [f.strip() for f in fields]
-                    dupes = sorted({f for f in header if header.count(f) > 1})
-                    if dupes or not all(header):
-                        problems.append(Problem(source, start, "(header)",
-                                                f"the header names {', '.join(dupes)} twice" if dupes else
-                                                "the header has an empty column name",
-                                                "give every column one distinct name in the first row", "invalid_csv"))
-                        return
-                    continue
-                if len(fields) != len(header):
-                    problem = Problem(source, start, "(row)", f"{len(fields)} fields, the header has {len(header)}",
-                                      f"quote fields that hold '{delimiter}' or a line break", "invalid_csv")
-                    yield _with_problem(RawRow(source, start, raw), problem, problems)
-                    continue
-                yield RawRow(source, start, raw, dict(zip(header, fields)))
-    except UnicodeDecodeError as exc:
-        problems.append(Problem(source, end + 1, "(file)", f"invalid UTF-8 ({exc.reason})", "re-save the file as UTF-8",
-                                "invalid_utf8"))
-        return
-    except csv.Error as exc:
-        problems.append(Problem(source, end + 1, "(file)", f"not readable as CSV: {exc}",
-                                "close the quoted field (the file may be truncated)", "invalid_csv"))
-        return
+    reader = csv.reader(lines(), delimiter=delimiter)
+    header: Optional[list[str]] = None
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            problems.append(Problem(source, first_line, "(file)", f"not readable as CSV from line {first_line}: {exc}",
+                                    "fix the quoting from that line on", "invalid_csv"))
+            return
+        end, record_start = lineno, first_line
+        raw = "".join(consumed).rstrip("\r\n")
+        consumed.clear()
+        for _, bad in bad_lines:
+            yield bad
+        bad_lines.clear()
+        if not any(f.strip() for f in fields):
+            continue  # blank lines are not rows
+        if header is None:
+            header = [f.strip() for f in fields]
+            dupes = sorted({f for f in header if header.count(f) > 1})
+            if dupes or not all(header):
+                problems.append(Problem(source, record_start, "(header)",
+                                        f"the header names {', '.join(dupes)} twice" if dupes else
+                                        "the header has an empty column name",
+                                        "give every column one distinct name in the first row (pandas writes an "
+                                        "unnamed index column: to_csv(..., index=False))", "invalid_csv"))
+                return
+            continue
+        if len(fields) != len(header):
+            spans = end > record_start and raw.count('"') % 2 == 1
+            message = (f"a quoted field opened on line {record_start} is not closed: lines {record_start}-{end} read "
+                       "as one row" if spans else f"{len(fields)} fields, the header has {len(header)}")
+            fix = "close the quote" if spans else f"quote fields that hold '{delimiter}' or a line break"
+            yield _with_problem(RawRow(source, record_start, raw), Problem(source, record_start, "(row)", message, fix,
+                                                                          "invalid_csv"), problems)
+            continue
+        yield RawRow(source, record_start, raw, dict(zip(header, fields)))
+    for _, bad in bad_lines:
+        yield bad
     if header is None:
         problems.append(Problem(source, 0, "(file)", "the file is empty (or holds only whitespace)",
                                 "add a header row and rows to it, or remove it from data.paths", "empty_file"))

@@ -47,6 +47,11 @@ class ModelScores(BaseModel):
     stop_rate: Optional[float] = None  # learned-to-stop rate: generations ending on an end token
     overshoot: Optional[float] = None  # mean tokens generated beyond the reference's length
     generation_seconds: Optional[float] = None  # wall time of this model's generation
+    # task: classification (see lorapipe.evaluation.classify): over every test row
+    accuracy: Optional[float] = None
+    macro_f1: Optional[float] = None
+    weighted_f1: Optional[float] = None
+    ece: Optional[float] = None  # expected calibration error, 10 bins of the top label's probability
 
 
 class EvalMetrics(BaseModel):
@@ -65,6 +70,23 @@ class EvalMetrics(BaseModel):
     memory_at_start_gb: Optional[float] = None  # what the process held when the phase began
     # how the generations were made: max_new_tokens, batch_size, greedy, seed, end_tokens
     generation: dict[str, Any] = Field(default_factory=dict)
+    # task: classification: every model's report (majority, head_only, tuned), per-class scores and confusion matrix
+    classification: Optional["ClassifierEvaluation"] = None
+
+
+class ClassifierEvaluation(BaseModel):
+    """A classifier against its baselines on the test split: `base` of EvalMetrics is the untuned model (the head
+    trained alone on the frozen base, else the majority class)."""
+
+    labels: list[str]
+    reports: dict[str, Any]  # model name -> lorapipe.evaluation.classification.ClassificationReport (as a dict)
+    baselines: list[str]  # the names in `reports` that are baselines
+    untuned: str  # which baseline `base` holds
+
+    def report(self, name: str) -> Any:
+        from lorapipe.evaluation.classification import ClassificationReport
+
+        return ClassificationReport.model_validate(self.reports[name])
 
 
 @dataclass
@@ -265,3 +287,6 @@ def generate_scores(model: Any, tokenizer: Any, records: list[Record], max_new_t
                 "stopped": s, "new_tokens": n}
                for r, p, s, n in zip(rows, predictions, stops.stopped, stops.lengths)]
     return scores, samples
+
+
+EvalMetrics.model_rebuild()

@@ -33,8 +33,13 @@ def front_matter(adapter_meta: dict, check: dict, ollama_family: Optional[str]) 
         tags.append("qlora")
     if ollama_family:
         tags.append("ollama")
+    classifier = adapter_meta.get("task") == "classification"
+    if classifier:
+        tags = ["lorapipe", "text-classification"] + (["lora", "peft", "merged"] if adapter_meta.get("method") != "full"
+                                                      else ["full-fine-tune"]) + (["qlora"] if quantization != "none"
+                                                                                  else [])
     meta: dict[str, Any] = {"base_model": adapter_meta.get("base_model"), "library_name": "transformers",
-                            "pipeline_tag": "text-generation", "tags": tags}
+                            "pipeline_tag": "text-classification" if classifier else "text-generation", "tags": tags}
     meta["lorapipe"] = {
         "train_data_sha256": adapter_meta.get("data_fingerprint"),
         "base_revision": adapter_meta.get("base_revision"),
@@ -62,9 +67,10 @@ def model_card(adapter_meta: dict, check: dict, *, test_rows: int, adapter_finge
         ("base model", base), ("base revision", adapter_meta.get("base_revision")),
         ("backend", result.get("backend", plan.get("backend"))), ("device", result.get("device", plan.get("device"))),
         ("training dtype", plan.get("dtype")), ("quantization", quantization),
-        ("LoRA r / alpha / dropout", f"{lora.get('r')} / {lora.get('alpha')} / {lora.get('dropout')}"),
-        ("target modules", ", ".join(lora["target_modules"]) if isinstance(lora.get("target_modules"), list)
-         else lora.get("target_modules")),
+        *([("method", "full fine-tuning: every weight")] if adapter_meta.get("method") == "full" else [
+            ("LoRA r / alpha / dropout", f"{lora.get('r')} / {lora.get('alpha')} / {lora.get('dropout')}"),
+            ("target modules", ", ".join(lora["target_modules"]) if isinstance(lora.get("target_modules"), list)
+             else lora.get("target_modules"))]),
         ("epochs", cfg.get("epochs")), ("learning rate", cfg.get("learning_rate")),
         ("effective batch size", plan.get("effective_batch_size")), ("max sequence length", plan.get("max_seq_length")),
         ("seed", adapter_meta.get("seed")), ("training rows", result.get("train_rows")), ("steps", result.get("steps")),
@@ -85,6 +91,9 @@ def model_card(adapter_meta: dict, check: dict, *, test_rows: int, adapter_finge
     ollama = (f"`ollama create <name> -f Modelfile` from this folder; its TEMPLATE is translated from the "
               f"{ollama_family} chat template ({ollama_note})." if ollama_family else
               f"the Modelfile here has no TEMPLATE: {ollama_note}. Write one before serving chat with Ollama.")
+    if adapter_meta.get("task") == "classification":
+        return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + _classifier_body(
+            adapter_meta, check, training, merge, test_rows, files, qlora)
     body = f"""# {Path(str(base)).name} + LoRA, merged ({dtype})
 
 A LoRA adapter fine-tuned by lorapipe on `{base}`, folded into a {dtype} copy of the base
@@ -133,6 +142,67 @@ end of the assistant's turn. Ollama: {ollama}
 {", ".join(f"`{f}`" for f in files)}
 """
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + body
+
+
+def _classifier_body(adapter_meta: dict, check: dict, training: str, merge: str, test_rows: int, files: list[str],
+                     qlora: str) -> str:
+    """The card of a sequence classifier: its labels, how it loads, how the merge was checked (label logits)."""
+    base = adapter_meta.get("base_model", "?")
+    full = adapter_meta.get("method") == "full"
+    labels = adapter_meta.get("labels") or []
+    label_table = "\n".join(["| id | label | training rows |", "|---|---|---|"] + [
+        f"| {i} | {name} | {_fmt((adapter_meta.get('train_class_counts') or {}).get(name))} |"
+        for i, name in enumerate(labels)])
+    how = (f"`{base}` with every weight fine-tuned" if full else
+           f"a LoRA adapter and a trained classification head on `{base}`, folded into a {check.get('dtype')} copy of "
+           "the base weights")
+    return f"""# {Path(str(base)).name} classifier ({len(labels)} labels, {'full fine-tune' if full else 'LoRA, merged'})
+
+A sequence classifier trained by lorapipe: {how}. It loads with its labels (`id2label` in `config.json`).
+
+## Labels
+
+{label_table}
+
+## Training
+
+{training}
+
+## Merge check
+
+The saved model was reloaded and its label logits compared with the trained model's on the first
+{check.get("rows_checked")} rows of the held-out test split (and the predicted label of each).
+
+{merge}
+
+## Evaluation
+
+Not in this card: the classification report (accuracy, macro/weighted F1, per-class scores, the confusion matrix,
+calibration) against the majority class and the head-only baseline is recorded on this model's version in ZenML's
+model registry (`lorapipe lineage`, or the dashboard).
+
+## Use
+
+```python
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+model = AutoModelForSequenceClassification.from_pretrained("path/to/this/folder")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+probs = model(**tokenizer(["a text"], return_tensors="pt")).logits.softmax(-1)
+```
+
+or `lorapipe predict path/to/this/folder "a text"`.
+
+## Limits
+
+- Evaluated offline only, on held-out rows of the training data's own distribution (the test split held
+  {test_rows} rows).
+- It predicts one of its {len(labels)} labels for any text, including texts unlike any it was trained on.{qlora}
+
+## Files
+
+{", ".join(f"`{f}`" for f in files)}
+"""
 
 
 def write_model_card(folder: str | Path, text: str) -> Path:

@@ -26,33 +26,62 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
     return tok
 
 
-def quantization_config(quantization: str, compute_dtype: str) -> Any:
-    """QLoRA is LoRA plus this: a bitsandbytes config, or None for plain LoRA."""
+# task: classification: modules kept unquantised under QLoRA: the heads (trained in full; transformers keeps only
+# the last parameter's module, e.g. classifier.bias, out of 4 bit otherwise) and the layers between body and head
+CLASSIFIER_UNQUANTISED = ("classifier", "score", "pooler", "pre_classifier")
+
+
+def quantization_config(quantization: str, compute_dtype: str, skip_modules: Optional[tuple[str, ...]] = None) -> Any:
+    """QLoRA is LoRA plus this: a bitsandbytes config, or None for plain LoRA. `skip_modules` stay unquantised."""
     if quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
 
+    skip = {"llm_int8_skip_modules": list(skip_modules)} if skip_modules else {}
     if quantization == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch_dtype(compute_dtype))
+                                  bnb_4bit_compute_dtype=torch_dtype(compute_dtype), **skip)
     if quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     raise ValueError(f"train.quantization: {quantization!r} is not one of none, nf4, int8")
 
 
 def load_model(name_or_path: str, dtype: str, revision: Optional[str] = None, trust_remote_code: bool = False,
-               quantization: str = "none", *, device: str, attn_implementation: Optional[str] = None) -> Any:
-    """The model on the plan's device in the plan's dtype: both come from the caller's plan, never decided here."""
-    from transformers import AutoModelForCausalLM
+               quantization: str = "none", *, device: str, attn_implementation: Optional[str] = None,
+               task: str = "sft", labels: Optional[list[str]] = None) -> Any:
+    """The model on the plan's device in the plan's dtype: both come from the caller's plan, never decided here.
 
-    qconf = quantization_config(quantization, dtype)
+    task "classification": an `AutoModelForSequenceClassification`; with `labels`, its head has that many outputs
+    and the names go into its config (id2label / label2id), a fresh head where the checkpoint has another or none."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    classifying = task == "classification"
+    auto_class = AutoModelForSequenceClassification if classifying else AutoModelForCausalLM
+    qconf = quantization_config(quantization, dtype, CLASSIFIER_UNQUANTISED if classifying else None)
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code, "dtype": torch_dtype(dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if qconf is not None:
         kwargs["quantization_config"] = qconf
         kwargs["device_map"] = {"": device if device != "cuda" else 0}
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    if labels is not None:
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                      label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True)
+    if classifying:
+        # which weights the checkpoint lacked (a new head; a pooler an MLM checkpoint has not): they start random and
+        # must be trained and saved with the adapter, or every later load would draw them again
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report of the new head: lorapipe says which modules train
+        try:
+            model, info = auto_class.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+        finally:
+            hf_logging.set_verbosity(level)
+        model.lorapipe_new_weights = sorted(set(info.get("missing_keys") or []) | {
+            k for k, *_ in (info.get("mismatched_keys") or [])})
+    else:
+        model = auto_class.from_pretrained(name_or_path, **kwargs)
     if qconf is None:
         model.to(device)
     return model

@@ -143,6 +143,9 @@ def human_count(n: float) -> str:
     return f"{n:.0f}"
 
 
+CLASSIFIER_EVAL_METRICS = ("eval_accuracy", "eval_macro_f1")
+
+
 def format_progress(row: dict[str, Any], max_steps: int, eta_s: Optional[float]) -> str:
     """The one-line progress report for a metrics row."""
     parts = [f"step {row['step']}/{max_steps}" if max_steps and max_steps > 0 else f"step {row['step']}"]
@@ -151,6 +154,9 @@ def format_progress(row: dict[str, Any], max_steps: int, eta_s: Optional[float])
         parts.append(f"loss {loss:.2f}" if loss is not None else f"loss {row.get('_loss_raw')}")
     if row.get("eval_loss") is not None:
         parts.append(f"eval_loss {row['eval_loss']:.4f}")
+    for key in CLASSIFIER_EVAL_METRICS:  # task: classification's evaluation, beside its loss
+        if row.get(key) is not None:
+            parts.append(f"{key} {row[key]:.3f}")
     if row.get("learning_rate") is not None:
         parts.append(f"lr {row['learning_rate']:.1e}")
     if row.get("tokens_per_second") is not None:
@@ -329,14 +335,18 @@ class TrainingMonitor:
             self.tracker.log_config(self.run_config)
 
     def log(self, step: int, *, loss: Any = None, learning_rate: Any = None, grad_norm: Any = None,
-            eval_loss: Any = None, epoch: Any = None, tokens_seen: Optional[float] = None) -> dict[str, Any]:
-        """Record one logging step. `tokens_seen`: tokens trained since this process began training (or None)."""
+            eval_loss: Any = None, epoch: Any = None, tokens_seen: Optional[float] = None,
+            eval_metrics: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """Record one logging step. `tokens_seen`: tokens trained since this process began training (or None);
+        `eval_metrics`: more evaluation figures (a classifier's eval_accuracy, eval_macro_f1)."""
         now = time.perf_counter()
         row: dict[str, Any] = {
             "step": int(step), "epoch": _finite(epoch), "loss": _finite(loss), "learning_rate": _finite(learning_rate),
             "grad_norm": _finite(grad_norm), "eval_loss": _finite(eval_loss), "tokens_per_second": None,
             "memory_gb": round(self.memory_gb(), 4), "elapsed_s": round(now - self._t0, 3),
         }
+        for key, value in (eval_metrics or {}).items():
+            row[key] = _finite(value)
         if loss is not None:
             if tokens_seen is not None:
                 base = self._last_tokens if self._last_tokens is not None else 0.0
