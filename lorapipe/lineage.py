@@ -163,9 +163,13 @@ def render_tree(tree: dict[str, Any]) -> list[str]:
     lines = [f"model {tree['model']} version {tree['version']}  stage {tree['stage']}  registered "
              f"{tree['registered']}",
              f"  decision: {tree.get('decision') or '?'}",
-             f"  perplexity base {_fmt(m.get('base_perplexity'))} -> tuned {_fmt(m.get('tuned_perplexity'))}"
-             + (f"; ROUGE-L {_fmt(m.get('base_rouge_l'), '.3f')} -> {_fmt(m.get('tuned_rouge_l'), '.3f')}"
-                if m.get("tuned_rouge_l") is not None else ""),
+             (f"  macro F1 majority {_fmt(m.get('majority_macro_f1'), '.3f')}, untuned "
+              f"{_fmt(m.get('base_macro_f1'), '.3f')} -> tuned {_fmt(m.get('tuned_macro_f1'), '.3f')}; accuracy "
+              f"{_fmt(m.get('base_accuracy'), '.3f')} -> {_fmt(m.get('tuned_accuracy'), '.3f')}"
+              if m.get("tuned_macro_f1") is not None else  # a classifier: its report, not a perplexity
+              f"  perplexity base {_fmt(m.get('base_perplexity'))} -> tuned {_fmt(m.get('tuned_perplexity'))}"
+              + (f"; ROUGE-L {_fmt(m.get('base_rouge_l'), '.3f')} -> {_fmt(m.get('tuned_rouge_l'), '.3f')}"
+                 if m.get("tuned_rouge_l") is not None else "")),
              f"  run {tree['run']['name']} ({tree['run']['id']}) {tree['run']['status']} {tree['run']['created']}",
              f"  code {(tree.get('code') or {}).get('commit', '?')}, config sha256 {tree.get('config_sha256') or '?'}"]
     check = merged.get("merge_check") or {}

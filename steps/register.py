@@ -150,8 +150,10 @@ def register_model(
         stage, reason = None, (f"unchanged: the same data (sha256 {data_files_sha256[:12]}) and config as version "
                                f"{same_as}; nothing was retrained, so no stage moves")
     base, tuned = eval_metrics.base, eval_metrics.tuned
-    metrics = {"base_perplexity": base.perplexity, "tuned_perplexity": tuned.perplexity,
-               "base_loss": base.loss, "tuned_loss": tuned.loss, "perplexity_gain": eval_metrics.perplexity_gain}
+    metrics = {"base_loss": base.loss, "tuned_loss": tuned.loss}
+    if eval_metrics.classification is None:  # a classifier's loss is the label's cross-entropy: no perplexity
+        metrics.update(base_perplexity=base.perplexity, tuned_perplexity=tuned.perplexity,
+                       perplexity_gain=eval_metrics.perplexity_gain)
     for name in ("rouge_l", "exact_match", "bleu", "chrf", "stop_rate", "overshoot",  # absent when not measured
                  "accuracy", "macro_f1", "weighted_f1", "ece"):
         if getattr(tuned, name, None) is not None:

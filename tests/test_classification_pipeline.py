@@ -114,6 +114,14 @@ def test_promotion_is_by_macro_f1_over_both_baselines(runs):
     assert decision.startswith("tuned macro_f1") and "the majority class" in decision and "head-only" in decision
     metrics = mv.run_metadata["metrics"]
     assert metrics["tuned_macro_f1"] > metrics["majority_macro_f1"] and metrics["untuned_baseline"] == "head_only"
+    assert "tuned_perplexity" not in metrics  # a classifier's loss is a cross-entropy, not a perplexity
+
+
+def test_lineage_shows_the_classifier_against_its_baselines(runs, capsys):
+    version = runs["first"].model_version.name
+    assert main(["lineage", f"lorapipe-router-test:{version}"]) == 0
+    out = capsys.readouterr().out
+    assert "macro F1 majority 0.205, untuned 0.205 -> tuned" in out and "perplexity" not in out.split("└─")[0]
 
 
 def test_predict_prints_a_label_and_every_probability(runs, capsys):
