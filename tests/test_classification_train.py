@@ -224,3 +224,40 @@ def test_two_data_parallel_ranks_train_one_classifier_and_its_baseline(tiny_enco
     assert meta["baseline_head"]["steps"] == 3
     assert set(_tensors(Path(folder.path) / "baseline_head" / "head.safetensors")) == {"classifier.weight",
                                                                                      "classifier.bias"}
+
+
+def test_cuda_out_of_memory_in_the_first_steps_halves_the_micro_batch(tiny_encoder_dir, splits, tmp_path):
+    """No GPU here: the error is raised by a callback at the end of step 1 of the first attempt, where a real one
+    would surface from an early step's forward or backward."""
+    import torch
+    from transformers import TrainerCallback
+
+    from lorapipe.backends import get_backend
+
+    class FakeOOM(TrainerCallback):
+        attempts: list = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.attempts.append((args.per_device_train_batch_size, args.gradient_accumulation_steps))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1 and len(self.attempts) == 1:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+    oom = FakeOOM()
+    FakeOOM.attempts = []
+    t = TrainSection(backend="hf", device="cpu", method="lora", micro_batch_size=8, effective_batch_size=16,
+                     max_steps=2, save_steps=100, output_root=str(tmp_path), head_only_baseline=False)
+    plan = _plan(tiny_encoder_dir, t, tmp_path)
+    train_split, eval_split, _ = splits
+    # the SFT default (Llama's projection names) on an encoder: named, with the layers it has
+    with pytest.raises(ValueError, match="matches no layer of .*named .*query.*set train.lora.target_modules: all-linear"):
+        get_backend("hf").train(ModelSection(name_or_path=str(tiny_encoder_dir)), t, 7, plan, train_split,
+                                eval_split, tmp_path / "bad", tmp_path / "bad" / "adapter")
+    t.lora.target_modules = "all-linear"
+    info = get_backend("hf").train(ModelSection(name_or_path=str(tiny_encoder_dir)), t, 7, plan, train_split,
+                                   eval_split, tmp_path / "w", tmp_path / "w" / "adapter", extra_callbacks=[oom])
+    assert oom.attempts == [(8, 2), (4, 4)] and info.steps == 2
+    meta = json.loads((tmp_path / "w" / "adapter" / "lorapipe_adapter.json").read_text())
+    assert [(b["from"], b["to"], b["step"]) for b in meta["oom_backoff"]] == [(8, 4, 1)]
+    assert meta["plan"]["effective_batch_size"] == 16

@@ -208,6 +208,32 @@ def _backed_off(plan: TrainingPlan) -> TrainingPlan:
                                    "effective_batch_size": mb * ga * plan.world_size})
 
 
+def oom_backoff(exc: BaseException, trainer: Any, plan: TrainingPlan, resume_from: Optional[Path],
+                backoffs: list[dict[str, Any]]) -> TrainingPlan:
+    """After a CUDA out-of-memory error in a Trainer run: the plan to retry with (half the micro-batch, twice the
+    accumulation; recorded in `backoffs` and said), or `exc` raised with a note saying why there is no retry."""
+    oom_step = trainer.state.global_step
+    first_step = (checkpoint_step(resume_from) or 0) if resume_from is not None else 0
+    # one rank retrying alone would leave the others waiting in the all-reduce: data parallel raises
+    data_parallel = trainer.args.world_size > 1
+    if data_parallel or plan.micro_batch_size <= 1 or oom_step - first_step >= OOM_BACKOFF_WITHIN_STEPS:
+        why = ("data parallel: the ranks cannot back off alone; set train.micro_batch_size lower"
+               if data_parallel else "already 1" if plan.micro_batch_size <= 1 else "past the first steps")
+        exc.add_note(f"lorapipe: out of memory at step {oom_step} with micro-batch {plan.micro_batch_size}"
+                     f" (no backoff: {why}); lower train.max_seq_length, set train.quantization: nf4 or "
+                     "turn on train.gradient_checkpointing")
+        raise exc
+    smaller = _backed_off(plan)
+    backoffs.append({"from": plan.micro_batch_size, "to": smaller.micro_batch_size, "step": oom_step,
+                     "gradient_accumulation_steps": {"from": plan.gradient_accumulation_steps,
+                                                     "to": smaller.gradient_accumulation_steps},
+                     "effective_batch_size": smaller.effective_batch_size})
+    print(f"CUDA out of memory at step {oom_step} with micro-batch {plan.micro_batch_size}: retrying with "
+          f"micro-batch {smaller.micro_batch_size} x accumulation {smaller.gradient_accumulation_steps} "
+          f"(effective {smaller.effective_batch_size})", flush=True)
+    return smaller
+
+
 class HFBackend:
     name = "hf"
 
@@ -259,26 +285,9 @@ class HFBackend:
                     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             except torch.cuda.OutOfMemoryError as exc:
                 oom_step = trainer.state.global_step
-                first_step = (checkpoint_step(resume_from) or 0) if resume_from is not None else 0
-                # one rank retrying alone would leave the others waiting in the all-reduce: data parallel raises
-                data_parallel = trainer.args.world_size > 1
-                if data_parallel or plan.micro_batch_size <= 1 or oom_step - first_step >= OOM_BACKOFF_WITHIN_STEPS:
-                    why = ("data parallel: the ranks cannot back off alone; set train.micro_batch_size lower"
-                           if data_parallel else "already 1" if plan.micro_batch_size <= 1 else "past the first steps")
-                    exc.add_note(f"lorapipe: out of memory at step {oom_step} with micro-batch {plan.micro_batch_size}"
-                                 f" (no backoff: {why}); lower train.max_seq_length, set train.quantization: nf4 or "
-                                 "turn on train.gradient_checkpointing")
-                    raise
+                smaller = oom_backoff(exc, trainer, plan, resume_from, backoffs)
             if oom_step is None:
                 break
-            smaller = _backed_off(plan)
-            backoffs.append({"from": plan.micro_batch_size, "to": smaller.micro_batch_size, "step": oom_step,
-                             "gradient_accumulation_steps": {"from": plan.gradient_accumulation_steps,
-                                                             "to": smaller.gradient_accumulation_steps},
-                             "effective_batch_size": smaller.effective_batch_size})
-            print(f"CUDA out of memory at step {oom_step} with micro-batch {plan.micro_batch_size}: retrying with "
-                  f"micro-batch {smaller.micro_batch_size} x accumulation {smaller.gradient_accumulation_steps} "
-                  f"(effective {smaller.effective_batch_size})", flush=True)
             del trainer, model
             free_memory(plan.device)
             plan = smaller

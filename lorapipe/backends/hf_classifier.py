@@ -228,6 +228,42 @@ class EvalPrinter:
         return _Printer()
 
 
+def _prepare(m: ModelSection, t: TrainSection, plan: TrainingPlan, labels: list[str], tokenizer: Any, method: str,
+             seed: int) -> tuple[Any, list[str]]:
+    """The model to train and the modules trained in full: the base as a classifier, with LoRA (QLoRA) and the head
+    saved in full, or every weight."""
+    from transformers import set_seed
+
+    set_seed(seed)
+    model = load_classifier(m, plan, labels, tokenizer)
+    heads = head_modules(model)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if plan.quantization != "none":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
+        config = LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout, bias=t.lora.bias,
+                            target_modules=t.lora.target_modules, task_type="SEQ_CLS", modules_to_save=list(heads))
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as exc:  # peft's NoMatchingPeftModuleError: the names are another architecture's
+            if "No modules were targeted" not in str(exc):
+                raise
+            import torch
+
+            names = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
+                            if isinstance(mod, torch.nn.Linear) and not in_modules(n, heads)})
+            raise ValueError(f"train.lora.target_modules {t.lora.target_modules} matches no layer of "
+                             f"{m.name_or_path}; its linear layers are named {', '.join(names)}: set "
+                             "train.lora.target_modules: all-linear, or names from that list") from None
+        trainable_in_fp32(model)
+    if plan.device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    return model, heads
+
+
 def _early_stopping(t: TrainSection, evaluating: bool) -> list[Any]:
     from transformers import EarlyStoppingCallback
 
@@ -258,12 +294,14 @@ def train_classifier(m: ModelSection, t: TrainSection, seed: int, plan: Training
                      eval: ConversationDataset, work_dir: Path, adapter_dir: Path,  # noqa: A002
                      extra_callbacks: Optional[list[Any]] = None) -> AdapterInfo:
     """Train the classifier (LoRA + head, or every weight), then the head-only baseline; save the adapter folder."""
+    import torch
     import transformers
-    from transformers import DataCollatorWithPadding, PrinterCallback, set_seed
+    from transformers import DataCollatorWithPadding, PrinterCallback
 
+    from lorapipe.backends.hf import oom_backoff
     from lorapipe.backends.trl_sft import monitor_callback, new_monitor
     from lorapipe.models.loading import load_tokenizer
-    from lorapipe.training.monitoring import peak_memory_gb, process_memory_gb, reset_peak_memory
+    from lorapipe.training.monitoring import free_memory, peak_memory_gb, process_memory_gb, reset_peak_memory
     from lorapipe.training.preemption import Preemption
 
     transformers.logging.set_verbosity_error()
@@ -286,41 +324,35 @@ def train_classifier(m: ModelSection, t: TrainSection, seed: int, plan: Training
     weights = balanced_weights(counts) if t.class_weights == "balanced" else None
     method = getattr(plan, "method", t.method)
 
-    set_seed(seed)
-    model = load_classifier(m, plan, labels, tokenizer)
-    heads = head_modules(model)
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-        if plan.quantization != "none":
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
-        model = get_peft_model(model, LoraConfig(
-            r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout, bias=t.lora.bias,
-            target_modules=t.lora.target_modules, task_type="SEQ_CLS", modules_to_save=list(heads)))
-        trainable_in_fp32(model)
-    if plan.device == "cuda":
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
     ckpt_dir = work_dir / "checkpoints"
-    trainer_cls = _trainer_class()
-    trainer = trainer_cls(
-        model=model, args=_args(t, plan, seed, ckpt_dir, evaluating), train_dataset=train_ds, eval_dataset=eval_ds,
-        processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=trainer_metrics(labels), compute_loss_func=weighted_loss(weights),
-        callbacks=[monitor_callback(new_monitor(adapter_dir, m, t, plan, seed)),
-                   *_early_stopping(t, evaluating), *(extra_callbacks or [])])
-    trainer.lorapipe_checkpoint_files = checkpoint_files(method, trainer.args.world_size)
-    trainer.remove_callback(PrinterCallback)
-    resume_from = resume_point(t, ckpt_dir, trainer.args.world_size, trainer.lorapipe_checkpoint_files)
-    print(f"training a {len(labels)}-label classifier ({method}{', QLoRA ' + plan.quantization if plan.quantization != 'none' else ''}) "
-          f"on {len(train)} rows; head {', '.join(heads)}; labels {', '.join(labels[:8])}"
-          f"{' ...' if len(labels) > 8 else ''}" + (f"; class weights {[round(w, 3) for w in weights]}" if weights else ""),
-          flush=True)
-    start = time.perf_counter()
-    with Preemption(enabled=trainer.args.world_size == 1) as preemption, _NoProgressBars():
-        trainer.add_callback(preemption.callback())
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    backoffs: list[dict[str, Any]] = []
+    while True:  # once, or again with half the micro-batch after a CUDA out-of-memory error in the first steps
+        model, heads = _prepare(m, t, plan, labels, tokenizer, method, seed)
+        trainer = _trainer_class()(
+            model=model, args=_args(t, plan, seed, ckpt_dir, evaluating), train_dataset=train_ds,
+            eval_dataset=eval_ds, processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=trainer_metrics(labels), compute_loss_func=weighted_loss(weights),
+            callbacks=[monitor_callback(new_monitor(adapter_dir, m, t, plan, seed)),
+                       *_early_stopping(t, evaluating), *(extra_callbacks or [])])
+        trainer.lorapipe_checkpoint_files = checkpoint_files(method, trainer.args.world_size)
+        trainer.remove_callback(PrinterCallback)
+        resume_from = resume_point(t, ckpt_dir, trainer.args.world_size, trainer.lorapipe_checkpoint_files)
+        if not backoffs:
+            quantized = f", QLoRA {plan.quantization}" if plan.quantization != "none" else ""
+            print(f"training a {len(labels)}-label classifier ({method}{quantized}) on {len(train)} rows; trained in "
+                  f"full: {', '.join(heads)}; labels {', '.join(labels[:8])}{' ...' if len(labels) > 8 else ''}"
+                  + (f"; class weights {[round(w, 3) for w in weights]}" if weights else ""), flush=True)
+        start = time.perf_counter()
+        try:
+            with Preemption(enabled=trainer.args.world_size == 1) as preemption, _NoProgressBars():
+                trainer.add_callback(preemption.callback())
+                result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            break
+        except torch.cuda.OutOfMemoryError as exc:
+            smaller = oom_backoff(exc, trainer, plan, resume_from, backoffs)
+        del trainer, model
+        free_memory(plan.device)
+        plan = smaller
     seconds = time.perf_counter() - start
     state = trainer.state
     max_steps = state.max_steps
@@ -341,7 +373,7 @@ def train_classifier(m: ModelSection, t: TrainSection, seed: int, plan: Training
     extra = {"task": "classification", "method": method, "labels": labels, "head_modules": heads,
              "train_class_counts": counts, "class_weights": weights, "best": best, "stopped_early": stopped_early,
              "max_steps": max_steps, "text_pair": any(r.text_pair is not None for r in train.records),
-             "pad_token_id": tokenizer.pad_token_id}
+             "pad_token_id": tokenizer.pad_token_id, "oom_backoff": backoffs}
     is_main = trainer.is_world_process_zero()
 
     def save_weights(folder: Path) -> None:
@@ -351,8 +383,6 @@ def train_classifier(m: ModelSection, t: TrainSection, seed: int, plan: Training
                            is_main=is_main)
     del trainer, model
     if t.head_only_baseline:  # every data-parallel rank trains it (the process group needs them all); one writes
-        from lorapipe.training.monitoring import free_memory
-
         free_memory(plan.device)
         baseline = train_head_only(m, t, seed, plan, labels, tokenizer, train_ds, eval_ds, work_dir, adapter_dir,
                                    weights, is_main)
