@@ -187,7 +187,8 @@ class TrainSection(_Section):
                             "class rows) of the training split, for imbalanced labels")
     head_only_baseline: bool = Field(
         True, description="task: classification: also train the classifier head alone on the frozen base (same "
-                          "schedule): the untuned baseline evaluation compares the fine-tune with")
+                          "schedule): the untuned baseline evaluation compares the fine-tune with (skipped with "
+                          "train.quantization, where the majority class is)")
 
     @model_validator(mode="after")
     def _cross(self) -> "TrainSection":

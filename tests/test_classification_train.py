@@ -261,3 +261,30 @@ def test_cuda_out_of_memory_in_the_first_steps_halves_the_micro_batch(tiny_encod
     meta = json.loads((tmp_path / "w" / "adapter" / "lorapipe_adapter.json").read_text())
     assert [(b["from"], b["to"], b["step"]) for b in meta["oom_backoff"]] == [(8, 4, 1)]
     assert meta["plan"]["effective_batch_size"] == 16
+
+
+def test_qlora_keeps_the_head_unquantised_and_the_untuned_baseline_falls_back_to_the_majority(tiny_encoder_dir,
+                                                                                              splits, tmp_path):
+    """QLoRA = LoRA + an NF4 base (bitsandbytes quantises on this CPU): the head stays a full-precision layer that
+    trains and saves in fp32; a quantised base trains through adapters only, so the head-only baseline is skipped
+    with the reason and evaluation's untuned baseline is the majority class."""
+    import torch
+
+    from lorapipe.evaluation.classify import evaluate_classifier
+    from lorapipe.hardware.plan import PhasePlan
+    from lorapipe.merge import merge_adapter
+
+    pytest.importorskip("bitsandbytes")
+    info, adapter, meta = _train(tiny_encoder_dir, splits, tmp_path, method="lora", quantization="nf4", max_steps=3,
+                                 micro_batch_size=16, effective_batch_size=16, head_only_baseline=True)
+    assert meta["plan"]["quantization"] == "nf4" and "majority class" in meta["baseline_head"]["skipped"]
+    head = {k: v for k, v in _tensors(adapter / "adapter_model.safetensors").items() if "classifier" in k}
+    assert {tuple(v.shape) for v in head.values()} == {(3, 64), (3,)} and all(v.dtype == torch.float32
+                                                                           for v in head.values())
+    phase = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=32, reason="test")
+    metrics = evaluate_classifier(str(adapter), splits[2], phase, 128)
+    assert metrics.classification.untuned == "majority" and set(metrics.classification.reports) == {"majority",
+                                                                                                    "tuned"}
+    check = merge_adapter(str(adapter), str(tmp_path / "merged"), splits[2],
+                          PhasePlan(phase="merge", device="cpu", dtype="float32", batch_size=1, reason="test"))
+    assert check.passed

@@ -382,15 +382,24 @@ def train_classifier(m: ModelSection, t: TrainSection, seed: int, plan: Training
     info = finish_training(run, adapter_dir, m, t, seed, plan, train, tokenizer, save_weights, extra=extra,
                            is_main=is_main)
     del trainer, model
-    if t.head_only_baseline:  # every data-parallel rank trains it (the process group needs them all); one writes
+    baseline: Optional[dict[str, Any]] = None
+    if t.head_only_baseline and plan.quantization != "none":
+        # transformers trains a quantised base only through adapters, and the unquantised base may not fit where the
+        # plan put the QLoRA run: the untuned baseline is then the majority class alone
+        baseline = {"skipped": f"train.quantization={plan.quantization}: a quantised base trains through adapters "
+                               "only, and the unquantised one is outside the memory plan; the evaluation's untuned "
+                               "baseline is the majority class"}
+        if is_main:
+            print(f"head-only baseline skipped: {baseline['skipped']}", flush=True)
+    elif t.head_only_baseline:  # every data-parallel rank trains it (the process group needs them all); one writes
         free_memory(plan.device)
         baseline = train_head_only(m, t, seed, plan, labels, tokenizer, train_ds, eval_ds, work_dir, adapter_dir,
                                    weights, is_main)
-        if is_main:
-            meta_path = adapter_dir / "lorapipe_adapter.json"
-            meta = json.loads(meta_path.read_text())
-            meta["baseline_head"] = baseline
-            meta_path.write_text(json.dumps(meta, indent=2))
+    if baseline is not None and is_main:
+        meta_path = adapter_dir / "lorapipe_adapter.json"
+        meta = json.loads(meta_path.read_text())
+        meta["baseline_head"] = baseline
+        meta_path.write_text(json.dumps(meta, indent=2))
     return info
 
 
@@ -404,14 +413,13 @@ def checkpoint_step_of(path: Optional[str]) -> Optional[int]:
 def train_head_only(m: ModelSection, t: TrainSection, seed: int, plan: TrainingPlan, labels: list[str],
                     tokenizer: Any, train_ds: Any, eval_ds: Any, work_dir: Path, adapter_dir: Path,
                     weights: Optional[list[float]], is_main: bool = True) -> dict[str, Any]:
-    """The untuned baseline: the same base, precision and schedule, only the head trained (the body frozen, no
-    LoRA). Its head weights go to `baseline_head/head.safetensors` (unquantised: they load on the base however it
-    is held); returns its record (steps, loss, best metric)."""
+    """The untuned baseline: the same (unquantised) base, precision and schedule, only the head trained (the body
+    frozen, no LoRA). Its head weights go to `baseline_head/head.safetensors`; returns its record (steps, loss, best
+    metric)."""
     from safetensors.torch import save_file
     from transformers import DataCollatorWithPadding, PrinterCallback, set_seed
 
     set_seed(seed)
-    # on the plan's own quantisation: within the memory the fine-tune was planned for (the head stays unquantised)
     model = load_classifier(m, plan, labels, tokenizer)
     heads = head_modules(model)
     for name, p in model.named_parameters():
