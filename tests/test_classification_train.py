@@ -34,17 +34,17 @@ def decoder_dir(tmp_path_factory):
                                          num_labels=3)
 
 
-def _plan(model_dir: Path, t: TrainSection, work: Path):
+def _plan(model_dir: Path, t: TrainSection, work: Path, labels: list[str] = LABELS):
     from lorapipe.hardware.plan import decide_plan, model_size
     from lorapipe.hardware.probe import probe
 
-    facts = model_size(str(model_dir), task="classification", num_labels=len(LABELS))
-    plan = decide_plan(t, probe(str(work)), facts, task="classification", num_labels=len(LABELS)).train
-    plan.labels = LABELS
+    facts = model_size(str(model_dir), task="classification", num_labels=len(labels))
+    plan = decide_plan(t, probe(str(work)), facts, task="classification", num_labels=len(labels)).train
+    plan.labels = labels
     return plan
 
 
-def _train(model_dir, splits, tmp, name="run", **train):
+def _train(model_dir, splits, tmp, name="run", labels=LABELS, **train):
     from lorapipe.backends import get_backend
 
     train.setdefault("backend", "hf")
@@ -52,7 +52,7 @@ def _train(model_dir, splits, tmp, name="run", **train):
     train.setdefault("head_only_baseline", False)
     t = TrainSection(output_root=str(tmp), **train)
     t.lora.target_modules = "all-linear"
-    plan = _plan(model_dir, t, tmp)
+    plan = _plan(model_dir, t, tmp, labels)
     train_split, eval_split, _ = splits
     work, adapter = tmp / name, tmp / name / "adapter"
     info = get_backend("hf").train(ModelSection(name_or_path=str(model_dir)), t, 7, plan, train_split, eval_split,
@@ -288,3 +288,40 @@ def test_qlora_keeps_the_head_unquantised_and_the_untuned_baseline_falls_back_to
     check = merge_adapter(str(adapter), str(tmp_path / "merged"), splits[2],
                           PhasePlan(phase="merge", device="cpu", dtype="float32", batch_size=1, reason="test"))
     assert check.passed
+
+
+def test_text_pairs_train_evaluate_merge_and_predict(tiny_encoder_dir, tmp_path):
+    """Pairs (NLI, query/document): [CLS] text [SEP] pair [SEP] with token types, from validation to predict."""
+    import random
+
+    from lorapipe.evaluation.classify import evaluate_classifier
+    from lorapipe.hardware.plan import PhasePlan
+    from lorapipe.inference import classifier_settings, classify, load_for_inference
+    from lorapipe.merge import merge_adapter
+
+    rows = [json.loads(line) for line in CLASSIFICATION_DATA.read_text().splitlines()]
+    rng = random.Random(0)
+    pairs = []
+    for row in rows[:240]:
+        other = rng.choice(rows)
+        pairs.append({"query": row["text"], "document": other["text"],
+                      "same_source": "same" if other["label"] == row["label"] else "different"})
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    fields = LabelFields.from_config("query", "document", "same_source", None)
+    out = validate_dataset([str(path)], "classification", label_fields=fields, run_expectations=False)
+    assert out.report.passed and out.report.classification.text_pair
+    pair_splits = split_records(out.records, 0.1, 0.2)
+    _, adapter, meta = _train(tiny_encoder_dir, pair_splits, tmp_path, labels=["different", "same"], method="full",
+                              max_steps=4, micro_batch_size=16, effective_batch_size=16, max_seq_length=128)
+    assert meta["text_pair"] and meta["labels"] == ["different", "same"]
+    phase = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=16, reason="test")
+    metrics = evaluate_classifier(str(adapter), pair_splits[2], phase, 128)
+    assert metrics.test_rows == len(pair_splits[2]) and metrics.samples[0]["text_pair"] is not None
+    merged = tmp_path / "merged"
+    assert merge_adapter(str(adapter), str(merged), pair_splits[2],
+                         PhasePlan(phase="merge", device="cpu", dtype="float32", batch_size=1, reason="t")).passed
+    assert classifier_settings(merged) == {"max_length": 128, "text_pair": True}
+    model, tokenizer, _ = load_for_inference(merged, "cpu", "float32")
+    answer = classify(model, tokenizer, "who won the game", "how many rows are there")
+    assert answer["label"] in ("different", "same") and answer["text_pair"] == "how many rows are there"
