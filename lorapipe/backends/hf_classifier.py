@@ -211,21 +211,19 @@ def _args(t: TrainSection, plan: TrainingPlan, seed: int, out: Path, evaluating:
     )
 
 
-class EvalPrinter:
-    """One progress line per evaluation: the classifier's metrics, not only its loss."""
+def eval_printer(tag: str) -> Any:
+    """A callback printing one line per evaluation with the classifier's metrics (the head-only baseline's run,
+    which has no monitor of its own)."""
+    from transformers import TrainerCallback
 
-    @staticmethod
-    def callback(tag: str = "") -> Any:
-        from transformers import TrainerCallback
+    class EvalPrinter(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # noqa: ANN001
+            if state.is_world_process_zero and metrics:
+                print(f"{tag}step {state.global_step}: eval loss {metrics.get('eval_loss', float('nan')):.4f}, "
+                      f"accuracy {metrics.get('eval_accuracy', float('nan')):.3f}, macro F1 "
+                      f"{metrics.get('eval_macro_f1', float('nan')):.3f}", flush=True)
 
-        class _Printer(TrainerCallback):
-            def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # noqa: ANN001
-                if state.is_world_process_zero and metrics:
-                    print(f"{tag}step {state.global_step}: eval loss {metrics.get('eval_loss', float('nan')):.4f}, "
-                          f"accuracy {metrics.get('eval_accuracy', float('nan')):.3f}, macro F1 "
-                          f"{metrics.get('eval_macro_f1', float('nan')):.3f}", flush=True)
-
-        return _Printer()
+    return EvalPrinter()
 
 
 def _prepare(m: ModelSection, t: TrainSection, plan: TrainingPlan, labels: list[str], tokenizer: Any, method: str,
@@ -432,7 +430,7 @@ def train_head_only(m: ModelSection, t: TrainSection, seed: int, plan: TrainingP
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
                                compute_metrics=trainer_metrics(labels), compute_loss_func=weighted_loss(weights),
-                               callbacks=[EvalPrinter.callback("head-only baseline: "),
+                               callbacks=[eval_printer("head-only baseline: "),
                                           *_early_stopping(t, evaluating)])
     trainer.lorapipe_checkpoint_files = checkpoint_files("full", trainer.args.world_size)
     trainer.remove_callback(PrinterCallback)
