@@ -62,10 +62,10 @@ def decide_stage(metrics: EvalMetrics, merge_passed: bool, stage_if_better: str,
     enough, and beats the base and the stage's current holder on the primary metric by `margin` (relative)."""
     if stage_if_better == "none":
         return None, "register.stage_if_better is 'none'"
-    if holder is not None and not holder.comparable:
-        return None, holder.note
     if not merge_passed:
         return None, "the merged model failed its logits check"
+    if holder is not None and not holder.comparable:
+        return None, holder.note
     field, lower = PRIMARY_METRICS[primary_metric]
     tuned, base = getattr(metrics.tuned, field, None), getattr(metrics.base, field, None)
     if any(v is not None and not math.isfinite(v) for v in (tuned, base)):

@@ -172,3 +172,12 @@ def test_yaml_booleans_as_labels_are_refused_with_the_fix():
     with pytest.raises(ConfigError, match="quote the labels"):
         validate_config({"task": "classification", "model": {"name_or_path": "m"},
                          "data": {"paths": ["d"], "labels": [True, False]}})
+
+
+def test_an_unclosed_quote_in_the_last_column_is_named_not_read_as_a_label(tmp_path):
+    path = tmp_path / "last.csv"
+    path.write_text('text,label\nfine,neg\nhello,"pos\nworld,neg\nagain,pos\n')
+    out = _validate([path])
+    assert [(r.line, r.label) for r in out.records] == [(2, "neg")]
+    problem = next(p for p in out.report.problems if p.code == "invalid_csv")
+    assert problem.line == 3 and "lines 3-5 read as one row" in problem.message

@@ -325,3 +325,19 @@ def test_text_pairs_train_evaluate_merge_and_predict(tiny_encoder_dir, tmp_path)
     model, tokenizer, _ = load_for_inference(merged, "cpu", "float32")
     answer = classify(model, tokenizer, "who won the game", "how many rows are there")
     assert answer["label"] in ("different", "same") and answer["text_pair"] == "how many rows are there"
+
+
+def test_qlora_keeps_a_pooler_the_checkpoint_lacks_unquantised(tiny_encoder_dir, splits, tmp_path):
+    """bert-base's MLM exports have no pooler: under QLoRA it is trained in full, so it must load unquantised."""
+    from safetensors.torch import load_file, save_file
+
+    pytest.importorskip("bitsandbytes")
+    mlm = tmp_path / "no-pooler"
+    shutil.copytree(tiny_encoder_dir, mlm)
+    weights = load_file(str(mlm / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "pooler" not in k}, str(mlm / "model.safetensors"))
+    info, adapter, meta = _train(mlm, splits, tmp_path, method="lora", quantization="nf4", max_steps=2,
+                                 micro_batch_size=16, effective_batch_size=16)
+    assert info.steps == 2 and "bert.pooler.dense" in meta["head_modules"]
+    saved = _tensors(adapter / "adapter_model.safetensors")
+    assert any("pooler.dense" in k and v.shape == (64, 64) for k, v in saved.items())

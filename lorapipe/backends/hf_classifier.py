@@ -239,6 +239,12 @@ def _prepare(m: ModelSection, t: TrainSection, plan: TrainingPlan, labels: list[
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         if plan.quantization != "none":
+            quantised = [name for name, module in model.named_modules() if in_modules(name, heads)
+                         and type(module).__name__ in ("Linear4bit", "Linear8bitLt")]
+            if quantised:  # a module trained in full must hold real weights, not 4/8-bit codes
+                raise ValueError(f"train.quantization={plan.quantization}: {', '.join(quantised)} of "
+                                 f"{m.name_or_path} loaded quantised, but it is trained in full (a head, or weights "
+                                 "the checkpoint lacks): set train.quantization: none for this model")
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
         config = LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout, bias=t.lora.bias,
                             target_modules=t.lora.target_modules, task_type="SEQ_CLS", modules_to_save=list(heads))
@@ -442,6 +448,7 @@ def train_head_only(m: ModelSection, t: TrainSection, seed: int, plan: TrainingP
     record = {"steps": trainer.state.global_step, "train_loss": float(result.training_loss),
               "best_metric": trainer.state.best_metric, "head_modules": heads,
               "weights": f"{BASELINE_DIR}/{BASELINE_WEIGHTS}"}
+    trainer.accelerator.wait_for_everyone()  # every rank has reloaded the best checkpoint before one deletes it
     if is_main:
         folder = adapter_dir / BASELINE_DIR
         folder.mkdir(parents=True, exist_ok=True)

@@ -175,11 +175,13 @@ def _iter_csv(path: Path, delimiter: str, problems: list[Problem]) -> Iterator[R
                                         "unnamed index column: to_csv(..., index=False))", "invalid_csv"))
                 return
             continue
-        if len(fields) != len(header):
-            spans = end > record_start and raw.count('"') % 2 == 1
+        # a record over several lines with an odd number of quotes: a quote left open swallowed the lines after it
+        # (a real multi-line field closes its quote; a quote inside one is doubled), whatever the field count
+        unclosed = end > record_start and raw.count('"') % 2 == 1
+        if unclosed or len(fields) != len(header):
             message = (f"a quoted field opened on line {record_start} is not closed: lines {record_start}-{end} read "
-                       "as one row" if spans else f"{len(fields)} fields, the header has {len(header)}")
-            fix = "close the quote" if spans else f"quote fields that hold '{delimiter}' or a line break"
+                       "as one row" if unclosed else f"{len(fields)} fields, the header has {len(header)}")
+            fix = "close the quote" if unclosed else f"quote fields that hold '{delimiter}' or a line break"
             yield _with_problem(RawRow(source, record_start, raw), Problem(source, record_start, "(row)", message, fix,
                                                                           "invalid_csv"), problems)
             continue

@@ -28,7 +28,8 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
 
 # task: classification: modules kept unquantised under QLoRA: the heads (trained in full; transformers keeps only
 # the last parameter's module, e.g. classifier.bias, out of 4 bit otherwise) and the layers between body and head
-CLASSIFIER_UNQUANTISED = ("classifier", "score", "pooler", "pre_classifier")
+# (transformers matches a name against the start or the end of a module's path: BERT's pooler is "bert.pooler.dense")
+CLASSIFIER_UNQUANTISED = ("classifier", "score", "pooler", "pooler.dense", "pre_classifier")
 
 
 def quantization_config(quantization: str, compute_dtype: str, skip_modules: Optional[tuple[str, ...]] = None) -> Any:
