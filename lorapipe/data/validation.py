@@ -528,18 +528,11 @@ class _TokenAudit:
         except RenderError as exc:
             problems.append(Problem(rec.source, rec.line, "(template)", str(exc), "set model.chat_template", "template_error"))
             return ["template_error"]
-        if self.max_len is not None and enc.full_length > self.max_len:
-            if self.overlength in ("fail", "drop"):
-                code = "overlength" if self.overlength == "fail" else "overlength_dropped"
-                problems.append(Problem(rec.source, rec.line, "(row)",
-                                        f"{enc.full_length} tokens after the chat template, above train.max_seq_length={self.max_len}",
-                                        "raise train.max_seq_length, shorten the row, or set validation.overlength to "
-                                        "'truncate' or 'drop'", code,
-                                        severity="error" if self.overlength == "fail" else "dropped"))
-                return [code]
-            self.truncated += 1
-            problems.append(Problem(rec.source, rec.line, "(row)", f"{enc.full_length} tokens truncated to {self.max_len}",
-                                    "none needed, or raise train.max_seq_length", "overlength_truncated", severity="warning"))
+        rejected = self.length_policy(rec, enc.full_length, problems, "tokens after the chat template,",
+                                      "raise train.max_seq_length, shorten the row, or set validation.overlength to "
+                                      "'truncate' or 'drop'")
+        if rejected:
+            return [rejected]
         n_trained = sum(enc.assistant_mask)
         if n_trained == 0:
             problems.append(Problem(rec.source, rec.line, "(row)", "no trainable token after masking (and truncation)",
@@ -555,6 +548,22 @@ class _TokenAudit:
         self.trained += n_trained
         self.last_facts = {**_facts(rec), "n_tokens": n, "n_trainable_tokens": n_trained}
         return []
+
+    def length_policy(self, rec: Record, length: int, problems: list[Problem], counted: str, fix: str) -> Optional[str]:
+        """validation.overlength for a row of `length` tokens over the limit: the code that rejects it (fail, drop),
+        or None (within the limit, or truncated: said as a warning and counted)."""
+        if self.max_len is None or length <= self.max_len:
+            return None
+        if self.overlength in ("fail", "drop"):
+            code = "overlength" if self.overlength == "fail" else "overlength_dropped"
+            problems.append(Problem(rec.source, rec.line, "(row)",
+                                    f"{length} {counted} above train.max_seq_length={self.max_len}", fix, code,
+                                    severity="error" if self.overlength == "fail" else "dropped"))
+            return code
+        self.truncated += 1
+        problems.append(Problem(rec.source, rec.line, "(row)", f"{length} tokens truncated to {self.max_len}",
+                                "none needed, or raise train.max_seq_length", "overlength_truncated", severity="warning"))
+        return None
 
     def finish(self, micro_batch: int, template_source: str) -> tuple[TokenStats, AuditReport]:
         n = len(self.lengths)
@@ -610,20 +619,12 @@ class _ClassificationTokenAudit(_TokenAudit):
         self.rows += 1
         enc = self.tok(rec.text, rec.text_pair, truncation=False)
         n = len(enc["input_ids"])
-        if self.max_len is not None and n > self.max_len:
-            if self.overlength in ("fail", "drop"):
-                code = "overlength" if self.overlength == "fail" else "overlength_dropped"
-                problems.append(Problem(rec.source, rec.line, "(row)",
-                                        f"{n} tokens, above train.max_seq_length={self.max_len}",
-                                        "raise train.max_seq_length, shorten the text, or set validation.overlength: "
-                                        "truncate (the usual choice for classification) or drop", code,
-                                        severity="error" if self.overlength == "fail" else "dropped"))
-                return [code]
-            self.truncated += 1
-            problems.append(Problem(rec.source, rec.line, "(row)", f"{n} tokens truncated to {self.max_len}",
-                                    "none needed, or raise train.max_seq_length", "overlength_truncated",
-                                    severity="warning"))
-            n = self.max_len
+        rejected = self.length_policy(rec, n, problems, "tokens,",
+                                      "raise train.max_seq_length, shorten the text, or set validation.overlength: "
+                                      "truncate (the usual choice for classification) or drop")
+        if rejected:
+            return [rejected]
+        n = min(n, self.max_len) if self.max_len is not None else n
         self.lengths.append(n)
         self.trained += n
         self.last_facts = {**_facts(rec), "n_tokens": n, "n_trainable_tokens": n}
