@@ -538,7 +538,7 @@ def predict(model: str, prompt: Optional[str], prompts: tuple, prompt_file: Opti
       lorapipe predict runs/<key>/adapter --max-new-tokens 64 < prompts.txt
       lorapipe predict lorapipe-router:staging "How many points did the Eagles score?"
     """
-    from lorapipe.inference import generate, inference_device, is_classifier, load_for_inference, read_prompts
+    from lorapipe.inference import generate, is_classifier, read_prompts
 
     asked: list = ([prompt] if prompt else []) + list(prompts)
     folder = _model_folder(model, use_adapter)
@@ -553,13 +553,7 @@ def predict(model: str, prompt: Optional[str], prompts: tuple, prompt_file: Opti
         asked = [line.strip() for line in sys.stdin if line.strip()]
     if not asked:
         raise click.UsageError("give a PROMPT, --prompt TEXT (repeatable), --file prompts.jsonl, or lines on stdin")
-    device, dtype = inference_device()
-    try:
-        loaded, tokenizer, described = load_for_inference(folder, device, dtype)
-    except FileNotFoundError as exc:
-        fail(str(exc))
-    if not as_json:
-        click.echo(f"{described} on {device} in {dtype}", err=True)
+    loaded, tokenizer = _load_for_predict(folder, as_json)
     for question in asked:
         if stream and not as_json:
             shown = question if isinstance(question, str) else question[-1].get("content", "")
@@ -575,10 +569,24 @@ def predict(model: str, prompt: Optional[str], prompts: tuple, prompt_file: Opti
     return 0
 
 
+def _load_for_predict(folder: str, as_json: bool) -> tuple[Any, Any]:
+    """The model and tokenizer `predict` answers with, on this machine's inference device; said on stderr."""
+    from lorapipe.inference import inference_device, load_for_inference
+
+    device, dtype = inference_device()
+    try:
+        loaded, tokenizer, described = load_for_inference(folder, device, dtype)
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    if not as_json:
+        click.echo(f"{described} on {device} in {dtype}", err=True)
+    return loaded, tokenizer
+
+
 def _classify(folder: str, texts: list, rows_file: Optional[str], text_pair: Optional[str], as_json: bool,
               text_key: str = "text", text_pair_key: str = "text_pair") -> int:
     """`predict` with a classifier: each text's label and the probability of every label."""
-    from lorapipe.inference import classifier_settings, classify, inference_device, load_for_inference, read_rows
+    from lorapipe.inference import classifier_settings, classify, read_rows
 
     rows = [(t, text_pair) for t in texts]
     if rows_file:
@@ -594,13 +602,7 @@ def _classify(folder: str, texts: list, rows_file: Optional[str], text_pair: Opt
     if settings["text_pair"] and any(pair is None for _, pair in rows):
         raise click.UsageError("this classifier was trained on text pairs: give --pair TEXT, or a --file whose rows "
                                f"have '{text_pair_key}'")
-    device, dtype = inference_device()
-    try:
-        loaded, tokenizer, described = load_for_inference(folder, device, dtype)
-    except FileNotFoundError as exc:
-        fail(str(exc))
-    if not as_json:
-        click.echo(f"{described} on {device} in {dtype}", err=True)
+    loaded, tokenizer = _load_for_predict(folder, as_json)
     for text, pair in rows:
         answer = classify(loaded, tokenizer, text, pair, settings["max_length"])
         if as_json:
