@@ -21,3 +21,22 @@ def tiny_facts() -> ModelFacts:
 
     return facts_from_config(LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2), source="tiny")
+
+
+def autograd_saved_bytes(model, forward) -> int:
+    """Bytes of the tensors autograd saves for the backward pass while `forward()` runs, the model's own parameters
+    not counted (each storage once): what the memory model's activation terms predict."""
+    import torch
+
+    params = {p.data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(seen.values())

@@ -11,7 +11,7 @@ from lorapipe.config import EvaluateSection, TrainSection
 from lorapipe.hardware import memory as mem
 from lorapipe.hardware.memory import MemoryInputs, estimate, facts_from_config
 from lorapipe.hardware.plan import PlanError, TrainingPlan, decide_plan, format_size_guide, size_guide
-from tests.model_facts import CONFIGS
+from tests.model_facts import CONFIGS, autograd_saved_bytes
 from tests.test_plan import ALL, make_probe
 
 NO_MLX = {k: v for k, v in ALL.items() if k not in ("unsloth", "mlx", "mlx_lm")}
@@ -101,20 +101,14 @@ def _saved_bytes(cfg, full, dtype, targets, batch, seq):
     if not full:
         model = get_peft_model(model, LoraConfig(r=8, target_modules=targets, task_type=TaskType.SEQ_CLS))
     model.train()
-    params = {p.data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
     ids = torch.randint(1, 300, (batch, seq))
-    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-    with torch.autocast("cpu", dtype=dtype, enabled=autocast), hooks:
-        model(input_ids=ids, labels=torch.randint(0, 3, (batch,)))
-    return sum(seen.values())
+    labels = torch.randint(0, 3, (batch,))
+
+    def forward():
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            model(input_ids=ids, labels=labels)
+
+    return autograd_saved_bytes(model, forward)
 
 
 def _per_layer(arch, full, dtype, targets=None, seq=16, **cfg_kw):

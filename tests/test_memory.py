@@ -12,7 +12,7 @@ from lorapipe.config import EvaluateSection, TrainSection
 from lorapipe.hardware import memory as mem
 from lorapipe.hardware.memory import MemoryInputs, estimate, facts_from_config, lora_parameters
 from lorapipe.hardware.plan import PlanError, decide_plan
-from tests.model_facts import CONFIGS, facts, tiny_facts
+from tests.model_facts import CONFIGS, autograd_saved_bytes, facts, tiny_facts
 from tests.test_plan import ALL, make_probe
 
 GIB = 2**30
@@ -111,19 +111,8 @@ def _saved_bytes_per_layer_token(h, inter, heads, kv_heads, head_dim, targets, d
         cfg = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
                           num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=300, attn_implementation="sdpa")
         model = get_peft_model(LlamaForCausalLM(cfg).to(dtype), LoraConfig(r=8, target_modules=targets))
-        params = {p.data_ptr() for p in model.parameters()}
-        seen = {}
-
-        def pack(t):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in params:
-                seen[storage.data_ptr()] = storage.nbytes()
-            return t
-
         ids = torch.randint(0, 300, (batch, seq))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=ids, labels=ids)
-        return sum(seen.values())
+        return autograd_saved_bytes(model, lambda: model(input_ids=ids, labels=ids))
 
     return (saved(3) - saved(1)) / 2 / (batch * seq)
 
