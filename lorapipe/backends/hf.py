@@ -242,7 +242,7 @@ class HFBackend:
               adapter_dir: Path, extra_callbacks: Optional[list[Any]] = None) -> AdapterInfo:
         """Train and save the adapter. `extra_callbacks`: more `TrainerCallback`s (tests use it to inject crashes
         and simulated OOMs); the same instances are reused by an OOM retry."""
-        if getattr(plan, "task", "sft") == "classification":
+        if plan.task == "classification":
             from lorapipe.backends.hf_classifier import train_classifier
 
             return train_classifier(model_cfg, t, seed, plan, train, eval, work_dir, adapter_dir, extra_callbacks)

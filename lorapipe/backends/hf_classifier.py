@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
-from lorapipe.backends.base import AdapterInfo, TrainingRun, finish_training
+from lorapipe.backends.base import AdapterInfo, TrainingRun, checkpoint_step, finish_training
 from lorapipe.backends.trl_sft import resume_point
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
@@ -37,7 +37,7 @@ HEAD_NAMES = ("classifier", "score")  # transformers' sequence-classification he
 
 def plan_labels(plan: TrainingPlan) -> list[str]:
     """The frozen label set the plan carries (ids 0..n-1)."""
-    labels = list(getattr(plan, "labels", None) or [])
+    labels = list(plan.labels)
     if len(labels) < 2:
         raise ValueError("task: classification needs the label set in the training plan (from the validation "
                          "report): run the pipeline's validate and preflight steps first")
@@ -326,7 +326,7 @@ def train_classifier(m: ModelSection, t: TrainSection, seed: int, plan: Training
     evaluating = bool(t.eval_steps) and eval_ds is not None
     counts = class_counts(train, labels)
     weights = balanced_weights(counts) if t.class_weights == "balanced" else None
-    method = getattr(plan, "method", t.method)
+    method = plan.method
 
     ckpt_dir = work_dir / "checkpoints"
     backoffs: list[dict[str, Any]] = []
@@ -369,7 +369,8 @@ def train_classifier(m: ModelSection, t: TrainSection, seed: int, plan: Training
                       resumed_from=str(resume_from) if resume_from else None, log_history=list(state.log_history),
                       world_size=trainer.args.world_size, resident_at_start_gb=resident_at_start)
     best = {"metric": trainer.args.metric_for_best_model, "value": state.best_metric,
-            "step": checkpoint_step_of(state.best_model_checkpoint), "loaded": bool(trainer.args.load_best_model_at_end)}
+            "step": checkpoint_step(Path(state.best_model_checkpoint)) if state.best_model_checkpoint else None,
+            "loaded": bool(trainer.args.load_best_model_at_end)}
     if stopped_early:
         print(f"early stopping at step {state.global_step} of {max_steps}: {t.early_stopping_patience} evaluation(s) "
               f"without {best['metric']} improving by more than {t.early_stopping_threshold:g} (best {best['value']} "
@@ -405,13 +406,6 @@ def train_classifier(m: ModelSection, t: TrainSection, seed: int, plan: Training
         meta["baseline_head"] = baseline
         meta_path.write_text(json.dumps(meta, indent=2))
     return info
-
-
-def checkpoint_step_of(path: Optional[str]) -> Optional[int]:
-    if not path:
-        return None
-    suffix = Path(path).name.rsplit("-", 1)[-1]
-    return int(suffix) if suffix.isdigit() else None
 
 
 def train_head_only(m: ModelSection, t: TrainSection, seed: int, plan: TrainingPlan, labels: list[str],
