@@ -3,7 +3,7 @@
 For each configuration (two model sizes built locally: the tiny model, and a randomly initialised ~56 M Llama with a
 32,000-row vocabulary, `build_tiny_model(size="56m-v32k")`; sequence 128-1024, micro-batch 1-8, rank 8-64, gradient
 checkpointing on/off, fp32 and NF4), the plan's prediction (`decide_plan` -> `lorapipe.hardware.memory.estimate`)
-is set beside the measured peak of each phase, run by `lorapipe.hardware.measure.measure_phase` in a fresh process:
+is set beside the measured peak of each phase, run by `lorapipe.phases.measure.measure_phase` in a fresh process:
 3 real training steps of the hf backend on rows that fill the sequence (train), the evaluation of one batch with
 generation (eval), the merge and its check (merge). CPU peak = the process's resident high-water mark (VmHWM, reset
 at the phase's start). Goal: training within +-10% for every configuration. Writes bench/results/memory_accuracy.json.
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lorapipe.config import EvaluateSection, MergeSection, ModelSection, TrainSection  # noqa: E402
-from lorapipe.hardware.measure import measure_phase  # noqa: E402
+from lorapipe.phases.measure import measure_phase  # noqa: E402
 from lorapipe.hardware.plan import decide_plan, model_size  # noqa: E402
 from lorapipe.hardware.probe import package_versions, probe  # noqa: E402
 

@@ -12,7 +12,7 @@ a small model's whole merge. Two baselines:
   costs whatever the model's size (kernel code paged in on the first forward pass, modules peft and transformers
   import lazily, allocator arenas), which a merge of a 7B model pays too but which is not model memory.
 The figure that matters: (peak - baseline) / the model's 16-bit size; goal <= 1.5. The old path is the code of
-OLD_COMMIT (lorapipe/merge.py and backends/peft_adapter.py, read with `git show`), run unchanged, warmed up the same
+OLD_COMMIT (lorapipe/phases/merge.py and backends/peft_adapter.py, read with `git show`), run unchanged, warmed up the same
 way. Medians of RUNS interleaved rounds. Writes bench/results/merge_memory.json.
 
     .venv/bin/python bench/merge_memory.py          # BENCH_RUNS=3 by default
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data" / "quickstart" / "wwdc25_train_slice.jsonl"
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 OLD_COMMIT = "f5964634737c90f61210ecb684b2a7bf1a780c00"  # the merge before issue 9: two models beside the merged one
-OLD_FILES = ("lorapipe/merge.py", "lorapipe/backends/peft_adapter.py")
+OLD_FILES = ("lorapipe/phases/merge.py", "lorapipe/backends/peft_adapter.py")
 GOAL = 1.5
 # 25M: shaped like a small Llama, embeddings + untied head 2 x 4096 x 512 (17% of it, as in TinyLlama-sized models;
 # a 16k vocabulary would make them 65% and the check's logits a third of the model), 7 layers x ~2.95M. The goal
@@ -70,13 +70,13 @@ import torch, transformers, peft  # noqa: E401 - the baseline: code, no weights
 import transformers.models.llama.modeling_llama  # noqa: F401
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import PhasePlan
-import lorapipe.merge  # noqa: F401
+import lorapipe.phases.merge  # noqa: F401
 rows = ConversationDataset.read(rows_folder)
 phase = PhasePlan(phase="merge", device="cpu", dtype="bfloat16", batch_size=1, reason="bench")
 
 def merge(adapter_dir, out_dir):
     if path == "new":
-        from lorapipe.merge import merge_adapter
+        from lorapipe.phases.merge import merge_adapter
         return merge_adapter(adapter_dir, out_dir, rows, phase, check_samples=4)
     # the old code, verbatim, with its backend lookup pointed at the old peft_adapter functions
     def head_module(name, file):

@@ -9,7 +9,7 @@ from zenml import step
 from lorapipe.artifacts import AdapterFolder
 from lorapipe.config import EvaluateSection, ModelSection
 from lorapipe.data.dataset import ConversationDataset
-from lorapipe.evaluation.compare import evaluate_adapter
+from lorapipe.phases.evaluate import evaluate_adapter
 from lorapipe.evaluation.metrics import EvalMetrics
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan
 from materializers import ReportMaterializer

@@ -14,7 +14,7 @@ from lorapipe.artifacts import AdapterFolder, ModelFolder
 from lorapipe.config import MergeSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import PhasePlan
-from lorapipe.merge import merge_adapter
+from lorapipe.phases.merge import merge_adapter
 from materializers import ModelFolderMaterializer
 from materializers.folders import stored_folder
 from steps.caching import library_cache_policy

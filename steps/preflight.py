@@ -11,7 +11,7 @@ from zenml.logger import get_logger
 from lorapipe.config import EvaluateSection, MergeSection, ModelSection, PreflightSection, TrainSection
 from lorapipe.data.validation import ValidationReport
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan, decide_plan, model_size
-from lorapipe.hardware.measure import probe_checks
+from lorapipe.phases.measure import probe_checks
 from lorapipe.hardware.preflight import PreflightReport, RecommendedConfig, build_report
 from lorapipe.hardware.probe import machine_fingerprint, probe
 from materializers import ReportMaterializer

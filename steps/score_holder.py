@@ -38,7 +38,7 @@ def score_stage_holder(
     Returns:
         The holder's version and scores, or a note saying why there is none to compare with.
     """
-    from lorapipe.evaluation.compare import score_model_folder
+    from lorapipe.phases.evaluate import score_model_folder
 
     r, m = RegisterSection(**register), ModelSection(**model)
     if r.stage_if_better == "none":

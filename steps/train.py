@@ -14,7 +14,7 @@ from lorapipe.backends.base import training_code_version, training_key, work_dir
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
-from lorapipe.training.launch import needs_launch, train_data_parallel
+from lorapipe.phases.launch import needs_launch, train_data_parallel
 from lorapipe.training.monitoring import mark_failed
 from materializers import AdapterFolderMaterializer
 from steps.caching import library_cache_policy

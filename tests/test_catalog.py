@@ -9,7 +9,7 @@ import pytest
 from tests.model_facts import tiny_facts
 
 from lorapipe.backends import get_backend
-from lorapipe.backends.catalog import BACKENDS, OPTIONAL_FEATURES, backend_spec
+from lorapipe.catalog import BACKENDS, OPTIONAL_FEATURES, backend_spec
 from lorapipe.config import EvaluateSection, MergeSection, TrainSection
 from lorapipe.hardware.plan import PlanError, decide_plan
 from lorapipe.hardware.probe import TRACKED_PACKAGES
@@ -185,7 +185,7 @@ def test_the_catalog_feeds_the_config_the_probe_and_selection():
 def test_the_cli_lists_the_catalog(capsys):
     import json
 
-    from lorapipe.cli import main
+    from lorapipe_app.cli import main
 
     assert main(["backends", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -3,7 +3,7 @@
 
 import json
 
-from lorapipe.cli import main
+from lorapipe_app.cli import main
 from tests.conftest import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "tests" / "data" / "model_configs"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorapipe.cli import main
+from lorapipe_app.cli import main
 from tests.conftest import CLASSIFICATION_DATA, REPO_ROOT
 
 pytestmark = pytest.mark.slow

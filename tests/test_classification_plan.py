@@ -6,7 +6,7 @@ refusals. Machines are faked probes (plain data); no weights are read."""
 import pytest
 import torch
 
-from lorapipe.backends.catalog import BACKENDS, backends_for
+from lorapipe.catalog import BACKENDS, backends_for
 from lorapipe.config import EvaluateSection, TrainSection
 from lorapipe.hardware import memory as mem
 from lorapipe.hardware.memory import MemoryInputs, estimate, facts_from_config
@@ -331,7 +331,7 @@ def test_size_guide_for_sft_compares_lora_and_qlora():
 # ----------------------------------------------------------------------------------------------- preflight
 def test_the_probe_is_skipped_for_a_classifier_and_says_why(tmp_path):
     from lorapipe.config import ModelSection
-    from lorapipe.hardware.measure import probe_checks
+    from lorapipe.phases.measure import probe_checks
 
     plan = decide_plan(classify(backend="hf"), make_probe(cuda_gb=24, packages=NO_MLX), cls_facts("bert-base-uncased"),
                        task="classification")

@@ -71,7 +71,7 @@ def test_lora_on_a_decoder_trains_the_adapter_and_the_head_and_merges_with_its_l
     from transformers import AutoModelForSequenceClassification
 
     from lorapipe.hardware.plan import PhasePlan
-    from lorapipe.merge import merge_adapter
+    from lorapipe.phases.merge import merge_adapter
 
     info, adapter, meta = _train(decoder_dir, splits, tmp_path, method="lora", max_steps=8, learning_rate=1e-2,
                                  micro_batch_size=8, effective_batch_size=8)
@@ -272,7 +272,7 @@ def test_qlora_keeps_the_head_unquantised_and_the_untuned_baseline_falls_back_to
 
     from lorapipe.evaluation.classify import evaluate_classifier
     from lorapipe.hardware.plan import PhasePlan
-    from lorapipe.merge import merge_adapter
+    from lorapipe.phases.merge import merge_adapter
 
     pytest.importorskip("bitsandbytes")
     info, adapter, meta = _train(tiny_encoder_dir, splits, tmp_path, method="lora", quantization="nf4", max_steps=3,
@@ -296,8 +296,8 @@ def test_text_pairs_train_evaluate_merge_and_predict(tiny_encoder_dir, tmp_path)
 
     from lorapipe.evaluation.classify import evaluate_classifier
     from lorapipe.hardware.plan import PhasePlan
-    from lorapipe.inference import classifier_settings, classify, load_for_inference
-    from lorapipe.merge import merge_adapter
+    from lorapipe.phases.predict import classifier_settings, classify, load_for_inference
+    from lorapipe.phases.merge import merge_adapter
 
     rows = [json.loads(line) for line in CLASSIFICATION_DATA.read_text().splitlines()]
     rng = random.Random(0)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lorapipe.cli import cli, main
+from lorapipe_app.cli import cli, main
 from tests.conftest import QUICKSTART_DATA, REPO_ROOT
 
 
@@ -164,7 +164,7 @@ def test_watch_prints_progress_eta_checkpoint_and_the_end(tmp_path, capsys):
 def test_watch_follows_until_training_ends(tmp_path):
     import io
 
-    from lorapipe.operations.watch import watch
+    from lorapipe_app.watch import watch
 
     monitor, adapter = _training(tmp_path, 2)
 

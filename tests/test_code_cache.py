@@ -26,24 +26,24 @@ NOISE = ("Traceback", "Failed to load", "_pytree", "gemm_4bit", "Skipping regist
 
 def test_each_step_depends_on_the_library_files_it_runs():
     train = set(dependency_files("steps/train.py"))
-    assert {"lorapipe/backends/hf.py", "lorapipe/backends/trl_sft.py", "lorapipe/backends/mlx.py",
+    assert {"lorapipe/backends/hf.py", "lorapipe/backends/trainer.py", "lorapipe/backends/mlx.py",
             "lorapipe/training/monitoring.py", "lorapipe/data/render.py"} <= train
     for before_training in ("steps/validate.py", "steps/split.py"):
         assert "lorapipe/backends/hf.py" not in dependency_files(before_training), before_training
     # preflight's probe (preflight.probe) runs the backends, so an edit there plans again; the steps after it are
     # keyed on the plans' content, so an unchanged plan keeps training cached
-    assert "lorapipe/hardware/measure.py" in dependency_files("steps/preflight.py")
+    assert "lorapipe/phases/measure.py" in dependency_files("steps/preflight.py")
     assert "lorapipe/data/split.py" in dependency_files("steps/split.py")
     assert "lorapipe/data/split.py" not in train  # the train step gets the splits, not the splitting code
-    assert "lorapipe/merge.py" in dependency_files("steps/merge.py")
-    assert "lorapipe/evaluation/compare.py" in dependency_files("steps/evaluate.py")
+    assert "lorapipe/phases/merge.py" in dependency_files("steps/merge.py")
+    assert "lorapipe/phases/evaluate.py" in dependency_files("steps/evaluate.py")
     # a backend's checkpoints are keyed on its own code: an mlx edit does not set hf checkpoints aside
     assert "lorapipe/backends/mlx.py" not in dependency_files("lorapipe.backends.hf")
 
 
 def _run(repo: Path, cfg: Path) -> str:
     env = {**os.environ, "PYTHONPATH": str(repo)}
-    proc = subprocess.run([sys.executable, "-m", "lorapipe.cli", "run", "-c", str(cfg)], cwd=repo, env=env,
+    proc = subprocess.run([sys.executable, "-m", "lorapipe_app.cli", "run", "-c", str(cfg)], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr

@@ -52,7 +52,7 @@ def test_auto_on_a_multi_gpu_box_with_a_single_process_backend_says_what_is_left
 
 
 def test_explicit_processes_on_the_cpu_train_with_gloo():
-    from lorapipe.backends.trl_sft import sft_config_kwargs
+    from lorapipe.backends.trainer import sft_config_kwargs
 
     t = TrainSection(processes=2, max_seq_length=128, effective_batch_size=8, micro_batch_size=2)
     one = decide_plan(t.model_copy(update={"processes": 1}), make_probe(ram_gb=24, packages=CPU_ONLY), TINY)
@@ -87,7 +87,7 @@ def test_backends_that_train_in_one_process_refuse_several_with_every_other_reas
 # -- the launcher, without launching ------------------------------------------------------------------------------
 
 def test_a_process_torchrun_started_trains_in_place(monkeypatch):
-    from lorapipe.training.launch import needs_launch
+    from lorapipe.phases.launch import needs_launch
 
     plan = decide_plan(TrainSection(processes=2, max_seq_length=128), make_probe(ram_gb=24, packages=CPU_ONLY), TINY)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -160,8 +160,8 @@ def launched(tiny_model_dir, quickstart_records, tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_train_step_launches_two_ranks_that_train_one_adapter(launched, tiny_model_dir):
-    from lorapipe.training.launch import LAUNCH_DIR
-    from lorapipe.training.worker import read_statuses
+    from lorapipe.phases.launch import LAUNCH_DIR
+    from lorapipe.phases.train_worker import read_statuses
 
     adapter_dir, plan = launched["adapter_dir"], launched["plan"]
     launch_dir = adapter_dir.parent / LAUNCH_DIR
@@ -182,7 +182,7 @@ def test_the_train_step_launches_two_ranks_that_train_one_adapter(launched, tiny
     assert meta["world_size"] == 2 and meta["plan"]["world_size"] == 2 and meta["result"]["world_size"] == 2
     assert meta["result"]["steps"] == TRAIN_ROWS // EFFECTIVE
     # tokens and throughput are the run's, all ranks together: every row's tokens, once
-    from lorapipe.backends.trl_sft import tokenize_dataset
+    from lorapipe.backends.trainer import tokenize_dataset
     from lorapipe.models.loading import load_tokenizer
 
     tokens = sum(len(x) for x in tokenize_dataset(launched["train"], load_tokenizer(str(tiny_model_dir)),
@@ -226,7 +226,7 @@ def test_a_data_parallel_run_resumes_from_its_checkpoint_to_the_same_adapter(lau
 
 @pytest.mark.slow
 def test_a_failed_rank_is_named_with_its_exit_code_last_lines_and_log(launched, tmp_path):
-    from lorapipe.training.launch import DataParallelLaunchError, train_data_parallel
+    from lorapipe.phases.launch import DataParallelLaunchError, train_data_parallel
 
     missing = tmp_path / "no-such-model"
     with pytest.raises(DataParallelLaunchError) as err:

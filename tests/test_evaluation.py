@@ -166,7 +166,7 @@ def adapter_and_merged(tiny_model_dir, tiny_tokenizer, tmp_path_factory):
 
 def test_a_model_folder_is_scored_on_the_rows_and_the_way_the_adapter_is(adapter_and_merged, tiny_model_dir,
                                                                           quickstart_records):
-    from lorapipe.evaluation.compare import evaluate_adapter, score_model_folder
+    from lorapipe.phases.evaluate import evaluate_adapter, score_model_folder
 
     adapter_dir, merged_dir = adapter_and_merged
     test = ConversationDataset(quickstart_records[:10], name="test")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lorapipe.cli import main
+from lorapipe_app.cli import main
 from lorapipe.models.locate import model_problem
 from tests.conftest import REPO_ROOT
 

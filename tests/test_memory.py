@@ -246,7 +246,7 @@ def test_without_a_profile_the_config_is_taken_as_given():
 
 # ------------------------------------------------------------------------------------------------------ CLI
 def test_estimate_memory_cli_json_and_table(tmp_path):
-    from lorapipe.cli import cli
+    from lorapipe_app.cli import cli
 
     folder = tmp_path / "llama-3.1-8b"
     folder.mkdir()
@@ -276,7 +276,7 @@ def test_on_a_mac_the_budget_is_mlx_s_working_set():
 def test_probe_measures_real_steps_beside_the_prediction(tiny_model_dir, tmp_path):
     """preflight.probe: 3 real training steps and one evaluation batch, each in a fresh process (real hf backend)."""
     from lorapipe.config import ModelSection
-    from lorapipe.hardware.measure import probe_checks
+    from lorapipe.phases.measure import probe_checks
     from lorapipe.hardware.probe import probe
 
     train = TrainSection(backend="hf", device="cpu", max_seq_length=128, micro_batch_size=2, output_root=str(tmp_path))

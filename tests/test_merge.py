@@ -40,7 +40,7 @@ def trained(tiny_model_dir, quickstart_records, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def merged(trained, tmp_path_factory):
-    from lorapipe.merge import merge_adapter
+    from lorapipe.phases.merge import merge_adapter
 
     out = tmp_path_factory.mktemp("merged") / "model"
     check = merge_adapter(trained["adapter"], str(out), trained["test"], merge_plan("float32"))
@@ -85,7 +85,7 @@ def test_the_merged_folder_loads_and_describes_itself(merged, trained, tiny_mode
 
 
 def test_a_second_merge_of_the_same_adapter_is_a_no_op(merged, trained, capsys):
-    from lorapipe.merge import merge_adapter
+    from lorapipe.phases.merge import merge_adapter
 
     out = merged["out"]
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -98,7 +98,7 @@ def test_a_second_merge_of_the_same_adapter_is_a_no_op(merged, trained, capsys):
 def test_a_folder_holding_another_adapters_merge_is_refused(merged, trained, tmp_path):
     import shutil
 
-    from lorapipe.merge import merge_adapter
+    from lorapipe.phases.merge import merge_adapter
 
     other = tmp_path / "other"
     shutil.copytree(merged["out"], other)
@@ -112,7 +112,7 @@ def test_a_folder_holding_another_adapters_merge_is_refused(merged, trained, tmp
 def test_shards_respect_max_shard_size(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lorapipe.merge import merge_adapter, shard_bytes
+    from lorapipe.phases.merge import merge_adapter, shard_bytes
 
     out = tmp_path / "sharded"
     check = merge_adapter(trained["adapter"], str(out), trained["test"], merge_plan("bfloat16"),
@@ -131,7 +131,7 @@ def test_shards_respect_max_shard_size(trained, tmp_path):
 
 
 def test_a_corrupted_merge_is_caught(trained, tmp_path):
-    from lorapipe.merge import MergeCheckFailed, merge_adapter
+    from lorapipe.phases.merge import MergeCheckFailed, merge_adapter
 
     def corrupt_one_weight(folder: Path) -> None:
         shard = folder / "model.safetensors"
@@ -153,7 +153,7 @@ def test_a_qlora_adapter_is_merged_into_the_16_bit_base_and_says_why(trained, tm
     the unquantised base, with the reason in the log and the card."""
     import shutil
 
-    from lorapipe.merge import merge_adapter
+    from lorapipe.phases.merge import merge_adapter
 
     adapter = tmp_path / "qlora-adapter"
     shutil.copytree(trained["adapter"], adapter)
@@ -212,7 +212,7 @@ def test_the_merge_step_writes_one_copy_into_the_store(trained, tmp_path, monkey
     from zenml.client import Client
 
     import steps.merge
-    from lorapipe.api import use_repo_as_source_root
+    from lorapipe_app.api import use_repo_as_source_root
 
     def no_scratch(**_):
         raise AssertionError("the merge step made a scratch folder on a local artifact store")

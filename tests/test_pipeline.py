@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorapipe.cli import main
+from lorapipe_app.cli import main
 from tests.conftest import QUICKSTART_DATA, REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     # the same bytes with a new modification time: the cache keys on content, so nothing trains; through the
     # Python API, which returns what the CLI prints
     os.utime(data, (data.stat().st_atime + 3600, data.stat().st_mtime + 3600))
-    from lorapipe import run_finetune
+    from lorapipe_app import run_finetune
 
     out["api_result"] = run_finetune(cfg)
     out["cached"] = _last_run()

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from lorapipe.cli import main
+from lorapipe_app.cli import main
 from tests.conftest import QUICKSTART_DATA, REPO_ROOT
 
 CRON = "0 3 * * *"
@@ -34,7 +34,7 @@ def schedulable_stack(tmp_path):
     from zenml.client import Client
     from zenml.enums import StackComponentType
 
-    from lorapipe.api import use_repo_as_source_root
+    from lorapipe_app.api import use_repo_as_source_root
     from tests.schedulable_orchestrator import FLAVOR
 
     use_repo_as_source_root()

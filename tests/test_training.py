@@ -78,7 +78,7 @@ def test_rerun_resumes_from_the_last_checkpoint(trained, capsys):
 
 
 def test_evaluation_scores_base_and_tuned(trained, tiny_model_dir):
-    from lorapipe.evaluation.compare import evaluate_adapter
+    from lorapipe.phases.evaluate import evaluate_adapter
 
     phase = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=4, reason="test")
     m = evaluate_adapter(trained["info"].path, trained["test"], phase, max_samples=16,
@@ -92,7 +92,7 @@ def test_evaluation_scores_base_and_tuned(trained, tiny_model_dir):
 def test_merge_matches_base_plus_adapter_and_is_idempotent(trained, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from lorapipe.merge import merge_adapter
+    from lorapipe.phases.merge import merge_adapter
 
     def on_cpu(dtype):
         return PhasePlan(phase="merge", device="cpu", dtype=dtype, batch_size=1, reason="test")
@@ -146,7 +146,7 @@ def test_checkpoints_of_other_code_are_set_aside_and_resumed_only_on_purpose(tra
 
 def test_a_run_resumed_on_purpose_continues_its_own_progress_after_another_crash(trained, tmp_path, capsys):
     from lorapipe.backends.base import resume_checkpoint
-    from lorapipe.backends.trl_sft import resume_point
+    from lorapipe.backends.trainer import resume_point
 
     done = sorted((trained["work"] / "w" / "checkpoints").glob("checkpoint-*"),
                   key=lambda p: int(p.name.split("-")[-1]))[-1]

@@ -3,7 +3,7 @@ empty, a huge row even without a tokenizer."""
 
 import json
 
-from lorapipe.cli import main
+from lorapipe_app.cli import main
 
 
 def _write(path, rows):

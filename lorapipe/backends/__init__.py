@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lorapipe.backends.catalog import BACKENDS, backend_spec
+from lorapipe.catalog import BACKENDS, backend_spec
 
 if TYPE_CHECKING:
     from lorapipe.backends.base import TrainingBackend

@@ -16,7 +16,7 @@ Beyond a plain SFTTrainer run, `HFBackend.train`:
   `lorapipe.training.monitoring.TrainingMonitor`;
 - backs off on a CUDA out-of-memory error in the first steps: half the micro-batch, twice the accumulation (in one
   process only: data-parallel ranks cannot change their batch geometry alone);
-- runs data-parallel in the processes the train step launches (`lorapipe.training.launch`, or an outside
+- runs data-parallel in the processes the train step launches (`lorapipe.phases.launch`, or an outside
   `torchrun`): each rank on its own GPU, the padding counted over all ranks, and only the main process writes the
   adapter folder, the metrics and the progress lines.
 """
@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 from lorapipe.backends import peft_adapter
 from lorapipe.backends.base import AdapterInfo, checkpoint_step
-from lorapipe.backends.trl_sft import (
+from lorapipe.backends.trainer import (
     checkpoint_save_guard,
     finish_trainer_run,
     lora_config,

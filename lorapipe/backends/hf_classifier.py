@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lorapipe.backends.base import AdapterInfo, TrainingRun, checkpoint_step, finish_training
-from lorapipe.backends.trl_sft import resume_point
+from lorapipe.backends.trainer import resume_point
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
@@ -192,7 +192,7 @@ def _trainer_class() -> Any:
 def _args(t: TrainSection, plan: TrainingPlan, seed: int, out: Path, evaluating: bool) -> Any:
     from transformers import TrainingArguments
 
-    from lorapipe.backends.trl_sft import sft_config_kwargs
+    from lorapipe.backends.trainer import sft_config_kwargs
 
     kwargs = sft_config_kwargs(t, plan, seed, out)
     kwargs.pop("max_length")  # an SFT argument; the rows are truncated when tokenised
@@ -303,7 +303,7 @@ def train_classifier(m: ModelSection, t: TrainSection, seed: int, plan: Training
     from transformers import DataCollatorWithPadding, PrinterCallback
 
     from lorapipe.backends.hf import oom_backoff
-    from lorapipe.backends.trl_sft import monitor_callback, new_monitor
+    from lorapipe.backends.trainer import monitor_callback, new_monitor
     from lorapipe.models.loading import load_tokenizer
     from lorapipe.training.monitoring import free_memory, peak_memory_gb, process_memory_gb, reset_peak_memory
     from lorapipe.training.preemption import Preemption

@@ -36,7 +36,7 @@ from lorapipe.backends.base import (
     resume_checkpoint,
     run_config,
 )
-from lorapipe.backends.catalog import BACKENDS
+from lorapipe.catalog import BACKENDS
 from lorapipe.config import LoraSection, ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan

@@ -118,7 +118,7 @@ def merge_with_reference(adapter_dir: str, out_dir: str, phase: PhasePlan, input
 
 
 def merge(adapter_dir: str, out_dir: str, phase: PhasePlan) -> None:
-    """The backend interface's merge: weights and tokenizer, no check (lorapipe.merge.merge_adapter checks)."""
+    """The backend interface's merge: weights and tokenizer, no check (lorapipe.phases.merge.merge_adapter checks)."""
     from lorapipe.models.loading import load_tokenizer
 
     meta = read_adapter_metadata(adapter_dir)

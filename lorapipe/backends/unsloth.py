@@ -14,8 +14,8 @@ from typing import Any
 
 from lorapipe.backends import peft_adapter
 from lorapipe.backends.base import AdapterInfo, BackendUnavailable
-from lorapipe.backends.catalog import BACKENDS
-from lorapipe.backends.trl_sft import (
+from lorapipe.catalog import BACKENDS
+from lorapipe.backends.trainer import (
     finish_trainer_run,
     monitor_callback,
     new_monitor,

@@ -2,10 +2,10 @@
 
 `decide_plan` takes the config sections, the hardware probe and the model's facts, and either returns a `RunPlan`
 that can run here or raises `PlanError` listing every reason it cannot (with the install command or the config key
-to change). What a backend can and cannot do comes from `lorapipe.backends.catalog`. The steps receive the plan's
+to change). What a backend can and cannot do comes from `lorapipe.catalog`. The steps receive the plan's
 phases (`train`, `evaluate`, `merge`), never flags, and no other module probes the hardware. The number of
 data-parallel training processes is decided here too (`train.processes` and the probe's GPUs); the train step
-launches that many (`lorapipe.training.launch`). The task (`sft`, or `classification` with its number of labels) and
+launches that many (`lorapipe.phases.launch`). The task (`sft`, or `classification` with its number of labels) and
 `train.method` (LoRA/QLoRA, or full fine-tuning) are planned here too: a backend that lacks them is refused (or, for
 `train.backend: auto`, skipped), and the memory model counts the model the way it will train.
 
@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional, Sequence
 
 from pydantic import BaseModel
 
-from lorapipe.backends.catalog import (AUTO_PREFERENCE, BACKENDS, OPTIONAL_FEATURES, BackendSpec, backends_for,
+from lorapipe.catalog import (AUTO_PREFERENCE, BACKENDS, OPTIONAL_FEATURES, BackendSpec, backends_for,
                                        required_modules)
 from lorapipe.config import EvaluateSection, MergeSection, TrainSection, shard_bytes
 from lorapipe.hardware.memory import GIB, MemoryEstimate, MemoryInputs, MemoryTerm, ModelFacts, estimate, model_facts

@@ -3,7 +3,7 @@ config, as the preflight step stores them and `lorapipe preflight --out DIR` wri
 (`preflight_report.json`, `recommended_config.json`).
 
 Plain Python: the checks read the probe, the model's facts and the plan (or the plan's refusal); nothing here
-trains. With `preflight.probe: true` the measured peaks of a few real steps (`lorapipe.hardware.measure`) are added
+trains. With `preflight.probe: true` the measured peaks of a few real steps (`lorapipe.phases.measure`) are added
 as checks beside the predictions.
 """
 
@@ -128,7 +128,7 @@ def package_checks(hw: HardwareProbe, backend: Optional[str]) -> list[Check]:
 
 
 def _needed(backend: Optional[str]) -> set[str]:
-    from lorapipe.backends.catalog import BACKENDS
+    from lorapipe.catalog import BACKENDS
 
     if backend not in BACKENDS:
         return {"torch", "transformers", "peft"}

@@ -19,7 +19,7 @@ from typing import Optional
 
 from pydantic import BaseModel
 
-from lorapipe.backends.catalog import tracked_modules
+from lorapipe.catalog import tracked_modules
 
 # what the backends need (from the catalog), then what the rest of a run depends on
 TRACKED_PACKAGES = [*tracked_modules(), *(m for m in ("accelerate", "datasets", "tokenizers", "zenml",

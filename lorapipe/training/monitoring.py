@@ -2,7 +2,7 @@
 
 `TrainingMonitor(out_dir, memory_gb)` is plain Python (no torch, transformers or mlx import). A backend calls
 `begin(step, max_steps)` when its loop starts (or resumes), `log(step, loss=..., ...)` at every logging step and
-`end()` when training ends; the TRL backends do so through `lorapipe.backends.trl_sft.MonitorCallback`, the mlx
+`end()` when training ends; the TRL backends do so through `lorapipe.backends.trainer.MonitorCallback`, the mlx
 backend from its own loop. For each `log` the monitor
 
 - appends one row (columns `METRIC_COLUMNS`) to `metrics.jsonl` and `metrics.csv` in `out_dir`;

@@ -53,7 +53,7 @@ def _lorapipe_run(cfg: Path, env: dict, after: tuple[str, ...] = (), delay: floa
     all those texts appears. Returns (exit code, output, whether the signal was sent)."""
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "lorapipe.cli", "run", "-c", str(cfg)], cwd=REPO_ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "lorapipe_app.cli", "run", "-c", str(cfg)], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines, sent = [], False
     try:

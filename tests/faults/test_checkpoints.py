@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lorapipe.backends.base import SET_ASIDE, latest_complete_checkpoint
-from lorapipe.backends.trl_sft import CHECKPOINT_PREFIX, checkpoint_files, resume_point
+from lorapipe.backends.trainer import CHECKPOINT_PREFIX, checkpoint_files, resume_point
 from lorapipe.config import TrainSection
 from tests.faults import adapter_sha256
 from tests.faults.conftest import train_captured

@@ -5,7 +5,7 @@ the SQLite file passes `PRAGMA integrity_check`.
 
 A store used for the very first time by two processes at once: ZenML 0.98 creates a fresh SQLite store's tables
 without a lock (alone, one of the two stops with `table project already exists` or "never been migrated with
-alembic"); lorapipe creates the store under a file lock first (`lorapipe.api.ensure_store`), so both run.
+alembic"); lorapipe creates the store under a file lock first (`lorapipe_app.api.ensure_store`), so both run.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def test_two_runs_at_once_on_one_sqlite_store_both_complete_and_register(tiny_mo
     try:
         for cfg, log in zip(cfgs, logs):
             with open(log, "w") as fh:
-                procs.append(subprocess.Popen([sys.executable, "-m", "lorapipe.cli", "run", "-c", str(cfg)],
+                procs.append(subprocess.Popen([sys.executable, "-m", "lorapipe_app.cli", "run", "-c", str(cfg)],
                                               cwd=REPO_ROOT, env=child_env(), stdout=fh, stderr=subprocess.STDOUT))
         for proc in procs:
             proc.wait(timeout=480)
@@ -108,7 +108,7 @@ def first_use_race(tmp_path_factory):
     on first use), then a third one after both ended. Returns (the pair's (exit code, output)s, the third's, store)."""
     zen = tmp_path_factory.mktemp("fresh-zen") / "home"
     env = child_env(ZENML_CONFIG_PATH=str(zen))
-    cmd = [sys.executable, "-m", "lorapipe.cli", "runs"]
+    cmd = [sys.executable, "-m", "lorapipe_app.cli", "runs"]
     procs = [subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=180)[0] for p in procs]

@@ -133,7 +133,7 @@ def test_a_full_disk_while_writing_the_merged_model_says_where_and_its_16_bit_si
     from safetensors import SafetensorError
 
     from lorapipe.hardware.memory import model_facts
-    from lorapipe.merge import MERGE_METADATA, merge_adapter
+    from lorapipe.phases.merge import MERGE_METADATA, merge_adapter
     from lorapipe.training.disk import DiskFullError
 
     rows, phase = merge_inputs("bfloat16")
@@ -189,8 +189,8 @@ def tmpfs_scenario(model_dir: str, work: str, adapter_dir: str, tmpfs_bytes: int
     room and train again; merge into a tmpfs half the merged model's size, then give it room
     and merge again. Prints one JSON line of what happened."""
     from lorapipe.backends.base import checkpoint_problem
-    from lorapipe.backends.trl_sft import checkpoint_files
-    from lorapipe.merge import MERGE_METADATA, merge_adapter
+    from lorapipe.backends.trainer import checkpoint_files
+    from lorapipe.phases.merge import MERGE_METADATA, merge_adapter
     from lorapipe.training.disk import DiskFullError, merged_model_bytes
 
     work_dir = Path(work)
@@ -289,7 +289,7 @@ import sys
 import pytest
 from tests.faults.test_disk_full import fail_torch_save
 fail_torch_save(pytest.MonkeyPatch(), 4, "optimizer.pt")
-from lorapipe.cli import main
+from lorapipe_app.cli import main
 sys.exit(main(["run", "-c", sys.argv[1]]))
 """
 

@@ -79,7 +79,7 @@ def run(config: str, overrides: tuple, no_cache: bool, run_config: Optional[str]
       lorapipe run -c configs/quickstart.yaml --set train.max_steps=50 --set train.learning_rate=1e-4
       lorapipe run -c configs/llama-3.1-8b-unsloth-cuda.yaml --run-config configs/stacks/kubernetes-gpu.run.yaml
     """
-    from lorapipe.api import run_finetune
+    from lorapipe_app.api import run_finetune
 
     result = run_finetune(config, list(overrides), enable_cache=not no_cache, run_config=run_config)
     print_summary(result)
@@ -213,10 +213,10 @@ def _preflight(config: str, overrides: tuple, probe_now: bool = False,
                allow_probe: bool = True) -> tuple[Any, Any, Any]:
     """(preflight report, run plan or None, config) for a config on this machine, without ZenML. The probe's real
     steps run with `probe_now` or the config's `preflight.probe`, unless `allow_probe` is false."""
-    from lorapipe.api import prepare
+    from lorapipe_app.api import prepare
     from lorapipe.hardware.memory import ModelFactsError
     from lorapipe.hardware.plan import PlanError, decide_plan, model_size, user_set_keys
-    from lorapipe.hardware.measure import probe_checks
+    from lorapipe.phases.measure import probe_checks
     from lorapipe.hardware.preflight import build_report
     from lorapipe.hardware.probe import probe
 
@@ -257,7 +257,7 @@ def _local_artifact_store() -> Optional[str]:
     try:
         from zenml.client import Client
 
-        from lorapipe.api import ensure_store
+        from lorapipe_app.api import ensure_store
 
         ensure_store()
         path = Client().active_stack.artifact_store.path
@@ -492,7 +492,7 @@ def _model_folder(ref: str, adapter: bool) -> str:
     """A local folder as given, or a registered version's merged model (its adapter with --adapter)."""
     if Path(ref).is_dir():
         return ref
-    from lorapipe.lineage import find_model_version
+    from lorapipe_app.lineage import find_model_version
 
     mv = find_model_version(ref)
     name = "adapter" if adapter else "merged_model"
@@ -538,7 +538,7 @@ def predict(model: str, prompt: Optional[str], prompts: tuple, prompt_file: Opti
       lorapipe predict runs/<key>/adapter --max-new-tokens 64 < prompts.txt
       lorapipe predict lorapipe-router:staging "How many points did the Eagles score?"
     """
-    from lorapipe.inference import generate, is_classifier, read_prompts
+    from lorapipe.phases.predict import generate, is_classifier, read_prompts
 
     asked: list = ([prompt] if prompt else []) + list(prompts)
     folder = _model_folder(model, use_adapter)
@@ -571,7 +571,7 @@ def predict(model: str, prompt: Optional[str], prompts: tuple, prompt_file: Opti
 
 def _load_for_predict(folder: str, as_json: bool) -> tuple[Any, Any]:
     """The model and tokenizer `predict` answers with, on this machine's inference device; said on stderr."""
-    from lorapipe.inference import inference_device, load_for_inference
+    from lorapipe.phases.predict import inference_device, load_for_inference
 
     device, dtype = inference_device()
     try:
@@ -586,7 +586,7 @@ def _load_for_predict(folder: str, as_json: bool) -> tuple[Any, Any]:
 def _classify(folder: str, texts: list, rows_file: Optional[str], text_pair: Optional[str], as_json: bool,
               text_key: str = "text", text_pair_key: str = "text_pair") -> int:
     """`predict` with a classifier: each text's label and the probability of every label."""
-    from lorapipe.inference import classifier_settings, classify, read_rows
+    from lorapipe.phases.predict import classifier_settings, classify, read_rows
 
     rows = [(t, text_pair) for t in texts]
     if rows_file:
@@ -642,7 +642,7 @@ def schedule(ctx: click.Context, config: Optional[str], cron: Optional[str], nam
         return 0
     if not config or not cron:
         raise click.UsageError("schedule needs -c CONFIG and --cron EXPR (or a subcommand: list, delete)")
-    from lorapipe.api import schedule_finetune
+    from lorapipe_app.api import schedule_finetune
 
     made = schedule_finetune(config, cron, name=name, overrides=list(overrides), run_config=run_config)
     click.echo(f"schedule {made.name} ({made.id}) registered: cron \"{made.cron_expression}\" on the active stack's "
@@ -718,7 +718,7 @@ def lineage(model: Optional[str], version: Optional[str], dataset: Optional[str]
       lorapipe lineage lorapipe-quickstart --version 0a1b2c3d4e5f6a7b --json
       lorapipe lineage --dataset data/quickstart/wwdc25_train_slice.jsonl
     """
-    from lorapipe.lineage import find_model_version, lineage_tree, render_tree, versions_trained_on
+    from lorapipe_app.lineage import find_model_version, lineage_tree, render_tree, versions_trained_on
 
     if dataset:
         if model or version:
@@ -760,7 +760,7 @@ def runs(limit: int, as_json: bool) -> int:
       lorapipe runs
       lorapipe runs -n 50 --json | jq '.[] | select(.trained)'
     """
-    from lorapipe.operations.runs import format_runs, recent_runs
+    from lorapipe_app.runs import format_runs, recent_runs
 
     rows = recent_runs(limit)
     if as_json:
@@ -786,7 +786,7 @@ def watch(target: Optional[str], output_root: str, no_follow: bool, interval: fl
       lorapipe watch
       lorapipe watch runs/0ee741229b8ae97e-08034ff29fdda76b --no-follow
     """
-    from lorapipe.operations.watch import NothingToWatch, find_training, watch as follow
+    from lorapipe_app.watch import NothingToWatch, find_training, watch as follow
 
     if target is not None and not Path(target).exists():
         target = _training_folder_of_run(target)
@@ -863,7 +863,7 @@ def backends(as_json: bool) -> int:
     Example:
       lorapipe backends --json
     """
-    from lorapipe.backends.catalog import BACKENDS, OPTIONAL_FEATURES
+    from lorapipe.catalog import BACKENDS, OPTIONAL_FEATURES
     from lorapipe.hardware.probe import package_version
 
     rows = []
@@ -900,13 +900,13 @@ STORE_FREE_COMMANDS = {None, "validate", "estimate-memory", "build-tiny-model", 
 def main(argv: Optional[list[str]] = None) -> int:
     """The `lorapipe` entry point; returns the exit code (tests call it in-process)."""
     quiet_env()
-    from lorapipe.api import user_error_types
+    from lorapipe_app.api import user_error_types
 
     try:
         args = sys.argv[1:] if argv is None else argv
         command = next((a for a in args if not a.startswith("-")), None)
         if command not in STORE_FREE_COMMANDS and not any(a in ("-h", "--help") for a in args):
-            from lorapipe.api import ensure_store
+            from lorapipe_app.api import ensure_store
 
             ensure_store()  # two commands on a new machine must not race to create the store
         result = cli.main(args=argv, prog_name="lorapipe", standalone_mode=False)

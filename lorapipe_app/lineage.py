@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from lorapipe.api import UserMistake
+from lorapipe_app.api import UserMistake
 
 STAGES = ("production", "staging", "latest", "archived")
 

@@ -1,6 +1,6 @@
-"""One rank of a data-parallel training the train step launched: `python -m lorapipe.training.worker INPUTS.json`.
+"""One rank of a data-parallel training the train step launched: `python -m lorapipe.phases.train_worker INPUTS.json`.
 
-The launcher (`lorapipe.training.launch`) writes what the train step received into one folder as plain files
+The launcher (`lorapipe.phases.launch`) writes what the train step received into one folder as plain files
 (`write_inputs`): the model and train sections, the plan and the seed in `inputs.json`, and the two splits as
 dataset folders (`rows.jsonl` + `meta.json`, as the dataset artifact is stored). Each rank, started by torchrun,
 reads them back and calls the same backend `train` the step calls in one process. Every rank leaves
@@ -96,7 +96,7 @@ def main(inputs_path: Path) -> None:
         inputs = read_inputs(inputs_path)
         if world_size != inputs.plan.world_size:
             raise RuntimeError(f"launched with {world_size} processes but the plan trains with "
-                               f"{inputs.plan.world_size}: launch through lorapipe.training.launch")
+                               f"{inputs.plan.world_size}: launch through lorapipe.phases.launch")
         from lorapipe.backends import get_backend
 
         info = get_backend(inputs.plan.backend).train(inputs.model, inputs.train_cfg, inputs.seed, inputs.plan,

@@ -6,8 +6,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from lorapipe.api import PIPELINE_NAME
-from lorapipe.lineage import stage_name
+from lorapipe_app.api import PIPELINE_NAME
+from lorapipe_app.lineage import stage_name
 
 
 def _seconds(start: Optional[datetime], end: Optional[datetime]) -> Optional[float]:

@@ -1,7 +1,7 @@
 """Measure the truth: a few real training steps and one evaluation batch at the planned sizes, and their peaks.
 
 `measure_phase` runs one phase (train, eval or merge) of the real backends on synthetic rows that fill the planned
-sequence length, in a fresh process (`python -m lorapipe.hardware.probe_worker SPEC.json OUT.json`), so each phase's
+sequence length, in a fresh process (`python -m lorapipe.phases.measure_worker SPEC.json OUT.json`), so each phase's
 peak is its own: torch's allocated peak on CUDA (counter reset first, reserved recorded too), the process's resident
 high-water mark on the CPU, mlx's peak on Apple. `preflight.probe: true` runs train and eval this way before the
 real training; bench/memory_accuracy.py runs all three for its accuracy matrix. The worker trains a causal LM:
@@ -52,7 +52,7 @@ def measure_phase(phase: str, model: ModelSection, train: TrainSection, plan: Tr
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-        proc = subprocess.run([sys.executable, "-m", "lorapipe.hardware.probe_worker", str(spec_path), str(out_path)],
+        proc = subprocess.run([sys.executable, "-m", "lorapipe.phases.measure_worker", str(spec_path), str(out_path)],
                               capture_output=True, text=True, timeout=timeout_s, env=env)
         if proc.returncode != 0 or not out_path.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -71,7 +71,7 @@ def probe_checks(model: Any, train: Any, plan: Any, evaluate: Any, work_dir: str
     from lorapipe.hardware.preflight import Check
 
     if plan.train.task != "sft":
-        # the worker trains and scores a causal LM (lorapipe.hardware.probe_worker): measuring it would measure
+        # the worker trains and scores a causal LM (lorapipe.phases.measure_worker): measuring it would measure
         # another model than the classifier this run trains
         return [Check(section="probe", name="probe", status="warn", measured=f"skipped: task {plan.train.task}",
                       requirement="3 steps at the planned sizes run",

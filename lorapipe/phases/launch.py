@@ -4,9 +4,9 @@ ZenML's `run_with_accelerate` wraps only steps whose arguments are plain scalars
 artifacts (the splits, the plan), so the step launches the ranks itself. `train_data_parallel` writes the step's
 inputs to `<work_dir>/launch/` as plain files (`worker.write_inputs`) and runs, with this Python,
 
-    python -m torch.distributed.run --standalone --nproc_per_node N --tee 3 ... -m lorapipe.training.worker inputs.json
+    python -m torch.distributed.run --standalone --nproc_per_node N --tee 3 ... -m lorapipe.phases.train_worker inputs.json
 
-Each rank calls the same backend `train` the step calls in one process (`lorapipe.training.worker`). While they
+Each rank calls the same backend `train` the step calls in one process (`lorapipe.phases.train_worker`). While they
 train, rank 0's output is passed on (the progress lines read as in one process); each rank's output is kept in
 `launch/logs/rank<N>.log`, and everything, torchrun's own lines included, in `launch/launch.log`. A failed rank
 raises `DataParallelLaunchError` naming the rank, its exit code, its last lines and its log. On success the
@@ -32,7 +32,7 @@ from lorapipe.code_version import SOURCE_ROOT
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
-from lorapipe.training import worker
+from lorapipe.phases import train_worker as worker
 from lorapipe.training.monitoring import active_tracker, replay_to_tracker
 
 LAUNCH_DIR = "launch"

@@ -1,4 +1,4 @@
-"""The measuring process of `lorapipe.hardware.measure`: `python -m lorapipe.hardware.probe_worker SPEC.json OUT.json`
+"""The measuring process of `lorapipe.phases.measure`: `python -m lorapipe.phases.measure_worker SPEC.json OUT.json`
 runs one phase (train, eval, merge) of the real backends on synthetic rows at the planned sizes and writes its
 `PhaseMeasurement` (peak, resident memory at the start, seconds)."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lorapipe.config import ModelSection, TrainSection
-from lorapipe.hardware.measure import PhaseMeasurement
+from lorapipe.phases.measure import PhaseMeasurement
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan
 
 PROBE_STEPS = 3
@@ -76,14 +76,14 @@ def _run_phase(spec: dict[str, Any]) -> PhaseMeasurement:
         phase_plan = PhasePlan(**spec[f"{phase}_plan"])
         rows = synthetic_rows(phase_plan.batch_size if phase == "eval" else 1, plan.max_seq_length, seed=1)
         if phase == "eval":
-            from lorapipe.evaluation.compare import evaluate_adapter
+            from lorapipe.phases.evaluate import evaluate_adapter
 
             metrics = evaluate_adapter(str(adapter_dir), rows, phase_plan, max_samples=len(rows),
                                        generation_samples=len(rows), max_new_tokens=spec["max_new_tokens"],
                                        max_length=plan.max_seq_length, generation_metrics=[])
             peak = metrics.memory_gb
         else:
-            from lorapipe.merge import merge_adapter
+            from lorapipe.phases.merge import merge_adapter
 
             check = merge_adapter(str(adapter_dir), str(work / "merged"), rows, phase_plan, check_samples=1,
                                   max_length=plan.max_seq_length)

@@ -1,6 +1,6 @@
 """Trigger a fine-tune, or schedule one, from Python: what `lorapipe run` and `lorapipe schedule` call.
 
-    from lorapipe import run_finetune
+    from lorapipe_app import run_finetune
     result = run_finetune("configs/quickstart.yaml", overrides=["train.max_steps=20"])
     print(result.model_version, result.stage, result.metrics.tuned.perplexity, result.cached_steps)
 
@@ -50,9 +50,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from lorapipe.backends.base import BackendUnavailable
     from lorapipe.data.sources import DataSourceError
     from lorapipe.data.validation import DataValidationError
-    from lorapipe.evaluation.compare import EvaluationError
+    from lorapipe.phases.evaluate import EvaluationError
     from lorapipe.hardware.plan import PlanError
-    from lorapipe.merge import MergeCheckFailed
+    from lorapipe.phases.merge import MergeCheckFailed
     from lorapipe.training.preemption import PreemptedError
 
     return (UserMistake, ConfigError, DataSourceError, DataValidationError, PlanError, BackendUnavailable,
