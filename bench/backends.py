@@ -58,14 +58,14 @@ else:
                         quantization=quant, micro_batch_size=MICRO, gradient_accumulation_steps=1,
                         effective_batch_size=MICRO, max_seq_length=MAX_LEN, gradient_checkpointing=False,
                         optimizer="adamw_torch",
-                        memory=MemoryEstimate(weights_gb=0, lora_and_optimizer_gb=0, activations_gb=0, total_gb=0, budget_gb=1),
+                        memory=MemoryEstimate(weights_gib=0, lora_and_optimizer_gib=0, activations_gib=0, total_gib=0, budget_gib=1),
                         reasons=[], warnings=[])
     ds = ConversationDataset(records, "train")
     info = get_backend(backend).train(m, t, 0, plan, ds, ConversationDataset([], "eval"), work / "w", work / "adapter")
-    seconds, reported = info.train_seconds, info.peak_memory_gb
+    seconds, reported = info.train_seconds, info.peak_memory_gib
 print(json.dumps({"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "backend_reported_peak_gb": reported}))
+                  "backend_reported_peak_gib": reported}))
 """.replace("ROWS", str(ROWS)).replace("MAX_LEN", str(MAX_LEN)).replace("MICRO", str(MICRO)).replace("EPOCHS", str(EPOCHS))
 
 CASES = [("bare_trl", "none"), ("hf", "none"), ("hf", "nf4"), ("unsloth", "none"), ("mlx", "none"), ("mlx", "nf4")]
@@ -98,7 +98,7 @@ def main() -> None:
                          "median_train_seconds": statistics.median(r["seconds"] for r in ok),
                          "median_tokens_per_second": statistics.median(r["tokens_per_second"] for r in ok),
                          "peak_rss_mb": max(r["peak_rss_mb"] for r in ok),
-                         "backend_reported_peak_gb": ok[0]["backend_reported_peak_gb"]}
+                         "backend_reported_peak_gib": ok[0]["backend_reported_peak_gib"]}
         print(f"{name}: {results[name]['median_tokens_per_second']:,.0f} tokens/s, peak RSS {results[name]['peak_rss_mb']:.0f} MB")
     base = results.get("bare_trl", {}).get("median_tokens_per_second")
     if base:

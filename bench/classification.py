@@ -55,9 +55,10 @@ def models() -> dict[str, Path]:
 
 
 def one_run(setup: str, seed: int, model_dir: Path, splits, work: Path) -> dict:
+    from lorapipe.evaluation.classify import evaluate_classifier
+
     from lorapipe.backends.hf import HFBackend
     from lorapipe.config import ModelSection, TrainSection
-    from lorapipe.evaluation.classify import evaluate_classifier
     from lorapipe.hardware.plan import PhasePlan, decide_plan, model_size
     from lorapipe.hardware.probe import probe
 
@@ -78,7 +79,7 @@ def one_run(setup: str, seed: int, model_dir: Path, splits, work: Path) -> dict:
     return {"setup": setup, "seed": seed, "steps": info.steps, "max_steps": meta["max_steps"],
             "stopped_early": meta["stopped_early"], "best_step": meta["best"]["step"],
             "train_seconds": round(info.train_seconds, 3), "train_and_baseline_seconds": round(seconds, 3),
-            "predicted_train_peak_gb": plan.memory.total_gb, "measured_train_peak_gb": info.peak_memory_gb,
+            "predicted_train_peak_gib": plan.memory.total_gib, "measured_train_peak_gib": info.peak_memory_gib,
             **{f"{name}_{k}": round(reports[name][k], 4) for name in reports
                for k in ("accuracy", "macro_f1", "weighted_f1", "ece") if reports[name].get(k) is not None}}
 

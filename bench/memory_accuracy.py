@@ -24,9 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lorapipe.config import EvaluateSection, MergeSection, ModelSection, TrainSection  # noqa: E402
-from lorapipe.phases.measure import measure_phase  # noqa: E402
 from lorapipe.hardware.plan import decide_plan, model_size  # noqa: E402
 from lorapipe.hardware.probe import package_versions, probe  # noqa: E402
+from lorapipe.phases.measure import measure_phase  # noqa: E402
 
 MODELS = REPO / "bench" / ".models"
 CORPUS = REPO / "data" / "quickstart" / "wwdc25_train_slice.jsonl"
@@ -70,8 +70,8 @@ def main() -> int:
             evaluate, merge = EvaluateSection(batch_size=4, max_new_tokens=64), MergeSection()
             model = ModelSection(name_or_path=str(folder))
             plan = decide_plan(train, hw, model_size(str(folder)), evaluate, merge)
-            predicted = {"train": plan.train.memory.total_gb, "eval": plan.evaluate.predicted_peak_gb,
-                         "merge": plan.merge.predicted_peak_gb}
+            predicted = {"train": plan.train.memory.total_gib, "eval": plan.evaluate.predicted_peak_gib,
+                         "merge": plan.merge.predicted_peak_gib}
             row = {"config": i, "model": size, "parameters": model_size(str(folder)).total_parameters,
                    "seq": seq, "micro_batch": mb, "rank": r, "gradient_checkpointing": gc, "quantization": quant,
                    "terms": [t.model_dump() for t in plan.train.memory.terms], "phases": {}}
@@ -80,19 +80,19 @@ def main() -> int:
                                   max_new_tokens=evaluate.max_new_tokens)
                 if m.error:
                     print(f"  config {i} {phase}: {m.error}", flush=True)
-                ratio = predicted[phase] / m.peak_gb if m.peak_gb else None
-                row["phases"][phase] = {"predicted_gb": round(predicted[phase], 4), "measured_gb": m.peak_gb,
-                                        "resident_at_start_gb": m.resident_at_start_gb,
+                ratio = predicted[phase] / m.peak_gib if m.peak_gib else None
+                row["phases"][phase] = {"predicted_gib": round(predicted[phase], 4), "measured_gib": m.peak_gib,
+                                        "resident_at_start_gib": m.resident_at_start_gib,
                                         "error": None if ratio is None else round(ratio - 1, 4),
                                         "seconds": m.seconds, "failed": m.error}
             print(f"{i:2d} {size:9s} seq {seq:4d} mb {mb} r {r:2d} gc {'on ' if gc else 'off'} {quant:4s}  "
-                  + "  ".join(f"{p} {v['predicted_gb']:.3f}/{v['measured_gb']:.3f} "
+                  + "  ".join(f"{p} {v['predicted_gib']:.3f}/{v['measured_gib']:.3f} "
                               f"({(v['error'] or 0) * 100:+.1f}%)" for p, v in row["phases"].items()), flush=True)
             rows.append(row)
     worst = {p: max((abs(r["phases"][p]["error"] or 0) for r in rows), default=None) for p in ("train", "eval", "merge")}
     out = {"benchmark": "memory_accuracy", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                       "ram_gb": hw.ram_total_gb, "python": platform.python_version()},
+                       "ram_gib": hw.ram_total_gib, "python": platform.python_version()},
            "packages": {k: v for k, v in package_versions().items() if v},
            "measured": "process resident high-water mark (VmHWM reset at the phase start), fresh process per phase",
            "goal": f"train within +-{GOAL:.0%}", "worst_abs_error": worst,

@@ -17,7 +17,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lorapipe.hardware.memory import GIB, MemoryInputs, estimate  # noqa: E402
+from lorapipe.hardware.memory import MemoryInputs, estimate
+from lorapipe.units import GIB  # noqa: E402
 from tests.model_facts import facts  # noqa: E402
 
 GOAL = 0.15
@@ -85,7 +86,7 @@ def main() -> int:
     rows.append({"anchor": "Mistral-7B on a 16 GB Mac (MLX 4-bit, seq 256, r8)", "model": "mistral-7b",
                  "published_gib": None, "kind": "no published figure", "predicted_gib": round(mac.train_peak_bytes /
                                                                                               GIB, 2),
-                 "error": None, "settings": mac.model_dump(include={"total_gb"}),
+                 "error": None, "settings": mac.model_dump(include={"total_gib"}),
                  "source": "seed MLX notes (trained on a 16 GB M1); no memory figure is published by mlx-lm"})
     for r in rows:
         err = f"{r['error'] * 100:+.1f}%" if r["error"] is not None else "-"

@@ -13,7 +13,30 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from lorapipe.catalog import (
+    BACKEND_CHOICES,
+    BEST_MODEL_METRIC_CHOICES,
+    DATA_FORMAT_CHOICES,
+    DEVICES,
+    LORA_BIAS,
+    METHOD_CHOICES,
+    METRIC_CHOICES,
+    OPTIMIZERS,
+    QUANTIZATIONS,
+    TASK_CHOICES,
+    TASK_OPTIONS,
+    TASKS,
+    tasks_with,
+)
 
 
 class ConfigError(ValueError):
@@ -50,9 +73,9 @@ class DataSection(_Section):
     artifact: Optional[str] = Field(
         None, description="Name of a ZenML artifact whose latest version holds the rows (a list of dicts, "
                           "JSONL text or a JSONL file path); read when the run starts, instead of paths")
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "classification"] = Field(
-        "auto", description="classification: rows of text (and an optional text pair) with a label; set by "
-                            "task: classification")
+    format: Literal[DATA_FORMAT_CHOICES] = Field(  # type: ignore[valid-type]
+        "auto", description="auto: detected per row for task sft; classification: rows of text (and an optional text "
+                            "pair) with a label, what task: classification reads")
     prompt_key: str = "prompt"
     completion_key: str = "completion"
     text_key: str = Field("text", description="task: classification: the field holding the text to classify")
@@ -129,14 +152,15 @@ class LoraSection(_Section):
     target_modules: Union[list[str], Literal["all-linear"]] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    bias: Literal["none", "all", "lora_only"] = "none"
+    bias: Literal[LORA_BIAS] = "none"  # type: ignore[valid-type]
 
 
 class TrainSection(_Section):
-    backend: Literal["auto", "hf", "unsloth", "mlx"] = "auto"
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="mps: Apple's GPU (torch MPS or mlx)")
+    backend: Literal[BACKEND_CHOICES] = "auto"  # type: ignore[valid-type]
+    device: Literal[("auto", *DEVICES)] = Field(  # type: ignore[valid-type]
+        "auto", description="mps: Apple's GPU (torch MPS or mlx)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantization: Literal["none", "nf4", "int8"] = Field(
+    quantization: Literal[QUANTIZATIONS] = Field(  # type: ignore[valid-type]
         "none", description="QLoRA = LoRA + this; nf4 uses double quantisation"
     )
     max_seq_length: int = Field(1024, ge=16)
@@ -149,7 +173,7 @@ class TrainSection(_Section):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.01, ge=0)
-    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw_torch"
+    optimizer: Literal[OPTIMIZERS] = "adamw_torch"  # type: ignore[valid-type]
     gradient_checkpointing: bool = False
     profile: Optional[Literal["conservative", "balanced", "quality"]] = Field(
         None, description="Memory profile: the plan chooses quantization, gradient_checkpointing, optimizer, the "
@@ -174,10 +198,10 @@ class TrainSection(_Section):
         "auto", description="Data-parallel training processes. auto: one per CUDA GPU (hf backend), else 1; "
                             "an integer > 1 on the CPU trains with gloo (slow; for testing the launch)")
     lora: LoraSection = Field(default_factory=LoraSection)
-    method: Literal["lora", "full"] = Field(
+    method: Literal[METHOD_CHOICES] = Field(  # type: ignore[valid-type]
         "lora", description="lora (QLoRA with train.quantization); full: every weight trained, for small encoder "
                             "classifiers (task: classification)")
-    metric_for_best_model: Optional[Literal["eval_loss", "accuracy", "macro_f1", "weighted_f1"]] = Field(
+    metric_for_best_model: Optional[Literal[BEST_MODEL_METRIC_CHOICES]] = Field(  # type: ignore[valid-type]
         None, description="What early stopping and load_best_model_at_end compare; null: eval_loss, or macro_f1 for "
                           "task: classification")
     early_stopping_threshold: float = Field(
@@ -247,8 +271,7 @@ class RegisterSection(_Section):
     model_name: str = Field("lorapipe-model", min_length=1)
     stage_if_better: Literal["staging", "production", "none"] = Field(
         "staging", description="The stage a version earns by beating the base and that stage's current holder")
-    primary_metric: Literal["perplexity", "loss", "rouge_l", "exact_match", "bleu", "chrf", "stop_rate", "accuracy",
-                            "macro_f1", "weighted_f1"] = Field(
+    primary_metric: Literal[METRIC_CHOICES] = Field(  # type: ignore[valid-type]
         "perplexity", description="The metric promotion compares (lower is better for perplexity and loss); "
                                   "task: classification defaults to macro_f1")
     margin: float = Field(0.0, ge=0.0, description="Relative improvement of the primary metric over the base and "
@@ -261,15 +284,10 @@ class RegisterSection(_Section):
 warnings.filterwarnings("ignore", message='Field name "register"')
 
 
-TASKS = ("sft", "classification")
-CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "weighted_f1")
-
-
 class LorapipeConfig(_Section):
     seed: int = 42
-    task: Literal["sft", "classification"] = Field(
-        "sft", description="sft: instruction/chat fine-tuning of a causal LM; classification: a label per text "
-                           "(AutoModelForSequenceClassification, encoder or decoder)")
+    task: Literal[TASK_CHOICES] = Field(  # type: ignore[valid-type]
+        "sft", description="; ".join(f"{name}: {spec.summary}" for name, spec in TASKS.items()))
     model: ModelSection
     data: DataSection
     validation: ValidationSection = Field(default_factory=ValidationSection)
@@ -289,49 +307,46 @@ class LorapipeConfig(_Section):
 
     @model_validator(mode="after")
     def _task(self) -> "LorapipeConfig":
-        """Keys that belong to one task, checked against the task; the task's defaults where the config is silent."""
-        problems = []
-        t, r = self.train, self.register
-        if self.task == "classification":
-            if self.data.format not in ("auto", "classification"):
-                problems.append(f"data.format={self.data.format} is a chat/SFT format; task: classification reads "
-                                "data.text_key (and data.text_pair_key) and data.label_key: set data.format: auto")
-            self.data.format = "classification"
-            if "primary_metric" not in r.model_fields_set:
-                r.primary_metric = "macro_f1"
-            elif r.primary_metric not in CLASSIFICATION_METRICS:
-                problems.append(f"register.primary_metric={r.primary_metric} is a generation metric; task: "
-                                f"classification promotes by one of {', '.join(CLASSIFICATION_METRICS)}")
-            if "model_name" not in r.model_fields_set:  # not the SFT default: a stage holder of another task
-                r.model_name = "lorapipe-classifier"
-            if "target_modules" not in t.lora.model_fields_set:
-                t.lora.target_modules = "all-linear"  # encoders name their projections query/key/value/dense
-            if t.metric_for_best_model is None:
-                t.metric_for_best_model = "macro_f1"
-            if t.packing:
-                problems.append("train.packing joins rows into one sequence; a classifier needs one label per row: "
-                                "unset train.packing")
-            if t.init_adapter:
-                problems.append("train.init_adapter continues a causal-LM adapter; task: classification starts one "
-                                "with its head: unset train.init_adapter")
-            if t.method == "full" and t.quantization != "none":
-                problems.append(f"train.method: full trains every weight, which train.quantization="
-                                f"{t.quantization} freezes in 4/8 bit: set train.quantization: none, or "
-                                "train.method: lora (QLoRA)")
-        else:
-            if self.data.format == "classification":
-                problems.append("data.format: classification needs task: classification")
-            if r.primary_metric in CLASSIFICATION_METRICS:
-                problems.append(f"register.primary_metric={r.primary_metric} needs task: classification")
-            if t.method == "full":
-                problems.append("train.method: full is for task: classification (small encoders); task: sft trains "
-                                "LoRA: set train.method: lora")
-            if t.metric_for_best_model not in (None, "eval_loss"):
-                problems.append(f"train.metric_for_best_model={t.metric_for_best_model} needs task: classification "
-                                "(task: sft compares eval_loss)")
-            for key in ("class_weights",):
-                if getattr(t, key) != "none":
-                    problems.append(f"train.{key} needs task: classification")
+        """The keys that belong to a task, checked against the task's catalog entry (lorapipe.catalog.TASKS), and
+        the task's defaults where the config is silent. Every problem is collected."""
+        spec, problems = TASKS[self.task], []
+        t, r, d = self.train, self.register, self.data
+
+        def needs(key: str, value: Any, attribute: str) -> str:
+            others = [name for name in tasks_with(attribute, value) if name != self.task]
+            return (f"{key}={value} needs task: {' or '.join(others)}" if others else f"{key}={value} is no task's") + (
+                f"; task {self.task} allows {', '.join(getattr(spec, attribute))}")
+
+        if d.format == "auto":
+            d.format = spec.data_formats[0]
+        elif d.format not in spec.data_formats:
+            problems.append(needs("data.format", d.format, "data_formats") + ": set data.format: auto")
+        if t.method not in spec.methods:
+            problems.append(needs("train.method", t.method, "methods") + f": set train.method: {spec.methods[0]}")
+        if "primary_metric" not in r.model_fields_set:
+            r.primary_metric = spec.metrics[0]
+        elif r.primary_metric not in spec.metrics:
+            problems.append(needs("register.primary_metric", r.primary_metric, "metrics"))
+        if "model_name" not in r.model_fields_set:  # not another task's default: a stage holder of one task only
+            r.model_name = spec.default_model_name
+        for key, value in spec.defaults.items():
+            *path, name = key.split(".")
+            owner = self
+            for part in path:
+                owner = getattr(owner, part)
+            if name not in owner.model_fields_set:
+                setattr(owner, name, value)
+        if t.metric_for_best_model not in (None, *spec.best_model_metrics):
+            problems.append(needs("train.metric_for_best_model", t.metric_for_best_model, "best_model_metrics"))
+        for key, why in spec.refuses.items():
+            if getattr(t, key.split(".", 1)[1]) not in (None, False):
+                problems.append(f"{key} {why}")
+        if t.method == "full" and t.quantization != "none":  # not the task's: collected with its problems all the same
+            problems.append(f"train.method: full trains every weight, which train.quantization={t.quantization} "
+                            "freezes in 4/8 bit: set train.quantization: none, or train.method: lora (QLoRA)")
+        for key, (off, tasks) in TASK_OPTIONS.items():
+            if self.task not in tasks and getattr(t, key.split(".", 1)[1]) != off:
+                problems.append(f"{key}={getattr(t, key.split('.', 1)[1])} needs task: {' or '.join(tasks)}")
         if problems:
             raise ValueError("\n".join(problems))
         return self

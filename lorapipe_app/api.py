@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from datetime import timedelta
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -50,9 +50,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from lorapipe.backends.base import BackendUnavailable
     from lorapipe.data.sources import DataSourceError
     from lorapipe.data.validation import DataValidationError
-    from lorapipe.phases.evaluate import EvaluationError
+    from lorapipe.evaluation.merge_check import MergeCheckFailed
+    from lorapipe.evaluation.metrics import EvaluationError
     from lorapipe.hardware.plan import PlanError
-    from lorapipe.phases.merge import MergeCheckFailed
     from lorapipe.training.preemption import PreemptedError
 
     return (UserMistake, ConfigError, DataSourceError, DataValidationError, PlanError, BackendUnavailable,
@@ -124,7 +124,8 @@ def load(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[lis
 def prepare(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[list[str]] = None,
             base_dir: Optional[Path] = None, need_data_now: bool = True) -> PreparedRun:
     """Everything that can be checked in seconds, before the pipeline starts: config keys, data source, model."""
-    from lorapipe.data.sources import DataSourceError, expand_paths, resolve_data
+    use_repo_as_source_root()  # before anything imports the steps (the data source is read the way they read it)
+    from lorapipe.data.sources import DataSourceError, expand_paths
     from lorapipe.models.locate import model_problem
 
     cfg, source = load(config, overrides)
@@ -133,6 +134,8 @@ def prepare(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[
     problems: list[str] = []
     data_sha = None
     if need_data_now:  # the data as the run's first step will find it: its sha256 names the model version
+        from steps.data_source import resolve_data
+
         try:
             data_sha = resolve_data(resolved.data, Path(resolved.train.output_root)).sha256
         except DataSourceError as exc:
@@ -251,8 +254,7 @@ def run_finetune(config: Union[str, Path, LorapipeConfig, dict], overrides: Opti
     started = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(seconds=5)  # the store's clock is UTC
     start = time.perf_counter()
     try:
-        run = pipe(config=cfg.model_dump(mode="json"), config_sha256=prepared.config_sha256,
-                   user_set=prepared.user_set)
+        run = pipe(config=cfg, config_sha256=prepared.config_sha256, user_set=prepared.user_set)
     except user_error_types():
         raise
     except RuntimeError:
@@ -301,7 +303,7 @@ def schedule_finetune(config: Union[str, Path, LorapipeConfig, dict], cron: str,
                           f"`lorapipe schedule delete {name}` first")
     # version=None: ZenML numbers the versions; the register step names any that repeats earlier inputs
     pipe = _pipeline(prepared, None, True, run_config, Schedule(name=name, cron_expression=cron))
-    pipe(config=cfg.model_dump(mode="json"), config_sha256=prepared.config_sha256, user_set=prepared.user_set)
+    pipe(config=cfg, config_sha256=prepared.config_sha256, user_set=prepared.user_set)
     return client.get_schedule(name, allow_name_prefix_match=False)
 
 

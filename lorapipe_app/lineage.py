@@ -134,7 +134,7 @@ def lineage_tree(mv: Any) -> dict[str, Any]:
                         "quantization": plan.quantization, "micro_batch_size": plan.micro_batch_size,
                         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
                         "world_size": plan.world_size} if plan else meta.get("plan"),
-               "preflight_report": {"cpu_count": probe.cpu_count, "ram_total_gb": probe.ram_total_gb,
+               "preflight_report": {"cpu_count": probe.cpu_count, "ram_total_gib": probe.ram_total_gib,
                                     "accelerator": probe.accelerator,
                                     "cuda": [d.name for d in probe.cuda_devices]} if probe else meta.get("machine"),
                "base_model": meta.get("base_model"), "seed": meta.get("seed"),
@@ -193,7 +193,7 @@ def render_tree(tree: dict[str, Any]) -> list[str]:
               f"x {plan.get('world_size', 1)} process(es)"]
     machine = adapter.get("preflight_report") or {}
     lines.append(f"      ├─ preflight  {machine.get('accelerator', '?')}, {machine.get('cpu_count', '?')} CPUs, "
-                 f"{_fmt(machine.get('ram_total_gb'), '.0f')} GB RAM"
+                 f"{_fmt(machine.get('ram_total_gib'), '.0f')} GiB RAM"
                  + (f", GPUs {', '.join(machine['cuda'])}" if machine.get("cuda") else ""))
     for name, split in adapter.get("splits", {}).items():
         lines.append(f"      ├─ {name:<11} v{split['version']}  {_fmt(split.get('rows'))} rows  sha256 "

@@ -9,8 +9,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
-from lorapipe.backends.base import ADAPTER_METADATA, checkpoint_step
-from lorapipe.training.monitoring import METRICS_JSONL, PROGRESS_JSON, format_progress, read_metrics
+from lorapipe.training.adapter import ADAPTER_METADATA
+from lorapipe.training.checkpoints import checkpoint_step
+from lorapipe.training.monitoring import (
+    METRICS_JSONL,
+    PROGRESS_JSON,
+    format_progress,
+    read_metrics,
+)
 
 
 class NothingToWatch(ValueError):

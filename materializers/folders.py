@@ -32,7 +32,7 @@ def training_summary_html(meta: dict) -> str:
     result, plan = meta.get("result", {}), meta.get("plan", {})
     memory = plan.get("memory", {})
     device = result.get("device", plan.get("device"))
-    measured = result.get("peak_memory_gb")
+    measured = result.get("peak_memory_gib")
     measured_what = ("peak allocated CUDA memory of one process" if device == "cuda" else
                      "peak of mlx's allocator" if result.get("backend") == "mlx" else
                      "resident memory of the process (includes the Python and torch runtime)")
@@ -46,11 +46,11 @@ def training_summary_html(meta: dict) -> str:
                       ("tokens/s", result.get("tokens_per_second")), ("seconds", result.get("train_seconds")),
                       ("resumed from", result.get("resumed_from") or "no checkpoint")]),
         h.section("Memory: planned vs measured", h.table(
-            ["", "GB"],
-            [("planned: weights", memory.get("weights_gb")),
-             ("planned: LoRA + optimizer", memory.get("lora_and_optimizer_gb")),
-             ("planned: activations", memory.get("activations_gb")),
-             ("planned: total", memory.get("total_gb")), ("budget", memory.get("budget_gb")),
+            ["", "GiB"],
+            [("planned: weights", memory.get("weights_gib")),
+             ("planned: LoRA + optimizer", memory.get("lora_and_optimizer_gib")),
+             ("planned: activations", memory.get("activations_gib")),
+             ("planned: total", memory.get("total_gib")), ("budget", memory.get("budget_gib")),
              (f"measured: {measured_what}", measured)])))
 
 
@@ -170,7 +170,7 @@ class ModelFolderMaterializer(_FolderMaterializer):
                           ("adapter sha256", settings.get("adapter_fingerprint")),
                           ("max shard size", settings.get("max_shard_size")),
                           ("Ollama TEMPLATE", ollama.get("family") or f"none: {ollama.get('note', '')}"),
-                          ("merge memory (GB)", check.get("memory_gb"))]),
+                          ("merge memory (GiB)", check.get("memory_gib"))]),
             h.section("Files", h.table(["file"], [(f,) for f in self.stored_files()])))
         path = os.path.join(self.uri, "merge_check.html")
         with fileio.open(path, "w") as fh:

@@ -19,6 +19,7 @@ from lorapipe.hardware.plan import PhasePlan, TrainingPlan
 from lorapipe.hardware.preflight import PreflightReport, RecommendedConfig
 from lorapipe.hardware.probe import HardwareProbe
 from lorapipe.registry import StageHolderScores, VersionReport, render_html
+from lorapipe.units import format_gib
 
 # problems listed per kind in the validation view, and rejected rows listed; the JSON artifacts keep all of them
 PROBLEMS_SHOWN_PER_KIND = 20
@@ -111,8 +112,8 @@ def validation_html(report: ValidationReport) -> str:
             ("rows", t.rows), ("p50 / p95 / max tokens per row", f"{t.p50:.0f} / {t.p95:.0f} / {t.max}"),
             ("total / trained tokens", f"{t.total_tokens:,} / {t.trainable_tokens:,}"),
             ("rows truncated", t.truncated_rows),
-            (f"padding waste at micro-batch {t.micro_batch_size}",
-             f"{t.padding_waste_in_order:.1%} in file order, {t.padding_waste_length_grouped:.1%} grouped by length")])))
+            *((f"padding waste at micro-batch {w.micro_batch_size}",
+               f"{w.in_order:.1%} in file order, {w.length_grouped:.1%} grouped by length") for w in t.padding_waste)])))
     if report.audit:
         a = report.audit
         parts.append(h.section("Learns-to-stop audit", h.key_values([
@@ -145,14 +146,14 @@ def rejected_html(data: RejectedRows) -> str:
 
 
 def probe_html(probe: HardwareProbe) -> str:
-    gpus = [(d.index, d.name, d.total_memory_gb, d.capability, d.bf16) for d in probe.cuda_devices]
+    gpus = [(d.index, d.name, d.total_memory_gib, d.capability, d.bf16) for d in probe.cuda_devices]
     return h.page("Preflight: this machine", h.key_values([
         ("OS / architecture / Python", f"{probe.os} / {probe.machine} / {probe.python}"),
-        ("CPU cores", probe.cpu_count), ("RAM total / available (GB)", f"{probe.ram_total_gb} / {probe.ram_available_gb}"),
-        (f"free disk at {probe.disk_path} (GB)", probe.disk_free_gb), ("CUDA", probe.cuda_available),
+        ("CPU cores", probe.cpu_count), ("RAM total / available (GiB)", f"{probe.ram_total_gib} / {probe.ram_available_gib}"),
+        (f"free disk at {probe.disk_path} (GiB)", probe.disk_free_gib), ("CUDA", probe.cuda_available),
         ("Apple Silicon / MPS", f"{probe.apple_silicon} / {probe.mps_available}"),
         ("data-parallel processes", probe.world_size)]),
-        h.section("CUDA devices", h.table(["index", "name", "memory (GB)", "capability", "bf16"], gpus)
+        h.section("CUDA devices", h.table(["index", "name", "memory (GiB)", "capability", "bf16"], gpus)
                   if gpus else h.paragraph("none", "muted")),
         h.section("Packages", h.table(["package", "version"],
                                       sorted((k, v or "not installed") for k, v in probe.packages.items()))))
@@ -165,9 +166,9 @@ def preflight_html(report: PreflightReport) -> str:
                                          [(c.section, c.name, mark[c.status], c.measured, c.requirement, c.detail)
                                           for c in report.checks]))]
     if report.probe_measurements:
-        parts.append(h.section("Probe: measured vs predicted peaks (GB)", h.table(
+        parts.append(h.section("Probe: measured vs predicted peaks (GiB)", h.table(
             ["phase", "predicted", "measured", "error", "device", "seconds"],
-            [(r["phase"], r["predicted_gb"], r["peak_gb"], r.get("error"), r["device"], r["seconds"])
+            [(r["phase"], r["predicted_gib"], r["peak_gib"], r.get("error"), r["device"], r["seconds"])
              for r in report.probe_measurements])))
     if report.model is not None:
         m = report.model
@@ -193,9 +194,9 @@ def training_plan_html(plan: TrainingPlan) -> str:
          f"{plan.micro_batch_size} x {plan.gradient_accumulation_steps} = {plan.effective_batch_size}"),
         ("max sequence length", plan.max_seq_length), ("gradient checkpointing", plan.gradient_checkpointing),
         ("optimizer", plan.optimizer), ("data-parallel processes", plan.world_size)]),
-        h.section("Memory estimate (GB)", h.table(
+        h.section("Memory estimate (GiB)", h.table(
             ["weights", "LoRA + optimizer", "activations and logits", "training peak", "budget"],
-            [(m.weights_gb, m.lora_and_optimizer_gb, m.activations_gb, m.total_gb, m.budget_gb)])),
+            [(m.weights_gib, m.lora_and_optimizer_gib, m.activations_gib, m.total_gib, m.budget_gib)])),
         h.section("Memory terms", h.table(["phase", "term", "MiB", "formula"],
                                           [(t.phase, t.name, f"{t.bytes / 2**20:,.1f}", t.formula) for t in m.terms])),
         h.section("Why", h.table(["reason"], [(r,) for r in plan.reasons])),
@@ -206,7 +207,7 @@ def training_plan_html(plan: TrainingPlan) -> str:
 def phase_plan_html(plan: PhasePlan) -> str:
     return h.page(f"{plan.phase.capitalize()} plan", h.key_values([
         ("device", plan.device), ("dtype", plan.dtype), ("batch size", plan.batch_size), ("why", plan.reason),
-        ("predicted peak (GB)", plan.predicted_peak_gb)]),
+        ("predicted peak (GiB)", plan.predicted_peak_gib)]),
         h.section("Memory terms", h.table(["term", "MiB", "formula"], [(t.name, f"{t.bytes / 2**20:,.1f}", t.formula)
                                                                        for t in plan.memory_terms])),
         h.section("Warnings", h.table(["warning"], [(w,) for w in plan.warnings]) if plan.warnings
@@ -254,7 +255,7 @@ def eval_html(metrics: EvalMetrics) -> str:
     parts = [h.paragraph(f"{'Tuned beats base' if metrics.tuned_beats_base else 'Tuned does not beat base'} on "
                          f"perplexity ({metrics.perplexity_gain:+.1%}); {metrics.scored_rows} of {metrics.test_rows} test "
                          f"rows scored ({metrics.scored_tokens:,} tokens), {metrics.generated_rows} generated; "
-                         f"memory {metrics.memory_gb:.2f} GB", "ok" if metrics.tuned_beats_base else "bad"),
+                         f"memory {format_gib(metrics.memory_gib)}", "ok" if metrics.tuned_beats_base else "bad"),
              h.table(["metric", "base", "tuned", "change", "better"], rows)]
     g = metrics.generation
     if g:

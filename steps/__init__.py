@@ -1,3 +1,10 @@
+"""The pipeline's steps, one per file, each thin: read its typed inputs, call the library, return named outputs.
+
+lorapipe's library logs and never prints; what a person sees of it in a step's output (and in the step's stored
+logs, on any orchestrator) is decided here, once, for every step.
+"""
+
+from lorapipe.logs import show_on_console
 from steps.evaluate import evaluate_model
 from steps.merge import merge_model
 from steps.preflight import preflight
@@ -8,5 +15,7 @@ from steps.split import split_data
 from steps.train import train_adapter
 from steps.validate import validate_data
 
-__all__ = ["resolve_data_source", "validate_data", "preflight", "split_data", "train_adapter", "evaluate_model", "merge_model",
-           "register_model", "score_stage_holder"]
+show_on_console()
+
+__all__ = ["evaluate_model", "merge_model", "preflight", "register_model", "resolve_data_source", "score_stage_holder",
+           "split_data", "train_adapter", "validate_data"]

@@ -35,7 +35,7 @@ def _store_folder() -> Optional[Path]:
 
 @step(output_materializers=ModelFolderMaterializer, cache_policy=library_cache_policy(__file__))
 def merge_model(
-    adapter: AdapterFolder, test_split: ConversationDataset, merge_plan: PhasePlan, merge: dict,
+    adapter: AdapterFolder, test_split: ConversationDataset, merge_plan: PhasePlan, merge: MergeSection,
 ) -> Annotated[ModelFolder, ArtifactConfig(name=OUTPUT, artifact_type=ArtifactType.MODEL)]:
     """Merge, reload and compare logits with base+adapter within a recorded tolerance.
 
@@ -46,7 +46,7 @@ def merge_model(
     Args:
         adapter: the adapter folder (it names its base model).
         test_split: rows the logits are compared on.
-        merge_plan: the device and the merged weights' dtype.
+        merge_plan: the device, the merged weights' dtype and the tokens per compared row.
         merge: the config's `merge` section (dtype, check rows, tolerance, shard size).
 
     Returns:
@@ -55,7 +55,7 @@ def merge_model(
     Raises:
         MergeCheckFailed: the merged model's logits differ from base+adapter beyond the tolerance.
     """
-    mg = MergeSection(**merge)
+    mg = merge
     in_store = _store_folder()
     out = in_store or Path(tempfile.mkdtemp(prefix="lorapipe-merged-"))
     logger.info("merging into %s (%s)", out, "the artifact store's folder" if in_store else

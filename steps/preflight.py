@@ -8,12 +8,18 @@ from zenml import step
 from zenml.client import Client
 from zenml.logger import get_logger
 
-from lorapipe.config import EvaluateSection, MergeSection, ModelSection, PreflightSection, TrainSection
+from lorapipe.config import (
+    EvaluateSection,
+    MergeSection,
+    ModelSection,
+    PreflightSection,
+    TrainSection,
+)
 from lorapipe.data.validation import ValidationReport
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan, decide_plan, model_size
-from lorapipe.phases.measure import probe_checks
 from lorapipe.hardware.preflight import PreflightReport, RecommendedConfig, build_report
 from lorapipe.hardware.probe import machine_fingerprint, probe
+from lorapipe.phases.measure import probe_checks
 from materializers import ReportMaterializer
 from steps.caching import library_cache_policy
 
@@ -27,8 +33,8 @@ logger = get_logger(__name__)
                             "merge_plan": ReportMaterializer},
       cache_policy=library_cache_policy(__file__, cache_func=machine_fingerprint))
 def preflight(
-    validation_report: ValidationReport, model: dict, train: dict, evaluate: dict, merge: dict,
-    preflight: Optional[dict] = None, user_set: Optional[list[str]] = None, task: str = "sft",
+    validation_report: ValidationReport, model: ModelSection, train: TrainSection, evaluate: EvaluateSection,
+    merge: MergeSection, preflight: PreflightSection, task: str, user_set: Optional[list[str]] = None,
 ) -> Tuple[
     Annotated[PreflightReport, "preflight_report"],
     Annotated[RecommendedConfig, "recommended_config"],
@@ -48,16 +54,15 @@ def preflight(
         evaluate: the config's `evaluate` section (the evaluation batch).
         merge: the config's `merge` section (the merged weights' precision).
         preflight: the config's `preflight` section (`probe: true` measures a few real steps first).
+        task: the config's `task` (lorapipe.catalog.TASKS): sft (a causal LM) or classification (a sequence
+            classifier whose labels are the validation report's label set).
         user_set: the dotted keys the config set; with `train.profile` the plan chooses the others.
-        task: the config's `task`: sft (a causal LM) or classification (a sequence classifier whose number of labels
-            is the validation report's label set).
 
     Returns:
         The preflight report (every check), the recommended config fragment, and the training, evaluation and merge
         plans.
     """
-    m, t = ModelSection(**model), TrainSection(**train)
-    e, mg = EvaluateSection(**evaluate), MergeSection(**merge)
+    m, t, e, mg = model, train, evaluate, merge
     hw = probe(t.output_root)
     num_labels, labels = 2, []
     if task == "classification":
@@ -75,13 +80,16 @@ def preflight(
     if stats and stats.truncated_rows:
         plan.train.warnings.append(f"{stats.truncated_rows} row(s) are longer than "
                                    f"max_seq_length={plan.train.max_seq_length}")
+    waste = stats.padding_at(plan.train.micro_batch_size) if stats else None
+    if waste is not None:  # validation measured every micro-batch the plan could choose; this is the one it chose
+        plan.train.reasons.append(f"padding waste {waste.summary()}")
     store = Client().active_stack.artifact_store.path
     report = build_report(hw, facts, None, plan, [], [], t.output_root, store if "://" not in store else None,
                           plan.train.backend)
-    if plan.train.device != "cuda" and hw.ram_available_gb < plan.train.memory.total_gb:
+    if plan.train.device != "cuda" and hw.ram_available_gib < plan.train.memory.total_gib:
         # said here, not in the plan: the plan must not change with what happens to be free this second
-        logger.warning("plan: warning: about %.1f GB of memory is free now and training needs about %.1f GB: close "
-                       "other programs, or expect swapping", hw.ram_available_gb, plan.train.memory.total_gb)
+        logger.warning("plan: warning: about %.1f GiB of memory is free now and training needs about %.1f GiB: close "
+                       "other programs, or expect swapping", hw.ram_available_gib, plan.train.memory.total_gib)
     for r in plan.train.reasons + [f"warning: {w}" for w in plan.train.warnings]:
         logger.info("plan: %s", r)
     for phase in (plan.evaluate, plan.merge):
@@ -89,7 +97,7 @@ def preflight(
                     phase.reason)
         for warning in phase.warnings:
             logger.warning("plan: %s: warning: %s", phase.phase, warning)
-    if PreflightSection(**(preflight or {})).probe:
+    if preflight.probe:
         with tempfile.TemporaryDirectory(prefix="probe-", dir=t.output_root) as work:
             checks, measured = probe_checks(m, t, plan, e, work)
         report.checks += checks

@@ -12,11 +12,18 @@ from lorapipe.config import RegisterSection
 from lorapipe.data.sources import ResolvedData
 from lorapipe.data.validation import ValidationReport
 from lorapipe.evaluation.metrics import EvalMetrics
-from lorapipe.hardware.memory import comparable_prediction_gb
+from lorapipe.hardware.memory import comparable_prediction_gib
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan
 from lorapipe.hardware.preflight import PreflightReport
 from lorapipe.hardware.probe import package_versions
-from lorapipe.registry import StageHolderScores, VersionReport, decide_stage, git_commit, metric_rows, render_text
+from lorapipe.registry import (
+    StageHolderScores,
+    VersionReport,
+    decide_stage,
+    git_commit,
+    metric_rows,
+    render_text,
+)
 from materializers import ReportMaterializer
 
 logger = get_logger(__name__)
@@ -55,32 +62,32 @@ MEMORY_WARN_FRACTION = 0.15
 
 def _memory_facts(plan: TrainingPlan, adapter_meta: dict, metrics: EvalMetrics, check: dict,
                   evaluation_plan: Optional[PhasePlan] = None, merge_plan: Optional[PhasePlan] = None) -> dict:
-    """Each phase's predicted and measured peak (GB), side by side, with the relative error: what the memory model
-    is checked against on every run, in the measured quantity (`predicted_in_process_gb`): on CUDA torch's allocated
+    """Each phase's predicted and measured peak (GiB), side by side, with the relative error: what the memory model
+    is checked against on every run, in the measured quantity (`predicted_in_process_gib`): on CUDA torch's allocated
     peak (no context or allocator overhead); on the CPU re-based on what the step's process already held when the
     phase began (ZenML, the earlier steps' data). A phase off by more than 15% is logged as a warning."""
     trained = adapter_meta.get("result", {})
-    facts = {"train": {"predicted_gb": plan.memory.total_gb, "measured_gb": trained.get("peak_memory_gb"),
-                       "resident_at_start_gb": trained.get("resident_at_start_gb"), "device": plan.device},
-             "evaluate": {"predicted_gb": evaluation_plan.predicted_peak_gb if evaluation_plan else None,
-                          "measured_gb": metrics.memory_gb, "resident_at_start_gb": metrics.memory_at_start_gb,
+    facts = {"train": {"predicted_gib": plan.memory.total_gib, "measured_gib": trained.get("peak_memory_gib"),
+                       "resident_at_start_gib": trained.get("resident_at_start_gib"), "device": plan.device},
+             "evaluate": {"predicted_gib": evaluation_plan.predicted_peak_gib if evaluation_plan else None,
+                          "measured_gib": metrics.memory_gib, "resident_at_start_gib": metrics.memory_at_start_gib,
                           "device": evaluation_plan.device if evaluation_plan else None},
-             "merge": {"predicted_gb": merge_plan.predicted_peak_gb if merge_plan else None,
-                       "measured_gb": check.get("memory_gb"), "resident_at_start_gb": check.get("memory_at_start_gb"),
+             "merge": {"predicted_gib": merge_plan.predicted_peak_gib if merge_plan else None,
+                       "measured_gib": check.get("memory_gib"), "resident_at_start_gib": check.get("memory_at_start_gib"),
                        "device": "cpu"}}
     for phase, row in facts.items():
-        predicted, measured = row.get("predicted_gb"), row.get("measured_gb")
+        predicted, measured = row.get("predicted_gib"), row.get("measured_gib")
         if not predicted or not measured:
             row["error"] = None
             continue
         terms = {"train": plan.memory.terms, "evaluate": evaluation_plan.memory_terms if evaluation_plan else [],
                  "merge": merge_plan.memory_terms if merge_plan else []}[phase]
-        here = comparable_prediction_gb(terms, row.get("device") or "cpu", row.get("resident_at_start_gb")) \
+        here = comparable_prediction_gib(terms, row.get("device") or "cpu", row.get("resident_at_start_gib")) \
             if terms else predicted
-        row["predicted_in_process_gb"] = round(here, 4)
+        row["predicted_in_process_gib"] = round(here, 4)
         row["error"] = round(here / measured - 1, 4)
         if abs(row["error"]) > MEMORY_WARN_FRACTION:
-            logger.warning("memory: %s peaked at %.2f GB, predicted %.2f GB in this process (%+.0f%%): the memory "
+            logger.warning("memory: %s peaked at %.2f GiB, predicted %.2f GiB in this process (%+.0f%%): the memory "
                            "model is off for this run; see docs/MEMORY.md", phase, measured, here, row["error"] * 100)
     return facts
 
@@ -105,7 +112,7 @@ def _pin_evaluation(context) -> None:  # noqa: ANN001
 @step(enable_cache=False, output_materializers={"model_version_report": ReportMaterializer})
 def register_model(
     adapter: AdapterFolder, eval_metrics: EvalMetrics, merged_model: ModelFolder, training_plan: TrainingPlan,
-    validation_report: ValidationReport, preflight_report: PreflightReport, register: dict, seed: int,
+    validation_report: ValidationReport, preflight_report: PreflightReport, register: RegisterSection, seed: int,
     resolved_data: ResolvedData, config_sha256: str, stage_holder_scores: StageHolderScores,
     evaluation_plan: Optional[PhasePlan] = None, merge_plan: Optional[PhasePlan] = None,
 ) -> Tuple[Annotated[str, "model_stage"], Annotated[VersionReport, "model_version_report"]]:
@@ -130,7 +137,7 @@ def register_model(
         The stage set ("none" when not promoted), and the model version's report (shown in the dashboard as the
         page the open-source dashboard has no room for; `lorapipe lineage` prints the same).
     """
-    r = RegisterSection(**register)
+    r = register
     check = merged_model.metadata.get("check", {})
     holder = stage_holder_scores
     stage, reason = decide_stage(eval_metrics, bool(check.get("passed")), r.stage_if_better, r.margin,
@@ -195,7 +202,7 @@ def register_model(
         "config_sha256": config_sha256,
         "package_versions": {k: v or "not installed" for k, v in package_versions().items()},
         "code": code,
-        "machine": {"cpu_count": preflight_report.cpu_count, "ram_total_gb": preflight_report.ram_total_gb,
+        "machine": {"cpu_count": preflight_report.cpu_count, "ram_total_gib": preflight_report.ram_total_gib,
                     "cuda": [d.name for d in preflight_report.cuda_devices]},
         "stage_decision": reason,
         "memory": _memory_facts(training_plan, adapter_meta, eval_metrics, check, evaluation_plan, merge_plan),

@@ -9,10 +9,12 @@ from zenml.enums import ModelStages
 from zenml.logger import get_logger
 
 from lorapipe.artifacts import ModelFolder
+from lorapipe.catalog import task_spec
 from lorapipe.config import EvaluateSection, ModelSection, RegisterSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import PhasePlan
 from lorapipe.registry import StageHolderScores
+from lorapipe.training.adapter import task_of
 from materializers import ReportMaterializer
 
 logger = get_logger(__name__)
@@ -20,19 +22,18 @@ logger = get_logger(__name__)
 
 @step(enable_cache=False, output_materializers=ReportMaterializer)
 def score_stage_holder(
-    merged_model: ModelFolder, test_split: ConversationDataset, evaluation_plan: PhasePlan, evaluate: dict,
-    register: dict, model: dict, max_seq_length: int, seed: int,
+    merged_model: ModelFolder, test_split: ConversationDataset, evaluation_plan: PhasePlan, evaluate: EvaluateSection,
+    register: RegisterSection, model: ModelSection, seed: int,
 ) -> Annotated[StageHolderScores, "stage_holder_scores"]:
     """Score the stage holder's merged model and this run's, by the same code on the same rows.
 
     Args:
         merged_model: this run's merged model.
         test_split: this run's test rows.
-        evaluation_plan: device, dtype and batch size of evaluation.
+        evaluation_plan: device, dtype, batch size and sequence length of evaluation.
         evaluate: the config's `evaluate` section (rows scored, generation budget, metrics).
         register: the config's `register` section (the model name and the stage to compare with).
         model: the config's `model` section (its chat template override).
-        max_seq_length: train.max_seq_length, the length rows are scored at.
         seed: the run's seed (generation is seeded).
 
     Returns:
@@ -40,7 +41,7 @@ def score_stage_holder(
     """
     from lorapipe.phases.evaluate import score_model_folder
 
-    r, m = RegisterSection(**register), ModelSection(**model)
+    r = register
     if r.stage_if_better == "none":
         return StageHolderScores(stage="none", note="register.stage_if_better is 'none': no stage to compare with")
     this_version = str(get_step_context().model.version)
@@ -59,9 +60,8 @@ def score_stage_holder(
         return StageHolderScores(stage=r.stage_if_better, version=holder.name,
                                  note=f"version {holder.name} holds {r.stage_if_better} but has no merged model to score")
     held = merged.load()
-    folder = held.path
-    task = merged_model.metadata.get("adapter_metadata", {}).get("task", "sft")
-    held_task = held.metadata.get("adapter_metadata", {}).get("task", "sft")
+    task = task_of(merged_model.metadata.get("adapter_metadata", {}))
+    held_task = task_of(held.metadata.get("adapter_metadata", {}))
     if held_task != task:  # one model name, two tasks: neither can be scored as the other
         return StageHolderScores(
             stage=r.stage_if_better, version=holder.name, comparable=False,
@@ -70,27 +70,19 @@ def score_stage_holder(
                  "register.model_name")
     logger.info("scoring version %s, which holds %s, and this run's merged model on this run's test rows",
                 holder.name, r.stage_if_better)
-    if task == "classification":
-        from lorapipe.evaluation.classify import score_classifier_folder
-
-        try:
-            scores = score_classifier_folder(folder, test_split, evaluation_plan, max_seq_length)
-        except ValueError as exc:  # a classifier of other labels: not comparable, it keeps the stage
-            return StageHolderScores(stage=r.stage_if_better, version=holder.name, comparable=False,
-                                     note=f"version {holder.name}, which holds {r.stage_if_better}, classifies other "
-                                          f"labels ({str(exc).splitlines()[0]}): not comparable; it keeps the stage "
-                                          "(give the new label set its own register.model_name)")
-        candidate = score_classifier_folder(merged_model.path, test_split, evaluation_plan, max_seq_length)
-        return StageHolderScores(stage=r.stage_if_better, version=holder.name, scores=scores.model_dump(),
-                                 candidate=candidate.model_dump(),
-                                 note=f"version {holder.name} and this version's merged classifier scored on every "
-                                      "test row of this run")
-    e = EvaluateSection(**evaluate)
-    scores, _ = score_model_folder(folder, test_split, evaluation_plan, e, max_seq_length, seed,
-                                   chat_template=m.chat_template)
-    candidate, _ = score_model_folder(merged_model.path, test_split, evaluation_plan, e, max_seq_length, seed,
-                                      chat_template=m.chat_template)
+    try:
+        scores, _ = score_model_folder(held.path, task, test_split, evaluation_plan, evaluate, seed,
+                                       model.chat_template)
+    except ValueError as exc:  # a classifier of other labels: not comparable, it keeps the stage
+        if task_spec(task).model_kind != "sequence_classifier":
+            raise
+        return StageHolderScores(stage=r.stage_if_better, version=holder.name, comparable=False,
+                                 note=f"version {holder.name}, which holds {r.stage_if_better}, classifies other "
+                                      f"labels ({str(exc).splitlines()[0]}): not comparable; it keeps the stage "
+                                      "(give the new label set its own register.model_name)")
+    candidate, _ = score_model_folder(merged_model.path, task, test_split, evaluation_plan, evaluate, seed,
+                                      model.chat_template)
+    rows = "every test row" if not task_spec(task).generates else "this run's test rows"
     return StageHolderScores(stage=r.stage_if_better, version=holder.name, scores=scores.model_dump(),
                              candidate=candidate.model_dump(),
-                             note=f"version {holder.name} and this version's merged model scored on this run's "
-                                  "test rows")
+                             note=f"version {holder.name} and this version's merged model scored on {rows}")

@@ -18,7 +18,7 @@ from steps.caching import library_cache_policy
                             "test_split": ConversationDatasetMaterializer},
       cache_policy=library_cache_policy(__file__))
 def split_data(
-    validated_dataset: ConversationDataset, training_plan: TrainingPlan, split: dict,
+    validated_dataset: ConversationDataset, training_plan: TrainingPlan, split: SplitSection,
 ) -> Tuple[
     Annotated[ConversationDataset, "train_split"],
     Annotated[ConversationDataset, "eval_split"],
@@ -34,6 +34,5 @@ def split_data(
     Returns:
         The train, eval and test splits, each with its fingerprint.
     """
-    s = SplitSection(**split)
-    train, evals, test = split_records(validated_dataset.records, s.eval_fraction, s.test_fraction, s.salt)
+    train, evals, test = split_records(validated_dataset.records, split.eval_fraction, split.test_fraction, split.salt)
     return train, evals, test  # a tuple literal: ZenML reads it to see three outputs

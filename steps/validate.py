@@ -1,5 +1,7 @@
-"""Validate the JSONL/JSON data: every row problem with file and line, the audit, the GE suite."""
+"""Validate the data: every row problem with file and line, the audit, the GE suite."""
 
+import tempfile
+from pathlib import Path
 from typing import Annotated, Optional, Tuple
 
 from zenml import save_artifact, step
@@ -7,28 +9,30 @@ from zenml.logger import get_logger
 
 from lorapipe.config import DataSection, ModelSection, ValidationSection
 from lorapipe.data.dataset import ConversationDataset
-from lorapipe.data.sources import ResolvedData, local_files
-from lorapipe.data.validation import DataValidationError, RejectedRows, ValidationReport, validate_dataset
+from lorapipe.data.formats import LabelFields
+from lorapipe.data.sources import ResolvedData
+from lorapipe.data.validation import (
+    DataValidationError,
+    RejectedRows,
+    ValidationReport,
+    validate_dataset,
+)
 from materializers import ConversationDatasetMaterializer, ReportMaterializer
 from steps.caching import library_cache_policy
+from steps.data_source import local_files
 
 logger = get_logger(__name__)
-
-
-def _output_root():  # noqa: ANN202
-    """Where an artifact's rows are written again when this step runs in a container of its own."""
-    import tempfile
-    from pathlib import Path
-
-    return Path(tempfile.gettempdir()) / "lorapipe"
+# where an artifact's rows are written again when this step runs in a container of its own
+ARTIFACT_ROWS_DIR = Path(tempfile.gettempdir()) / "lorapipe"
 
 
 @step(output_materializers={"validated_dataset": ConversationDatasetMaterializer,
                             "validation_report": ReportMaterializer, "rejected_rows": ReportMaterializer},
       cache_policy=library_cache_policy(__file__))
 def validate_data(
-    resolved_data: ResolvedData, data: dict, validation: dict, model: dict, max_seq_length: int,
-    micro_batch_size: int, group_key: Optional[str] = None, stratify_key: Optional[str] = None,
+    resolved_data: ResolvedData, data: DataSection, validation: ValidationSection, model: ModelSection,
+    max_seq_length: int, micro_batch_sizes: list[int], group_key: Optional[str] = None,
+    stratify_key: Optional[str] = None,
 ) -> Tuple[
     Annotated[ConversationDataset, "validated_dataset"],
     Annotated[ValidationReport, "validation_report"],
@@ -39,11 +43,11 @@ def validate_data(
     Args:
         resolved_data: the files to read and their sha256 (the content, not the artifact, keys the cache: an
             unchanged drop is served from the cache).
-        data: the config's `data` section (format, prompt/completion keys).
+        data: the config's `data` section (format, keys, labels).
         validation: the config's `validation` section (policies for bad and over-long rows).
         model: the config's `model` section; its tokenizer and chat template drive the audit.
         max_seq_length: train.max_seq_length, the limit rows are checked against.
-        micro_batch_size: batch size used to estimate padding waste.
+        micro_batch_sizes: the micro-batch sizes the plan may choose; the padding waste of each is reported.
         group_key: split.group_key, the row field read to keep a group's rows in one split.
         stratify_key: split.stratify_key, the row field (a class label) read for stratified splitting.
 
@@ -52,14 +56,12 @@ def validate_data(
     """
     from lorapipe.models.loading import load_tokenizer
 
-    from lorapipe.data.formats import LabelFields
-
-    d, v, m = DataSection(**data), ValidationSection(**validation), ModelSection(**model)
+    m, d, v = model, data, validation
     tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, m.chat_template)
     outcome = validate_dataset(
-        local_files(resolved_data, d, _output_root()), d.format, d.prompt_key, d.completion_key, tokenizer=tokenizer,
-        max_seq_length=max_seq_length, overlength=v.overlength, on_bad_rows=v.on_bad_rows,
-        max_bad_fraction=v.max_bad_fraction, min_rows=v.min_rows, micro_batch_size=micro_batch_size,
+        local_files(resolved_data, d, ARTIFACT_ROWS_DIR), d.format, d.prompt_key, d.completion_key,
+        tokenizer=tokenizer, max_seq_length=max_seq_length, overlength=v.overlength, on_bad_rows=v.on_bad_rows,
+        max_bad_fraction=v.max_bad_fraction, min_rows=v.min_rows, micro_batch_sizes=micro_batch_sizes,
         group_key=group_key, stratify_key=stratify_key, progress=True,
         label_fields=LabelFields.from_config(d.text_key, d.text_pair_key, d.label_key, d.labels),
         max_class_imbalance=v.max_class_imbalance,

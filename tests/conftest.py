@@ -20,6 +20,11 @@ os.environ.pop("ZENML_STORE_URL", None)
 
 import pytest  # noqa: E402
 
+from lorapipe.logs import show_on_console  # noqa: E402
+
+# lorapipe's lines on stdout, as the CLI and the steps show them: tests read them with capsys
+show_on_console()
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = REPO_ROOT.parent / "shared" / "datasets"
 QUICKSTART_DATA = REPO_ROOT / "data" / "quickstart" / "wwdc25_train_slice.jsonl"
@@ -31,6 +36,16 @@ requires_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_ZEN_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def zenml_source_root():
+    """ZenML imports steps, materializers and flavors relative to its source root: this repository, as `lorapipe run`
+    sets it. Set for the whole session, so a test that reads the store first (a flavor, an artifact) does not depend
+    on a pipeline having run before it in the same process (pytest-xdist's workers have no main file to infer it)."""
+    from zenml.utils import source_utils
+
+    source_utils.set_custom_source_root(str(REPO_ROOT))
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +72,36 @@ def tiny_encoder_dir(tmp_path_factory) -> Path:
 
     texts = [r.text for r in read_records([str(CLASSIFICATION_DATA)]).records]
     return build_tiny_encoder(tmp_path_factory.mktemp("encoder") / "tiny-encoder", texts)
+
+
+@pytest.fixture(scope="session")
+def hf_adapter(tiny_model_dir, quickstart_records, tmp_path_factory):
+    """The hf backend's tiny SFT adapter, trained once for every test that needs one (training, evaluation, merge):
+    one epoch of the quickstart rows, a checkpoint every 10 steps (the newest 2 kept), the base's weights read before
+    training so tests can check they did not move, and what training logged."""
+    import contextlib
+    import sys
+
+    from safetensors.torch import load_file
+
+    from lorapipe.config import ModelSection, TrainSection
+    from lorapipe.data.split import split_records
+    from lorapipe.hardware.plan import decide_plan, model_size
+    from lorapipe.hardware.probe import probe
+    from lorapipe.phases.train_in_process import train_in_process
+
+    work = tmp_path_factory.mktemp("train")
+    train, evals, test = split_records(quickstart_records, 0.1, 0.1)
+    model = ModelSection(name_or_path=str(tiny_model_dir))
+    cfg = TrainSection(backend="hf", device="cpu", max_seq_length=128, epochs=1, learning_rate=5e-3,
+                       effective_batch_size=8, save_steps=10, save_total_limit=2, output_root=str(work))
+    plan = decide_plan(cfg, probe(str(work)), model_size(str(tiny_model_dir))).train
+    base_before = load_file(str(tiny_model_dir / "model.safetensors"))
+    out = Tee(sys.stdout)
+    with contextlib.redirect_stdout(out):
+        info = train_in_process(model, cfg, 7, plan, train, evals, work / "w", work / "w" / "adapter")
+    return {"info": info, "plan": plan, "work": work, "test": test, "model": model, "cfg": cfg,
+            "base_before": base_before, "train": train, "eval": evals, "adapter": info.path, "log": out.getvalue()}
 
 
 @pytest.fixture(scope="session")

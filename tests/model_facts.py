@@ -3,7 +3,7 @@ and from the tiny model's shape: the facts the plan reads, built the way `lorapi
 
 from pathlib import Path
 
-from lorapipe.hardware.memory import ModelFacts, facts_from_config
+from lorapipe.hardware.facts import ModelFacts, facts_from_config
 
 CONFIGS = Path(__file__).parent / "data" / "model_configs"
 

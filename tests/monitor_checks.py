@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lorapipe.training.monitoring import METRIC_COLUMNS, PLOTS
 
-PROGRESS_LINE = re.compile(r"^step (\d+)/(\d+) loss \d+\.\d\d lr \d\.\de[-+]\d\d [\d.]+[kMG]? tok/s mem \d+\.\d GB "
+PROGRESS_LINE = re.compile(r"^step (\d+)/(\d+) loss \d+\.\d\d lr \d\.\de[-+]\d\d [\d.]+[kMG]? tok/s mem \d+\.\d GiB "
                            r"eta \d+:\d\d:\d\d$", re.M)
 
 
@@ -19,7 +19,7 @@ def assert_monitor_outputs(folder: Path, steps: list[int], max_steps: int, stdou
     for r in rows:
         assert list(r) == METRIC_COLUMNS
         assert r["loss"] > 0 and r["learning_rate"] is not None and r["grad_norm"] > 0
-        assert r["tokens_per_second"] > 0 and r["memory_gb"] > 0 and r["epoch"] > 0
+        assert r["tokens_per_second"] > 0 and r["memory_gib"] > 0 and r["epoch"] > 0
     with open(folder / "metrics.csv", newline="") as fh:
         reader = csv.DictReader(fh)
         assert reader.fieldnames == METRIC_COLUMNS

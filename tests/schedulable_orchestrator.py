@@ -8,7 +8,11 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Type
 
-from zenml.orchestrators import BaseOrchestrator, BaseOrchestratorConfig, BaseOrchestratorFlavor
+from zenml.orchestrators import (
+    BaseOrchestrator,
+    BaseOrchestratorConfig,
+    BaseOrchestratorFlavor,
+)
 from zenml.orchestrators.base_orchestrator import SubmissionResult
 
 FLAVOR = "lorapipe_recording"

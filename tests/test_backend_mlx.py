@@ -19,12 +19,15 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 import lorapipe.backends.mlx as mlx_backend  # noqa: E402
-from lorapipe.backends.base import ADAPTER_METADATA, BackendUnavailable  # noqa: E402
+import lorapipe.backends.mlx_training as mlx_training  # noqa: E402
+from lorapipe.backends.base import BackendUnavailable  # noqa: E402
 from lorapipe.backends.mlx import MLXBackend  # noqa: E402
 from lorapipe.config import LoraSection, ModelSection, TrainSection  # noqa: E402
 from lorapipe.data.dataset import ConversationDataset  # noqa: E402
 from lorapipe.data.formats import read_records  # noqa: E402
 from lorapipe.hardware.plan import MemoryEstimate, TrainingPlan  # noqa: E402
+from lorapipe.tasks.sft import SFT  # noqa: E402
+from lorapipe.training.adapter import ADAPTER_METADATA  # noqa: E402
 from tests.monitor_checks import assert_monitor_outputs  # noqa: E402
 
 pytestmark = pytest.mark.mlx
@@ -54,8 +57,8 @@ def plan(quantization: str = "none") -> TrainingPlan:
         backend="mlx", device="cpu", dtype="float32", quantization=quantization, micro_batch_size=2,
         gradient_accumulation_steps=2, effective_batch_size=4, max_seq_length=128, gradient_checkpointing=False,
         optimizer="adamw_torch", reasons=[], warnings=[],
-        memory=MemoryEstimate(weights_gb=0.001, lora_and_optimizer_gb=0.001, activations_gb=0.01, total_gb=0.012,
-                              budget_gb=1.0),
+        memory=MemoryEstimate(weights_gib=0.001, lora_and_optimizer_gib=0.001, activations_gib=0.01, total_gib=0.012,
+                              budget_gib=1.0),
     )
 
 
@@ -90,7 +93,7 @@ def baseline(tiny, dataset, tmp_path_factory):
     base_hash = sha256(tiny / "model.safetensors")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        info = MLXBackend().train(ModelSection(name_or_path=str(tiny)), train_cfg(), SEED, plan(), dataset, dataset,
+        info = MLXBackend().train(SFT(), ModelSection(name_or_path=str(tiny)), train_cfg(), SEED, plan(), dataset, dataset,
                                   root / "work", root / "adapter")
     return {"info": info, "adapter": root / "adapter", "work": root / "work", "stdout": out.getvalue(),
             "base_hash": base_hash}
@@ -99,7 +102,7 @@ def baseline(tiny, dataset, tmp_path_factory):
 @pytest.fixture(scope="module")
 def qlora(tiny, dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("qlora")
-    info = MLXBackend().train(ModelSection(name_or_path=str(tiny)), train_cfg(max_steps=4), SEED, plan("nf4"),
+    info = MLXBackend().train(SFT(), ModelSection(name_or_path=str(tiny)), train_cfg(max_steps=4), SEED, plan("nf4"),
                               dataset, dataset, root / "work", root / "adapter")
     return {"info": info, "adapter": root / "adapter"}
 
@@ -109,7 +112,7 @@ def test_training_leaves_the_base_alone_and_moves_the_adapter(tiny, baseline):
     assert info.backend == "mlx" and info.device == "cpu" and info.steps == STEPS and info.resumed_from is None
     assert info.train_rows == 64 and info.train_tokens > 0 and info.tokens_per_second > 0
     assert info.train_loss is not None and np.isfinite(info.train_loss)
-    assert info.peak_memory_gb > 0 and info.versions["mlx_lm"]
+    assert info.peak_memory_gib > 0 and info.versions["mlx_lm"]
     # the base folder is untouched, and a base tensor loaded from it equals the one in the trained model's base
     assert sha256(tiny / "model.safetensors") == baseline["base_hash"]
     model, _ = MLXBackend().load_adapter(baseline["adapter"])
@@ -143,7 +146,7 @@ def test_checkpoints_are_announced_and_pruned(baseline):
     out = baseline["stdout"]
     assert [line for line in out.splitlines() if line.startswith("checkpoint saved")] == [
         "checkpoint saved: step 3", "checkpoint saved: step 6", "checkpoint saved: step 7"]
-    ckpts = mlx_backend.list_checkpoints(baseline["work"] / "checkpoints")
+    ckpts = mlx_training.list_checkpoints(baseline["work"] / "checkpoints")
     assert [p.name for p in ckpts] == ["step-6", "step-7"]  # save_total_limit=2
     last = ckpts[-1]
     assert {p.name for p in last.iterdir()} == {"adapters.safetensors", "optimizer.safetensors", "trainer_state.json"}
@@ -186,12 +189,12 @@ def test_interrupted_run_resumes_to_the_same_adapter(tiny, dataset, baseline, tm
     model = ModelSection(name_or_path=str(tiny))
     monkeypatch.setattr(mlx_backend, "learning_rate_at", crash_before_step_5)
     with pytest.raises(SimulatedCrash):
-        MLXBackend().train(model, train_cfg(), SEED, plan(), dataset, dataset, tmp_path / "work", tmp_path / "adapter")
+        MLXBackend().train(SFT(), model, train_cfg(), SEED, plan(), dataset, dataset, tmp_path / "work", tmp_path / "adapter")
     monkeypatch.setattr(mlx_backend, "learning_rate_at", real_lr)
-    assert [p.name for p in mlx_backend.list_checkpoints(tmp_path / "work" / "checkpoints")] == ["step-3"]
+    assert [p.name for p in mlx_training.list_checkpoints(tmp_path / "work" / "checkpoints")] == ["step-3"]
     assert "checkpoint saved: step 3" in capsys.readouterr().out
 
-    info = MLXBackend().train(model, train_cfg(), SEED, plan(), dataset, dataset, tmp_path / "work",
+    info = MLXBackend().train(SFT(), model, train_cfg(), SEED, plan(), dataset, dataset, tmp_path / "work",
                               tmp_path / "adapter")
     out = capsys.readouterr().out
     assert f"resuming from {tmp_path / 'work' / 'checkpoints' / 'step-3'}" in out
@@ -206,7 +209,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(tiny, dataset, baseline, tm
     assert logs[0] == logs[1]
 
     # resume=False starts over (and, seeded, reaches the same adapter again)
-    info = MLXBackend().train(model, train_cfg(resume=False), SEED, plan(), dataset, dataset, tmp_path / "work",
+    info = MLXBackend().train(SFT(), model, train_cfg(resume=False), SEED, plan(), dataset, dataset, tmp_path / "work",
                               tmp_path / "again")
     assert info.resumed_from is None and "resuming from" not in capsys.readouterr().out
     for key, value in adapter_weights(tmp_path / "again").items():
@@ -264,7 +267,7 @@ def test_missing_mlx_lm_names_the_install_command(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "mlx_lm", None)  # import mlx_lm now raises ImportError
     with pytest.raises(BackendUnavailable, match=r"pip install -e '\.\[mlx\]'"):
-        MLXBackend().train(ModelSection(name_or_path="unused"), train_cfg(), SEED, plan(),
+        MLXBackend().train(SFT(), ModelSection(name_or_path="unused"), train_cfg(), SEED, plan(),
                            ConversationDataset([]), ConversationDataset([]), Path("unused"), Path("unused"))
 
 
@@ -287,7 +290,7 @@ def test_mlx_metrics_reach_the_experiment_tracker(tiny, dataset, tmp_path, monke
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # offline needs no key; without one wandb may prompt for it
     run = wandb.init(project="lorapipe-test", mode="offline")
     try:
-        MLXBackend().train(ModelSection(name_or_path=str(tiny)), train_cfg(max_steps=4), SEED, plan(), dataset,
+        MLXBackend().train(SFT(), ModelSection(name_or_path=str(tiny)), train_cfg(max_steps=4), SEED, plan(), dataset,
                            dataset, tmp_path / "work", tmp_path / "adapter")
         run_dir = Path(run.dir).parent
     finally:

@@ -39,18 +39,21 @@ from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.data.formats import read_records
 from lorapipe.hardware.plan import MemoryEstimate, TrainingPlan
+from lorapipe.logs import show_on_console
+from lorapipe.tasks.sft import SFT
 
+show_on_console()
 a = json.loads(sys.argv[1])
 records = read_records([a["data"]]).records[: a["rows"]]
 train = ConversationDataset(records, name="train")
 t = TrainSection(backend="unsloth", device=a["device"], max_steps=a["steps"], save_steps=a["save_steps"],
                  learning_rate=1e-2, warmup_steps=0, logging_steps=1, lora={"r": 8, "alpha": 16})
-memory = MemoryEstimate(weights_gb=0, lora_and_optimizer_gb=0, activations_gb=0, total_gb=0, budget_gb=1)
+memory = MemoryEstimate(weights_gib=0, lora_and_optimizer_gib=0, activations_gib=0, total_gib=0, budget_gib=1)
 plan = TrainingPlan(backend="unsloth", device=a["device"], dtype=a["dtype"], quantization=a["quantization"],
                     micro_batch_size=4, gradient_accumulation_steps=1, effective_batch_size=4, max_seq_length=256,
                     gradient_checkpointing=a["gradient_checkpointing"], optimizer=a["optimizer"], memory=memory,
                     reasons=[], warnings=[])
-info = UnslothBackend().train(ModelSection(name_or_path=a["model"]), t, 7, plan, train,
+info = UnslothBackend().train(SFT(), ModelSection(name_or_path=a["model"]), t, 7, plan, train,
                               ConversationDataset([], name="eval"), Path(a["work"]), Path(a["adapter"]))
 print("ADAPTER_INFO " + info.model_dump_json(), flush=True)
 '''
@@ -135,7 +138,7 @@ def test_unsloth_adapter_is_a_peft_folder_that_changes_the_model(trained, tiny):
     assert "Unsloth" in output  # the child really went through unsloth (its CPU fallback here)
     assert info["backend"] == "unsloth" and info["device"] == "cpu"
     assert info["steps"] == STEPS and info["train_loss"] is not None and info["train_tokens"] > 0
-    assert info["tokens_per_second"] > 0 and info["peak_memory_gb"] > 0
+    assert info["tokens_per_second"] > 0 and info["peak_memory_gib"] > 0
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "training_log.jsonl",
                  "metrics.jsonl", "metrics.csv", "loss.png"):  # the same training monitor as the hf backend
         assert (adapter / name).exists(), name
@@ -158,7 +161,7 @@ def test_unsloth_adapter_is_a_peft_folder_that_changes_the_model(trained, tiny):
 
 
 def test_unsloth_adapter_metadata(trained):
-    from lorapipe.backends.base import read_adapter_metadata
+    from lorapipe.training.adapter import read_adapter_metadata
 
     info, _, _, adapter, _ = trained
     meta = read_adapter_metadata(adapter)
@@ -181,7 +184,7 @@ def test_unsloth_resumes_from_last_checkpoint(trained, tiny, driver):
 
 def test_unsloth_qlora_nf4_on_cpu(tiny, driver, tmp_path):
     """QLoRA through the same path (load_in_4bit): bitsandbytes' CPU backend runs NF4 here."""
-    from lorapipe.backends.base import read_adapter_metadata
+    from lorapipe.training.adapter import read_adapter_metadata
 
     info, output = _run(driver, tiny, tmp_path / "work", tmp_path / "adapter", quantization="nf4")
     meta = read_adapter_metadata(tmp_path / "adapter")
@@ -201,10 +204,11 @@ def test_unsloth_missing_raises_backend_unavailable(monkeypatch, tmp_path):
     """Without unsloth importable, train() says what to install (sys.modules[...] = None: import fails)."""
     from lorapipe.backends.base import BackendUnavailable
     from lorapipe.backends.unsloth import UnslothBackend
+    from lorapipe.tasks.sft import SFT
 
     monkeypatch.setitem(sys.modules, "unsloth", None)
     with pytest.raises(BackendUnavailable, match=r"pip install -e '\.\[cuda\]'"):
-        UnslothBackend().train(None, None, 0, None, None, None, tmp_path, tmp_path / "adapter")
+        UnslothBackend().train(SFT(), None, None, 0, None, None, None, tmp_path, tmp_path / "adapter")
 
 
 def _cuda() -> bool:
@@ -216,12 +220,12 @@ def _cuda() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
 def test_unsloth_qlora_nf4_adamw8bit_on_cuda(tiny, driver, tmp_path):
-    from lorapipe.backends.base import read_adapter_metadata
+    from lorapipe.training.adapter import read_adapter_metadata
 
     info, output = _run(driver, tiny, tmp_path / "work", tmp_path / "adapter", device="cuda", dtype="bfloat16",
                         quantization="nf4", optimizer="adamw_8bit", gradient_checkpointing=True)
     meta = read_adapter_metadata(tmp_path / "adapter")
-    assert info["device"] == "cuda" and info["steps"] == STEPS and info["peak_memory_gb"] > 0
+    assert info["device"] == "cuda" and info["steps"] == STEPS and info["peak_memory_gib"] > 0
     assert meta["quantization_applied"] == "nf4", output[-3000:]
     assert "8bit" in meta["optimizer_applied"]
     tuned = _load(tiny, tmp_path / "adapter")

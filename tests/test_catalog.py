@@ -6,13 +6,12 @@ import typing
 
 import pytest
 
-from tests.model_facts import tiny_facts
-
 from lorapipe.backends import get_backend
 from lorapipe.catalog import BACKENDS, OPTIONAL_FEATURES, backend_spec
 from lorapipe.config import EvaluateSection, MergeSection, TrainSection
 from lorapipe.hardware.plan import PlanError, decide_plan
 from lorapipe.hardware.probe import TRACKED_PACKAGES
+from tests.model_facts import tiny_facts
 from tests.test_plan import ALL, make_probe
 
 TINY = tiny_facts()
@@ -21,8 +20,8 @@ TINY = tiny_facts()
 def capable_probe(backend: str):
     """A machine on which `backend` can run with every package installed: CUDA for unsloth, a Mac for mlx."""
     if backend == "mlx":
-        return make_probe(apple=True, ram_gb=64)
-    return make_probe(cuda_gb=80)
+        return make_probe(apple=True, ram_gib=64)
+    return make_probe(cuda_gib=80)
 
 
 def candidate_settings() -> list[tuple[str, object]]:
@@ -74,9 +73,9 @@ def test_every_refusal_is_named_by_the_catalog(backend):
             needed = {key}
         probe = capable_probe(backend)
         if key == "device" and value == "mps":
-            probe = make_probe(apple=True, ram_gb=64)
+            probe = make_probe(apple=True, ram_gib=64)
         if key == "device" and value == "cuda" and backend == "mlx":
-            probe = make_probe(cuda_gb=80)
+            probe = make_probe(cuda_gib=80)
         try:
             decide_plan(train, probe, TINY)
             refused: list[str] = []
@@ -91,15 +90,15 @@ def test_every_refusal_is_named_by_the_catalog(backend):
 def test_an_option_a_backend_cannot_honour_is_refused_not_swapped():
     with pytest.raises(PlanError) as err:
         decide_plan(TrainSection(backend="mlx", optimizer="adamw_8bit", lora={"bias": "all"}),
-                    make_probe(apple=True, ram_gb=64), TINY)
+                    make_probe(apple=True, ram_gib=64), TINY)
     assert any(p.startswith("train.optimizer=adamw_8bit is not available on the mlx backend") for p in err.value.problems)
     assert any(p.startswith("train.lora.bias=all") for p in err.value.problems)
 
 
 def test_plan_devices_are_values_the_config_allows():
     allowed = set(typing.get_args(TrainSection.model_fields["device"].annotation)) - {"auto"}
-    probes = [make_probe(cuda_gb=24), make_probe(apple=True, ram_gb=16), make_probe(ram_gb=24),
-              make_probe(ram_gb=24, packages={k: v for k, v in ALL.items() if k not in ("unsloth", "mlx", "mlx_lm")})]
+    probes = [make_probe(cuda_gib=24), make_probe(apple=True, ram_gib=16), make_probe(ram_gib=24),
+              make_probe(ram_gib=24, packages={k: v for k, v in ALL.items() if k not in ("unsloth", "mlx", "mlx_lm")})]
     for probe in probes:
         for backend in ("auto", *BACKENDS):
             try:
@@ -110,22 +109,22 @@ def test_plan_devices_are_values_the_config_allows():
 
 
 def test_the_plan_decides_every_phase():
-    cuda = decide_plan(TrainSection(max_seq_length=128), make_probe(cuda_gb=24), TINY,
+    cuda = decide_plan(TrainSection(max_seq_length=128), make_probe(cuda_gib=24), TINY,
                        EvaluateSection(batch_size=16), MergeSection(dtype="float16"))
     assert (cuda.train.device, cuda.train.dtype) == ("cuda", "bfloat16")
     assert (cuda.evaluate.device, cuda.evaluate.dtype, cuda.evaluate.batch_size) == ("cuda", "bfloat16", 16)
     assert (cuda.merge.device, cuda.merge.dtype, cuda.merge.batch_size) == ("cpu", "float16", 1)
-    mac = decide_plan(TrainSection(max_seq_length=128), make_probe(apple=True, ram_gb=16), TINY)
+    mac = decide_plan(TrainSection(max_seq_length=128), make_probe(apple=True, ram_gib=16), TINY)
     assert (mac.train.backend, mac.train.device, mac.train.dtype) == ("mlx", "mps", "bfloat16")
     assert (mac.evaluate.device, mac.evaluate.dtype) == ("cpu", "float32")
 
 
 def test_the_same_machine_gives_the_same_plan_whatever_is_free_right_now():
     """The steps after preflight are cached on the plans' content: free memory must not change it."""
-    busy, idle = make_probe(cuda_gb=24), make_probe(cuda_gb=24)
-    busy.ram_available_gb, idle.ram_available_gb = 3.0, 60.0
-    cpu_busy, cpu_idle = make_probe(ram_gb=24), make_probe(ram_gb=24)
-    cpu_busy.ram_available_gb = 2.0
+    busy, idle = make_probe(cuda_gib=24), make_probe(cuda_gib=24)
+    busy.ram_available_gib, idle.ram_available_gib = 3.0, 60.0
+    cpu_busy, cpu_idle = make_probe(ram_gib=24), make_probe(ram_gib=24)
+    cpu_busy.ram_available_gib = 2.0
     for a, b in ((busy, idle), (cpu_busy, cpu_idle)):
         assert decide_plan(TrainSection(), a, TINY) == decide_plan(TrainSection(), b, TINY)
 
@@ -135,25 +134,25 @@ def test_only_the_backends_the_catalog_marks_data_parallel_may_train_in_several_
         device = "cpu"
         train = TrainSection(max_seq_length=128, backend=spec.name, device=device, processes=2)
         if spec.data_parallel:
-            assert decide_plan(train, make_probe(ram_gb=24), TINY).train.world_size == 2
+            assert decide_plan(train, make_probe(ram_gib=24), TINY).train.world_size == 2
         else:
             with pytest.raises(PlanError, match="train.processes=2"):
-                decide_plan(train, make_probe(ram_gb=24), TINY)
+                decide_plan(train, make_probe(ram_gib=24), TINY)
 
 
 def test_resume_from_must_be_a_folder(tmp_path):
     with pytest.raises(PlanError, match="train.resume_from"):
-        decide_plan(TrainSection(resume_from=str(tmp_path / "nope")), make_probe(cuda_gb=24), TINY)
-    plan = decide_plan(TrainSection(resume_from=str(tmp_path)), make_probe(cuda_gb=24), TINY)
+        decide_plan(TrainSection(resume_from=str(tmp_path / "nope")), make_probe(cuda_gib=24), TINY)
+    plan = decide_plan(TrainSection(resume_from=str(tmp_path)), make_probe(cuda_gib=24), TINY)
     assert plan.train.backend == "unsloth"
 
 
 def test_auto_on_a_mac_without_mlx_trains_hf_on_the_cpu():
     no_mlx = {k: v for k, v in ALL.items() if k not in ("mlx", "mlx_lm")}
-    plan = decide_plan(TrainSection(max_seq_length=128), make_probe(apple=True, ram_gb=16, packages=no_mlx), TINY)
+    plan = decide_plan(TrainSection(max_seq_length=128), make_probe(apple=True, ram_gib=16, packages=no_mlx), TINY)
     assert (plan.train.backend, plan.train.device, plan.train.dtype) == ("hf", "cpu", "float32")
     on_purpose = decide_plan(TrainSection(max_seq_length=128, device="mps"),
-                             make_probe(apple=True, ram_gb=16, packages=no_mlx), TINY)
+                             make_probe(apple=True, ram_gib=16, packages=no_mlx), TINY)
     assert (on_purpose.train.backend, on_purpose.train.device) == ("hf", "mps")
 
 

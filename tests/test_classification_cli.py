@@ -37,7 +37,7 @@ def test_the_size_guide_comes_from_the_memory_model(capsys):
     assert main(["estimate-memory", str(CONFIGS / "bert-base-uncased.json"), "--task", "classification", "--guide",
                  "--seq-len", "128", "--micro-batch-size", "32"]) == 0
     table = capsys.readouterr().out
-    assert "full" in table and "qlora" in table and "80 GB" in table
+    assert "full" in table and "qlora" in table and "80 GiB" in table
     assert main(["estimate-memory", str(CONFIGS / "bert-base-uncased.json"), "--method", "full"]) == 2
 
 

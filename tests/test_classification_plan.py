@@ -8,9 +8,11 @@ import torch
 
 from lorapipe.catalog import BACKENDS, backends_for
 from lorapipe.config import EvaluateSection, TrainSection
-from lorapipe.hardware import memory as mem
-from lorapipe.hardware.memory import MemoryInputs, estimate, facts_from_config
-from lorapipe.hardware.plan import PlanError, TrainingPlan, decide_plan, format_size_guide, size_guide
+from lorapipe.hardware import facts, memory as mem
+from lorapipe.hardware.facts import facts_from_config
+from lorapipe.hardware.memory import MemoryInputs, estimate
+from lorapipe.hardware.plan import PlanError, TrainingPlan, decide_plan
+from lorapipe.hardware.size_guide import format_size_guide, size_guide
 from tests.model_facts import CONFIGS, autograd_saved_bytes
 from tests.test_plan import ALL, make_probe
 
@@ -18,7 +20,7 @@ NO_MLX = {k: v for k, v in ALL.items() if k not in ("unsloth", "mlx", "mlx_lm")}
 GIB = 2**30
 
 
-def cls_facts(name: str, num_labels: int = 2) -> mem.ModelFacts:
+def cls_facts(name: str, num_labels: int = 2) -> facts.ModelFacts:
     from transformers import AutoConfig
 
     return facts_from_config(AutoConfig.from_pretrained(str(CONFIGS / f"{name}.json")), source=name,
@@ -61,7 +63,7 @@ def test_a_decoder_classifier_by_formula_agrees_with_the_meta_device():
     for name in ("llama-3.2-1b", "mistral-7b"):
         cfg = AutoConfig.from_pretrained(str(CONFIGS / f"{name}.json"))
         by_formula = facts_from_config(cfg, task="classification", num_labels=3)
-        on_meta = mem.count_on_meta(cfg, task="classification", num_labels=3)
+        on_meta = facts.count_on_meta(cfg, task="classification", num_labels=3)
         assert by_formula.parameter_counts == on_meta.parameter_counts, name
         assert by_formula.classifier_parameters == on_meta.classifier_parameters == cfg.hidden_size * 3
         assert by_formula.block == on_meta.block == "decoder"
@@ -223,11 +225,11 @@ def test_facts_counted_for_another_task_are_refused():
     with pytest.raises(ValueError, match="task sft"):
         estimate(f, MemoryInputs())
     with pytest.raises(ValueError, match="model_size"):
-        decide_plan(classify(backend="hf"), make_probe(cuda_gb=24, packages=NO_MLX), f)
+        decide_plan(classify(backend="hf"), make_probe(cuda_gib=24, packages=NO_MLX), f)
 
 
 # ------------------------------------------------------------------------------------------------------- plan
-@pytest.mark.parametrize("probe", [make_probe(cuda_gb=24), make_probe(apple=True, ram_gb=16)])
+@pytest.mark.parametrize("probe", [make_probe(cuda_gib=24), make_probe(apple=True, ram_gib=16)])
 def test_auto_skips_backends_that_train_causal_lms_only(probe):
     # unsloth on CUDA and mlx on a Mac are installed and preferred for sft; a classifier trains with hf
     plan = decide_plan(classify(), probe, cls_facts("bert-base-uncased", 3), task="classification", num_labels=3)
@@ -240,7 +242,7 @@ def test_auto_skips_backends_that_train_causal_lms_only(probe):
 
 @pytest.mark.parametrize("backend", ["unsloth", "mlx"])
 def test_a_backend_without_the_task_is_refused_with_the_fix(backend):
-    probe = make_probe(apple=True, ram_gb=64) if backend == "mlx" else make_probe(cuda_gb=24)
+    probe = make_probe(apple=True, ram_gib=64) if backend == "mlx" else make_probe(cuda_gib=24)
     with pytest.raises(PlanError) as err:
         decide_plan(classify(backend=backend), probe, cls_facts("bert-base-uncased"), task="classification")
     line = next(p for p in err.value.problems if "task classification" in p)
@@ -253,7 +255,7 @@ def test_full_fine_tuning_plans_on_hf_and_is_refused_elsewhere():
     assert catalog["hf"] == (("sft", "classification"), ("lora", "full"))
     assert catalog["unsloth"] == catalog["mlx"] == (("sft",), ("lora",))
     assert backends_for("classification", "full") == ["hf"]
-    plan = decide_plan(classify(method="full", profile="conservative"), make_probe(cuda_gb=24, packages=NO_MLX),
+    plan = decide_plan(classify(method="full", profile="conservative"), make_probe(cuda_gib=24, packages=NO_MLX),
                        cls_facts("bert-base-uncased"), task="classification", user_set={"train.profile"})
     # the profile's 4-bit choice does not apply: full fine-tuning trains every weight
     assert (plan.train.method, plan.train.quantization) == ("full", "none")
@@ -262,14 +264,14 @@ def test_full_fine_tuning_plans_on_hf_and_is_refused_elsewhere():
     assert any("train.method full: every weight trained" in r for r in plan.train.reasons)
     assert plan.merge.memory_terms[0].name == "16-bit trained model (nothing to merge)"
     with pytest.raises(PlanError, match="train.backend=unsloth cannot train task classification with train.method"):
-        decide_plan(classify(method="full", backend="unsloth"), make_probe(cuda_gb=24), cls_facts("bert-base-uncased"),
+        decide_plan(classify(method="full", backend="unsloth"), make_probe(cuda_gib=24), cls_facts("bert-base-uncased"),
                     task="classification")
 
 
 def test_full_fine_tuning_that_does_not_fit_names_lora_as_the_fix():
     with pytest.raises(PlanError) as err:
         decide_plan(classify(method="full", backend="hf", max_seq_length=512, micro_batch_size=1),
-                    make_probe(cuda_gb=24, packages=NO_MLX), cls_facts("llama-3.1-8b"), task="classification")
+                    make_probe(cuda_gib=24, packages=NO_MLX), cls_facts("llama-3.1-8b"), task="classification")
     msg = str(err.value)
     assert "train.method full needs" in msg and "lora fits at" in msg
     assert "train.quantization" not in msg  # full fine-tuning cannot be quantised: not offered
@@ -279,12 +281,12 @@ def test_sft_with_full_fine_tuning_is_refused_by_the_plan_too():
     from tests.model_facts import tiny_facts
 
     with pytest.raises(PlanError, match="train.method full is for task: classification"):
-        decide_plan(TrainSection(method="full", backend="hf", max_seq_length=128), make_probe(ram_gb=24,
+        decide_plan(TrainSection(method="full", backend="hf", max_seq_length=128), make_probe(ram_gib=24,
                     packages=NO_MLX), tiny_facts())
 
 
 def test_a_training_plan_stored_before_tasks_still_loads():
-    plan = decide_plan(classify(backend="hf"), make_probe(cuda_gb=24, packages=NO_MLX), cls_facts("bert-base-uncased"),
+    plan = decide_plan(classify(backend="hf"), make_probe(cuda_gib=24, packages=NO_MLX), cls_facts("bert-base-uncased"),
                        EvaluateSection(), task="classification").train
     old = plan.model_dump(mode="json")
     for key in ("task", "method", "num_labels"):
@@ -300,10 +302,10 @@ def test_size_guide_says_what_fits_from_the_memory_model():
     by = {(r["model"], r["method"]): r for r in rows}
     assert {m for _, m in by} == {"full", "lora", "qlora"}
     bert_full = by["bert-base-uncased", "full"]
-    assert bert_full["fits"][8] == "yes" and bert_full["train_peak_gb"] <= 8 * 0.9  # full FT of BERT-base on 8 GB
+    assert bert_full["fits"][8] == "yes" and bert_full["train_peak_gib"] <= 8 * 0.9  # full FT of BERT-base on 8 GB
     assert bert_full["trainable_parameters"] == bert_full["parameters"]
     assert all(v == "no" for v in by["llama-3.1-8b", "full"]["fits"].values())  # 8B full FT: not even 80 GB
-    assert by["llama-3.1-8b", "full"]["train_peak_gb"] > 80
+    assert by["llama-3.1-8b", "full"]["train_peak_gib"] > 80
     # an 8B QLoRA classifier fits 24 GB: as set at seq 512 x 1, with gradient checkpointing at seq 512 x 4
     at_one = size_guide({"8b": models["llama-3.1-8b"]}, task="classification", seq_len=512, micro_batch_size=1,
                         methods=["qlora"])[0]
@@ -313,7 +315,7 @@ def test_size_guide_says_what_fits_from_the_memory_model():
     assert at_four["fits"][24] == "gradient checkpointing"
     lines = format_size_guide(rows)
     assert "task classification, seq 128 x micro-batch 32" in lines[0] and "90%" in lines[0]
-    assert lines[1].split()[-10:] == ["8", "GB", "16", "GB", "24", "GB", "48", "GB", "80", "GB"]
+    assert lines[1].split()[-10:] == ["8", "GiB", "16", "GiB", "24", "GiB", "48", "GiB", "80", "GiB"]
     assert len(lines) == 2 + len(rows)
     assert any(line.startswith("llama-3.1-8b") and " full " in line and line.rstrip().endswith("-") for line in lines)
 
@@ -323,7 +325,7 @@ def test_size_guide_for_sft_compares_lora_and_qlora():
 
     rows = size_guide({"llama-3.1-8b": facts("llama-3.1-8b")}, seq_len=1024, micro_batch_size=1)
     assert [r["method"] for r in rows] == ["lora", "qlora"]
-    assert rows[1]["train_peak_gb"] < rows[0]["train_peak_gb"]
+    assert rows[1]["train_peak_gib"] < rows[0]["train_peak_gib"]
     with pytest.raises(ValueError, match="counted for task sft"):
         size_guide({"x": facts("llama-3.1-8b")}, task="classification")
 
@@ -333,7 +335,7 @@ def test_the_probe_is_skipped_for_a_classifier_and_says_why(tmp_path):
     from lorapipe.config import ModelSection
     from lorapipe.phases.measure import probe_checks
 
-    plan = decide_plan(classify(backend="hf"), make_probe(cuda_gb=24, packages=NO_MLX), cls_facts("bert-base-uncased"),
+    plan = decide_plan(classify(backend="hf"), make_probe(cuda_gib=24, packages=NO_MLX), cls_facts("bert-base-uncased"),
                        task="classification")
     checks, rows = probe_checks(ModelSection(name_or_path="bert-base-uncased"), classify(), plan, EvaluateSection(),
                                 str(tmp_path))
@@ -345,7 +347,7 @@ def test_preflight_report_and_recommended_config_name_the_task():
     from lorapipe.hardware.preflight import build_report, recommended_config
 
     facts = cls_facts("bert-base-uncased", 5)
-    hw = make_probe(cuda_gb=24, packages=NO_MLX)
+    hw = make_probe(cuda_gib=24, packages=NO_MLX)
     plan = decide_plan(classify(method="full", backend="hf"), hw, facts, task="classification", num_labels=5)
     report = build_report(hw, facts, None, plan, [], [], "/tmp", None, "hf")
     measured = {c.name: c.measured for c in report.checks}

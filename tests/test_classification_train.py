@@ -45,7 +45,7 @@ def _plan(model_dir: Path, t: TrainSection, work: Path, labels: list[str] = LABE
 
 
 def _train(model_dir, splits, tmp, name="run", labels=LABELS, **train):
-    from lorapipe.backends import get_backend
+    from lorapipe.phases.train_in_process import train_in_process
 
     train.setdefault("backend", "hf")
     train.setdefault("device", "cpu")
@@ -55,8 +55,8 @@ def _train(model_dir, splits, tmp, name="run", labels=LABELS, **train):
     plan = _plan(model_dir, t, tmp, labels)
     train_split, eval_split, _ = splits
     work, adapter = tmp / name, tmp / name / "adapter"
-    info = get_backend("hf").train(ModelSection(name_or_path=str(model_dir)), t, 7, plan, train_split, eval_split,
-                                   work, adapter)
+    info = train_in_process(ModelSection(name_or_path=str(model_dir)), t, 7, plan, train_split, eval_split, work,
+                            adapter)
     return info, adapter, json.loads((adapter / "lorapipe_adapter.json").read_text())
 
 
@@ -88,7 +88,7 @@ def test_lora_on_a_decoder_trains_the_adapter_and_the_head_and_merges_with_its_l
 
     out = tmp_path / "merged"
     check = merge_adapter(str(adapter), str(out), splits[2],
-                          PhasePlan(phase="merge", device="cpu", dtype="float32", batch_size=1, reason="test"))
+                          PhasePlan(phase="merge", device="cpu", dtype="float32", batch_size=1, max_seq_length=128, reason="test"))
     assert check.passed and check.rows_checked == 4 and check.greedy_agreement == 1.0
     merged = AutoModelForSequenceClassification.from_pretrained(out)
     assert merged.config.id2label == dict(enumerate(LABELS)) and merged.config.pad_token_id is not None
@@ -133,7 +133,7 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(tin
 def test_balanced_class_weights_weigh_the_loss_by_inverse_frequency(tiny_encoder_dir, splits, tmp_path):
     import torch
 
-    from lorapipe.backends.hf_classifier import balanced_weights, weighted_loss
+    from lorapipe.tasks.classification.model import balanced_weights, weighted_loss
 
     # n / (k x n_c): 8 rows, 2 classes of 6 and 2
     assert balanced_weights({"a": 6, "b": 2}) == [8 / 12, 8 / 4]
@@ -182,8 +182,8 @@ def test_weights_the_checkpoint_lacks_are_trained_and_saved_not_drawn_again_at_e
     import torch
     from safetensors.torch import load_file, save_file
 
-    from lorapipe.evaluation.classify import load_tuned
     from lorapipe.hardware.plan import PhasePlan
+    from lorapipe.tasks.classification import load_tuned
 
     mlm = tmp_path / "no-pooler"
     shutil.copytree(tiny_encoder_dir, mlm)
@@ -193,7 +193,7 @@ def test_weights_the_checkpoint_lacks_are_trained_and_saved_not_drawn_again_at_e
                               effective_batch_size=16, head_only_baseline=True)
     assert meta["head_modules"] == ["classifier", "bert.pooler.dense"]
     assert any("pooler" in k for k in _tensors(adapter / "baseline_head" / "head.safetensors"))
-    phase = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=4, reason="test")
+    phase = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=4, max_seq_length=128, reason="test")
     from lorapipe.models.loading import load_tokenizer
 
     enc = load_tokenizer(str(adapter))(["who won the game"], return_tensors="pt")
@@ -217,8 +217,7 @@ def test_two_data_parallel_ranks_train_one_classifier_and_its_baseline(tiny_enco
     assert plan.world_size == 2
     train_split, eval_split, _ = splits
     folder = train_adapter.entrypoint(train_split=train_split, eval_split=eval_split, training_plan=plan,
-                                      model=ModelSection(name_or_path=str(tiny_encoder_dir)).model_dump(mode="json"),
-                                      train=t.model_dump(mode="json"), seed=7)
+                                      model=ModelSection(name_or_path=str(tiny_encoder_dir)), train=t, seed=7)
     meta = json.loads((Path(folder.path) / "lorapipe_adapter.json").read_text())
     assert meta["result"]["world_size"] == 2 and meta["result"]["steps"] == 3 and meta["labels"] == LABELS
     assert meta["baseline_head"]["steps"] == 3
@@ -232,7 +231,7 @@ def test_cuda_out_of_memory_in_the_first_steps_halves_the_micro_batch(tiny_encod
     import torch
     from transformers import TrainerCallback
 
-    from lorapipe.backends import get_backend
+    from lorapipe.phases.train_in_process import train_in_process
 
     class FakeOOM(TrainerCallback):
         attempts: list = []
@@ -252,11 +251,11 @@ def test_cuda_out_of_memory_in_the_first_steps_halves_the_micro_batch(tiny_encod
     train_split, eval_split, _ = splits
     # the SFT default (Llama's projection names) on an encoder: named, with the layers it has
     with pytest.raises(ValueError, match="matches no layer of .*named .*query.*set train.lora.target_modules: all-linear"):
-        get_backend("hf").train(ModelSection(name_or_path=str(tiny_encoder_dir)), t, 7, plan, train_split,
-                                eval_split, tmp_path / "bad", tmp_path / "bad" / "adapter")
+        train_in_process(ModelSection(name_or_path=str(tiny_encoder_dir)), t, 7, plan, train_split, eval_split,
+                         tmp_path / "bad", tmp_path / "bad" / "adapter")
     t.lora.target_modules = "all-linear"
-    info = get_backend("hf").train(ModelSection(name_or_path=str(tiny_encoder_dir)), t, 7, plan, train_split,
-                                   eval_split, tmp_path / "w", tmp_path / "w" / "adapter", extra_callbacks=[oom])
+    info = train_in_process(ModelSection(name_or_path=str(tiny_encoder_dir)), t, 7, plan, train_split, eval_split,
+                            tmp_path / "w", tmp_path / "w" / "adapter", extra_callbacks=[oom])
     assert oom.attempts == [(8, 2), (4, 4)] and info.steps == 2
     meta = json.loads((tmp_path / "w" / "adapter" / "lorapipe_adapter.json").read_text())
     assert [(b["from"], b["to"], b["step"]) for b in meta["oom_backoff"]] == [(8, 4, 1)]
@@ -270,8 +269,8 @@ def test_qlora_keeps_the_head_unquantised_and_the_untuned_baseline_falls_back_to
     with the reason and evaluation's untuned baseline is the majority class."""
     import torch
 
-    from lorapipe.evaluation.classify import evaluate_classifier
     from lorapipe.hardware.plan import PhasePlan
+    from lorapipe.phases.evaluate import evaluate_adapter
     from lorapipe.phases.merge import merge_adapter
 
     pytest.importorskip("bitsandbytes")
@@ -281,12 +280,12 @@ def test_qlora_keeps_the_head_unquantised_and_the_untuned_baseline_falls_back_to
     head = {k: v for k, v in _tensors(adapter / "adapter_model.safetensors").items() if "classifier" in k}
     assert {tuple(v.shape) for v in head.values()} == {(3, 64), (3,)} and all(v.dtype == torch.float32
                                                                            for v in head.values())
-    phase = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=32, reason="test")
-    metrics = evaluate_classifier(str(adapter), splits[2], phase, 128)
+    phase = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=32, max_seq_length=128, reason="test")
+    metrics = evaluate_adapter(str(adapter), splits[2], phase)
     assert metrics.classification.untuned == "majority" and set(metrics.classification.reports) == {"majority",
                                                                                                     "tuned"}
     check = merge_adapter(str(adapter), str(tmp_path / "merged"), splits[2],
-                          PhasePlan(phase="merge", device="cpu", dtype="float32", batch_size=1, reason="test"))
+                          PhasePlan(phase="merge", device="cpu", dtype="float32", batch_size=1, max_seq_length=128, reason="test"))
     assert check.passed
 
 
@@ -294,10 +293,14 @@ def test_text_pairs_train_evaluate_merge_and_predict(tiny_encoder_dir, tmp_path)
     """Pairs (NLI, query/document): [CLS] text [SEP] pair [SEP] with token types, from validation to predict."""
     import random
 
-    from lorapipe.evaluation.classify import evaluate_classifier
     from lorapipe.hardware.plan import PhasePlan
-    from lorapipe.phases.predict import classifier_settings, classify, load_for_inference
+    from lorapipe.phases.evaluate import evaluate_adapter
     from lorapipe.phases.merge import merge_adapter
+    from lorapipe.phases.predict import (
+        classifier_settings,
+        classify,
+        load_for_inference,
+    )
 
     rows = [json.loads(line) for line in CLASSIFICATION_DATA.read_text().splitlines()]
     rng = random.Random(0)
@@ -315,12 +318,12 @@ def test_text_pairs_train_evaluate_merge_and_predict(tiny_encoder_dir, tmp_path)
     _, adapter, meta = _train(tiny_encoder_dir, pair_splits, tmp_path, labels=["different", "same"], method="full",
                               max_steps=4, micro_batch_size=16, effective_batch_size=16, max_seq_length=128)
     assert meta["text_pair"] and meta["labels"] == ["different", "same"]
-    phase = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=16, reason="test")
-    metrics = evaluate_classifier(str(adapter), pair_splits[2], phase, 128)
+    phase = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=16, max_seq_length=128, reason="test")
+    metrics = evaluate_adapter(str(adapter), pair_splits[2], phase)
     assert metrics.test_rows == len(pair_splits[2]) and metrics.samples[0]["text_pair"] is not None
     merged = tmp_path / "merged"
     assert merge_adapter(str(adapter), str(merged), pair_splits[2],
-                         PhasePlan(phase="merge", device="cpu", dtype="float32", batch_size=1, reason="t")).passed
+                         PhasePlan(phase="merge", device="cpu", dtype="float32", batch_size=1, max_seq_length=128, reason="t")).passed
     assert classifier_settings(merged) == {"max_length": 128, "text_pair": True}
     model, tokenizer, _ = load_for_inference(merged, "cpu", "float32")
     answer = classify(model, tokenizer, "who won the game", "how many rows are there")

@@ -90,7 +90,8 @@ def test_preflight_and_estimate_memory_plan_without_zenml(tiny_model_dir, tmp_pa
 def test_globs_expand_sorted_and_name_what_matches_nothing(tmp_path):
     from lorapipe.config import DataSection
     from lorapipe.data.formats import file_fingerprint
-    from lorapipe.data.sources import DataSourceError, resolve_data
+    from lorapipe.data.sources import DataSourceError
+    from steps.data_source import resolve_data
 
     for name in ("b.jsonl", "a.jsonl"):
         (tmp_path / name).write_bytes(QUICKSTART_DATA.read_bytes())
@@ -108,7 +109,8 @@ def test_a_named_artifact_is_read_at_its_latest_version(tmp_path):
     from zenml import save_artifact
 
     from lorapipe.config import DataSection
-    from lorapipe.data.sources import DataSourceError, resolve_data
+    from lorapipe.data.sources import DataSourceError
+    from steps.data_source import resolve_data
 
     rows = [json.loads(line) for line in QUICKSTART_DATA.read_text().splitlines()[:20]]
     save_artifact(rows[:10], name="support-chats")
@@ -142,7 +144,7 @@ def _training(tmp_path, steps_done, max_steps=10):
     from lorapipe.training.monitoring import TrainingMonitor
 
     adapter = tmp_path / "run" / "adapter"
-    monitor = TrainingMonitor(adapter, lambda: 0.5, tracker=None, stream=open("/dev/null", "w"), plots=False)
+    monitor = TrainingMonitor(adapter, lambda: 0.5, tracker=None, plots=False)
     monitor.begin(0, max_steps)
     for step in range(1, steps_done + 1):
         monitor.log(step, loss=2.0 / step, learning_rate=1e-4, tokens_seen=100.0 * step)
@@ -216,7 +218,7 @@ def test_an_artifact_of_jsonl_text_is_read_and_written_again_where_a_step_runs_e
     from zenml import save_artifact
 
     from lorapipe.config import DataSection
-    from lorapipe.data.sources import local_files, resolve_data
+    from steps.data_source import local_files, resolve_data
 
     text = QUICKSTART_DATA.read_text()  # the configs/stacks/README.md recipe: save_artifact(open(...).read())
     save_artifact(text, name="chats-as-text")

@@ -17,7 +17,7 @@ from lorapipe.code_version import dependency_files
 from tests.conftest import QUICKSTART_DATA, REPO_ROOT
 from tests.test_pipeline import _config, _last_run, _status
 
-CODE = ("lorapipe", "steps", "pipelines", "materializers")
+CODE = ("lorapipe", "lorapipe_app", "steps", "pipelines", "materializers")
 # lines users read as failures (torchao's optional kernels, torch's pytree notes, bitsandbytes' optional CPU kernel,
 # Great Expectations registering its API, datasets' bookkeeping bars) and any traceback
 NOISE = ("Traceback", "Failed to load", "_pytree", "gemm_4bit", "Skipping registering", "Truncating train dataset",
@@ -69,7 +69,7 @@ def test_a_library_edit_reruns_training_and_what_follows(tiny_model_dir, tmp_pat
         assert status.pop(never_cached) == "completed", never_cached
     assert set(status.values()) == {"cached"}, status  # unchanged code: fully cached
 
-    library = repo / "lorapipe" / "backends" / "trl_sft.py"  # used by training, not by validate/preflight/split
+    library = repo / "lorapipe" / "backends" / "trainer.py"  # used by training, not by validate/preflight/split
     library.write_text(library.read_text() + "\n# a change to the training code, as a git pull brings\n")
     out = _run(repo, cfg)
     status = _status(_last_run())

@@ -8,14 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
-
-from tests.model_facts import tiny_facts
 import torch
 from safetensors.torch import load_file
 
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import PlanError
+from tests.model_facts import tiny_facts
 from tests.monitor_checks import assert_monitor_outputs
 from tests.test_plan import ALL, SMALL, decide_plan, make_probe
 
@@ -28,60 +27,60 @@ TINY = tiny_facts()
 
 def test_auto_trains_one_process_per_cuda_gpu_and_keeps_the_effective_batch():
     plan = decide_plan(TrainSection(effective_batch_size=16, max_seq_length=2048),
-                       make_probe(cuda_gb=80, gpus=4, packages=NO_UNSLOTH), SMALL)
+                       make_probe(cuda_gib=80, gpus=4, packages=NO_UNSLOTH), SMALL)
     assert (plan.backend, plan.device, plan.world_size) == ("hf", "cuda", 4)
     assert plan.micro_batch_size * plan.gradient_accumulation_steps * plan.world_size == 16 == plan.effective_batch_size
     assert any("one per CUDA GPU" in r for r in plan.reasons)
     for gpus in (1, 0):  # one GPU, or none: one process
-        one = decide_plan(TrainSection(max_seq_length=2048), make_probe(cuda_gb=80 if gpus else None, gpus=gpus,
+        one = decide_plan(TrainSection(max_seq_length=2048), make_probe(cuda_gib=80 if gpus else None, gpus=gpus,
                                                                         packages=NO_UNSLOTH), SMALL if gpus else TINY)
         assert one.world_size == 1 and any(r.startswith("1 process") for r in one.reasons)
 
 
 def test_a_small_effective_batch_is_shared_out_not_multiplied():
     plan = decide_plan(TrainSection(effective_batch_size=4, max_seq_length=512),
-                       make_probe(cuda_gb=80, gpus=4, packages=NO_UNSLOTH), SMALL)
+                       make_probe(cuda_gib=80, gpus=4, packages=NO_UNSLOTH), SMALL)
     assert (plan.micro_batch_size, plan.gradient_accumulation_steps, plan.world_size) == (1, 1, 4)
     assert plan.effective_batch_size == 4
 
 
 def test_auto_on_a_multi_gpu_box_with_a_single_process_backend_says_what_is_left_unused():
-    plan = decide_plan(TrainSection(max_seq_length=2048), make_probe(cuda_gb=80, gpus=4), SMALL)
+    plan = decide_plan(TrainSection(max_seq_length=2048), make_probe(cuda_gib=80, gpus=4), SMALL)
     assert (plan.backend, plan.world_size) == ("unsloth", 1)
     assert any("1 of the 4 GPUs" in w and "train.backend: hf" in w for w in plan.warnings)
 
 
 def test_explicit_processes_on_the_cpu_train_with_gloo():
-    from lorapipe.backends.trainer import sft_config_kwargs
+    from lorapipe.backends.trainer import trainer_arguments
 
     t = TrainSection(processes=2, max_seq_length=128, effective_batch_size=8, micro_batch_size=2)
-    one = decide_plan(t.model_copy(update={"processes": 1}), make_probe(ram_gb=24, packages=CPU_ONLY), TINY)
-    plan = decide_plan(t, make_probe(ram_gb=24, packages=CPU_ONLY), TINY)
+    one = decide_plan(t.model_copy(update={"processes": 1}), make_probe(ram_gib=24, packages=CPU_ONLY), TINY)
+    plan = decide_plan(t, make_probe(ram_gib=24, packages=CPU_ONLY), TINY)
     assert (plan.backend, plan.device, plan.world_size) == ("hf", "cpu", 2)
     assert (plan.micro_batch_size, plan.gradient_accumulation_steps, plan.effective_batch_size) == (2, 2, 8)
-    assert sft_config_kwargs(t, plan, 7, Path("ckpt"))["ddp_backend"] == "gloo"
-    assert sft_config_kwargs(t, one, 7, Path("ckpt"))["ddp_backend"] is None
+    assert trainer_arguments(t, plan, 7, Path("ckpt"))["ddp_backend"] == "gloo"
+    assert trainer_arguments(t, one, 7, Path("ckpt"))["ddp_backend"] is None
     assert any("gloo" in r for r in plan.reasons) and any("slow" in w for w in plan.warnings)
-    assert plan.memory.budget_gb == pytest.approx(one.memory.budget_gb / 2, abs=0.01)  # the processes share the RAM
+    assert plan.memory.budget_gib == pytest.approx(one.memory.budget_gib / 2, abs=0.01)  # the processes share the RAM
 
 
 def test_more_processes_than_visible_gpus_is_refused_naming_the_key():
     with pytest.raises(PlanError) as err:
-        decide_plan(TrainSection(processes=3), make_probe(cuda_gb=80, gpus=2, packages=NO_UNSLOTH), SMALL)
+        decide_plan(TrainSection(processes=3), make_probe(cuda_gib=80, gpus=2, packages=NO_UNSLOTH), SMALL)
     [problem] = err.value.problems
     assert problem.startswith("train.processes=3") and "only 2 CUDA GPU(s)" in problem and "at most 2" in problem
 
 
 def test_backends_that_train_in_one_process_refuse_several_with_every_other_reason():
     with pytest.raises(PlanError) as err:
-        decide_plan(TrainSection(backend="unsloth", processes=2, packing=True), make_probe(cuda_gb=80, gpus=2), SMALL)
+        decide_plan(TrainSection(backend="unsloth", processes=2, packing=True), make_probe(cuda_gib=80, gpus=2), SMALL)
     assert {"train.processes=2:", "train.packing"} <= {p.split(" ")[0] for p in err.value.problems}
     assert any("train.backend: hf" in p for p in err.value.problems if p.startswith("train.processes"))
     with pytest.raises(PlanError, match=r"train.processes=2: the mlx backend trains in one process"):
-        decide_plan(TrainSection(processes=2, max_seq_length=256), make_probe(apple=True, ram_gb=64), SMALL)
+        decide_plan(TrainSection(processes=2, max_seq_length=256), make_probe(apple=True, ram_gib=64), SMALL)
     with pytest.raises(PlanError, match=r"train.processes=2: data parallel runs on CUDA GPUs .* not on mps"):
         decide_plan(TrainSection(backend="hf", device="mps", processes=2, max_seq_length=256),
-                    make_probe(apple=True, ram_gb=64), SMALL)
+                    make_probe(apple=True, ram_gib=64), SMALL)
 
 
 # -- the launcher, without launching ------------------------------------------------------------------------------
@@ -89,7 +88,7 @@ def test_backends_that_train_in_one_process_refuse_several_with_every_other_reas
 def test_a_process_torchrun_started_trains_in_place(monkeypatch):
     from lorapipe.phases.launch import needs_launch
 
-    plan = decide_plan(TrainSection(processes=2, max_seq_length=128), make_probe(ram_gb=24, packages=CPU_ONLY), TINY)
+    plan = decide_plan(TrainSection(processes=2, max_seq_length=128), make_probe(ram_gib=24, packages=CPU_ONLY), TINY)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert needs_launch(plan)
@@ -147,9 +146,8 @@ def launched(tiny_model_dir, quickstart_records, tmp_path_factory):
     def run_step() -> tuple[Path, str]:
         out = io.StringIO()
         with redirect_stdout(out):
-            folder = train_adapter.entrypoint(train_split=train, eval_split=evals, training_plan=plan,
-                                              model=model.model_dump(mode="json"), train=cfg.model_dump(mode="json"),
-                                              seed=7)
+            folder = train_adapter.entrypoint(train_split=train, eval_split=evals, training_plan=plan, model=model,
+                                              train=cfg, seed=7)
         sys.stdout.write(out.getvalue())  # shown when a test fails
         return Path(folder.path), out.getvalue()
 
@@ -182,8 +180,8 @@ def test_the_train_step_launches_two_ranks_that_train_one_adapter(launched, tiny
     assert meta["world_size"] == 2 and meta["plan"]["world_size"] == 2 and meta["result"]["world_size"] == 2
     assert meta["result"]["steps"] == TRAIN_ROWS // EFFECTIVE
     # tokens and throughput are the run's, all ranks together: every row's tokens, once
-    from lorapipe.backends.trainer import tokenize_dataset
     from lorapipe.models.loading import load_tokenizer
+    from lorapipe.tasks.sft import tokenize_dataset
 
     tokens = sum(len(x) for x in tokenize_dataset(launched["train"], load_tokenizer(str(tiny_model_dir)),
                                                    plan.max_seq_length)["input_ids"])
@@ -248,7 +246,7 @@ def test_the_effective_batch_is_the_one_asked_for_or_a_warning_says_otherwise(gp
     from tests.test_plan import make_probe
 
     train = TrainSection(max_seq_length=128, backend="hf", effective_batch_size=effective, max_micro_batch_size=8)
-    plan = decide_plan(train, make_probe(cuda_gb=24, gpus=gpus), TINY).train
+    plan = decide_plan(train, make_probe(cuda_gib=24, gpus=gpus), TINY).train
     trained = plan.micro_batch_size * plan.gradient_accumulation_steps * plan.world_size
     assert trained == plan.effective_batch_size
     if effective % gpus == 0:

@@ -11,11 +11,16 @@ import torch
 from lorapipe.config import EvaluateSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.data.render import render
-from lorapipe.evaluation.metrics import generate_batched, generate_scores, stop_statistics, text_scores
+from lorapipe.evaluation.metrics import (
+    generate_batched,
+    generate_scores,
+    stop_statistics,
+    text_scores,
+)
 from lorapipe.hardware.plan import PhasePlan
 from lorapipe.models.end_tokens import end_token_ids
 
-CPU_F32 = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=3, reason="test")
+CPU_F32 = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=3, max_seq_length=128, reason="test")
 
 
 # --- text metrics -----------------------------------------------------------------------------------------------
@@ -171,9 +176,8 @@ def test_a_model_folder_is_scored_on_the_rows_and_the_way_the_adapter_is(adapter
     adapter_dir, merged_dir = adapter_and_merged
     test = ConversationDataset(quickstart_records[:10], name="test")
     evaluate = EvaluateSection(max_samples=7, generation_samples=4, max_new_tokens=10)
-    metrics = evaluate_adapter(str(adapter_dir), test, CPU_F32, evaluate.max_samples, evaluate.generation_samples,
-                               evaluate.max_new_tokens, max_length=128, seed=5)
-    assert metrics.scored_rows == 7 and metrics.generated_rows == 4 and metrics.memory_gb > 0
+    metrics = evaluate_adapter(str(adapter_dir), test, CPU_F32, evaluate, seed=5)
+    assert metrics.scored_rows == 7 and metrics.generated_rows == 4 and metrics.memory_gib > 0
     assert metrics.base.perplexity != pytest.approx(metrics.tuned.perplexity)  # the adapter does something
     assert metrics.generation == {"max_new_tokens": 10, "batch_size": 3, "greedy": True, "seed": 5,
                                   "padding": "left", "end_tokens": ["<|im_end|>"]}
@@ -184,7 +188,7 @@ def test_a_model_folder_is_scored_on_the_rows_and_the_way_the_adapter_is(adapter
             assert getattr(tuned, name) is not None, name
 
     for folder, label in ((merged_dir, "tuned"), (tiny_model_dir, "base")):
-        scores, generations = score_model_folder(str(folder), test, CPU_F32, evaluate, max_length=128, seed=5)
+        scores, generations = score_model_folder(str(folder), "sft", test, CPU_F32, evaluate, seed=5)
         expected = getattr(metrics, label)
         assert scores.loss == pytest.approx(expected.loss, rel=1e-4)
         assert math.isclose(scores.perplexity, expected.perplexity, rel_tol=1e-3)

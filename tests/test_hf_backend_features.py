@@ -24,6 +24,7 @@ from lorapipe.backends.hf import HFBackend
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import MemoryEstimate, TrainingPlan
+from lorapipe.tasks.sft import SFT
 from lorapipe.training.monitoring import METRIC_COLUMNS, PLOTS
 from tests.conftest import Tee
 from tests.monitor_checks import assert_monitor_outputs
@@ -35,7 +36,7 @@ LORA = {"r": 8, "alpha": 16, "dropout": 0.1}  # dropout > 0: resume must restore
 
 
 def make_plan(micro_batch: int = 4, accumulation: int = 2) -> TrainingPlan:
-    memory = MemoryEstimate(weights_gb=0, lora_and_optimizer_gb=0, activations_gb=0, total_gb=0, budget_gb=1)
+    memory = MemoryEstimate(weights_gib=0, lora_and_optimizer_gib=0, activations_gib=0, total_gib=0, budget_gib=1)
     return TrainingPlan(backend="hf", device="cpu", dtype="float32", quantization="none", micro_batch_size=micro_batch,
                         gradient_accumulation_steps=accumulation, effective_batch_size=micro_batch * accumulation,
                         max_seq_length=SEQ, gradient_checkpointing=False, optimizer="adamw_torch", memory=memory,
@@ -55,7 +56,7 @@ def run(env, name: str, t: TrainSection, plan: TrainingPlan | None = None, train
     """Train into env.root/name; returns (info, stdout). Output is also passed through (visible on failure)."""
     out = Tee(sys.stdout)
     with contextlib.redirect_stdout(out):
-        info = HFBackend().train(env.model, t, SEED, plan or make_plan(), train or env.train,
+        info = HFBackend().train(SFT(), env.model, t, SEED, plan or make_plan(), train or env.train,
                                  env.eval if eval is None else eval, env.root / name, env.root / name / adapter,
                                  extra_callbacks=callbacks)
     return info, out.getvalue()
@@ -179,14 +180,15 @@ def test_packing_is_padding_free_and_keeps_the_assistant_labels(env, tiny_model_
 
     # lorapipe keeps each pack a row (sdpa/eager attend within a row, not over the whole flattened micro-batch):
     # two packs, the first of two sequences; each sequence's logits are its own
-    from lorapipe.backends.hf import PackedRowsCollator
+    from lorapipe.backends.trainer import REAL_TOKENS
+    from lorapipe.tasks.sft import PackedRowsCollator
 
     a, b, c = list(range(5, 25)), list(range(40, 52)), list(range(60, 67))
     packs = [{"input_ids": a + b, "labels": a + b, "seq_lengths": [len(a), len(b)]},
              {"input_ids": c, "labels": c, "seq_lengths": [len(c)]}]
     rows_batch = PackedRowsCollator(DataCollatorForLanguageModeling(pad_token_id=0), pad_token_id=0)(packs)
     assert rows_batch["input_ids"].shape == (2, len(a) + len(b)) and "attention_mask" not in rows_batch
-    assert rows_batch[PackedRowsCollator.REAL_TOKENS] == len(a) + len(b) + len(c)
+    assert rows_batch[REAL_TOKENS] == len(a) + len(b) + len(c)
     assert rows_batch["labels"][0, len(a)] == -100  # the second sequence's first token is not predicted from the first
     with torch.no_grad():
         logits = model(input_ids=rows_batch["input_ids"], position_ids=rows_batch["position_ids"],
@@ -207,7 +209,7 @@ def test_metrics_files_plots_and_progress_lines(uninterrupted):
     for r in rows:
         assert set(r) == set(METRIC_COLUMNS)
         assert r["loss"] > 0 and r["learning_rate"] > 0 and r["grad_norm"] > 0 and r["eval_loss"] is None
-        assert r["tokens_per_second"] > 0 and r["memory_gb"] > 0 and r["epoch"] > 0
+        assert r["tokens_per_second"] > 0 and r["memory_gib"] > 0 and r["epoch"] > 0
     assert [r["elapsed_s"] for r in rows] == sorted(r["elapsed_s"] for r in rows)
     with open(folder / "metrics.csv", newline="") as fh:
         reader = csv.DictReader(fh)
@@ -218,7 +220,7 @@ def test_metrics_files_plots_and_progress_lines(uninterrupted):
     for name in PLOTS:
         data = (folder / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
-    progress = re.findall(r"^step (\d+)/10 loss \d+\.\d\d lr \d\.\de[-+]\d\d [\d.]+[kMG]? tok/s mem \d+\.\d GB "
+    progress = re.findall(r"^step (\d+)/10 loss \d+\.\d\d lr \d\.\de[-+]\d\d [\d.]+[kMG]? tok/s mem \d+\.\d GiB "
                           r"eta \d+:\d\d:\d\d$", ref.stdout, re.M)
     assert progress == ["2", "4", "6", "8", "10"]
     assert "checkpoint saved: step 5" in ref.stdout and "{'loss'" not in ref.stdout  # compact lines only
@@ -276,7 +278,7 @@ def test_early_stopping_stops_when_eval_loss_cannot_improve_and_keeps_the_best(e
 
 def test_eval_steps_need_an_eval_split(env):
     with pytest.raises(ValueError, match="non-empty eval"):
-        HFBackend().train(env.model, TrainSection(eval_steps=2), SEED, make_plan(), env.train,
+        HFBackend().train(SFT(), env.model, TrainSection(eval_steps=2), SEED, make_plan(), env.train,
                           ConversationDataset([], name="eval"), env.root / "no-eval", env.root / "no-eval" / "adapter")
 
 
@@ -331,7 +333,10 @@ from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.data.formats import read_records
 from lorapipe.hardware.plan import MemoryEstimate, TrainingPlan
+from lorapipe.logs import show_on_console
+from lorapipe.tasks.sft import SFT
 
+show_on_console()
 a = json.loads(sys.argv[1])
 train = ConversationDataset(read_records([a["data"]]).records[:32], name="train")
 
@@ -358,7 +363,7 @@ class RankReport(TrainerCallback):
              "steps": state.global_step, "lora_sha": h.hexdigest()}))
 
 
-memory = MemoryEstimate(weights_gb=0, lora_and_optimizer_gb=0, activations_gb=0, total_gb=0, budget_gb=1)
+memory = MemoryEstimate(weights_gib=0, lora_and_optimizer_gib=0, activations_gib=0, total_gib=0, budget_gib=1)
 # the plan is decided where the probe sees WORLD_SIZE (set by torchrun): data parallel over the ranks
 plan = TrainingPlan(backend="hf", device="cpu", dtype="float32", quantization="none", micro_batch_size=2,
                     gradient_accumulation_steps=2, effective_batch_size=4, max_seq_length=96,
@@ -368,7 +373,7 @@ t = TrainSection(max_steps=4, save_steps=4, learning_rate=5e-3, warmup_steps=0, 
                  lora={"r": 8, "alpha": 16})
 rank = int(os.environ["RANK"])
 # every rank is given its own adapter folder: only the main process may write one
-info = HFBackend().train(ModelSection(name_or_path=a["model"]), t, 7, plan, train,
+info = HFBackend().train(SFT(), ModelSection(name_or_path=a["model"]), t, 7, plan, train,
                          ConversationDataset([], name="eval"), Path(a["out"]) / "work",
                          Path(a["out"]) / f"adapter-rank{rank}", extra_callbacks=[RankReport()])
 print(f"rank {rank} done: steps {info.steps}", flush=True)

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from lorapipe_app.cli import main
 from lorapipe.models.locate import model_problem
+from lorapipe_app.cli import main
 from tests.conftest import REPO_ROOT
 
 

@@ -9,8 +9,9 @@ import torch
 from click.testing import CliRunner
 
 from lorapipe.config import EvaluateSection, TrainSection
-from lorapipe.hardware import memory as mem
-from lorapipe.hardware.memory import MemoryInputs, estimate, facts_from_config, lora_parameters
+from lorapipe.hardware import facts as model_facts_module, memory as mem
+from lorapipe.hardware.facts import facts_from_config
+from lorapipe.hardware.memory import MemoryInputs, estimate, lora_parameters
 from lorapipe.hardware.plan import PlanError, decide_plan
 from tests.model_facts import CONFIGS, autograd_saved_bytes, facts, tiny_facts
 from tests.test_plan import ALL, make_probe
@@ -38,7 +39,7 @@ def test_the_formula_agrees_with_the_model_built_on_the_meta_device():
 
     for name in ("llama-3.2-1b", "mistral-7b"):
         cfg = AutoConfig.from_pretrained(str(CONFIGS / f"{name}.json"))
-        by_formula, on_meta = facts_from_config(cfg), mem.count_on_meta(cfg)
+        by_formula, on_meta = facts_from_config(cfg), model_facts_module.count_on_meta(cfg)
         assert on_meta.counted == "meta"
         assert by_formula.parameter_counts == on_meta.parameter_counts, name
         assert [(s.name, s.in_features, s.out_features) for s in by_formula.linears] == \
@@ -63,11 +64,11 @@ def test_lora_parameters_follow_the_real_shapes_gqa_included():
 
 
 def test_a_model_that_cannot_be_read_says_so_in_one_line(tmp_path):
-    with pytest.raises(mem.ModelFactsError) as err:
-        mem.model_facts(str(tmp_path))
+    with pytest.raises(model_facts_module.ModelFactsError) as err:
+        model_facts_module.model_facts(str(tmp_path))
     assert "no readable config.json" in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(mem.ModelFactsError) as err:
-        mem.model_facts("no-such-org/no-such-model-lorapipe")
+    with pytest.raises(model_facts_module.ModelFactsError) as err:
+        model_facts_module.model_facts("no-such-org/no-such-model-lorapipe")
     assert "not in the Hugging Face cache" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -176,47 +177,47 @@ def test_eval_and_merge_phases():
 NO_MLX = {k: v for k, v in ALL.items() if k not in ("unsloth", "mlx", "mlx_lm")}
 
 
-@pytest.mark.parametrize("gpu_gb, model, expected", [
+@pytest.mark.parametrize("gpu_gib, model, expected", [
     (8, "llama-3.2-1b", ("none", True)), (24, "llama-3.1-8b", ("nf4", True)),
     (48, "llama-3.1-8b", ("none", False)), (80, "llama-3.1-8b", ("none", False))])
-def test_balanced_profile_fits_each_gpu_with_its_margin(gpu_gb, model, expected):
+def test_balanced_profile_fits_each_gpu_with_its_margin(gpu_gib, model, expected):
     train = TrainSection(profile="balanced", max_seq_length=1024, effective_batch_size=16, backend="hf")
-    plan = decide_plan(train, make_probe(cuda_gb=gpu_gb, packages=NO_MLX), facts(model),
+    plan = decide_plan(train, make_probe(cuda_gib=gpu_gib, packages=NO_MLX), facts(model),
                        user_set={"train.profile", "train.max_seq_length", "train.effective_batch_size",
                                  "train.backend"})
     t = plan.train
     assert (t.quantization, t.gradient_checkpointing) == expected
-    assert t.memory.total_gb <= gpu_gb * 0.9 * 0.85  # 15% of the budget kept free
+    assert t.memory.total_gib <= gpu_gib * 0.9 * 0.85  # 15% of the budget kept free
     assert t.micro_batch_size * t.gradient_accumulation_steps == 16
     assert t.optimizer == "paged_adamw_32bit" and t.profile == "balanced"
     # the evaluation batch is the largest that fits, or a warning says it does not (before training)
-    assert plan.evaluate.predicted_peak_gb <= gpu_gb * 0.9 * 0.85 or plan.evaluate.warnings
+    assert plan.evaluate.predicted_peak_gib <= gpu_gib * 0.9 * 0.85 or plan.evaluate.warnings
 
 
 def test_an_8b_qlora_run_on_16_gb_is_told_before_training_that_evaluation_would_not_fit():
     # training fits in 4-bit, but evaluation loads the base unquantised (15 GB of bf16 weights): said before training
     plan = decide_plan(TrainSection(profile="balanced", max_seq_length=1024, backend="hf"),
-                       make_probe(cuda_gb=16, packages=NO_MLX), facts("llama-3.1-8b"),
+                       make_probe(cuda_gib=16, packages=NO_MLX), facts("llama-3.1-8b"),
                        user_set={"train.profile", "train.max_seq_length", "train.backend"})
     assert (plan.train.quantization, plan.train.gradient_checkpointing) == ("nf4", True)
-    assert plan.evaluate.predicted_peak_gb > 16 * 0.9
+    assert plan.evaluate.predicted_peak_gib > 16 * 0.9
     assert any("evaluation needs about" in w and "loads the base unquantised" in w for w in plan.evaluate.warnings)
 
 
 def test_an_8b_model_does_not_fit_8_gb_and_the_refusal_says_so():
     with pytest.raises(PlanError, match="no single change fits"):
         decide_plan(TrainSection(profile="balanced", max_seq_length=1024, backend="hf"),
-                    make_probe(cuda_gb=8, packages=NO_MLX), facts("llama-3.1-8b"),
+                    make_probe(cuda_gib=8, packages=NO_MLX), facts("llama-3.1-8b"),
                     user_set={"train.profile", "train.max_seq_length", "train.backend"})
 
 
 def test_profiles_on_a_mac_and_a_cpu_box():
     mac = decide_plan(TrainSection(profile="conservative", max_seq_length=256, backend="mlx"),
-                      make_probe(apple=True, ram_gb=16), facts("mistral-7b"),
+                      make_probe(apple=True, ram_gib=16), facts("mistral-7b"),
                       user_set={"train.profile", "train.max_seq_length", "train.backend"})
     assert (mac.train.backend, mac.train.quantization, mac.train.gradient_checkpointing) == ("mlx", "nf4", True)
-    assert mac.train.memory.total_gb <= 16 * 0.8 * 0.75
-    cpu = decide_plan(TrainSection(profile="quality", max_seq_length=512), make_probe(ram_gb=24, packages=NO_MLX),
+    assert mac.train.memory.total_gib <= 16 * 0.8 * 0.75
+    cpu = decide_plan(TrainSection(profile="quality", max_seq_length=512), make_probe(ram_gib=24, packages=NO_MLX),
                       tiny_facts(), user_set={"train.profile", "train.max_seq_length"})
     assert (cpu.train.device, cpu.train.quantization, cpu.train.gradient_checkpointing) == ("cpu", "none", False)
     assert cpu.evaluate.batch_size == 8  # quality scores in larger batches where they fit
@@ -226,18 +227,18 @@ def test_values_the_user_set_are_kept_and_refused_with_the_knob_that_fits():
     set_keys = {"train.profile", "train.quantization", "train.max_seq_length", "train.backend"}
     train = TrainSection(profile="balanced", quantization="none", max_seq_length=2048, backend="hf")
     with pytest.raises(PlanError) as err:  # never silently switched to nf4
-        decide_plan(train, make_probe(cuda_gb=24, packages=NO_MLX), facts("llama-3.1-8b"), user_set=set_keys)
+        decide_plan(train, make_probe(cuda_gib=24, packages=NO_MLX), facts("llama-3.1-8b"), user_set=set_keys)
     msg = str(err.value)
     assert "train.max_seq_length 2048 needs" in msg and "fits at" in msg
     assert "train.quantization none needs" in msg and "nf4 fits at" in msg
     # the same on 80 GB: kept as set, and the plan says so
-    plan = decide_plan(train, make_probe(cuda_gb=80, packages=NO_MLX), facts("llama-3.1-8b"), user_set=set_keys)
+    plan = decide_plan(train, make_probe(cuda_gib=80, packages=NO_MLX), facts("llama-3.1-8b"), user_set=set_keys)
     assert plan.train.quantization == "none"
     assert any("train.quantization none (set in the config, kept)" in r for r in plan.train.reasons)
 
 
 def test_without_a_profile_the_config_is_taken_as_given():
-    plan = decide_plan(TrainSection(max_seq_length=512, gradient_checkpointing=False), make_probe(cuda_gb=80,
+    plan = decide_plan(TrainSection(max_seq_length=512, gradient_checkpointing=False), make_probe(cuda_gib=80,
                        packages=NO_MLX), facts("llama-3.1-8b"), EvaluateSection(batch_size=4))
     assert (plan.train.quantization, plan.train.gradient_checkpointing, plan.train.optimizer) == (
         "none", False, "adamw_torch")
@@ -268,23 +269,23 @@ def test_estimate_memory_cli_json_and_table(tmp_path):
 
 
 def test_on_a_mac_the_budget_is_mlx_s_working_set():
-    mac = make_probe(apple=True, ram_gb=16).model_copy(update={"mlx_working_set_gb": 10.7})
+    mac = make_probe(apple=True, ram_gib=16).model_copy(update={"mlx_working_set_gib": 10.7})
     plan = decide_plan(TrainSection(max_seq_length=256, quantization="nf4", backend="mlx"), mac, facts("mistral-7b"))
-    assert plan.train.memory.budget_gb == pytest.approx(10.7)
+    assert plan.train.memory.budget_gib == pytest.approx(10.7)
 
 
 def test_probe_measures_real_steps_beside_the_prediction(tiny_model_dir, tmp_path):
     """preflight.probe: 3 real training steps and one evaluation batch, each in a fresh process (real hf backend)."""
     from lorapipe.config import ModelSection
-    from lorapipe.phases.measure import probe_checks
     from lorapipe.hardware.probe import probe
+    from lorapipe.phases.measure import probe_checks
 
     train = TrainSection(backend="hf", device="cpu", max_seq_length=128, micro_batch_size=2, output_root=str(tmp_path))
     evaluate = EvaluateSection(batch_size=2, max_new_tokens=8)
-    plan = decide_plan(train, probe(str(tmp_path)), mem.model_facts(str(tiny_model_dir)), evaluate)
+    plan = decide_plan(train, probe(str(tmp_path)), model_facts_module.model_facts(str(tiny_model_dir)), evaluate)
     checks, rows = probe_checks(ModelSection(name_or_path=str(tiny_model_dir)), train, plan, evaluate, str(tmp_path))
     assert [r["phase"] for r in rows] == ["train", "eval"]
     for row, check in zip(rows, checks):
-        assert row["error"] is not None and row["peak_gb"] > row["resident_at_start_gb"] > 0.3, row
+        assert row["error"] is not None and row["peak_gib"] > row["resident_at_start_gib"] > 0.3, row
         assert check.status in ("pass", "warn") and "predicted" in check.measured
         assert abs(row["error"]) < 0.25  # the tiny model is mostly the process: the constant is measured

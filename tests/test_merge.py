@@ -10,32 +10,20 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from lorapipe.config import TrainSection
 from lorapipe.hardware.plan import PhasePlan
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def merge_plan(dtype: str = "float32") -> PhasePlan:
-    return PhasePlan(phase="merge", device="cpu", dtype=dtype, batch_size=1, reason="test")
+    return PhasePlan(phase="merge", device="cpu", dtype=dtype, batch_size=1, max_seq_length=256, reason="test")
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir, quickstart_records, tmp_path_factory):
-    from lorapipe.backends import get_backend
-    from lorapipe.config import ModelSection
-    from lorapipe.data.split import split_records
-    from lorapipe.hardware.plan import decide_plan, model_size
-    from lorapipe.hardware.probe import probe
-
-    work = tmp_path_factory.mktemp("merge-train")
-    train, evals, test = split_records(quickstart_records, 0.1, 0.1)
-    cfg = TrainSection(backend="hf", device="cpu", max_seq_length=128, max_steps=4, learning_rate=5e-3,
-                       effective_batch_size=8, output_root=str(work))
-    plan = decide_plan(cfg, probe(str(work)), model_size(str(tiny_model_dir))).train
-    info = get_backend("hf").train(ModelSection(name_or_path=str(tiny_model_dir)), cfg, 7, plan, train, evals,
-                                   work / "w", work / "w" / "adapter")
-    return {"adapter": info.path, "train": train, "test": test}
+def trained(hf_adapter):
+    """The session's tiny hf adapter (tests/conftest.py): trained once for training's, evaluation's and merge's
+    tests."""
+    return hf_adapter
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +100,8 @@ def test_a_folder_holding_another_adapters_merge_is_refused(merged, trained, tmp
 def test_shards_respect_max_shard_size(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lorapipe.phases.merge import merge_adapter, shard_bytes
+    from lorapipe.config import shard_bytes
+    from lorapipe.phases.merge import merge_adapter
 
     out = tmp_path / "sharded"
     check = merge_adapter(trained["adapter"], str(out), trained["test"], merge_plan("bfloat16"),
@@ -177,8 +166,13 @@ def _merge_only_pipeline():
     from zenml import pipeline, step
 
     from lorapipe.artifacts import AdapterFolder
+    from lorapipe.config import MergeSection
     from lorapipe.data.dataset import ConversationDataset
-    from materializers import AdapterFolderMaterializer, ConversationDatasetMaterializer, ReportMaterializer
+    from materializers import (
+        AdapterFolderMaterializer,
+        ConversationDatasetMaterializer,
+        ReportMaterializer,
+    )
     from steps import merge_model
 
     global given_adapter, given_rows, given_plan, merge_only  # noqa: PLW0603 - module level, for ZenML's loader
@@ -199,7 +193,7 @@ def _merge_only_pipeline():
     def merge_only(adapter_path: str, rows_folder: str) -> None:
         merge_model(adapter=given_adapter(adapter_path), test_split=given_rows(rows_folder),
                     merge_plan=given_plan("bfloat16"),
-                    merge={"dtype": "bfloat16", "check_samples": 2, "max_shard_size": "2GB"})
+                    merge=MergeSection(dtype="bfloat16", check_samples=2, max_shard_size="2GB"))
 
     return merge_only
 

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from lorapipe.export.modelfile import CHATML, LLAMA3, detect_family, ollama_modelfile, write_modelfile
+from lorapipe.export.modelfile import (
+    CHATML,
+    LLAMA3,
+    detect_family,
+    ollama_modelfile,
+    write_modelfile,
+)
 from lorapipe.models.end_tokens import end_tokens
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"

@@ -162,8 +162,8 @@ def test_adapter_artifact_is_a_peft_folder_loadable_from_the_store(runs, tiny_mo
     shown = {v.uri.rsplit("/", 1)[-1] for v in adapter.visualizations}
     assert {"training.html", "loss.png", "learning_rate.png", "memory.png"} <= shown  # in the dashboard
     summary = Path(adapter.uri, "training.html").read_text()
-    planned = folder.metadata["plan"]["memory"]["total_gb"]
-    measured = folder.metadata["result"]["peak_memory_gb"]
+    planned = folder.metadata["plan"]["memory"]["total_gib"]
+    measured = folder.metadata["result"]["peak_memory_gib"]
     assert "Memory: planned vs measured" in summary and f"{planned:,.4g}" in summary and f"{measured:,.4g}" in summary
     report = runs["first"].steps["validate_data"].outputs["validation_report"][0]
     assert {"token_lengths.png", "report.html"} <= {v.uri.rsplit("/", 1)[-1] for v in report.visualizations}
@@ -187,11 +187,11 @@ def test_every_run_records_predicted_and_measured_memory_per_phase(runs):
     memory = Client().get_model_version("lorapipe-test", runs["first"].model_version.name).run_metadata["memory"]
     for phase in ("train", "evaluate", "merge"):
         row = memory[phase]
-        assert row["predicted_gb"] > 0 and row["measured_gb"] > 0 and row["resident_at_start_gb"] > 0, phase
+        assert row["predicted_gib"] > 0 and row["measured_gib"] > 0 and row["resident_at_start_gib"] > 0, phase
         # on the CPU the prediction is set in the step's process (which already held ZenML and the data)
-        here = row["predicted_gb"] - 0.51 * 2**30 / 2**30 + row["resident_at_start_gb"]
-        assert row["predicted_in_process_gb"] == pytest.approx(here, abs=0.01)
-        assert row["error"] == pytest.approx(row["predicted_in_process_gb"] / row["measured_gb"] - 1, abs=1e-3)
+        here = row["predicted_gib"] - 0.51 * 2**30 / 2**30 + row["resident_at_start_gib"]
+        assert row["predicted_in_process_gib"] == pytest.approx(here, abs=0.01)
+        assert row["error"] == pytest.approx(row["predicted_in_process_gib"] / row["measured_gib"] - 1, abs=1e-3)
 
 
 def test_no_cache_still_resumes_and_resume_false_starts_over(runs, capfd):

@@ -19,34 +19,34 @@ def decide_plan(train, probe, size, evaluate=None, merge=None):
     return plan_module.decide_plan(train, probe, size, evaluate, merge).train
 
 
-def make_probe(cuda_gb=None, apple=False, packages=None, ram_gb=64.0, disk_gb=500.0, gpus=1):
-    """A machine with `gpus` alike CUDA GPUs of `cuda_gb` each (none without cuda_gb), or a Mac, or a CPU box."""
-    devices = [CudaDevice(index=i, name="NVIDIA RTX 4090", total_memory_gb=cuda_gb, capability="8.9", bf16=True)
-               for i in range(gpus)] if cuda_gb else []
+def make_probe(cuda_gib=None, apple=False, packages=None, ram_gib=64.0, disk_gib=500.0, gpus=1):
+    """A machine with `gpus` alike CUDA GPUs of `cuda_gib` each (none without cuda_gib), or a Mac, or a CPU box."""
+    devices = [CudaDevice(index=i, name="NVIDIA RTX 4090", total_memory_gib=cuda_gib, capability="8.9", bf16=True)
+               for i in range(gpus)] if cuda_gib else []
     return HardwareProbe(os="Darwin" if apple else "Linux", machine="arm64" if apple else "x86_64", python="3.11",
-                         cpu_count=16, ram_total_gb=ram_gb, ram_available_gb=ram_gb, disk_free_gb=disk_gb,
-                         disk_path="/data", cuda_available=bool(cuda_gb), cuda_devices=devices, apple_silicon=apple,
+                         cpu_count=16, ram_total_gib=ram_gib, ram_available_gib=ram_gib, disk_free_gib=disk_gib,
+                         disk_path="/data", cuda_available=bool(cuda_gib), cuda_devices=devices, apple_silicon=apple,
                          mps_available=apple, packages=ALL if packages is None else packages)
 
 
 def test_auto_picks_unsloth_on_cuda_with_unsloth():
-    plan = decide_plan(TrainSection(quantization="nf4"), make_probe(cuda_gb=24), SMALL)
+    plan = decide_plan(TrainSection(quantization="nf4"), make_probe(cuda_gib=24), SMALL)
     assert (plan.backend, plan.device, plan.dtype, plan.quantization) == ("unsloth", "cuda", "bfloat16", "nf4")
 
 
 def test_auto_picks_hf_with_bitsandbytes_on_cuda_without_unsloth():
     pk = {k: v for k, v in ALL.items() if k != "unsloth"}
-    plan = decide_plan(TrainSection(quantization="nf4"), make_probe(cuda_gb=24, packages=pk), SMALL)
+    plan = decide_plan(TrainSection(quantization="nf4"), make_probe(cuda_gib=24, packages=pk), SMALL)
     assert (plan.backend, plan.device) == ("hf", "cuda")
 
 
 def test_auto_picks_mlx_on_apple_silicon():
-    plan = decide_plan(TrainSection(max_seq_length=256, quantization="nf4"), make_probe(apple=True, ram_gb=16), SMALL)
+    plan = decide_plan(TrainSection(max_seq_length=256, quantization="nf4"), make_probe(apple=True, ram_gib=16), SMALL)
     assert (plan.backend, plan.device) == ("mlx", "mps")
 
 
 def test_auto_picks_hf_on_a_cpu_box():
-    cpu_box = make_probe(ram_gb=24, packages={k: v for k, v in ALL.items() if k not in ("unsloth", "mlx", "mlx_lm")})
+    cpu_box = make_probe(ram_gib=24, packages={k: v for k, v in ALL.items() if k not in ("unsloth", "mlx", "mlx_lm")})
     plan = decide_plan(TrainSection(max_seq_length=128), cpu_box,
                        tiny_facts())
     assert (plan.backend, plan.device, plan.dtype) == ("hf", "cpu", "float32")
@@ -56,7 +56,7 @@ def test_auto_picks_hf_on_a_cpu_box():
 def test_explicit_backend_that_cannot_run_names_the_install_command():
     pk = {k: v for k, v in ALL.items() if k not in ("unsloth", "mlx", "mlx_lm")}
     with pytest.raises(PlanError) as err:
-        decide_plan(TrainSection(backend="unsloth"), make_probe(cuda_gb=24, packages=pk), SMALL)
+        decide_plan(TrainSection(backend="unsloth"), make_probe(cuda_gib=24, packages=pk), SMALL)
     assert "pip install -e '.[cuda]'" in str(err.value)
     with pytest.raises(PlanError) as err:
         decide_plan(TrainSection(backend="mlx"), make_probe(packages=pk), SMALL)
@@ -66,22 +66,22 @@ def test_explicit_backend_that_cannot_run_names_the_install_command():
 def test_memory_refusal_collects_every_reason():
     with pytest.raises(PlanError) as err:
         decide_plan(TrainSection(device="cuda", dtype="float16", max_seq_length=8192, micro_batch_size=1),
-                    make_probe(cuda_gb=None, ram_gb=4, disk_gb=1), SMALL)
+                    make_probe(cuda_gib=None, ram_gib=4, disk_gib=1), SMALL)
     msg = str(err.value)
     assert "cuda is not available" in msg
     assert "training needs about" in msg and "no single change fits" in msg
-    assert "GB free" in msg
+    assert "GiB free" in msg
     assert len(err.value.problems) >= 3
 
 
 def test_auto_micro_batch_backs_off_to_fit_and_keeps_the_effective_batch():
-    big = decide_plan(TrainSection(effective_batch_size=16, max_seq_length=2048), make_probe(cuda_gb=80), SMALL)
+    big = decide_plan(TrainSection(effective_batch_size=16, max_seq_length=2048), make_probe(cuda_gib=80), SMALL)
     small = decide_plan(TrainSection(effective_batch_size=16, max_seq_length=2048, quantization="nf4",
-                                     gradient_checkpointing=True), make_probe(cuda_gb=24), SMALL)
+                                     gradient_checkpointing=True), make_probe(cuda_gib=24), SMALL)
     assert small.micro_batch_size <= big.micro_batch_size
     for plan in (big, small):
         assert plan.micro_batch_size * plan.gradient_accumulation_steps == 16
-        assert plan.memory.total_gb <= plan.memory.budget_gb
+        assert plan.memory.total_gib <= plan.memory.budget_gib
 
 
 def test_seed_configs_plan_on_their_target_hardware_without_weights():
@@ -92,28 +92,28 @@ def test_seed_configs_plan_on_their_target_hardware_without_weights():
     llama = facts("llama-3.1-8b")
     mistral = facts("mistral-7b")
     deepseek = facts("deepseek-coder-6.7b")
-    cases = [("llama-3.1-8b-unsloth-cuda", make_probe(cuda_gb=24), llama, ("unsloth", "cuda", 2, 8)),
-             ("mistral-7b-mlx-16gb", make_probe(apple=True, ram_gb=16), mistral, ("mlx", "mps", 1, 4))]
+    cases = [("llama-3.1-8b-unsloth-cuda", make_probe(cuda_gib=24), llama, ("unsloth", "cuda", 2, 8)),
+             ("mistral-7b-mlx-16gb", make_probe(apple=True, ram_gib=16), mistral, ("mlx", "mps", 1, 4))]
     tiny = tiny_facts()
-    cpu_box = make_probe(ram_gb=24, packages={k: v for k, v in ALL.items() if k not in ("unsloth", "mlx", "mlx_lm")})
+    cpu_box = make_probe(ram_gib=24, packages={k: v for k, v in ALL.items() if k not in ("unsloth", "mlx", "mlx_lm")})
     cases.append(("quickstart", cpu_box, tiny, ("hf", "cpu", 8, 1)))
     for profile, accumulation in (("conservative", 8), ("balanced", 16), ("quality", 32)):
-        cases.append((f"deepseek-coder-6.7b-qlora-24gb-{profile}", make_probe(cuda_gb=24), deepseek,
+        cases.append((f"deepseek-coder-6.7b-qlora-24gb-{profile}", make_probe(cuda_gib=24), deepseek,
                       ("hf", "cuda", 1, accumulation)))
     for name, hw, size, expected in cases:
         cfg = load_config(REPO_ROOT / "configs" / f"{name}.yaml")
         plan = decide_plan(cfg.train, hw, size)
         assert (plan.backend, plan.device, plan.micro_batch_size, plan.gradient_accumulation_steps) == expected, name
-        assert plan.memory.total_gb < plan.memory.budget_gb
+        assert plan.memory.total_gib < plan.memory.budget_gib
 
 
 def test_continuing_an_adapter_is_refused_where_the_backend_cannot():
     with pytest.raises(PlanError, match="init_adapter"):
-        decide_plan(TrainSection(init_adapter="runs/old/adapter"), make_probe(apple=True, ram_gb=64), SMALL)
+        decide_plan(TrainSection(init_adapter="runs/old/adapter"), make_probe(apple=True, ram_gib=64), SMALL)
     with pytest.raises(PlanError) as err:  # options only hf implements are refused on other backends, all at once
-        decide_plan(TrainSection(eval_steps=10, early_stopping_patience=2, packing=True), make_probe(cuda_gb=24), SMALL)
+        decide_plan(TrainSection(eval_steps=10, early_stopping_patience=2, packing=True), make_probe(cuda_gib=24), SMALL)
     assert {"train.eval_steps", "train.early_stopping_patience", "train.packing"} <= {
         p.split(" ")[0] for p in err.value.problems}
     plan = decide_plan(TrainSection(init_adapter="runs/old/adapter", backend="hf", max_seq_length=128),
-                       make_probe(apple=True, ram_gb=64), SMALL)
+                       make_probe(apple=True, ram_gib=64), SMALL)
     assert plan.backend == "hf"

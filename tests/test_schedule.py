@@ -142,7 +142,9 @@ def test_on_kubernetes_the_schedule_becomes_a_cronjob_for_lorapipes_pipeline(con
 
     from zenml.client import Client
     from zenml.enums import StackComponentType
-    from zenml.integrations.kubernetes.orchestrators.kubernetes_orchestrator import KubernetesOrchestrator
+    from zenml.integrations.kubernetes.orchestrators.kubernetes_orchestrator import (
+        KubernetesOrchestrator,
+    )
     from zenml.stack import StackComponent
 
     assert main(["schedule", "-c", str(config), "--cron", CRON, "--name", "nightly-k8s"]) == 0

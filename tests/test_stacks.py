@@ -13,11 +13,11 @@ import contextlib
 import fnmatch
 import inspect
 import re
-import tomllib
 import warnings
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 
@@ -220,7 +220,9 @@ def test_each_component_is_a_zenml_flavor_and_its_configuration_validates(compon
     assert not unknown, f"{entry['name']}: {sorted(unknown)} are not fields of {config_class.__name__}"
     config = config_class(**entry["configuration"])
     if component_type == "orchestrator":
-        from zenml.integrations.kubernetes.flavors.kubernetes_orchestrator_flavor import KubernetesOrchestratorConfig
+        from zenml.integrations.kubernetes.flavors.kubernetes_orchestrator_flavor import (
+            KubernetesOrchestratorConfig,
+        )
 
         assert isinstance(config, KubernetesOrchestratorConfig) and config.is_schedulable
 
@@ -257,7 +259,9 @@ def settings_problems(settings: dict, where: str) -> list[str]:
     """Unknown keys and invalid Kubernetes objects in a `settings:` block (ZenML would drop or pass them on)."""
     from kubernetes.utils import parse_quantity
     from zenml.integrations.kubernetes.pod_settings import KubernetesPodSettings
-    from zenml.integrations.kubernetes.serialization_utils import deserialize_kubernetes_model
+    from zenml.integrations.kubernetes.serialization_utils import (
+        deserialize_kubernetes_model,
+    )
     from zenml.utils import settings_utils
 
     problems = []
@@ -296,7 +300,7 @@ def pipeline_arguments(pipeline) -> dict:
     not shape the DAG."""
     from lorapipe.config import load_config
 
-    config = load_config(REPO_ROOT / "configs" / "quickstart.yaml", []).model_dump(mode="json")
+    config = load_config(REPO_ROOT / "configs" / "quickstart.yaml", [])
     parameters = inspect.signature(pipeline.entrypoint).parameters
     return {name: config if name == "config" else [] if name == "user_set" else "0" * 64 for name in parameters}
 

@@ -10,25 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 from lorapipe.backends import get_backend
-from lorapipe.backends.base import BackendUnavailable
-from lorapipe.config import ModelSection, TrainSection
-from lorapipe.data.split import split_records
-from lorapipe.hardware.plan import PhasePlan, decide_plan, model_size
-from lorapipe.hardware.probe import probe
+from lorapipe.config import EvaluateSection, TrainSection
+from lorapipe.hardware.plan import PhasePlan
+from lorapipe.phases.train_in_process import train_in_process
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir, quickstart_records, tmp_path_factory):
-    work = tmp_path_factory.mktemp("train")
-    train, evals, test = split_records(quickstart_records, 0.1, 0.1)
-    model = ModelSection(name_or_path=str(tiny_model_dir))
-    cfg = TrainSection(backend="hf", device="cpu", max_seq_length=128, epochs=1, learning_rate=5e-3,
-                       effective_batch_size=8, save_steps=10, save_total_limit=2, output_root=str(work))
-    plan = decide_plan(cfg, probe(str(work)), model_size(str(tiny_model_dir))).train
-    base_before = load_file(str(tiny_model_dir / "model.safetensors"))
-    info = get_backend(plan.backend).train(model, cfg, 7, plan, train, evals, work / "w", work / "w" / "adapter")
-    return {"info": info, "plan": plan, "work": work, "test": test, "model": model, "cfg": cfg,
-            "base_before": base_before, "train": train, "eval": evals}
+def trained(hf_adapter):
+    return hf_adapter
 
 
 def test_adapter_weights_moved_and_base_weights_did_not(trained, tiny_model_dir):
@@ -64,13 +53,20 @@ def test_adapter_folder_describes_itself(trained, tiny_model_dir):
 
 
 def test_checkpoints_are_announced_and_limited(trained):
-    ckpts = sorted((trained["work"] / "w" / "checkpoints").glob("checkpoint-*"))
-    assert 1 <= len(ckpts) <= trained["cfg"].save_total_limit
+    import re
+
+    steps = trained["info"].steps
+    saved = sorted((trained["work"] / "w" / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name[11:]))
+    announced = [int(n) for n in re.findall(r"checkpoint saved: step (\d+)", trained["log"])]
+    # one line per save (every save_steps and at the end), the newest save_total_limit kept on disk
+    every = trained["cfg"].save_steps
+    assert announced == sorted({*range(every, steps + 1, every), steps})
+    assert [p.name for p in saved] == [f"checkpoint-{n}" for n in announced[-trained["cfg"].save_total_limit:]]
 
 
 def test_rerun_resumes_from_the_last_checkpoint(trained, capsys):
     info = trained["info"]
-    again = get_backend("hf").train(trained["model"], trained["cfg"], 7, trained["plan"], trained["train"],
+    again = train_in_process(trained["model"], trained["cfg"], 7, trained["plan"], trained["train"],
                                     trained["eval"], trained["work"] / "w", trained["work"] / "w" / "adapter2")
     out = capsys.readouterr().out
     assert "resuming from" in out and again.resumed_from is not None
@@ -80,13 +76,13 @@ def test_rerun_resumes_from_the_last_checkpoint(trained, capsys):
 def test_evaluation_scores_base_and_tuned(trained, tiny_model_dir):
     from lorapipe.phases.evaluate import evaluate_adapter
 
-    phase = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=4, reason="test")
-    m = evaluate_adapter(trained["info"].path, trained["test"], phase, max_samples=16,
-                         generation_samples=2, max_new_tokens=8, max_length=128)
+    phase = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=4, max_seq_length=128, reason="test")
+    m = evaluate_adapter(trained["info"].path, trained["test"], phase,
+                         EvaluateSection(max_samples=16, generation_samples=2, max_new_tokens=8))
     assert m.scored_rows == min(16, len(trained["test"])) and m.scored_tokens > 0
     assert m.tuned.perplexity < m.base.perplexity and m.tuned_beats_base
     assert m.generated_rows == 2 and 0.0 <= m.tuned.rouge_l <= 1.0 and m.tuned.stop_rate is not None
-    assert m.memory_gb > 0  # the phase's memory is recorded with its metrics
+    assert m.memory_gib > 0  # the phase's memory is recorded with its metrics
 
 
 def test_merge_matches_base_plus_adapter_and_is_idempotent(trained, tmp_path, capsys):
@@ -95,7 +91,7 @@ def test_merge_matches_base_plus_adapter_and_is_idempotent(trained, tmp_path, ca
     from lorapipe.phases.merge import merge_adapter
 
     def on_cpu(dtype):
-        return PhasePlan(phase="merge", device="cpu", dtype=dtype, batch_size=1, reason="test")
+        return PhasePlan(phase="merge", device="cpu", dtype=dtype, batch_size=1, max_seq_length=256, reason="test")
 
     out = tmp_path / "merged"
     check = merge_adapter(trained["info"].path, str(out), trained["test"], on_cpu("float32"))
@@ -109,14 +105,19 @@ def test_merge_matches_base_plus_adapter_and_is_idempotent(trained, tmp_path, ca
     assert bf16.passed and bf16.tolerance == 0.1 and bf16.max_abs_logit_diff > check.max_abs_logit_diff
 
 
-def test_the_selection_point_names_unknown_backends():
+def test_the_selection_points_name_unknown_backends_and_tasks():
+    from lorapipe.tasks import get_task
+
     with pytest.raises(ValueError, match="auto, hf, unsloth, mlx"):
         get_backend("jax")
-    assert issubclass(BackendUnavailable, RuntimeError)
+    with pytest.raises(ValueError, match="not one of sft, classification"):
+        get_task("ranking")
+    # what each name selects: the catalog's entry, implemented
+    assert get_backend("hf").name == "hf" and get_task("classification").spec.model_kind == "sequence_classifier"
 
 
 def test_checkpoints_of_other_code_are_set_aside_and_resumed_only_on_purpose(trained, tmp_path, capsys):
-    from lorapipe.backends.base import work_dir_for
+    from lorapipe.training.checkpoints import work_dir_for
 
     checkpoint = sorted((trained["work"] / "w" / "checkpoints").glob("checkpoint-*"),
                         key=lambda p: int(p.name.split("-")[-1]))[-1]
@@ -137,7 +138,7 @@ def test_checkpoints_of_other_code_are_set_aside_and_resumed_only_on_purpose(tra
     assert "set aside" not in capsys.readouterr().out
 
     on_purpose = trained["cfg"].model_copy(update={"resume_from": str(older / checkpoint.name)})
-    info = get_backend("hf").train(trained["model"], on_purpose, 7, trained["plan"], trained["train"],
+    info = train_in_process(trained["model"], on_purpose, 7, trained["plan"], trained["train"],
                                    trained["eval"], tmp_path / "fresh", tmp_path / "fresh" / "adapter")
     out = capsys.readouterr().out
     assert f"resuming from {older / checkpoint.name} (train.resume_from)" in out
@@ -145,8 +146,8 @@ def test_checkpoints_of_other_code_are_set_aside_and_resumed_only_on_purpose(tra
 
 
 def test_a_run_resumed_on_purpose_continues_its_own_progress_after_another_crash(trained, tmp_path, capsys):
-    from lorapipe.backends.base import resume_checkpoint
     from lorapipe.backends.trainer import resume_point
+    from lorapipe.training.checkpoints import resume_checkpoint
 
     done = sorted((trained["work"] / "w" / "checkpoints").glob("checkpoint-*"),
                   key=lambda p: int(p.name.split("-")[-1]))[-1]

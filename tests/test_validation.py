@@ -4,7 +4,8 @@ import json
 
 from lorapipe.data.records import Record
 from lorapipe.data.render import encode
-from lorapipe.data.validation import padding_waste, validate_dataset
+from lorapipe.data.token_audit import padding_waste
+from lorapipe.data.validation import validate_dataset
 from tests.conftest import QUICKSTART_DATA, write_lines
 
 
@@ -64,12 +65,16 @@ def test_mask_trains_assistant_turns_and_their_stop_token(tiny_tokenizer):
 
 def test_audit_passes_with_a_stop_token_and_reports_token_stats(tiny_tokenizer):
     outcome = validate_dataset([str(QUICKSTART_DATA)], tokenizer=tiny_tokenizer, max_seq_length=4096,
-                               micro_batch_size=4, run_expectations=False)
+                               micro_batch_sizes=[4, 1, 2], run_expectations=False)
     audit, stats = outcome.report.audit, outcome.report.token_stats
     assert audit.passed and audit.stop_token_trained_fraction == 1.0 and audit.trainable_rows_fraction == 1.0
     assert audit.roundtrip_fraction == 1.0 and not audit.pad_is_eos
     assert stats.p50 <= stats.p95 <= stats.max and stats.trainable_tokens < stats.total_tokens
-    assert stats.padding_waste_length_grouped < stats.padding_waste_in_order
+    # the waste at every micro-batch the plan may choose, smallest first: none at 1, and less when grouped by length
+    assert [w.micro_batch_size for w in stats.padding_waste] == [1, 2, 4]
+    assert stats.padding_at(1).in_order == stats.padding_at(1).length_grouped == 0.0
+    assert all(w.length_grouped < w.in_order for w in stats.padding_waste[1:])
+    assert stats.padding_at(4).in_order > stats.padding_at(2).in_order and stats.padding_at(8) is None
 
 
 def test_audit_fails_when_the_template_never_trains_the_stop_token(tiny_model_dir, quickstart_records):
@@ -143,7 +148,7 @@ def test_stop_token_check_equals_the_plain_definition():
     """Each trained run must end (within 3 tokens) with EOS: the regex over the mask (hot path) against a loop."""
     import random
 
-    from lorapipe.data.validation import _turns_end_with
+    from lorapipe.data.token_audit import _turns_end_with
 
     def reference(ids, mask, eos):
         runs, start = [], None

@@ -49,7 +49,6 @@ def iter_wandb_records(path: Path):
 
 def read_offline_run(run_dir: Path) -> tuple[list[dict], dict, dict]:
     """Parse the binary .wandb transaction log of an offline run: (history rows, summary, config)."""
-    import json
 
     wandb_files = list(run_dir.glob("run-*.wandb"))
     assert len(wandb_files) == 1, wandb_files

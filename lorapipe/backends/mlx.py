@@ -17,39 +17,42 @@ are functions of the step, which is what makes resume exact.
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 import random
 import shutil
-import sys
-import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from lorapipe.backends.base import (
-    AdapterInfo,
-    BackendUnavailable,
-    TrainingRun,
-    complete_checkpoints,
-    finish_training,
-    latest_complete_checkpoint,
-    resume_checkpoint,
-    run_config,
+from lorapipe.backends.base import BackendUnavailable, TrainingTask
+from lorapipe.backends.mlx_training import (
+    ADAPTER_WEIGHTS,
+    CLEAR_CACHE_EVERY,
+    StepRunner,
+    learning_rate_at,
+    make_optimizer,
+    resume,
+    save_checkpoint,
+    total_optimizer_steps,
 )
 from lorapipe.catalog import BACKENDS
 from lorapipe.config import LoraSection, ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan
+from lorapipe.training.adapter import (
+    AdapterInfo,
+    TrainingRun,
+    finish_training,
+    run_config,
+)
 
-ADAPTER_WEIGHTS = "adapters.safetensors"  # mlx-lm's names, read by mlx_lm.load(..., adapter_path=)
-ADAPTER_CONFIG = "adapter_config.json"
-OPTIMIZER_STATE = "optimizer.safetensors"
-TRAINER_STATE = "trainer_state.json"
-CHECKPOINT_PREFIX = "step-"
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"  # beside ADAPTER_WEIGHTS: mlx-lm's adapter folder
 # QLoRA on mlx: mlx's affine quantisation (what `mlx_lm convert -q` does), not bitsandbytes' NF4 data type.
 QUANTIZATION = {"nf4": {"bits": 4, "group_size": 64, "mode": "affine"},
                 "int8": {"bits": 8, "group_size": 64, "mode": "affine"}}
-CLEAR_CACHE_EVERY = 10
 INSTALL_HINT = BACKENDS["mlx"].install
 
 
@@ -123,133 +126,6 @@ def _load_base(name_or_path: str, revision: Optional[str], trust_remote_code: bo
     return model, config
 
 
-# ------------------------------------------------------------------------------------ schedule and batches
-
-
-def learning_rate_at(step: int, t: TrainSection, total_steps: int) -> float:
-    """The learning rate of optimizer step `step` (0-based), the same formulas as transformers' schedulers."""
-    warmup = t.warmup_steps
-    if t.lr_scheduler == "constant":
-        return t.learning_rate
-    if step < warmup:
-        return t.learning_rate * step / max(1, warmup)
-    if t.lr_scheduler == "constant_with_warmup":
-        return t.learning_rate
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    if t.lr_scheduler == "cosine":
-        return t.learning_rate * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    return t.learning_rate * max(0.0, 1.0 - progress)  # linear
-
-
-def epoch_order(rows: int, seed: int, epoch: int) -> list[int]:
-    """The row order of one epoch: a pure function of (seed, epoch), so resume needs only the cursor."""
-    import numpy as np
-
-    return [int(i) for i in np.random.default_rng([seed, epoch]).permutation(rows)]
-
-
-def micro_batch_rows(cursor: int, rows: int, micro: int, seed: int) -> tuple[int, list[int]]:
-    """(epoch, row indices) of the `cursor`-th micro-batch of the run; the last one of an epoch may be short."""
-    per_epoch = math.ceil(rows / micro)
-    epoch, k = divmod(cursor, per_epoch)
-    return epoch, epoch_order(rows, seed, epoch)[k * micro:(k + 1) * micro]
-
-
-def total_optimizer_steps(t: TrainSection, rows: int, micro: int, accum: int) -> int:
-    if t.max_steps > 0:
-        return t.max_steps
-    return max(1, math.ceil(t.epochs * math.ceil(rows / micro) / accum))
-
-
-def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[Any, Any, Any, int, int]:
-    """(inputs, targets, loss mask, trained tokens, real tokens) of one right-padded micro-batch.
-
-    Causal shift: position i predicts token i+1, which is trained where its assistant mask is 1. Padding sits
-    after the real tokens, so the causal attention of real positions never sees it; its loss mask is 0.
-    """
-    import mlx.core as mx
-    import numpy as np
-
-    width = max(max(len(ids) - 1 for ids, _ in encoded), 1)
-    inputs = np.full((len(encoded), width), pad_id, dtype=np.int32)
-    targets = np.full((len(encoded), width), pad_id, dtype=np.int32)
-    mask = np.zeros((len(encoded), width), dtype=np.float32)
-    real = 0
-    for row, (ids, amask) in enumerate(encoded):
-        n = len(ids) - 1
-        real += len(ids)
-        if n <= 0:
-            continue
-        inputs[row, :n] = ids[:-1]
-        targets[row, :n] = ids[1:]
-        mask[row, :n] = amask[1:]
-    return mx.array(inputs), mx.array(targets), mx.array(mask), int(mask.sum()), real
-
-
-def masked_loss(model: Any, inputs: Any, targets: Any, mask: Any, denominator: Any) -> Any:
-    """Summed cross-entropy over trained tokens / the trained tokens of the whole optimizer step."""
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    logits = model(inputs).astype(mx.float32)
-    ce = nn.losses.cross_entropy(logits, targets, reduction="none")
-    return (ce * mask).sum() / denominator
-
-
-# -------------------------------------------------------------------------------------------- checkpoints
-
-
-def list_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints (`step-N/` holding trainer_state.json), oldest first."""
-    return [p for p in complete_checkpoints(folder) if p.name.startswith(CHECKPOINT_PREFIX)]
-
-
-def _save_checkpoint(folder: Path, step: int, model: Any, optimizer: Any, state: dict, keep: int) -> Path:
-    """Write step-N/ (adapter weights, optimizer state, trainer/RNG/data-order state) and prune the oldest.
-
-    Written to a temporary folder and renamed, so a crash mid-save never leaves a checkpoint that looks whole.
-    """
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = folder / f".{final.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), dict(tree_flatten(model.trainable_parameters())))
-    mx.save_safetensors(str(tmp / OPTIMIZER_STATE), dict(tree_flatten(optimizer.state)))
-    (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in list_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _load_checkpoint(path: Path, model: Any, optimizer: Any) -> dict:
-    """Restore adapter weights and optimizer state in place; return the trainer state."""
-    import mlx.core as mx
-    from mlx.utils import tree_unflatten
-
-    model.load_weights(list(mx.load(str(path / ADAPTER_WEIGHTS)).items()), strict=False)
-    optimizer.state = tree_unflatten(list(mx.load(str(path / OPTIMIZER_STATE)).items()))
-    mx.eval(model.parameters(), optimizer.state)
-    return json.loads((path / TRAINER_STATE).read_text())
-
-
-def _make_optimizer(plan: TrainingPlan, t: TrainSection) -> Any:
-    """The catalog's mlx optimizers; preflight refuses the others, so nothing is swapped here."""
-    import mlx.optimizers as optim
-
-    if plan.optimizer == "sgd":
-        return optim.SGD(learning_rate=t.learning_rate, weight_decay=t.weight_decay)
-    if plan.optimizer == "adamw_torch":  # bias_correction=True is torch's AdamW
-        return optim.AdamW(learning_rate=t.learning_rate, weight_decay=t.weight_decay, bias_correction=True)
-    raise ValueError(f"train.optimizer={plan.optimizer} is not available on the mlx backend "
-                     f"(allowed: {', '.join(BACKENDS['mlx'].optimizers)}); preflight refuses it")
-
-
 def _use_device(device: str) -> None:
     """mlx's default device for what follows: the plan's `mps` is Apple's GPU, `cpu` the CPU."""
     import mlx.core as mx
@@ -261,21 +137,9 @@ def _memory_reader(device: str) -> Callable[[], float]:
     """mlx's own peak on Apple's GPU (unified memory); the process RSS on the CPU, as the torch backends report."""
     import mlx.core as mx
 
-    from lorapipe.training.monitoring import process_memory_gb
+    from lorapipe.training.monitoring import process_memory_gib
 
-    return (lambda: mx.get_peak_memory() / 2**30) if device == "mps" else process_memory_gb
-
-
-def _grad_norm(grads: Any) -> Any:
-    """The global L2 norm of the step's gradient, as the Trainer logs it (an mlx scalar, read once at log time)."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    return mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
-
-
-def _step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step) % 2**32
+    return (lambda: mx.get_peak_memory() / 2**30) if device == "mps" else process_memory_gib
 
 
 def _adapter_config(model_cfg: ModelSection, num_layers: int, params: dict, dtype: str,
@@ -293,25 +157,41 @@ def _adapter_config(model_cfg: ModelSection, num_layers: int, params: dict, dtyp
     }
 
 
+def _lora_model(m: ModelSection, t: TrainSection, plan: TrainingPlan, seed: int) -> tuple[Any, dict, int, Any]:
+    """The base as training sees it (dtype, QLoRA quantisation), frozen, with mlx-lm's LoRA layers on:
+    (model, lora parameters, layers, quantisation spec)."""
+    import mlx.core as mx
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    quant = QUANTIZATION.get(plan.quantization)
+    model, _ = _load_base(m.name_or_path, m.revision, m.trust_remote_code, plan.dtype, quant)
+    model.freeze()
+    params = lora_parameters(t.lora, lora_keys(model, t.lora.target_modules))
+    num_layers = len(model.layers)
+    mx.random.seed(seed)  # LoRA A matrices are drawn from mlx's RNG
+    linear_to_lora_layers(model, num_layers, params)
+    mx.eval(model.parameters())
+    return model, params, num_layers, quant
+
+
 class MLXBackend:
     name = "mlx"
 
-    def train(self, model_cfg: ModelSection, t: TrainSection, seed: int, plan: TrainingPlan,
-              train: ConversationDataset, eval: ConversationDataset, work_dir: Path,  # noqa: A002
+    def train(self, task: TrainingTask, model_cfg: ModelSection, t: TrainSection, seed: int, plan: TrainingPlan,
+              train: ConversationDataset, eval_split: ConversationDataset, work_dir: Path,
               adapter_dir: Path) -> AdapterInfo:
         """Train LoRA (QLoRA if plan.quantization) with mlx, resuming from work_dir/checkpoints if allowed.
 
-        `eval` is accepted for the interface and not scored here, as in the HF backend (eval_strategy "no").
-        """
+        `eval_split` is accepted for the interface and not scored here (train.eval_steps is an hf-only option)."""
+        if task.spec.name not in BACKENDS[self.name].tasks:  # preflight refuses it; a direct call is told the same
+            raise ValueError(f"the mlx backend trains task {', '.join(BACKENDS[self.name].tasks)}, not "
+                             f"{task.spec.name}: {BACKENDS[self.name].limits_note}")
         require_mlx()
         import mlx.core as mx
-        import mlx.nn as nn
         import numpy as np
-        from mlx.utils import tree_flatten, tree_map
-        from mlx_lm.tuner.utils import linear_to_lora_layers
+        from mlx.utils import tree_flatten
 
         from lorapipe.data.render import encode
-        from lorapipe.models.loading import load_tokenizer
         from lorapipe.training.monitoring import TrainingMonitor
 
         if len(train) == 0:
@@ -324,114 +204,56 @@ class MLXBackend:
         np.random.seed(seed)
         mx.random.seed(seed)
         # the plan's memory budget as mlx's limit: mlx then frees its cache rather than grow into swap
-        if plan.memory.budget_gb > 0:
-            mx.set_memory_limit(int(plan.memory.budget_gb * 2**30))
+        if plan.memory.budget_gib > 0:
+            mx.set_memory_limit(int(plan.memory.budget_gib * 2**30))
         mx.clear_cache()
         mx.reset_peak_memory()
 
         m = model_cfg
-        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, m.chat_template)
-        quant = QUANTIZATION.get(plan.quantization)
-        model, _ = _load_base(m.name_or_path, m.revision, m.trust_remote_code, plan.dtype, quant)
-        model.freeze()
-        keys = lora_keys(model, t.lora.target_modules)
-        params = lora_parameters(t.lora, keys)
-        num_layers = len(model.layers)
-        mx.random.seed(seed)  # LoRA A matrices are drawn from mlx's RNG
-        linear_to_lora_layers(model, num_layers, params)
-        mx.eval(model.parameters())
-
-        encoded = []
-        for rec in train.records:
-            enc = encode(tokenizer, rec, plan.max_seq_length)
-            encoded.append((enc.input_ids, enc.assistant_mask))
+        tokenizer = task.tokenizer(m)
+        model, params, num_layers, quant = _lora_model(m, t, plan, seed)
+        encoded = [(enc.input_ids, enc.assistant_mask)
+                   for enc in (encode(tokenizer, rec, plan.max_seq_length) for rec in train.records)]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        rows, micro, accum = len(encoded), plan.micro_batch_size, plan.gradient_accumulation_steps
-        total_steps = total_optimizer_steps(t, rows, micro, accum)
+        rows, micro = len(encoded), plan.micro_batch_size
+        total_steps = total_optimizer_steps(t, rows, micro, plan.gradient_accumulation_steps)
+        per_epoch = math.ceil(rows / micro)
 
-        optimizer = _make_optimizer(plan, t)
+        optimizer = make_optimizer(plan, t)
         optimizer.init(model.trainable_parameters())
         ckpt_dir = work_dir / "checkpoints"
-        state = {"step": 0, "micro_batches_consumed": 0, "loss_sum": 0.0, "train_tokens": 0, "train_seconds": 0.0,
-                 "log_history": [], "log_window": []}
-        # the newest checkpoint whose files all read back; a newer one cut short is named and set aside
-        own = latest_complete_checkpoint(ckpt_dir, (ADAPTER_WEIGHTS, OPTIMIZER_STATE, TRAINER_STATE),
-                                         CHECKPOINT_PREFIX) if t.resume else None
-        resume_from = resume_checkpoint(own, t)
-        if not t.resume and ckpt_dir.exists():
-            print(f"train.resume=false: removing the checkpoints of an earlier run in {ckpt_dir}", flush=True)
-            shutil.rmtree(ckpt_dir)
-        if resume_from is not None:
-            state = _load_checkpoint(resume_from, model, optimizer)
-            saved_order = state["data_order"]
-            if state.get("seed") != seed or state.get("rows") != rows or \
-                    saved_order["epoch_order"] != epoch_order(rows, seed, saved_order["epoch"]):
-                raise ValueError(f"{resume_from} was written for other data or another seed (seed "
-                                 f"{state.get('seed')}, {state.get('rows')} rows); "
-                                 "set train.resume=false to start over")
-
-        loss_and_grad = nn.value_and_grad(model, masked_loss)
+        state, resume_from = resume(t, ckpt_dir, model, optimizer, seed, rows)
         model.train()
-        step = state["step"]
         monitor = TrainingMonitor(adapter_dir, _memory_reader(plan.device), run_config(m, t, plan, seed))
-        monitor.begin(step, total_steps)
+        monitor.begin(state.step, total_steps)
+        step_fn = StepRunner(model, optimizer, plan, seed, encoded, pad_id)
         tokens_this_process = 0
-        while step < total_steps:
-            start = time.perf_counter()
-            lr = learning_rate_at(step, t, total_steps)
-            optimizer.learning_rate = lr
-            mx.random.seed(_step_seed(seed, step))  # dropout noise: a function of the step, so resume is exact
-            batches = []
-            for i in range(accum):
-                _, idx = micro_batch_rows(state["micro_batches_consumed"] + i, rows, micro, seed)
-                batches.append(collate([encoded[j] for j in idx], pad_id))
-            denominator = mx.array(float(max(1, sum(b[3] for b in batches))))
-            grads, loss, tokens = None, mx.array(0.0), 0
-            for inputs, targets, mask, _, real in batches:
-                value, g = loss_and_grad(model, inputs, targets, mask, denominator)
-                grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
-                loss = loss + value
-                tokens += real
-                mx.eval(loss, grads)
-            grad_norm = _grad_norm(grads)  # lazy: evaluated with the update below
-            optimizer.update(model, grads)
-            mx.eval(model.trainable_parameters(), optimizer.state, grad_norm)
-            seconds = time.perf_counter() - start
+        while state.step < total_steps:
+            lr = learning_rate_at(state.step, t, total_steps)
+            loss_value, tokens, seconds, grad_norm = step_fn(state, lr)
             tokens_this_process += tokens
-
-            step += 1
-            if step % CLEAR_CACHE_EVERY == 0:  # as the seed MLX notes: free the buffer cache every few steps
+            state.step += 1
+            if state.step % CLEAR_CACHE_EVERY == 0:  # as the seed MLX notes: free the buffer cache every few steps
                 mx.clear_cache()
-            loss_value = loss.item()
-            state["step"] = step
-            state["micro_batches_consumed"] += accum
-            state["loss_sum"] += loss_value
-            state["train_tokens"] += tokens
-            state["train_seconds"] += seconds
-            window = state["log_window"]  # [loss, tokens, seconds] of the steps since the last log line
-            window.append([loss_value, tokens, seconds])
-            if step % t.logging_steps == 0 or step == total_steps:
-                entry = {"step": step, "epoch": round(state["micro_batches_consumed"] / math.ceil(rows / micro), 4),
+            state.micro_batches_consumed += plan.gradient_accumulation_steps
+            state.loss_sum += loss_value
+            state.train_tokens += tokens
+            state.train_seconds += seconds
+            state.log_window.append([loss_value, tokens, seconds])
+            if state.step % t.logging_steps == 0 or state.step == total_steps:
+                window = state.log_window
+                entry = {"step": state.step, "epoch": state.epoch(per_epoch),
                          "loss": sum(w[0] for w in window) / len(window), "learning_rate": lr,
                          "tokens_per_second": sum(w[1] for w in window) / max(sum(w[2] for w in window), 1e-9),
-                         "train_tokens": state["train_tokens"]}
-                state["log_history"].append(entry)
-                monitor.log(step, loss=entry["loss"], learning_rate=lr, grad_norm=grad_norm.item(),
+                         "train_tokens": state.train_tokens}
+                state.log_history.append(entry)
+                monitor.log(state.step, loss=entry["loss"], learning_rate=lr, grad_norm=grad_norm.item(),
                             epoch=entry["epoch"], tokens_seen=tokens_this_process)
-                state["log_window"] = []
-            if step % t.save_steps == 0 or step == total_steps:
-                cursor = state["micro_batches_consumed"]
-                cur_epoch = cursor // math.ceil(rows / micro)
-                state.update({
-                    "seed": seed, "rows": rows, "total_steps": total_steps,
-                    "rng": {"mlx_seed_of_next_step": _step_seed(seed, step),
-                            "rule": "mx.random.seed((seed * 1000003 + step) % 2**32) before each optimizer step"},
-                    "data_order": {"epoch": cur_epoch, "position_in_epoch": (cursor % math.ceil(rows / micro)) * micro,
-                                   "epoch_order": epoch_order(rows, seed, cur_epoch),
-                                   "rule": "numpy.random.default_rng([seed, epoch]).permutation(rows)"},
-                })
-                _save_checkpoint(ckpt_dir, step, model, optimizer, state, t.save_total_limit)
-                monitor.checkpoint_saved(step)
+                state.log_window = []
+            if state.step % t.save_steps == 0 or state.step == total_steps:
+                state.mark_checkpoint(seed, rows, total_steps, per_epoch, micro)
+                save_checkpoint(ckpt_dir, state.step, model, optimizer, asdict(state), t.save_total_limit)
+                monitor.checkpoint_saved(state.step)
         monitor.end()
 
         model.eval()
@@ -443,10 +265,10 @@ class MLXBackend:
                 _adapter_config(m, num_layers, params, plan.dtype, quant), indent=2))
 
         run = TrainingRun(
-            backend=self.name, steps=step, train_loss=state["loss_sum"] / step if step else None,
-            train_tokens=int(state["train_tokens"]), train_seconds=state["train_seconds"],
-            peak_memory_gb=round(monitor.memory_gb(), 4),
-            resumed_from=str(resume_from) if resume_from else None, log_history=state["log_history"])
+            backend=self.name, steps=state.step, train_loss=state.loss_sum / state.step if state.step else None,
+            train_tokens=int(state.train_tokens), train_seconds=state.train_seconds,
+            peak_memory_gib=round(monitor.memory_gib(), 4),
+            resumed_from=str(resume_from) if resume_from else None, log_history=state.log_history)
         return finish_training(run, adapter_dir, m, t, seed, plan, train, tokenizer, save_weights,
                                extra={"adapter_format": BACKENDS["mlx"].adapter_format})
 
@@ -530,10 +352,11 @@ class MLXBackend:
 
         cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
         base = Path(cfg["model"])
-        if not base.exists():
-            import mlx_lm.utils
+        if not base.exists():  # a hub id: its config files, from the cache mlx_lm.load filled (or the hub)
+            from huggingface_hub import snapshot_download
 
-            base = mlx_lm.utils._download(cfg["model"], revision=cfg.get("revision"))
+            base = Path(snapshot_download(cfg["model"], revision=cfg.get("revision"),
+                                          allow_patterns=["config.json", "generation_config.json"]))
         config = load_config(base)
         for key in ("quantization", "quantization_config"):
             config.pop(key, None)
@@ -549,5 +372,5 @@ class MLXBackend:
         (out / "lorapipe_fused.json").write_text(json.dumps(
             {"base_model": cfg["model"], "adapter": str(adapter_dir), "dtype": dtype, "fused_by": "mlx-lm",
              "base_quantization": cfg.get("base_quantization")}, indent=2))
-        print(f"fused {adapter_dir} into {out}", file=sys.stderr, flush=True)
+        log.info("fused %s into %s", adapter_dir, out)
         return str(out)

@@ -4,11 +4,15 @@ base, merge it, and compute the unmerged reference logits the merge check compar
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from lorapipe.backends.base import read_adapter_metadata
+from lorapipe.catalog import task_spec
 from lorapipe.hardware.plan import PhasePlan
+from lorapipe.training.adapter import read_adapter_metadata
+
+log = logging.getLogger(__name__)
 
 
 def trim_heap() -> None:
@@ -33,16 +37,17 @@ def release_memory(device: str) -> None:
     trim_heap()
 
 
-def _base(meta: dict, dtype: str, device: str) -> Any:
-    """The adapter's base: a causal LM, or (task: classification) a sequence classifier with the adapter's frozen
-    labels, its head then replaced by the adapter's trained copy (modules_to_save)."""
+def load_base(meta: dict, dtype: str, device: str) -> Any:
+    """The adapter's base as its task trains it (`TaskSpec.model_kind`): a causal LM, or a sequence classifier with
+    the adapter's frozen labels, its head then replaced by the adapter's trained copy (modules_to_save)."""
     from lorapipe.models.loading import load_model
+    from lorapipe.training.adapter import task_of
 
-    task = meta.get("task", "sft")
+    kind = task_spec(task_of(meta)).model_kind
     model = load_model(meta["base_model"], dtype, meta.get("base_revision"), meta.get("trust_remote_code", False),
-                       device=device, task=task, labels=meta.get("labels") if task == "classification" else None)
-    if task == "classification" and model.config.pad_token_id is None:
-        model.config.pad_token_id = meta.get("pad_token_id")
+                       device=device, kind=kind, labels=meta.get("labels") if kind == "sequence_classifier" else None)
+    if model.config.pad_token_id is None and meta.get("pad_token_id") is not None:
+        model.config.pad_token_id = meta["pad_token_id"]
     return model
 
 
@@ -58,7 +63,8 @@ def eval_models(adapter_dir: str, phase: PhasePlan) -> dict[str, Callable[[], An
     """One loaded base with the adapter on; "base" is the same model with the adapter switched off."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(_base(read_adapter_metadata(adapter_dir), phase.dtype, phase.device), adapter_dir)
+    model = PeftModel.from_pretrained(load_base(read_adapter_metadata(adapter_dir), phase.dtype, phase.device),
+                                      adapter_dir)
 
     @contextlib.contextmanager
     def base() -> Iterator[Any]:
@@ -84,15 +90,15 @@ def merge_with_reference(adapter_dir: str, out_dir: str, phase: PhasePlan, input
     meta = read_adapter_metadata(adapter_dir)
     quantization = meta["plan"].get("quantization", "none")
     if quantization != "none":
-        print(f"the adapter was trained on a {quantization}-quantised base; merging into a {phase.dtype} copy of the "
-              f"unquantised base: merged into quantised weights the adapter's update would lose its precision "
-              f"(peft warns, LLaMA-Factory refuses)", flush=True)
+        log.info("the adapter was trained on a %s-quantised base; merging into a %s copy of the unquantised base: "
+                 "merged into quantised weights the adapter's update would lose its precision (peft warns, "
+                 "LLaMA-Factory refuses)", quantization, phase.dtype)
     if meta.get("method") == "full":  # a fully fine-tuned classifier: nothing to fold in, written in the merge dtype
         from lorapipe.models.loading import load_model
 
-        model = load_model(adapter_dir, phase.dtype, device=phase.device, task="classification").eval()
+        model = load_model(adapter_dir, phase.dtype, device=phase.device, kind="sequence_classifier").eval()
     else:
-        model = PeftModel.from_pretrained(_base(meta, phase.dtype, phase.device), adapter_dir).eval()
+        model = PeftModel.from_pretrained(load_base(meta, phase.dtype, phase.device), adapter_dir).eval()
     with torch.no_grad():
         for ids in inputs:
             keep_reference(forward_logits(model, ids).cpu())
@@ -131,6 +137,6 @@ def reference_logits(adapter_dir: str, phase: PhasePlan) -> Callable[[Any], Any]
     """ids -> float32 logits of base + adapter, unmerged, on the merge phase's device."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(_base(read_adapter_metadata(adapter_dir), "float32", phase.device),
+    model = PeftModel.from_pretrained(load_base(read_adapter_metadata(adapter_dir), "float32", phase.device),
                                       adapter_dir).eval()
     return lambda ids: model(input_ids=ids.to(phase.device)).logits.float().cpu()

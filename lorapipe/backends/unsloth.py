@@ -8,26 +8,30 @@ QLoRA is the same path with `load_in_4bit`; the adapter it saves is a plain PEFT
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from lorapipe.backends import peft_adapter
-from lorapipe.backends.base import AdapterInfo, BackendUnavailable
-from lorapipe.catalog import BACKENDS
+from lorapipe.backends.base import BackendUnavailable, TrainingTask
 from lorapipe.backends.trainer import (
     finish_trainer_run,
     monitor_callback,
     new_monitor,
     resume_point,
-    sft_config_kwargs,
-    tokenize_dataset,
     train_tokens,
+    trainer_arguments,
+    trainer_class,
 )
+from lorapipe.catalog import BACKENDS
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
+from lorapipe.training.adapter import AdapterInfo
 from lorapipe.training.preemption import Preemption
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = BACKENDS["unsloth"].install
 
@@ -73,24 +77,27 @@ class UnslothBackend:
 
     name = "unsloth"
 
-    def train(self, model_cfg: ModelSection, t: TrainSection, seed: int, plan: TrainingPlan,
-              train: ConversationDataset, eval: ConversationDataset, work_dir: Path,  # noqa: A002
+    def train(self, task: TrainingTask, model_cfg: ModelSection, t: TrainSection, seed: int, plan: TrainingPlan,
+              train: ConversationDataset, eval_split: ConversationDataset, work_dir: Path,
               adapter_dir: Path) -> AdapterInfo:
-        FastLanguageModel = _import_unsloth()  # noqa: N806
+        if task.spec.name not in BACKENDS[self.name].tasks:  # preflight refuses it; a direct call is told the same
+            raise ValueError(f"the unsloth backend trains task {', '.join(BACKENDS[self.name].tasks)}, not "
+                             f"{task.spec.name}: {BACKENDS[self.name].limits_note}")
+        FastLanguageModel = _import_unsloth()  # noqa: N806 - a class, as unsloth names it
 
         import transformers
         from transformers import PrinterCallback, set_seed
         from trl import SFTConfig, SFTTrainer
 
-        from lorapipe.models.loading import load_tokenizer, torch_dtype
+        from lorapipe.models.loading import torch_dtype
 
         set_seed(seed)
         transformers.logging.set_verbosity_error()
         m = model_cfg
         work_dir, adapter_dir = Path(work_dir), Path(adapter_dir)
-        # The project's tokenizer (chat template override, pad token) so rendering and masking match the hf
-        # backend, evaluation and merge exactly; unsloth's own tokenizer is not used.
-        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, m.chat_template)
+        # The task's tokenizer (chat template override, pad token) so rendering and masking match the hf backend,
+        # evaluation and merge exactly; unsloth's own tokenizer is not used.
+        tokenizer = task.tokenizer(m)
         tokenizer.padding_side = "right"
         checkpointing = "unsloth" if plan.gradient_checkpointing else False
         model, _ = FastLanguageModel.from_pretrained(
@@ -102,8 +109,8 @@ class UnslothBackend:
         )
         applied = _quantization_applied(model)
         if applied != plan.quantization:
-            print(f"warning: the plan asked for quantization {plan.quantization} but unsloth loaded "
-                  f"{applied} weights on {plan.device} (recorded in {adapter_dir.name}/lorapipe_adapter.json)", flush=True)
+            log.warning("the plan asked for quantization %s but unsloth loaded %s weights on %s (recorded in "
+                        "%s/lorapipe_adapter.json)", plan.quantization, applied, plan.device, adapter_dir.name)
         lora = t.lora
         model = FastLanguageModel.get_peft_model(
             model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
@@ -115,21 +122,20 @@ class UnslothBackend:
 
             torch.cuda.reset_peak_memory_stats()
 
-        train_ds = tokenize_dataset(train, tokenizer, plan.max_seq_length)
-        eval_ds = tokenize_dataset(eval, tokenizer, plan.max_seq_length) if len(eval) else None
+        train_ds = task.tokenize(train, tokenizer, plan)
+        eval_ds = task.tokenize(eval_split, tokenizer, plan) if len(eval_split) else None
         ckpt_dir = work_dir / "checkpoints"
-        args = SFTConfig(
-            **sft_config_kwargs(t, plan, seed, ckpt_dir),
-            eval_strategy="no",
-            # get_peft_model above already set checkpointing up (unsloth's offloaded variant on CUDA);
-            # the Trainer enabling it again would replace that with the stock one.
-            gradient_checkpointing=False,
-        )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tokenizer,
-                             callbacks=[monitor_callback(new_monitor(adapter_dir, m, t, plan, seed))])
-        trainer.remove_callback(PrinterCallback)  # the monitor prints one compact line per log instead
-        resume_from = resume_point(t, ckpt_dir, trainer.args.world_size)
+        arguments = trainer_arguments(t, plan, seed, ckpt_dir)
+        # get_peft_model above already set checkpointing up (unsloth's offloaded variant on CUDA); the Trainer
+        # enabling it again would replace that with the stock one
+        arguments["gradient_checkpointing"] = False
+        args = SFTConfig(**arguments, max_length=plan.max_seq_length)
+        trainer = trainer_class(SFTTrainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                            processing_class=tokenizer,
+                                            callbacks=[monitor_callback(new_monitor(adapter_dir, m, t, plan, seed))])
+        trainer.remove_callback(PrinterCallback)  # the monitor logs one compact line per log instead
+        trainer.lorapipe_checkpoint_files = task.checkpoint_files(plan, trainer.args.world_size)
+        resume_from = resume_point(t, ckpt_dir, trainer.args.world_size, trainer.lorapipe_checkpoint_files)
         start = time.perf_counter()
         with Preemption(enabled=trainer.args.world_size == 1) as preemption:  # SIGTERM: save, then PreemptedError
             trainer.add_callback(preemption.callback())

@@ -23,7 +23,6 @@ from lorapipe.data.records import Problem, RawRow, Record
 
 FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text", "classification")
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
-TRAINABLE_ROLES = ("assistant",)
 SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",

@@ -1,6 +1,7 @@
 """Where a run's data comes from, decided when the run starts: files, glob patterns (the newest drop of a folder),
-or the latest version of a named ZenML artifact. A scheduled run resolves its source each time it fires, so it
-reads what landed since; the sha256 of the resolved bytes is what caching and lineage key on (content, not mtime).
+or the rows of a ZenML artifact version (which the pipeline's data source reads from the store, `steps/data_source.py`,
+and hands to `rows_file`). A scheduled run resolves its source each time it fires, so it reads what landed since; the
+sha256 of the resolved bytes is what caching and lineage key on (content, not mtime).
 """
 
 from __future__ import annotations
@@ -71,54 +72,31 @@ def _is_existing_file(value: object) -> bool:
     return False
 
 
-def _artifact_rows_file(name: str, out_dir: Path, version_id: Optional[str] = None) -> tuple[str, str, str]:
-    """(JSONL file, description, version id) for the latest version of artifact `name` (or the given version):
-    its rows written once per version, so validation can name a file and line like any other source."""
-    from zenml.client import Client
-
-    try:
-        version = Client().get_artifact_version(version_id or name)
-    except KeyError:
-        raise DataSourceError([f"data.artifact: no artifact named {name} in the ZenML store; save one with "
-                               f"zenml.save_artifact(rows, name={name!r}) or use data.paths"]) from None
-    value = version.load()
-    target = out_dir / f"{name}-v{version.version}.jsonl"
+def rows_file(value: object, name: str, version: str, out_dir: Path) -> tuple[str, str]:
+    """(JSONL file, description) of an artifact version's rows (`value`, loaded by the caller: lorapipe's library does
+    not read the ZenML store): a path to a file is read where it is; rows (a list of dicts) or JSONL text are written
+    once per version to `out_dir/<name>-v<version>.jsonl`, so validation can name a file and line like any other
+    source."""
+    description = f"artifact {name} version {version}"
     if _is_existing_file(value):
-        return str(Path(value).resolve()), f"artifact {name} version {version.version} ({value})", str(version.id)
+        return str(Path(value).resolve()), f"{description} ({value})"  # type: ignore[arg-type]
     if isinstance(value, str):
         text = value
     elif isinstance(value, list) and all(isinstance(row, dict) for row in value):
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in value)
     else:
-        raise DataSourceError([f"data.artifact: {name} version {version.version} holds a "
-                               f"{type(value).__name__}; lorapipe reads a list of row dicts, JSONL text or the "
-                               "path of a JSONL file"])
+        raise DataSourceError([f"data.artifact: {name} version {version} holds a {type(value).__name__}; lorapipe "
+                               "reads a list of row dicts, JSONL text or the path of a JSONL file"])
+    target = out_dir / f"{name}-v{version}.jsonl"
     out_dir.mkdir(parents=True, exist_ok=True)
     if not target.exists() or target.read_text(encoding="utf-8") != text:
         target.write_text(text, encoding="utf-8")
-    return str(target), f"artifact {name} version {version.version}", str(version.id)
+    return str(target), description
 
 
-def resolve_data(data: DataSection, artifact_dir: Optional[Path] = None) -> ResolvedData:
-    """The files to read now. `artifact_dir`: where an artifact's rows are written (the run's output root)."""
-    if data.artifact:
-        path, source, version_id = _artifact_rows_file(data.artifact, Path(artifact_dir or "runs") / "data")
-        return ResolvedData(files=[path], sha256=file_fingerprint([path]), source=source,
-                            artifact_version_id=version_id)
+def resolve_files(data: DataSection) -> ResolvedData:
+    """The files of `data.paths` to read now (globs expanded) and the sha256 of their bytes."""
     files, problems = expand_paths(data.paths)
     if problems:
         raise DataSourceError(problems)
     return ResolvedData(files=files, sha256=file_fingerprint(files), source=", ".join(data.paths))
-
-
-def local_files(resolved: ResolvedData, data: DataSection, artifact_dir: Optional[Path] = None) -> list[str]:
-    """The resolved files, readable here: on a stack whose steps run in separate containers, an artifact's rows are
-    written again from the same artifact version (the files of data.paths must be on storage every step sees)."""
-    if resolved.artifact_version_id and not all(Path(f).is_file() for f in resolved.files):
-        path, _, _ = _artifact_rows_file(data.artifact or "data", Path(artifact_dir or "runs") / "data",
-                                         resolved.artifact_version_id)
-        if file_fingerprint([path]) != resolved.sha256:
-            raise DataSourceError([f"data.artifact: version {resolved.artifact_version_id} no longer holds the "
-                                   "rows this run resolved"])
-        return [path]
-    return resolved.files

@@ -37,6 +37,10 @@ from lorapipe.data.records import Record
 TEXT_METRICS = ("exact_match", "rouge_l", "bleu", "chrf")
 
 
+class EvaluationError(ValueError):
+    """The test rows cannot be scored as configured (a user's fix, named in the message)."""
+
+
 class ModelScores(BaseModel):
     loss: float
     perplexity: float
@@ -47,7 +51,7 @@ class ModelScores(BaseModel):
     stop_rate: Optional[float] = None  # learned-to-stop rate: generations ending on an end token
     overshoot: Optional[float] = None  # mean tokens generated beyond the reference's length
     generation_seconds: Optional[float] = None  # wall time of this model's generation
-    # task: classification (see lorapipe.evaluation.classify): over every test row
+    # task: classification (see lorapipe.tasks.classification): over every test row
     accuracy: Optional[float] = None
     macro_f1: Optional[float] = None
     weighted_f1: Optional[float] = None
@@ -66,8 +70,8 @@ class EvalMetrics(BaseModel):
     samples: list[dict]  # per generated row: source, prompt, reference, base and tuned generation, stopped or not
     # per scored row (same order): mean masked NLL of base and tuned, for the per-row comparison
     row_losses: dict[str, list[Optional[float]]] = Field(default_factory=dict)
-    memory_gb: float = 0.0  # this phase's peak: CUDA's allocated peak, the process's resident high-water mark on CPU
-    memory_at_start_gb: Optional[float] = None  # what the process held when the phase began
+    memory_gib: float = 0.0  # this phase's peak: CUDA's allocated peak, the process's resident high-water mark on CPU
+    memory_at_start_gib: Optional[float] = None  # what the process held when the phase began
     # how the generations were made: max_new_tokens, batch_size, greedy, seed, end_tokens
     generation: dict[str, Any] = Field(default_factory=dict)
     # task: classification: every model's report (majority, head_only, tuned), per-class scores and confusion matrix

@@ -1,9 +1,8 @@
 """The memory model: what training, evaluation and merge of a LoRA/QLoRA (or, for a classifier, full) fine-tune
 hold, term by term, from the model's `config.json` alone (no weights are read).
 
-`model_facts` reads the config (a local folder, or the hub cache / hub where reachable) and counts parameters per
-module kind and the shape of every linear layer LoRA can wrap (GQA makes k/v smaller than q). `estimate` turns
-facts and settings (`MemoryInputs`) into the peak of each phase with the terms that make it up. `task:
+`estimate` turns a model's facts (`lorapipe.hardware.facts.model_facts`: parameter counts and linear shapes) and the
+settings (`MemoryInputs`) into the peak of each phase with the terms that make it up. `task:
 classification` counts the model as a sequence classifier (a head of `num_labels` in place of the vocabulary-wide
 lm_head) and adds encoders (BERT-like layers) and full fine-tuning to the terms. Every term is
 documented in docs/MEMORY.md with its formula and where its constants come from; the constants below were counted
@@ -19,20 +18,14 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field
 
-GIB = 2**30
-# Llama-family architectures whose parameters are counted from the config by formula (the same decoder layer:
-# q/k/v/o attention with GQA, a gated MLP, RMSNorms). Any other model_type is counted on the meta device.
-LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "granite", "olmo2", "deepseek", "yi",
-              "internlm2"}
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-# The projections that read a layer's (normalised) input: one saved tensor feeds all three. Encoders name them
-# query/key/value (BERT, RoBERTa, ELECTRA) or q_lin/k_lin/v_lin (DistilBERT).
-QKV_MODULES = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "q_lin", "k_lin", "v_lin")
-# The modules PEFT keeps a trainable copy of for a sequence classifier (modules_to_save; peft's SEQ_CLS_HEAD_NAMES),
-# and what else counts as the head (BERT's pooler).
-CLASSIFIER_HEADS = ("score", "classifier")
-HEAD_MODULES = (*CLASSIFIER_HEADS, "pooler")
+from lorapipe.hardware.facts import (
+    ATTENTION_MODULES,
+    MLP_MODULES,
+    QKV_MODULES,
+    LinearShape,
+    ModelFacts,
+)
+from lorapipe.units import GIB, format_bytes
 
 # Bytes per weight of a quantised linear layer (bitsandbytes): NF4 packs two 4-bit codes a byte plus one absmax per
 # block of 64 weights, fp32 (4/64 B) or, double-quantised, 8-bit (1/64 B) with an fp32 scale per 256 blocks;
@@ -64,251 +57,6 @@ CUDA_ALLOCATOR_OVERHEAD = 0.10
 # output and, in backward, their gradients, not all at once (the 16-bit logits are counted apart). Fitted on this
 # CPU between a run where activations dominate (2.75 measured) and one where logits do (2.34): docs/MEMORY.md.
 LOGITS_FP32_COPIES = 2.5
-
-
-class LinearShape(BaseModel):
-    name: str
-    in_features: int
-    out_features: int
-    kind: Literal["attention", "mlp", "other"]
-
-
-class ModelFacts(BaseModel):
-    """A model's sizes from its config: parameter counts per module kind and one layer's linear shapes. `task`:
-    counted as a causal LM (sft) or as a sequence classifier (a `head` bucket in place of `lm_head`)."""
-
-    source: str
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    tied_embeddings: bool
-    parameter_counts: dict[str, int]  # embeddings, attention, mlp, norms, lm_head (0 when tied) or head (classifier)
-    linears: list[LinearShape]  # one layer's linear modules
-    counted: Literal["formula", "meta"] = "formula"
-    task: Literal["sft", "classification"] = "sft"
-    num_labels: Optional[int] = None  # classification: the head's outputs
-    # decoder: the Llama-family layer's activation formula (any decoder is counted with it, with its own shapes);
-    # encoder: a BERT-like layer (post-LayerNorm, GELU MLP, query/key/value, dropout)
-    block: Literal["decoder", "encoder"] = "decoder"
-    classifier_parameters: int = 0  # classification: the head PEFT trains a copy of (classifier / score)
-    hidden_dropout: float = 0.0  # encoders: dropout on the hidden states (its masks are saved)
-    attention_dropout: float = 0.0  # encoders: dropout on the attention probabilities
-
-    @property
-    def total_parameters(self) -> int:
-        return sum(self.parameter_counts.values())
-
-    @property
-    def layer_linear_parameters(self) -> int:
-        """Weights of the decoder layers' linear modules: what quantisation compresses."""
-        return self.layers * sum(s.in_features * s.out_features for s in self.linears)
-
-
-class ModelFactsError(RuntimeError):
-    """The model's config could not be read (no such folder, no hub, not a causal LM or classifier): one line."""
-
-
-def read_config(name_or_path: str, revision: Optional[str] = None, trust_remote_code: bool = False) -> Any:
-    """The model's transformers config from a local folder, the hub cache, or the hub where reachable."""
-    import os
-
-    from transformers import AutoConfig
-
-    if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
-        raise ModelFactsError(f"{name_or_path}: no readable config.json in this folder (a model folder holds the "
-                              "config.json that save_pretrained writes)")
-    try:
-        return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        if os.path.isdir(name_or_path):
-            raise ModelFactsError(f"{name_or_path}: no readable config.json in this folder ({exc.__class__.__name__})"
-                                  ) from None
-        raise ModelFactsError(
-            f"{name_or_path}: its config.json is not in the Hugging Face cache and the hub could not be reached (or "
-            "the id does not exist / is gated): download it once with `hf download "
-            f"{name_or_path} config.json`, or give a local folder") from None
-    except ValueError as exc:
-        raise ModelFactsError(f"{name_or_path}: {exc}".splitlines()[0]) from None
-
-
-def facts_from_config(cfg: Any, source: str = "config", task: str = "sft", num_labels: int = 2) -> ModelFacts:
-    """Counts by formula for Llama-family configs; any other architecture is built on the meta device and counted.
-    `task: classification` counts the sequence classifier (`AutoModelForSequenceClassification`, `num_labels`
-    outputs): for Llama-family models a `score` head of hidden x labels in place of lm_head."""
-    if getattr(cfg, "model_type", None) not in LLAMA_LIKE or getattr(cfg, "num_local_experts", None):
-        return count_on_meta(cfg, source, task=task, num_labels=num_labels)
-    h, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
-    heads = cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    d = getattr(cfg, "head_dim", None) or h // heads
-    inter = cfg.intermediate_size
-    q_out, kv_out = heads * d, kv * d
-    linears = [LinearShape(name="q_proj", in_features=h, out_features=q_out, kind="attention"),
-               LinearShape(name="k_proj", in_features=h, out_features=kv_out, kind="attention"),
-               LinearShape(name="v_proj", in_features=h, out_features=kv_out, kind="attention"),
-               LinearShape(name="o_proj", in_features=q_out, out_features=h, kind="attention"),
-               LinearShape(name="gate_proj", in_features=h, out_features=inter, kind="mlp"),
-               LinearShape(name="up_proj", in_features=h, out_features=inter, kind="mlp"),
-               LinearShape(name="down_proj", in_features=inter, out_features=h, kind="mlp")]
-    attn_bias = (q_out + 2 * kv_out) if getattr(cfg, "attention_bias", False) or cfg.model_type == "qwen2" else 0
-    attn_bias += h if getattr(cfg, "attention_bias", False) and cfg.model_type != "qwen2" else 0
-    mlp_bias = (2 * inter + h) if getattr(cfg, "mlp_bias", False) else 0
-    qk_norm = 2 * d if cfg.model_type == "qwen3" else 0
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    counts = {
-        "embeddings": V * h,
-        "attention": L * (sum(s.in_features * s.out_features for s in linears[:4]) + attn_bias),
-        "mlp": L * (sum(s.in_features * s.out_features for s in linears[4:]) + mlp_bias),
-        "norms": L * (2 * h + qk_norm) + h,
-        "lm_head": 0 if tied else V * h,
-    }
-    if task == "classification":
-        # LlamaForSequenceClassification (and its kin): a bias-free `score` linear, hidden -> labels, read at the last
-        # token; no lm_head, tied or not
-        del counts["lm_head"]
-        counts["head"] = h * num_labels
-        return ModelFacts(source=source, model_type=cfg.model_type, vocab_size=V, hidden_size=h,
-                          intermediate_size=inter, layers=L, heads=heads, kv_heads=kv, head_dim=d,
-                          tied_embeddings=False, parameter_counts=counts, linears=linears, task="classification",
-                          num_labels=num_labels, classifier_parameters=h * num_labels)
-    return ModelFacts(source=source, model_type=cfg.model_type, vocab_size=V, hidden_size=h, intermediate_size=inter,
-                      layers=L, heads=heads, kv_heads=kv, head_dim=d, tied_embeddings=tied, parameter_counts=counts,
-                      linears=linears)
-
-
-def count_on_meta(cfg: Any, source: str = "config", task: str = "sft", num_labels: int = 2) -> ModelFacts:
-    """Build the model on the meta device (no memory, no weights) and count its parameters per module kind: the
-    causal LM (task sft) or the sequence classifier with `num_labels` outputs (task classification: any
-    architecture transformers has one for, encoders such as BERT included; its classifier, score and pooler are
-    counted as `head`)."""
-    import copy
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    classifying = task == "classification"
-    try:
-        with torch.device("meta"):
-            if classifying:
-                cfg = copy.deepcopy(cfg)
-                cfg.num_labels = num_labels  # sets id2label/label2id to match
-                model = AutoModelForSequenceClassification.from_config(cfg)
-            else:
-                model = AutoModelForCausalLM.from_config(cfg)
-    except ValueError as exc:
-        what = "sequence classifier" if classifying else "causal language model"
-        raise ModelFactsError(f"{source}: not a {what} transformers can build "
-                              f"({str(exc).splitlines()[0]})") from None
-    counts = {"embeddings": 0, "attention": 0, "mlp": 0, "norms": 0, "head" if classifying else "lm_head": 0}
-    heads_of = {name: getattr(model, name) for name in HEAD_MODULES
-                if classifying and isinstance(getattr(model, name, None), torch.nn.Module)}
-    # the head is an attribute of the classifier itself, except BERT's pooler, which lives in the base model
-    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if classifying and isinstance(getattr(base, "pooler", None), torch.nn.Module):
-        heads_of.setdefault("pooler", base.pooler)
-    head_ids = {id(p) for m in heads_of.values() for p in m.parameters()}
-    seen: set[int] = set()
-    out_emb = model.get_output_embeddings()
-    in_ids = {id(p) for p in model.get_input_embeddings().parameters()}
-    # a tied head shares the input embeddings' weight: counted once, as embeddings
-    out_ids = {id(p) for p in out_emb.parameters()} - in_ids if out_emb is not None else set()
-    for mod_name, module in model.named_modules():
-        for p in module.parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            lname = mod_name.lower()
-            if id(p) in head_ids:
-                kind = "head"
-            elif id(p) in out_ids:
-                kind = "lm_head"
-            elif isinstance(module, torch.nn.Embedding):
-                kind = "embeddings"
-            elif "norm" in type(module).__name__.lower() or "ln" in lname.rsplit(".", 1)[-1]:
-                kind = "norms"
-            elif any(k in lname for k in ("attn", "attention")):
-                kind = "attention"
-            else:
-                kind = "mlp"
-            counts[kind] += p.numel()
-    cfg_dict = cfg.to_dict()
-    h = cfg_dict.get("hidden_size") or cfg_dict.get("n_embd") or cfg_dict.get("d_model")
-    L = cfg_dict.get("num_hidden_layers") or cfg_dict.get("n_layer") or cfg_dict.get("num_layers")
-    if not h or not L:
-        raise ModelFactsError(f"{source}: the config names no hidden size or layer count lorapipe can read "
-                              "(hidden_size / n_embd / d_model, num_hidden_layers / n_layer / num_layers)")
-    heads = cfg_dict.get("num_attention_heads") or cfg_dict.get("n_head") or 1
-    kv = cfg_dict.get("num_key_value_heads") or heads
-    layer0 = _first_layer(model)
-    found = []
-    for name, module in (layer0.named_modules() if layer0 is not None else []):
-        shape = _linear_shape(module)
-        if shape is not None:
-            kind = "attention" if any(k in name.lower() for k in ("attn", "attention")) else "mlp"
-            found.append((name, shape, kind))
-    # PEFT matches target_modules by the name's last part: the leaf names it, unless two linears of the layer share
-    # it (BERT's three `dense`, GPT-2's two `c_proj`), which are then named by their path in the layer
-    leaves = [name.rsplit(".", 1)[-1] for name, _, _ in found]
-    linears = [LinearShape(name=leaf if leaves.count(leaf) == 1 else name, in_features=shape[0],
-                           out_features=shape[1], kind=kind) for leaf, (name, shape, kind) in zip(leaves, found)]
-    inter = max((s.out_features for s in linears if s.kind == "mlp"), default=4 * h)
-    tied = out_emb is not None and any(id(p) in in_ids for p in out_emb.parameters())
-    encoder = (layer0 is not None and any(isinstance(m, torch.nn.LayerNorm) for m in layer0.modules())
-               and sum(leaf in QKV_MODULES for leaf in leaves) == 3 and not cfg_dict.get("is_decoder"))
-    extra: dict[str, Any] = {}
-    if classifying:
-        extra = {"task": "classification", "num_labels": num_labels,
-                 "classifier_parameters": sum(p.numel() for name in CLASSIFIER_HEADS if name in heads_of
-                                              for p in heads_of[name].parameters())}
-    if encoder:
-        extra.update(block="encoder",
-                     hidden_dropout=float(cfg_dict.get("hidden_dropout_prob", cfg_dict.get("dropout")) or 0.0),
-                     attention_dropout=float(cfg_dict.get("attention_probs_dropout_prob",
-                                                          cfg_dict.get("attention_dropout")) or 0.0))
-    return ModelFacts(source=source, model_type=cfg.model_type, vocab_size=cfg.vocab_size, hidden_size=h,
-                      intermediate_size=inter, layers=L, heads=heads, kv_heads=kv,
-                      head_dim=cfg_dict.get("head_dim") or h // heads, tied_embeddings=bool(tied),
-                      parameter_counts=counts, linears=linears, counted="meta", **extra)
-
-
-def _first_layer(model: Any) -> Any:
-    import torch
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
-            return module[0]
-    return None
-
-
-def _linear_shape(module: Any) -> Optional[tuple[int, int]]:
-    import torch
-
-    if isinstance(module, torch.nn.Linear):
-        return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D":  # GPT-2's transposed linear
-        return tuple(module.weight.shape)  # type: ignore[return-value]
-    return None
-
-
-def model_facts(name_or_path: str, revision: Optional[str] = None, trust_remote_code: bool = False,
-                task: str = "sft", num_labels: int = 2) -> ModelFacts:
-    """The model's facts from its config alone: a local folder, or a hub id read from the cache or the hub. `task:
-    classification` counts it as a sequence classifier with `num_labels` outputs."""
-    cfg = read_config(name_or_path, revision, trust_remote_code)
-    return facts_from_config(cfg, source=name_or_path, task=task, num_labels=num_labels)
-
-
-def load_test(name_or_path: str, revision: Optional[str] = None, trust_remote_code: bool = False,
-              task: str = "sft", num_labels: int = 2) -> tuple[ModelFacts, ModelFacts]:
-    """(by formula, counted on the meta device): `estimate-memory --load-test` checks that the two agree."""
-    cfg = read_config(name_or_path, revision, trust_remote_code)
-    return (facts_from_config(cfg, name_or_path, task=task, num_labels=num_labels),
-            count_on_meta(cfg, name_or_path, task=task, num_labels=num_labels))
 
 
 # ------------------------------------------------------------------------------------------------- the estimate
@@ -353,13 +101,13 @@ class MemoryEstimate(BaseModel):
     On CUDA a phase's peak is what one GPU holds (torch's allocations plus the allocator's overhead and the CUDA
     context); on the CPU and on Apple Silicon, the resident memory of the process."""
 
-    weights_gb: float
-    lora_and_optimizer_gb: float
-    activations_gb: float
-    total_gb: float  # the training peak
-    budget_gb: float
-    eval_peak_gb: Optional[float] = None  # None in a training plan: it carries the training phase only
-    merge_peak_gb: Optional[float] = None
+    weights_gib: float
+    lora_and_optimizer_gib: float
+    activations_gib: float
+    total_gib: float  # the training peak
+    budget_gib: float
+    eval_peak_gib: Optional[float] = None  # None in a training plan: it carries the training phase only
+    merge_peak_gib: Optional[float] = None
     terms: list[MemoryTerm] = Field(default_factory=list)
     trainable_parameters: int = 0
 
@@ -367,7 +115,7 @@ class MemoryEstimate(BaseModel):
         """The training phase alone: what the training plan carries, so that an evaluation or merge setting does
         not change the training plan's content (and so the cached training)."""
         return self.model_copy(update={"terms": [t for t in self.terms if t.phase == "train"],
-                                       "eval_peak_gb": None, "merge_peak_gb": None})
+                                       "eval_peak_gib": None, "merge_peak_gib": None})
 
     def phase_terms(self, phase: str) -> list[MemoryTerm]:
         return [t for t in self.terms if t.phase == phase]
@@ -388,7 +136,7 @@ class MemoryEstimate(BaseModel):
         """The estimator's JSON: peaks in bytes, each phase's terms, the budget."""
         out: dict[str, Any] = {"train_peak_bytes": self.train_peak_bytes, "eval_peak_bytes": self.eval_peak_bytes,
                                "merge_peak_bytes": self.merge_peak_bytes,
-                               "budget_bytes": int(self.budget_gb * GIB), "trainable_parameters":
+                               "budget_bytes": int(self.budget_gib * GIB), "trainable_parameters":
                                    self.trainable_parameters, "terms": {}}
         for t in self.terms:
             out["terms"].setdefault(t.phase, {})[t.name] = {"bytes": t.bytes, "formula": t.formula}
@@ -561,7 +309,7 @@ def _check_task(facts: ModelFacts, x: MemoryInputs) -> None:
         raise ValueError("full fine-tuning trains every weight, which quantisation freezes: quantization must be none")
 
 
-def estimate(facts: ModelFacts, x: MemoryInputs, budget_gb: float = 0.0) -> MemoryEstimate:
+def estimate(facts: ModelFacts, x: MemoryInputs, budget_gib: float = 0.0) -> MemoryEstimate:
     """Each phase's peak, term by term. See docs/MEMORY.md."""
     _check_task(facts, x)
     a = DTYPE_BYTES[x.dtype]
@@ -677,11 +425,11 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gb: float = 0.0) -> Memo
     # the read-back maps the safetensors files (their pages are resident while mapped) and copies the tensors out
     later = retained + 2 * model_bytes - (model_bytes + adapter * 4)
     if shard >= later:
-        add("merge", "shard being written", shard, f"min(model, merge.max_shard_size) = {gib(shard)}")
+        add("merge", "shard being written", shard, f"min(model, merge.max_shard_size) = {format_bytes(shard)}")
     else:
         add("merge", "merged model read back for the check", later,
-            f"the merged copy, mapped and loaded (2 x {gib(model_bytes)}), with the heap's freed small tensors of the first "
-            f"({gib(retained)}), less the first copy")
+            f"the merged copy, mapped and loaded (2 x {format_bytes(model_bytes)}), with the heap's freed small tensors of the first "
+            f"({format_bytes(retained)}), less the first copy")
     add("merge", "process", CPU_EVAL_PROCESS_BYTES, "Python + torch + transformers + peft (measured)")
 
     train_total = sum(t.bytes for t in terms if t.phase == "train")
@@ -689,10 +437,10 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gb: float = 0.0) -> Memo
     act = sum(t.bytes for t in terms if t.phase == "train" and (t.name.startswith("activations")
                                                                 or t.name.startswith("logits")))
     return MemoryEstimate(
-        weights_gb=round(weights / GIB, 4), lora_and_optimizer_gb=round(trainable * per_trained / GIB, 4),
-        activations_gb=round(act / GIB, 4), total_gb=round(train_total / GIB, 4), budget_gb=round(budget_gb, 2),
-        eval_peak_gb=round(sum(t.bytes for t in terms if t.phase == "eval") / GIB, 4),
-        merge_peak_gb=round(sum(t.bytes for t in terms if t.phase == "merge") / GIB, 4),
+        weights_gib=round(weights / GIB, 4), lora_and_optimizer_gib=round(trainable * per_trained / GIB, 4),
+        activations_gib=round(act / GIB, 4), total_gib=round(train_total / GIB, 4), budget_gib=round(budget_gib, 2),
+        eval_peak_gib=round(sum(t.bytes for t in terms if t.phase == "eval") / GIB, 4),
+        merge_peak_gib=round(sum(t.bytes for t in terms if t.phase == "merge") / GIB, 4),
         terms=terms, trainable_parameters=trainable)
 
 
@@ -742,23 +490,20 @@ def _small_tensor_bytes(facts: ModelFacts, nbytes_per: int) -> int:
 CUDA_OVERHEAD_TERMS = ("CUDA context", "CUDA allocator overhead")
 
 
-def comparable_prediction_gb(terms: list[MemoryTerm], device: str, resident_at_start_gb: Optional[float]) -> float:
+def comparable_prediction_gib(terms: list[MemoryTerm], device: str, resident_at_start_gib: Optional[float]) -> float:
     """The prediction in the measured quantity: on CUDA torch's allocated peak (no context, no allocator overhead),
     on the CPU the process's peak re-based on what it held when the phase began (`predicted_in_process`)."""
     if device.startswith("cuda"):
         return sum(t.bytes for t in terms if t.name not in CUDA_OVERHEAD_TERMS) / GIB
-    return predicted_in_process(sum(t.bytes for t in terms) / GIB, device, resident_at_start_gb)
+    return predicted_in_process(sum(t.bytes for t in terms) / GIB, device, resident_at_start_gib)
 
 
-def predicted_in_process(predicted_gb: float, device: str, resident_at_start_gb: Optional[float]) -> float:
-    """A CPU phase's predicted peak in a process that held `resident_at_start_gb` when the phase began (a ZenML step
+def predicted_in_process(predicted_gib: float, device: str, resident_at_start_gib: Optional[float]) -> float:
+    """A CPU phase's predicted peak in a process that held `resident_at_start_gib` when the phase began (a ZenML step
     also holds ZenML and the earlier steps' data): the measured start replaces the imports the prediction counts.
     CUDA peaks are the device's own: unchanged."""
-    if device.startswith("cuda") or resident_at_start_gb is None:
-        return predicted_gb
-    return predicted_gb - CPU_IMPORTS_BYTES / GIB + max(resident_at_start_gb, CPU_IMPORTS_BYTES / GIB)
+    if device.startswith("cuda") or resident_at_start_gib is None:
+        return predicted_gib
+    return predicted_gib - CPU_IMPORTS_BYTES / GIB + max(resident_at_start_gib, CPU_IMPORTS_BYTES / GIB)
 
-
-def gib(nbytes: float) -> str:
-    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB / 10 else f"{nbytes / 2**20:.0f} MiB"
 

@@ -9,9 +9,6 @@ launches that many (`lorapipe.phases.launch`). The task (`sft`, or `classificati
 `train.method` (LoRA/QLoRA, or full fine-tuning) are planned here too: a backend that lacks them is refused (or, for
 `train.backend: auto`, skipped), and the memory model counts the model the way it will train.
 
-`size_guide` asks the same memory model which methods fit which GPU sizes for a list of models (hardware guidance by
-model size, computed rather than written down).
-
 The plan depends only on the config and on facts that stay put between two runs on one machine (the memory budget
 comes from total, not free, memory), so planning the same config on the same machine gives the same plan: the
 steps after preflight are then served from ZenML's cache, which keys them on the plan's content.
@@ -21,15 +18,23 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel
 
-from lorapipe.catalog import (AUTO_PREFERENCE, BACKENDS, OPTIONAL_FEATURES, BackendSpec, backends_for,
-                                       required_modules)
+from lorapipe.catalog import (
+    AUTO_PREFERENCE,
+    BACKENDS,
+    OPTIONAL_FEATURES,
+    BackendSpec,
+    backends_for,
+    required_modules,
+)
 from lorapipe.config import EvaluateSection, MergeSection, TrainSection, shard_bytes
-from lorapipe.hardware.memory import GIB, MemoryEstimate, MemoryInputs, MemoryTerm, ModelFacts, estimate, model_facts
+from lorapipe.hardware.facts import ModelFacts, model_facts
+from lorapipe.hardware.memory import MemoryEstimate, MemoryInputs, MemoryTerm, estimate
 from lorapipe.hardware.probe import HardwareProbe
+from lorapipe.units import GIB, format_bytes, format_gib
 
 Device = Literal["cpu", "cuda", "mps"]
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -37,6 +42,7 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 CUDA_BUDGET_FRACTION = 0.9
 RAM_BUDGET_FRACTION = 0.8
 Profile = Literal["conservative", "balanced", "quality"]
+MERGE_CHECK_TOKENS = 256  # tokens per row the merge check compares, at most
 # Backends whose training runs data-parallel over several processes (one per GPU; gloo on the CPU). Unsloth trains
 # in one process and lorapipe's mlx loop has no process group. (A backend fact: its home is the catalog's BackendSpec.)
 
@@ -84,8 +90,11 @@ class PhasePlan(BaseModel):
     device: Device
     dtype: Dtype  # evaluate: the precision models are scored in; merge: the merged weights' precision
     batch_size: int
+    # tokens per row: evaluate scores rows at the length training saw them; merge checks rows of at most
+    # MERGE_CHECK_TOKENS (a check of the folded weights, not a second evaluation)
+    max_seq_length: int
     reason: str
-    predicted_peak_gb: float = 0.0  # the memory model's peak of this phase (see lorapipe.hardware.memory)
+    predicted_peak_gib: float = 0.0  # the memory model's peak of this phase (see lorapipe.hardware.memory)
     memory_terms: list[MemoryTerm] = []  # what makes up that peak
     warnings: list[str] = []
 
@@ -242,12 +251,14 @@ def _phase_plans(train_plan: TrainingPlan, merge: MergeSection, eval_batch: int,
         device, dtype, reason = "cpu", "float32", "torch on the CPU in float32" + (
             " (the mlx adapter is fused and scored as a torch model)" if train_plan.backend == "mlx" else "")
     evaluation = PhasePlan(phase="evaluate", device=device, dtype=dtype, batch_size=eval_batch,
+                           max_seq_length=train_plan.max_seq_length,
                            reason="; ".join([reason, *notes["evaluate_reasons"]]),
-                           predicted_peak_gb=memory.eval_peak_gb or 0.0, memory_terms=memory.phase_terms("eval"),
+                           predicted_peak_gib=memory.eval_peak_gib or 0.0, memory_terms=memory.phase_terms("eval"),
                            warnings=notes["evaluate_warnings"])
     merging = PhasePlan(phase="merge", device="cpu", dtype=merge.dtype, batch_size=1,
+                        max_seq_length=min(train_plan.max_seq_length, MERGE_CHECK_TOKENS),
                         reason=f"on the CPU, written as {merge.dtype} (merge.dtype); checked one row at a time",
-                        predicted_peak_gb=memory.merge_peak_gb or 0.0, memory_terms=memory.phase_terms("merge"),
+                        predicted_peak_gib=memory.merge_peak_gib or 0.0, memory_terms=memory.phase_terms("merge"),
                         warnings=notes["merge_warnings"])
     return evaluation, merging
 
@@ -264,6 +275,14 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 # the knobs a user sets in the config that the plan may otherwise choose (with a profile)
 PLANNED_KNOBS = ("train.quantization", "train.gradient_checkpointing", "train.optimizer", "evaluate.batch_size")
+
+
+def micro_batch_candidates(train: TrainSection) -> list[int]:
+    """The micro-batch sizes the plan may choose, smallest first: `train.micro_batch_size` when set, else the powers
+    of two up to `train.max_micro_batch_size`. Validation reports the padding waste of each."""
+    if isinstance(train.micro_batch_size, int):
+        return [train.micro_batch_size]
+    return [2**k for k in range(int(math.log2(train.max_micro_batch_size)) + 1)]
 
 
 def user_set_keys(train: TrainSection, evaluate: Optional[EvaluateSection] = None) -> set[str]:
@@ -292,10 +311,6 @@ def memory_inputs(train: TrainSection, evaluate: EvaluateSection, merge: MergeSe
         merge_dtype=merge.dtype, max_shard_bytes=shard_bytes(merge.max_shard_size))
 
 
-def _gb(nbytes: float) -> str:
-    return f"{nbytes / GIB:.1f} GB"
-
-
 def _what_fits(facts: ModelFacts, base: MemoryInputs, budget_bytes: float, spec: BackendSpec) -> list[str]:
     """For each knob on its own, a value that makes the training peak fit: the fixes a refusal names."""
     fixes = []
@@ -306,7 +321,7 @@ def _what_fits(facts: ModelFacts, base: MemoryInputs, budget_bytes: float, spec:
             peak = estimate(facts, base.model_copy(update={field: v})).train_peak_bytes
             if peak <= budget_bytes:
                 value = (shown or {}).get(v, v)
-                fixes.append(f"{key} {current} needs {_gb(need)} of {_gb(budget_bytes)}; {value} fits at {_gb(peak)}")
+                fixes.append(f"{key} {current} needs {format_bytes(need)} of {format_bytes(budget_bytes)}; {value} fits at {format_bytes(peak)}")
                 return
 
     seq = base.seq_len
@@ -364,10 +379,7 @@ def _plan_memory(train: TrainSection, evaluate: EvaluateSection, merge: MergeSec
     if profile and not given("train.optimizer"):
         wanted = profile["optimizer"][0 if cuda else 1]
         optimizer = wanted if wanted in spec.optimizers and available("none", wanted) else "adamw_torch"
-    if isinstance(train.micro_batch_size, int):
-        micro = [train.micro_batch_size]
-    else:
-        micro = [2**k for k in range(int(math.log2(train.max_micro_batch_size)), -1, -1)]
+    micro = micro_batch_candidates(train)[::-1]  # the largest that fits
     eval_batches = [evaluate.batch_size] if given("evaluate.batch_size") else list(profile["eval_batches"])
 
     def inputs(q: str, gc: bool, mb: int, eb: int) -> MemoryInputs:
@@ -388,9 +400,9 @@ def _plan_memory(train: TrainSection, evaluate: EvaluateSection, merge: MergeSec
         base = inputs(q, gc, micro[-1], eval_batches[-1])
         need = estimate(facts, base).train_peak_bytes
         fixes = _what_fits(facts, base, limit * GIB, spec)
-        where = f"{budget:.1f} GB usable on {device}" + (f" less the {train.profile} profile's {margin:.0%} margin"
+        where = f"{format_gib(budget)} usable on {device}" + (f" less the {train.profile} profile's {margin:.0%} margin"
                                                         if margin else "")
-        problems.append(f"training needs about {_gb(need)} at micro-batch {micro[-1]} and the budget is {limit:.1f} GB "
+        problems.append(f"training needs about {format_bytes(need)} at micro-batch {micro[-1]} and the budget is {format_gib(limit)} "
                         f"({where}): " + ("; ".join(fixes) if fixes else
                                          "no single change fits: use a machine with more memory or a smaller model"))
         chosen = (q, gc, micro[-1])
@@ -402,25 +414,25 @@ def _plan_memory(train: TrainSection, evaluate: EvaluateSection, merge: MergeSec
         if estimate(facts, inputs(q, gc, mb, candidate)).eval_peak_bytes <= eval_limit * GIB:
             eb = candidate
             break
-    memory = estimate(facts, inputs(q, gc, mb, eb), budget_gb=budget)
-    if memory.eval_peak_gb > eval_limit:
+    memory = estimate(facts, inputs(q, gc, mb, eb), budget_gib=budget)
+    if memory.eval_peak_gib > eval_limit:
         # said before training, as a warning of the evaluation phase: the adapter is trained and stored before the
         # evaluation, and evaluating it elsewhere (a machine with more memory) recovers the run
         weights = next(t.bytes for t in memory.terms if t.phase == "eval" and t.name == "base weights") / GIB
         if weights > eval_limit * 0.9:
             # evaluation and the stage holder's scoring load the base unquantised (QLoRA's 4-bit saving is training's)
-            fix = (f"it loads the base unquantised ({weights:.1f} GB of weights alone): evaluate on a machine with "
+            fix = (f"it loads the base unquantised ({format_gib(weights)} of weights alone): evaluate on a machine with "
                    "more memory, or train a smaller model")
         else:
             fix = ("set evaluate.batch_size: 1" if eb > 1 else "lower evaluate.max_new_tokens or train.max_seq_length")
         notes["evaluate_warnings"].append(
-            f"evaluation needs about {memory.eval_peak_gb:.1f} GB at evaluate.batch_size {eb} and {eval_limit:.1f} GB "
+            f"evaluation needs about {format_gib(memory.eval_peak_gib)} at evaluate.batch_size {eb} and {format_gib(eval_limit)} "
             f"is usable on {'cuda' if cuda else 'cpu'}: it may run out of memory after training; {fix}")
-    if memory.merge_peak_gb > ram_budget:
+    if memory.merge_peak_gib > ram_budget:
         # a warning, not a refusal: the adapter is trained and stored before the merge, which can run again elsewhere
         notes["merge_warnings"].append(
-            f"merge needs about {memory.merge_peak_gb:.1f} GB of RAM (a {merge.dtype} copy of the base with the "
-            f"adapter, the shard being written, the read-back for the check) and {ram_budget:.1f} GB is usable here: "
+            f"merge needs about {format_gib(memory.merge_peak_gib)} of RAM (a {merge.dtype} copy of the base with the "
+            f"adapter, the shard being written, the read-back for the check) and {format_gib(ram_budget)} is usable here: "
             "the merge step may fail after training; the adapter is stored first, merge it on a machine with more RAM"
             + ("" if merge.dtype != "float32" else ", or set merge.dtype: bfloat16"))
     # training's choices are said in the training plan; evaluation's in its own (so that an evaluation setting leaves
@@ -436,9 +448,9 @@ def _plan_memory(train: TrainSection, evaluate: EvaluateSection, merge: MergeSec
         elif profile:
             said.append(f"{key} {value} (set in the config, kept)")
     per = " per process" if world > 1 else ""
-    reasons.append(f"memory: training {memory.total_gb:.2f} GB predicted; budget {budget:.1f} GB{per}"
+    reasons.append(f"memory: training {format_gib(memory.total_gib)} predicted; budget {format_gib(budget)}{per}"
                    + (f", {margin:.0%} kept free ({train.profile})" if margin else ""))
-    notes["evaluate_reasons"].append(f"{memory.eval_peak_gb:.2f} GB predicted")
+    notes["evaluate_reasons"].append(f"{format_gib(memory.eval_peak_gib)} predicted")
     return {"quantization": q, "gradient_checkpointing": gc, "optimizer": optimizer, "micro_batch_size": mb,
             "eval_batch_size": eb}, memory
 
@@ -494,12 +506,12 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, facts: ModelFacts,
     # memory budget of one process: GPU memory on CUDA (the smallest of the GPUs it trains on), total RAM elsewhere
     # (unified memory on Apple), which the CPU processes of a data-parallel run share. Not free memory: the plan must
     # come out the same on one machine from run to run (preflight warns when too little is free right now).
-    ram_budget = probe.ram_total_gb * RAM_BUDGET_FRACTION
+    ram_budget = probe.ram_total_gib * RAM_BUDGET_FRACTION
     if device == "cuda" and probe.cuda_devices:
-        budget = min(d.total_memory_gb for d in probe.cuda_devices[:world]) * CUDA_BUDGET_FRACTION
-    elif device == "mps" and probe.mlx_working_set_gb:
+        budget = min(d.total_memory_gib for d in probe.cuda_devices[:world]) * CUDA_BUDGET_FRACTION
+    elif device == "mps" and probe.mlx_working_set_gib:
         # Apple's GPU works within mlx's recommended working set, below total unified memory
-        budget = min(ram_budget, probe.mlx_working_set_gb)
+        budget = min(ram_budget, probe.mlx_working_set_gib)
     else:
         budget = ram_budget / world
     notes: dict[str, list[str]] = {"evaluate_reasons": [], "evaluate_warnings": [], "merge_warnings": []}
@@ -527,14 +539,14 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, facts: ModelFacts,
                                                gradient_checkpointing=chosen["gradient_checkpointing"],
                                                optimizer=optimizer, eval_batch_size=chosen["eval_batch_size"],
                                                attn_implementation=attn_implementation, task=task,
-                                               num_labels=num_labels), budget_gb=budget)
+                                               num_labels=num_labels), budget_gib=budget)
     per_step = f" x {world} processes" if world > 1 else ""
     reasons.append(f"micro-batch {chosen_mb} x accumulation {ga}{per_step} = effective {chosen_mb * ga * world} "
-                   f"(estimated {memory.total_gb:.2f} of {budget:.1f} GB{' per process' if world > 1 else ''})")
+                   f"(estimated {memory.total_gib:.2f} of {format_gib(budget)}{' per process' if world > 1 else ''})")
     disk_need = 1.0 + facts.total_parameters * 2 * 2 / GIB
-    if probe.disk_free_gb < disk_need:
-        problems.append(f"only {probe.disk_free_gb:.1f} GB free at {probe.disk_path}: checkpoints and the merged model "
-                        f"need about {disk_need:.1f} GB (twice the model's 16-bit size and 1 GB); free disk or move "
+    if probe.disk_free_gib < disk_need:
+        problems.append(f"only {format_gib(probe.disk_free_gib)} free at {probe.disk_path}: checkpoints and the merged model "
+                        f"need about {format_gib(disk_need)} (twice the model's 16-bit size and 1 GiB); free disk or move "
                         "train.output_root")
     if problems:
         raise PlanError(problems)
@@ -550,100 +562,6 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, facts: ModelFacts,
 
 def model_size(name_or_path: str, revision: Optional[str] = None, trust_remote_code: bool = False,
                task: str = "sft", num_labels: int = 2) -> ModelFacts:
-    """The model's facts from its config alone (no weights are loaded): `lorapipe.hardware.memory.model_facts`;
+    """The model's facts from its config alone (no weights are loaded): `lorapipe.hardware.facts.model_facts`;
     `task: classification` counts the sequence classifier with `num_labels` outputs."""
     return model_facts(name_or_path, revision, trust_remote_code, task=task, num_labels=num_labels)
-
-
-# ------------------------------------------------------------------------------------------- guidance by model size
-# The methods the size guide compares: train.quantization and whether every weight is trained (train.method: full).
-GUIDE_METHODS = {"full": ("none", True), "lora": ("none", False), "qlora": ("nf4", False)}
-GUIDE_BUDGETS_GB = (8, 16, 24, 48, 80)
-
-
-def size_guide(facts_by_name: dict[str, ModelFacts], budgets_gb: Sequence[float] = GUIDE_BUDGETS_GB, *,
-               task: str = "sft", seq_len: int = 512, micro_batch_size: int = 8, device: str = "cuda",
-               methods: Optional[Sequence[str]] = None, dtype: Optional[str] = None, optimizer: str = "adamw_torch",
-               lora_r: int = 16, lora_targets: Any = "all-linear") -> list[dict[str, Any]]:
-    """Hardware guidance by model size, from the memory model: for each model and method (full fine-tuning, LoRA,
-    QLoRA), the predicted training peak with gradient checkpointing off and on, and for each memory size whether it
-    fits the share the plan may fill (90% of a GPU; 80% of RAM on the CPU or a Mac).
-
-    Args:
-        facts_by_name: display name -> the model's facts, counted for `task` (`model_facts(..., task=task)`).
-        budgets_gb: the memory sizes to check (GiB, as torch and the probe report a GPU).
-        task: sft or classification (each model's facts carry its number of labels).
-        seq_len: tokens per row (train.max_seq_length).
-        micro_batch_size: rows per step.
-        device: cuda, cpu or mps.
-        methods: which of full, lora, qlora; default all three for classification, lora and qlora for sft (full
-            fine-tuning is for classifiers).
-        dtype: the compute dtype; default bfloat16 on a GPU, float32 on the CPU.
-        optimizer: train.optimizer.
-        lora_r: train.lora.r.
-        lora_targets: train.lora.target_modules.
-
-    Returns:
-        One dict per (model, method): model, method, parameters, trainable_parameters, train_peak_gb,
-        train_peak_gc_gb (with gradient checkpointing), eval_peak_gb, fits ({budget: "yes" | "gradient
-        checkpointing" | "no"}) and the settings (with budget_fraction).
-    """
-    methods = list(methods or (("full", "lora", "qlora") if task == "classification" else ("lora", "qlora")))
-    unknown = [m for m in methods if m not in GUIDE_METHODS]
-    if unknown:
-        raise ValueError(f"size_guide: unknown method(s) {', '.join(unknown)}; known: {', '.join(GUIDE_METHODS)}")
-    dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
-    fraction = CUDA_BUDGET_FRACTION if device == "cuda" else RAM_BUDGET_FRACTION
-    backend = "mlx" if device == "mps" and task == "sft" else "hf"
-    settings = {"task": task, "seq_len": seq_len, "micro_batch_size": micro_batch_size, "device": device,
-                "dtype": dtype, "optimizer": optimizer, "lora_r": lora_r, "backend": backend,
-                "budget_fraction": fraction}
-    rows = []
-    for name, facts in facts_by_name.items():
-        if facts.task != task:
-            raise ValueError(f"size_guide(task={task!r}): {name}'s facts were counted for task {facts.task}: count "
-                             f"them with model_facts(..., task={task!r})")
-        for method in methods:
-            quantization, full = GUIDE_METHODS[method]
-            x = MemoryInputs(device=device, backend=backend, dtype=dtype, quantization=quantization, seq_len=seq_len,
-                             micro_batch_size=micro_batch_size, lora_r=lora_r, lora_targets=lora_targets,
-                             optimizer=optimizer, eval_batch_size=micro_batch_size, task=task,
-                             num_labels=facts.num_labels or 2, full_finetune=full)
-            plain = estimate(facts, x)
-            checkpointed = estimate(facts, x.model_copy(update={"gradient_checkpointing": True}))
-            fits = {}
-            for budget in budgets_gb:
-                limit = budget * fraction * GIB
-                fits[budget] = ("yes" if plain.train_peak_bytes <= limit else "gradient checkpointing"
-                                if checkpointed.train_peak_bytes <= limit else "no")
-            rows.append({"model": name, "method": method, "parameters": facts.total_parameters,
-                         "trainable_parameters": plain.trainable_parameters,
-                         "train_peak_gb": round(plain.train_peak_bytes / GIB, 2),
-                         "train_peak_gc_gb": round(checkpointed.train_peak_bytes / GIB, 2),
-                         "eval_peak_gb": round(plain.eval_peak_bytes / GIB, 2), "fits": fits, "settings": settings})
-    return rows
-
-
-def format_size_guide(rows: list[dict[str, Any]]) -> list[str]:
-    """`size_guide`'s rows as a text table: one line per model and method, a column per memory size ("yes", "gc":
-    only with gradient checkpointing, "-": does not fit)."""
-    if not rows:
-        return []
-    st = rows[0]["settings"]
-    budgets = list(rows[0]["fits"])
-    mark = {"yes": "yes", "gradient checkpointing": "gc", "no": "-"}
-    width = max(len("model"), *(len(r["model"]) for r in rows))
-    lines = [f"training peak by method: task {st['task']}, seq {st['seq_len']} x micro-batch {st['micro_batch_size']}, "
-             f"{st['device']} {st['dtype']}, {st['optimizer']}, LoRA r={st['lora_r']}; a size fits when the peak is "
-             f"at most {st['budget_fraction']:.0%} of it (gc: only with train.gradient_checkpointing)",
-             f"{'model'.ljust(width)}  {'params':>8}  {'method':<6}  {'trained':>8}  {'peak GB':>7}  {'gc GB':>6}  "
-             + "  ".join(f"{b:g} GB".rjust(6) for b in budgets)]
-    for r in rows:
-        lines.append(f"{r['model'].ljust(width)}  {_count(r['parameters']):>8}  {r['method']:<6}  "
-                     f"{_count(r['trainable_parameters']):>8}  {r['train_peak_gb']:>7.1f}  "
-                     f"{r['train_peak_gc_gb']:>6.1f}  " + "  ".join(mark[r["fits"][b]].rjust(6) for b in budgets))
-    return lines
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"

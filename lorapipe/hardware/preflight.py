@@ -16,9 +16,10 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel
 
-from lorapipe.hardware.memory import GIB, ModelFacts
+from lorapipe.hardware.facts import ModelFacts
 from lorapipe.hardware.plan import RunPlan
-from lorapipe.hardware.probe import HardwareProbe
+from lorapipe.hardware.probe import HardwareProbe, free_bytes
+from lorapipe.units import GIB, format_gib
 
 Status = Literal["pass", "warn", "fail"]
 MIN_PYTHON = (3, 10)
@@ -68,8 +69,8 @@ class PreflightReport(BaseModel):
         return self.hardware.cpu_count
 
     @property
-    def ram_total_gb(self) -> float:
-        return self.hardware.ram_total_gb
+    def ram_total_gib(self) -> float:
+        return self.hardware.ram_total_gib
 
     @property
     def cuda_devices(self) -> list:
@@ -135,17 +136,15 @@ def _needed(backend: Optional[str]) -> set[str]:
     return {"torch", "transformers", "peft", *BACKENDS[backend].modules}
 
 
-def disk_checks(paths: dict[str, str], need_gb: dict[str, float]) -> list[Check]:
+def disk_checks(paths: dict[str, str], need_gib: dict[str, float]) -> list[Check]:
     """Free space where each kind of output is written; one check per distinct filesystem location."""
-    from lorapipe.training.disk import free_bytes
-
     checks = []
     for what, path in paths.items():
         free = free_bytes(path) / GIB  # at the nearest folder that exists: outputs may not be there yet
-        need = need_gb.get(what, 1.0)
+        need = need_gib.get(what, 1.0)
         checks.append(Check(section="disk", name=f"free disk for {what}", status="pass" if free >= need else "fail",
-                            measured=f"{free:.1f} GB free at {path}", requirement=f">= {need:.1f} GB",
-                            detail="" if free >= need else f"free {need - free:.1f} GB there or move {what}"))
+                            measured=f"{format_gib(free)} free at {path}", requirement=f">= {format_gib(need)}",
+                            detail="" if free >= need else f"free {format_gib(need - free)} there or move {what}"))
     return checks
 
 
@@ -153,22 +152,22 @@ def hardware_checks(hw: HardwareProbe, plan: Optional[RunPlan]) -> list[Check]:
     checks = [Check(section="hardware", name="CPU cores", status="pass", measured=str(hw.cpu_count),
                     requirement=">= 1"),
               Check(section="hardware", name="RAM", status="pass",
-                    measured=f"{hw.ram_total_gb:.1f} GB total, {hw.ram_available_gb:.1f} GB available",
+                    measured=f"{format_gib(hw.ram_total_gib)} total, {format_gib(hw.ram_available_gib)} available",
                     requirement="the CPU phases' peaks")]
     for d in hw.cuda_devices:
         checks.append(Check(section="hardware", name=f"GPU {d.index}", status="pass",
-                            measured=f"{d.name}, capability {d.capability}, {d.total_memory_gb:.1f} GB, "
+                            measured=f"{d.name}, capability {d.capability}, {format_gib(d.total_memory_gib)}, "
                                      f"bf16 {'yes' if d.bf16 else 'no'}", requirement="a CUDA device"))
     if hw.apple_silicon:
         checks.append(Check(section="hardware", name="Apple Silicon", status="pass",
-                            measured=f"{hw.ram_total_gb:.1f} GB unified memory" + (
-                                f", mlx working set {hw.mlx_working_set_gb:.1f} GB" if hw.mlx_working_set_gb else ""),
+                            measured=f"{format_gib(hw.ram_total_gib)} unified memory" + (
+                                f", mlx working set {format_gib(hw.mlx_working_set_gib)}" if hw.mlx_working_set_gib else ""),
                             requirement="-"))
     if plan is not None and plan.train.device != "cuda":
-        need = plan.train.memory.total_gb
-        ok = hw.ram_available_gb >= need
+        need = plan.train.memory.total_gib
+        ok = hw.ram_available_gib >= need
         checks[1] = checks[1].model_copy(update={
-            "status": "pass" if ok else "warn", "requirement": f"{need:.1f} GB available for training",
+            "status": "pass" if ok else "warn", "requirement": f"{format_gib(need)} available for training",
             "detail": "" if ok else "close other programs, or expect swapping"})
     return checks
 
@@ -187,13 +186,13 @@ def plan_checks(plan: Optional[RunPlan], problems: list[str]) -> list[Check]:
     for phase, found in (("training", t.warnings), ("evaluation", plan.evaluate.warnings), ("merge", plan.merge.warnings)):
         for w in found:
             checks.append(Check(section="plan", name=f"{phase} warning", status="warn", measured=w, requirement="-"))
-    budget = t.memory.budget_gb
-    for name, peak, where in (("training", t.memory.total_gb, t.device),
-                              ("evaluation", plan.evaluate.predicted_peak_gb, plan.evaluate.device),
-                              ("merge", plan.merge.predicted_peak_gb, "cpu")):
+    budget = t.memory.budget_gib
+    for name, peak, where in (("training", t.memory.total_gib, t.device),
+                              ("evaluation", plan.evaluate.predicted_peak_gib, plan.evaluate.device),
+                              ("merge", plan.merge.predicted_peak_gib, "cpu")):
         checks.append(Check(section="memory", name=f"{name} peak (predicted)", status="pass",
-                            measured=f"{peak:.2f} GB on {where}",
-                            requirement=f"<= {budget:.1f} GB" if where == t.device else "fits the RAM budget"))
+                            measured=f"{format_gib(peak)} on {where}",
+                            requirement=f"<= {format_gib(budget)}" if where == t.device else "fits the RAM budget"))
     return checks
 
 
@@ -255,12 +254,12 @@ def build_report(hw: HardwareProbe, facts: Optional[ModelFacts], model_error: Op
     else:
         checks.append(Check(section="model", name="model config", status="fail", measured="unreadable",
                             requirement="a readable config.json", detail=model_error or ""))
-    model_gb = (facts.total_parameters * 2 / GIB) if facts else 1.0
+    model_gib = (facts.total_parameters * 2 / GIB) if facts else 1.0
     paths = {"checkpoints (train.output_root)": output_root}
-    need = {"checkpoints (train.output_root)": 1.0 + model_gb * 0.05}
+    need = {"checkpoints (train.output_root)": 1.0 + model_gib * 0.05}
     if artifact_store:
         paths["the merged model (ZenML artifact store)"] = artifact_store
-        need["the merged model (ZenML artifact store)"] = 1.0 + model_gb
+        need["the merged model (ZenML artifact store)"] = 1.0 + model_gib
     checks += disk_checks(paths, need)
     checks += data_checks(data_paths)
     checks += plan_checks(plan, problems)

@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Optional
 
 from pydantic import BaseModel
@@ -30,7 +31,7 @@ _DIST_NAMES = {"great_expectations": "great-expectations", "mlx_lm": "mlx-lm"}
 class CudaDevice(BaseModel):
     index: int
     name: str
-    total_memory_gb: float
+    total_memory_gib: float
     capability: str
     bf16: bool
 
@@ -40,9 +41,9 @@ class HardwareProbe(BaseModel):
     machine: str
     python: str
     cpu_count: int
-    ram_total_gb: float
-    ram_available_gb: float
-    disk_free_gb: float
+    ram_total_gib: float
+    ram_available_gib: float
+    disk_free_gib: float
     disk_path: str
     cuda_available: bool
     cuda_devices: list[CudaDevice]
@@ -50,7 +51,7 @@ class HardwareProbe(BaseModel):
     mps_available: bool
     packages: dict[str, Optional[str]]
     # Apple Silicon with mlx: the GPU's recommended working set (unified memory mlx should stay within)
-    mlx_working_set_gb: Optional[float] = None
+    mlx_working_set_gib: Optional[float] = None
 
     @property
     def accelerator(self) -> str:
@@ -89,22 +90,22 @@ def probe(disk_path: str = ".") -> HardwareProbe:
     if cuda:
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            devices.append(CudaDevice(index=i, name=p.name, total_memory_gb=round(p.total_memory / 2**30, 2),
+            devices.append(CudaDevice(index=i, name=p.name, total_memory_gib=round(p.total_memory / 2**30, 2),
                                       capability=f"{p.major}.{p.minor}", bf16=p.major >= 8))
     apple = platform.system() == "Darwin" and platform.machine() == "arm64"
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     return HardwareProbe(
-        mlx_working_set_gb=_mlx_working_set_gb() if apple else None,
+        mlx_working_set_gib=_mlx_working_set_gib() if apple else None,
         os=platform.system(), machine=platform.machine(), python=platform.python_version(),
-        cpu_count=os.cpu_count() or 1, ram_total_gb=round(vm.total / 2**30, 2),
-        ram_available_gb=round(vm.available / 2**30, 2),
-        disk_free_gb=round(shutil.disk_usage(disk_path).free / 2**30, 2), disk_path=os.path.abspath(disk_path),
+        cpu_count=os.cpu_count() or 1, ram_total_gib=round(vm.total / 2**30, 2),
+        ram_available_gib=round(vm.available / 2**30, 2),
+        disk_free_gib=round(shutil.disk_usage(disk_path).free / 2**30, 2), disk_path=os.path.abspath(disk_path),
         cuda_available=cuda, cuda_devices=devices, apple_silicon=apple, mps_available=mps,
         packages=package_versions(),
     )
 
 
-def _mlx_working_set_gb() -> Optional[float]:
+def _mlx_working_set_gib() -> Optional[float]:
     """mlx's recommended working-set size on Apple Silicon (GiB), where mlx is installed."""
     if importlib.util.find_spec("mlx") is None:
         return None
@@ -143,7 +144,15 @@ def machine_fingerprint() -> str:
 
     facts = {
         "os": platform.system(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-        "ram_total_gb": round(psutil.virtual_memory().total / 2**30), "gpus": _gpu_inventory(),
+        "ram_total_gib": round(psutil.virtual_memory().total / 2**30), "gpus": _gpu_inventory(),
         "packages": package_versions(),
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+
+def free_bytes(path: str | Path) -> int:
+    """Bytes free for this user on the filesystem that holds `path` (its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free

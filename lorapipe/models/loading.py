@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from lorapipe.catalog import ModelKind
 from lorapipe.data.render import ensure_chat_template
+
 
 def torch_dtype(name: str) -> Any:
     import torch
@@ -26,7 +28,7 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
     return tok
 
 
-# task: classification: modules kept unquantised under QLoRA: the heads (trained in full; transformers keeps only
+# sequence classifiers: modules kept unquantised under QLoRA: the heads (trained in full; transformers keeps only
 # the last parameter's module, e.g. classifier.bias, out of 4 bit otherwise) and the layers between body and head
 # (transformers matches a name against the start or the end of a module's path: BERT's pooler is "bert.pooler.dense")
 CLASSIFIER_UNQUANTISED = ("classifier", "score", "pooler", "pooler.dense", "pre_classifier")
@@ -49,14 +51,15 @@ def quantization_config(quantization: str, compute_dtype: str, skip_modules: Opt
 
 def load_model(name_or_path: str, dtype: str, revision: Optional[str] = None, trust_remote_code: bool = False,
                quantization: str = "none", *, device: str, attn_implementation: Optional[str] = None,
-               task: str = "sft", labels: Optional[list[str]] = None) -> Any:
+               kind: ModelKind = "causal_lm", labels: Optional[list[str]] = None) -> Any:
     """The model on the plan's device in the plan's dtype: both come from the caller's plan, never decided here.
 
-    task "classification": an `AutoModelForSequenceClassification`; with `labels`, its head has that many outputs
-    and the names go into its config (id2label / label2id), a fresh head where the checkpoint has another or none."""
+    `kind` (a task's `TaskSpec.model_kind`) "sequence_classifier": an `AutoModelForSequenceClassification`; with
+    `labels`, its head has that many outputs and the names go into its config (id2label / label2id), a fresh head
+    where the checkpoint has another or none."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    classifying = task == "classification"
+    classifying = kind == "sequence_classifier"
     auto_class = AutoModelForSequenceClassification if classifying else AutoModelForCausalLM
     qconf = quantization_config(quantization, dtype, CLASSIFIER_UNQUANTISED if classifying else None)
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code, "dtype": torch_dtype(dtype)}

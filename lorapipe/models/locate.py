@@ -48,7 +48,11 @@ def model_problem(name_or_path: str, revision: Optional[str] = None, key: str = 
         return (f"{neither}, and HF_HUB_OFFLINE is set; download it first (unset HF_HUB_OFFLINE) or give a local "
                 f"folder" + (f"; or {tiny}" if name_or_path.startswith("models/") else ""))
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         HfApi().model_info(name_or_path, revision=revision, timeout=10)

@@ -131,8 +131,21 @@ def build_tiny_encoder(out_dir: str | Path, texts: Iterable[str], vocab_size: in
         num_labels: Save a sequence classifier with this many labels instead of the bare encoder.
     """
     import torch
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertForSequenceClassification, BertModel, PreTrainedTokenizerFast
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        BertModel,
+        PreTrainedTokenizerFast,
+    )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,7 +192,11 @@ def build_tiny_decoder_classifier(out_dir: str | Path, corpus: list[Path], num_l
         seed: Seed for the weights.
     """
     import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassification
+    from transformers import (
+        AutoTokenizer,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+    )
 
     out = build_tiny_model(out_dir, corpus, seed=seed)
     causal = LlamaForCausalLM.from_pretrained(out)

@@ -1,107 +1,32 @@
-"""Base vs tuned on the held-out rows (the evaluate step's library function), and any saved model folder scored on
-the same rows the same way (`score_model_folder`: e.g. the production model, to compare with this run's)."""
+"""The evaluate phase: an adapter scored by the task it was trained for (`lorapipe.tasks.<task>.evaluate`: base vs
+tuned for sft, the classifier against its baselines for classification), and any saved model folder of a task
+scored on the same rows the same way (`score_model_folder`: the stage holder, to compare with this run's), on the
+evaluation plan's device, dtype, batch size and sequence length."""
 
 from __future__ import annotations
 
-import math
-from typing import Any, Iterable, Optional
+from typing import Optional
 
 from lorapipe.config import EvaluateSection
 from lorapipe.data.dataset import ConversationDataset
-from lorapipe.data.records import Record
-from lorapipe.evaluation.metrics import TEXT_METRICS, EvalMetrics, ModelScores, generate_scores, masked_loss
+from lorapipe.evaluation.metrics import EvalMetrics, ModelScores
 from lorapipe.hardware.plan import PhasePlan
+from lorapipe.tasks import get_task
+from lorapipe.training.adapter import read_adapter_metadata, task_of
 
 
-def _rows(test: ConversationDataset, max_samples: int, generation_samples: int) -> tuple[list[Record], list[Record]]:
-    """The rows scored for loss and the rows generated: the first of the test split, so every model scored on a
-    split sees the same ones."""
-    scored = test.records[:max_samples]
-    if not scored:
-        raise ValueError("the test split is empty: raise split.test_fraction or add data")
-    return scored, test.records[:generation_samples]
+def evaluate_adapter(adapter_dir: str, test: ConversationDataset, phase: PhasePlan,
+                     evaluate: Optional[EvaluateSection] = None, seed: int = 0,
+                     chat_template: Optional[str] = None) -> EvalMetrics:
+    """The adapter's task scores it on the test rows (`evaluate`: rows scored and generated, the generation budget
+    and metrics; the config's defaults when None)."""
+    task = get_task(task_of(read_adapter_metadata(adapter_dir)))
+    return task.evaluate(adapter_dir, test, phase, evaluate or EvaluateSection(), seed, chat_template)
 
 
-class EvaluationError(ValueError):
-    """The test rows cannot be scored as configured (a user's fix, named in the message)."""
-
-
-def _score_model(model: Any, tokenizer: Any, scored: list[Record], generated: list[Record], phase: PhasePlan,
-                 max_length: int, max_new_tokens: int, seed: int,
-                 metrics: Iterable[str]) -> tuple[ModelScores, int, list[Optional[float]], list[dict]]:
-    """One model's scores, the tokens scored, its per-row losses and its generations."""
-    loss, tokens, row_losses = masked_loss(model, tokenizer, scored, max_length, phase.batch_size)
-    if tokens == 0:
-        raise EvaluationError(f"none of the {len(scored)} test rows scored has an answer token within "
-                              f"train.max_seq_length={max_length} (prompts longer than the limit): raise "
-                              "train.max_seq_length, or shorten the prompts")
-    gscores, generations = (generate_scores(model, tokenizer, generated, max_new_tokens, phase.batch_size, seed,
-                                            metrics) if generated else ({}, []))
-    return ModelScores(loss=loss, perplexity=math.exp(min(loss, 50.0)), **gscores), tokens, row_losses, generations
-
-
-def _generation_settings(tokenizer: Any, max_new_tokens: int, batch_size: int, seed: int) -> dict[str, Any]:
-    from lorapipe.models.end_tokens import end_tokens
-
-    return {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "greedy": True, "seed": seed,
-            "padding": "left", "end_tokens": end_tokens(tokenizer)}
-
-
-def evaluate_adapter(adapter_dir: str, test: ConversationDataset, phase: PhasePlan, max_samples: int,
-                     generation_samples: int, max_new_tokens: int, max_length: int,
-                     chat_template: Optional[str] = None, seed: int = 0,
-                     generation_metrics: Iterable[str] = TEXT_METRICS) -> EvalMetrics:
-    """Score the base and base+adapter on the same test rows with transformers, on the evaluate phase's device, dtype
-    and batch size (loss batches and generation batches alike); the backend that trained the adapter provides the
-    two models (a PEFT adapter toggled off and on, an mlx-lm adapter fused)."""
-    from lorapipe.backends import get_backend
-    from lorapipe.backends.base import backend_of
-    from lorapipe.models.loading import load_tokenizer
-    from lorapipe.training.monitoring import PhaseMemory
-
-    scored, generated = _rows(test, max_samples, generation_samples)
-    metrics = list(generation_metrics)
-    tokenizer = load_tokenizer(adapter_dir, chat_template=chat_template)
-    results: dict[str, ModelScores] = {}
-    generations: dict[str, list[dict]] = {}
-    row_losses: dict[str, list[Optional[float]]] = {}
-    tokens = 0
-    with PhaseMemory(phase.device) as memory:
-        models = get_backend(backend_of(adapter_dir)).eval_models(adapter_dir, phase)
-        for label, enter in models.items():
-            with enter() as model:
-                results[label], tokens, row_losses[label], generations[label] = _score_model(
-                    model, tokenizer, scored, generated, phase, max_length, max_new_tokens, seed, metrics)
-    # side by side: the same rows, generated by base and tuned
-    samples = [{"source": t["source"], "prompt": t["prompt"], "reference": t["reference"], "base": b["prediction"],
-                "base_stopped": b["stopped"], "base_new_tokens": b["new_tokens"], "tuned": t["prediction"],
-                "tuned_stopped": t["stopped"], "tuned_new_tokens": t["new_tokens"]}
-               for b, t in zip(generations.get("base", []), generations.get("tuned", []))]
-    gain = (results["base"].perplexity - results["tuned"].perplexity) / results["base"].perplexity
-    return EvalMetrics(test_rows=len(test), scored_rows=len(scored), generated_rows=len(samples), scored_tokens=tokens,
-                       base=results["base"], tuned=results["tuned"], perplexity_gain=gain,
-                       tuned_beats_base=results["tuned"].perplexity < results["base"].perplexity, samples=samples,
-                       row_losses=row_losses, memory_gb=memory.gb, memory_at_start_gb=memory.start_gb,
-                       generation=_generation_settings(tokenizer, max_new_tokens, phase.batch_size, seed))
-
-
-def score_model_folder(model_dir: str, test: ConversationDataset, phase: PhasePlan, evaluate: EvaluateSection,
-                       max_length: int, seed: int,
+def score_model_folder(folder: str, task: str, test: ConversationDataset, phase: PhasePlan,
+                       evaluate: Optional[EvaluateSection] = None, seed: int = 0,
                        chat_template: Optional[str] = None) -> tuple[ModelScores, list[dict]]:
-    """Score a merged (plain transformers) model folder, e.g. the production model, exactly as `evaluate_adapter`
-    scores base and tuned: the same test rows (evaluate.max_samples for loss, evaluate.generation_samples
-    generated), the phase's device, dtype and batch size, greedy generation with the same seed and end tokens.
-    Returns its scores and its generations (source, prompt, reference, prediction, stopped, new_tokens)."""
-    from lorapipe.models.loading import load_model, load_tokenizer
-    from lorapipe.training.monitoring import free_memory
-
-    scored, generated = _rows(test, evaluate.max_samples, evaluate.generation_samples)
-    tokenizer = load_tokenizer(model_dir, chat_template=chat_template)
-    model = load_model(model_dir, phase.dtype, device=phase.device)
-    try:
-        scores, _, _, generations = _score_model(model, tokenizer, scored, generated, phase, max_length,
-                                                 evaluate.max_new_tokens, seed, evaluate.generation_metrics)
-    finally:
-        del model
-        free_memory(phase.device)
-    return scores, generations
+    """A merged model folder of `task` scored exactly as `evaluate_adapter` scores the tuned model: its scores and
+    generations."""
+    return get_task(task).score_folder(folder, test, phase, evaluate or EvaluateSection(), seed, chat_template)

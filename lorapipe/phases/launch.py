@@ -18,6 +18,7 @@ Plain library: no ZenML import.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
@@ -25,15 +26,17 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import TextIO
 
-from lorapipe.backends.base import AdapterInfo, run_config
 from lorapipe.code_version import SOURCE_ROOT
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
 from lorapipe.phases import train_worker as worker
+from lorapipe.training.adapter import AdapterInfo, run_config
 from lorapipe.training.monitoring import active_tracker, replay_to_tracker
+
+log = logging.getLogger(__name__)
 
 LAUNCH_DIR = "launch"
 LAST_LINES = 30
@@ -66,18 +69,14 @@ def launch_command(inputs_path: Path, world_size: int, torchrun_logs: Path) -> l
 
 
 def train_data_parallel(model: ModelSection, train_cfg: TrainSection, seed: int, plan: TrainingPlan,
-                        train: ConversationDataset, eval: ConversationDataset, work_dir: Path,  # noqa: A002
-                        adapter_dir: Path, stream: Optional[TextIO] = None) -> AdapterInfo:
-    """Train over `plan.world_size` processes and return what the backend's `train` returned on rank 0.
-
-    Args:
-        model, train_cfg, seed, plan, train, eval, work_dir, adapter_dir: as for a backend's `train`.
-        stream: where rank 0's lines go (stdout).
-    """
+                        train: ConversationDataset, eval_split: ConversationDataset, work_dir: Path,
+                        adapter_dir: Path) -> AdapterInfo:
+    """Train over `plan.world_size` processes and return what the backend's `train` returned on rank 0; rank 0's
+    lines are logged here as they come (the same lines one process would log)."""
     launch_dir = Path(work_dir) / LAUNCH_DIR
     shutil.rmtree(launch_dir, ignore_errors=True)  # no status or result of an earlier launch may be read back
     inputs = worker.write_inputs(launch_dir, worker.TrainInputs(
-        model=model, train_cfg=train_cfg, seed=seed, plan=plan, train=train, eval=eval, work_dir=Path(work_dir),
+        model=model, train_cfg=train_cfg, seed=seed, plan=plan, train=train, eval=eval_split, work_dir=Path(work_dir),
         adapter_dir=Path(adapter_dir)))
     cmd = launch_command(inputs, plan.world_size, launch_dir / "torchrun")
     env = dict(os.environ)
@@ -87,10 +86,8 @@ def train_data_parallel(model: ModelSection, train_cfg: TrainSection, seed: int,
     env["TQDM_DISABLE"] = "1"
     # the machine's cores shared out over the ranks (torchrun would give each one thread)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.world_size)))
-    out = stream or sys.stdout
-    print(f"launching {plan.world_size} data-parallel processes ({plan.device}); logs in {launch_dir / 'logs'}",
-          file=out, flush=True)
-    returncode = _run_streaming(cmd, env, launch_dir, out, plan.world_size)
+    log.info("launching %d data-parallel processes (%s); logs in %s", plan.world_size, plan.device, launch_dir / "logs")
+    returncode = _run_streaming(cmd, env, launch_dir, plan.world_size)
     if returncode != 0:
         raise _failure(returncode, launch_dir, plan.world_size)
     result = launch_dir / worker.RESULT
@@ -104,8 +101,8 @@ def train_data_parallel(model: ModelSection, train_cfg: TrainSection, seed: int,
     return info
 
 
-def _run_streaming(cmd: list[str], env: dict[str, str], launch_dir: Path, out: TextIO, world_size: int) -> int:
-    """Run torchrun; pass rank 0's lines on to `out`, keep each rank's lines in logs/rank<N>.log and every line in
+def _run_streaming(cmd: list[str], env: dict[str, str], launch_dir: Path, world_size: int) -> int:
+    """Run torchrun; log rank 0's lines as they come, keep each rank's lines in logs/rank<N>.log and every line in
     launch.log. Returns torchrun's exit code."""
     logs = launch_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -134,7 +131,7 @@ def _run_streaming(cmd: list[str], env: dict[str, str], launch_dir: Path, out: T
                     rank_logs[rank].write(text + "\n")
                     rank_logs[rank].flush()
                     if rank == 0:
-                        print(text, file=out, flush=True)
+                        log.info("%s", text)
         except BaseException:
             # the step was interrupted (or the output could not be read): no rank is left running without a parent
             proc.terminate()

@@ -25,13 +25,14 @@ from pydantic import BaseModel
 
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan
+from lorapipe.units import format_gib
 
 
 class PhaseMeasurement(BaseModel):
     phase: str
-    peak_gb: float  # CUDA: torch's allocated peak; elsewhere the process's resident high-water mark
-    reserved_gb: Optional[float] = None  # CUDA: the allocator's reserved peak
-    resident_at_start_gb: float  # the process before the phase (imports done, nothing loaded)
+    peak_gib: float  # CUDA: torch's allocated peak; elsewhere the process's resident high-water mark
+    reserved_gib: Optional[float] = None  # CUDA: the allocator's reserved peak
+    resident_at_start_gib: float  # the process before the phase (imports done, nothing loaded)
     seconds: float
     device: str
     error: Optional[str] = None
@@ -56,7 +57,7 @@ def measure_phase(phase: str, model: ModelSection, train: TrainSection, plan: Tr
                               capture_output=True, text=True, timeout=timeout_s, env=env)
         if proc.returncode != 0 or not out_path.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            return PhaseMeasurement(phase=phase, peak_gb=0.0, resident_at_start_gb=0.0, seconds=0.0,
+            return PhaseMeasurement(phase=phase, peak_gib=0.0, resident_at_start_gib=0.0, seconds=0.0,
                                     device=plan.device, error=f"exit {proc.returncode}: " + " | ".join(tail))
         return PhaseMeasurement(**json.loads(out_path.read_text()))
 
@@ -67,7 +68,7 @@ PROBE_TOLERANCE = 0.15
 def probe_checks(model: Any, train: Any, plan: Any, evaluate: Any, work_dir: str) -> tuple[list[Any], list[dict]]:
     """`preflight.probe`: a few real training steps and one evaluation batch at the planned sizes, each in a fresh
     process; their measured peaks beside the predictions (warn beyond 15%, fail when over the budget)."""
-    from lorapipe.hardware.memory import comparable_prediction_gb
+    from lorapipe.hardware.memory import comparable_prediction_gib
     from lorapipe.hardware.preflight import Check
 
     if plan.train.task != "sft":
@@ -78,27 +79,27 @@ def probe_checks(model: Any, train: Any, plan: Any, evaluate: Any, work_dir: str
                       detail="the probe measures causal-LM training only; the predicted peaks stand unmeasured: "
                              "unset preflight.probe, or watch the first steps' peak in the training log")], []
     checks, rows = [], []
-    budget = plan.train.memory.budget_gb
+    budget = plan.train.memory.budget_gib
     for phase, terms, device in (("train", plan.train.memory.terms, plan.train.device),
                                  ("eval", plan.evaluate.memory_terms, plan.evaluate.device)):
         # in the measured quantity: torch's allocated peak on CUDA; the fresh process's whole peak elsewhere
-        predicted = comparable_prediction_gb(terms, device, None)
+        predicted = comparable_prediction_gib(terms, device, None)
         m = measure_phase(phase, model, train, plan.train, work_dir, plan.evaluate, plan.merge,
                           max_new_tokens=evaluate.max_new_tokens)
-        row = {"phase": phase, "predicted_gb": predicted, **m.model_dump()}
+        row = {"phase": phase, "predicted_gib": predicted, **m.model_dump()}
         rows.append(row)
         if m.error:
             checks.append(Check(section="probe", name=f"{phase} probe", status="fail", measured=m.error,
                                 requirement="3 steps at the planned sizes run", detail="the run would fail the same way"))
             continue
-        error = predicted / m.peak_gb - 1 if m.peak_gb else 0.0
+        error = predicted / m.peak_gib - 1 if m.peak_gib else 0.0
         row["error"] = round(error, 4)
         # the budget is the training device's; evaluation on another device (the CPU) is checked against it only there
-        over = m.peak_gb > budget and device == plan.train.device
+        over = m.peak_gib > budget and device == plan.train.device
         status = "fail" if over else "warn" if abs(error) > PROBE_TOLERANCE else "pass"
         checks.append(Check(section="probe", name=f"{phase} peak (measured)", status=status,
-                            measured=f"{m.peak_gb:.2f} GB on {m.device}, predicted {predicted:.2f} GB ({error:+.0%})",
-                            requirement=(f"<= {budget:.1f} GB; " if device == plan.train.device else "")
+                            measured=f"{format_gib(m.peak_gib)} on {m.device}, predicted {format_gib(predicted)} ({error:+.0%})",
+                            requirement=(f"<= {format_gib(budget)}; " if device == plan.train.device else "")
                             + f"within {PROBE_TOLERANCE:.0%} of the prediction",
                             detail="" if status == "pass" else "over the budget: lower the micro-batch or sequence"
                             if status == "fail" else "the memory model is off here; the measured figure is the truth"))

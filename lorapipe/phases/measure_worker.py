@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from lorapipe.config import ModelSection, TrainSection
-from lorapipe.phases.measure import PhaseMeasurement
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan
+from lorapipe.phases.measure import PhaseMeasurement
 
 PROBE_STEPS = 3
 _WORDS = ("alpha beta gamma delta model train data memory token layer value check merge probe batch field "
@@ -37,9 +37,18 @@ def synthetic_rows(n: int, seq_len: int, seed: int = 0) -> Any:
 
 def _run_phase(spec: dict[str, Any]) -> PhaseMeasurement:
     """Inside the measuring process."""
-    import lorapipe.quiet  # noqa: F401  (library noise off before the heavy imports)
-    from lorapipe.backends import get_backend
-    from lorapipe.training.monitoring import peak_memory_gb, process_memory_gb, reset_peak_memory
+    from lorapipe.logs import show_on_console
+    from lorapipe.phases.train_in_process import train_in_process
+    from lorapipe.quiet import quiet_env, quiet_loggers
+    from lorapipe.training.monitoring import (
+        peak_memory_gib,
+        process_memory_gib,
+        reset_peak_memory,
+    )
+
+    quiet_env()  # library noise off before the heavy imports
+    quiet_loggers()
+    show_on_console()
 
     phase = spec["phase"]
     model = ModelSection(**spec["model"])
@@ -48,13 +57,14 @@ def _run_phase(spec: dict[str, Any]) -> PhaseMeasurement:
     work = Path(spec["work_dir"])
     adapter_dir = work / "adapter"
     device = plan.device if phase == "train" else PhasePlan(**spec[f"{phase}_plan"]).device
-    import torch  # noqa: F401  (imported before the baseline is read: every phase needs it)
-    import transformers  # noqa: F401
+    # imported before the baseline is read: every phase needs them, and what a phase holds is counted from there
     import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
 
     if phase == "train":
         import trl  # noqa: F401
-    start_gb = process_memory_gb()
+    start_gib = process_memory_gib()
     began = time.perf_counter()
     reserved = None
     if phase == "train":
@@ -67,35 +77,34 @@ def _run_phase(spec: dict[str, Any]) -> PhaseMeasurement:
                                              "effective_batch_size": plan.micro_batch_size * plan.world_size})
         from lorapipe.data.dataset import ConversationDataset
 
-        info = get_backend(plan.backend).train(model, probe_train, 0, probe_plan,
-                                               synthetic_rows(rows, plan.max_seq_length),
-                                               ConversationDataset([], name="eval"), work / "train", adapter_dir)
-        peak = info.peak_memory_gb
+        info = train_in_process(model, probe_train, 0, probe_plan, synthetic_rows(rows, plan.max_seq_length),
+                                ConversationDataset([], name="eval"), work / "train", adapter_dir)
+        peak = info.peak_memory_gib
     else:
         reset_peak_memory(device)
         phase_plan = PhasePlan(**spec[f"{phase}_plan"])
         rows = synthetic_rows(phase_plan.batch_size if phase == "eval" else 1, plan.max_seq_length, seed=1)
         if phase == "eval":
+            from lorapipe.config import EvaluateSection
             from lorapipe.phases.evaluate import evaluate_adapter
 
-            metrics = evaluate_adapter(str(adapter_dir), rows, phase_plan, max_samples=len(rows),
-                                       generation_samples=len(rows), max_new_tokens=spec["max_new_tokens"],
-                                       max_length=plan.max_seq_length, generation_metrics=[])
-            peak = metrics.memory_gb
+            settings = EvaluateSection(max_samples=len(rows), generation_samples=len(rows),
+                                       max_new_tokens=spec["max_new_tokens"], generation_metrics=[])
+            metrics = evaluate_adapter(str(adapter_dir), rows, phase_plan, settings)
+            peak = metrics.memory_gib
         else:
             from lorapipe.phases.merge import merge_adapter
 
-            check = merge_adapter(str(adapter_dir), str(work / "merged"), rows, phase_plan, check_samples=1,
-                                  max_length=plan.max_seq_length)
-            peak = check.memory_gb
+            check = merge_adapter(str(adapter_dir), str(work / "merged"), rows, phase_plan, check_samples=1)
+            peak = check.memory_gib
     if device.startswith("cuda"):
         import torch
 
         reserved = round(torch.cuda.max_memory_reserved() / 2**30, 4)
     else:
-        peak = max(peak, peak_memory_gb(device))
-    return PhaseMeasurement(phase=phase, peak_gb=round(peak, 4), reserved_gb=reserved,
-                            resident_at_start_gb=round(start_gb, 4), seconds=round(time.perf_counter() - began, 2),
+        peak = max(peak, peak_memory_gib(device))
+    return PhaseMeasurement(phase=phase, peak_gib=round(peak, 4), reserved_gib=reserved,
+                            resident_at_start_gib=round(start_gib, 4), seconds=round(time.perf_counter() - began, 2),
                             device=device)
 
 

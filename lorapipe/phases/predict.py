@@ -23,8 +23,8 @@ def inference_device() -> tuple[str, str]:
 
 def load_for_inference(folder: str | Path, device: str, dtype: str) -> tuple[Any, Any, str]:
     """(model, tokenizer, what was loaded). An adapter folder loads its base (named in its metadata) + the adapter."""
-    from lorapipe.backends.base import read_adapter_metadata
     from lorapipe.models.loading import load_model, load_tokenizer
+    from lorapipe.training.adapter import read_adapter_metadata
 
     folder = Path(folder)
     if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
@@ -85,19 +85,20 @@ def classifier_settings(folder: str | Path) -> dict[str, Any]:
 
 
 def _load_classifier(folder: Path, device: str, dtype: str, tokenizer: Any) -> tuple[Any, Any, str]:
-    from lorapipe.backends.base import read_adapter_metadata
     from lorapipe.models.loading import load_model
+    from lorapipe.training.adapter import read_adapter_metadata
 
     if (folder / AdapterFolder.METADATA_FILE).is_file():
-        from lorapipe.evaluation.classify import load_tuned
         from lorapipe.hardware.plan import PhasePlan
+        from lorapipe.tasks.classification import load_tuned
 
         meta = read_adapter_metadata(folder)
-        phase = PhasePlan(phase="evaluate", device=device, dtype=dtype, batch_size=1, reason="lorapipe predict")
+        phase = PhasePlan(phase="evaluate", device=device, dtype=dtype, batch_size=1,
+                          max_seq_length=classifier_settings(folder)["max_length"], reason="lorapipe predict")
         model = load_tuned(str(folder), meta, phase)
         described = f"classifier adapter {folder} over {meta['base_model']}"
     else:
-        model = load_model(str(folder), dtype, device=device, task="classification")
+        model = load_model(str(folder), dtype, device=device, kind="sequence_classifier")
         described = f"classifier {folder}"
     model.eval()
     return model, tokenizer, described + f" ({model.config.num_labels} labels)"

@@ -86,10 +86,12 @@ def _write_status(folder: Path, rank: int, status: dict[str, Any]) -> None:
 
 
 def main(inputs_path: Path) -> None:
+    from lorapipe.logs import show_on_console
     from lorapipe.quiet import quiet_env, quiet_loggers
 
     quiet_env()
     quiet_loggers()
+    show_on_console()  # a rank's lines, which the launcher passes on (rank 0's) and keeps in its log
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     folder = inputs_path.parent
     try:
@@ -97,10 +99,10 @@ def main(inputs_path: Path) -> None:
         if world_size != inputs.plan.world_size:
             raise RuntimeError(f"launched with {world_size} processes but the plan trains with "
                                f"{inputs.plan.world_size}: launch through lorapipe.phases.launch")
-        from lorapipe.backends import get_backend
+        from lorapipe.phases.train_in_process import train_in_process
 
-        info = get_backend(inputs.plan.backend).train(inputs.model, inputs.train_cfg, inputs.seed, inputs.plan,
-                                                      inputs.train, inputs.eval, inputs.work_dir, inputs.adapter_dir)
+        info = train_in_process(inputs.model, inputs.train_cfg, inputs.seed, inputs.plan, inputs.train, inputs.eval,
+                                inputs.work_dir, inputs.adapter_dir)
     except BaseException as exc:
         _write_status(folder, rank, {"ok": False, "error": f"{type(exc).__name__}: {exc}",
                                      "traceback": traceback.format_exc()})

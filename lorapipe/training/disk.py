@@ -27,6 +27,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+from lorapipe.hardware.probe import free_bytes
+from lorapipe.units import format_bytes
+
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # what safetensors (Rust's io::Error) and other wrappers say of ENOSPC / EDQUOT
 _DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
@@ -49,23 +52,6 @@ class DiskFullError(OSError):
 
     def __reduce__(self) -> Any:  # OSError pickles its args (errno, text), which this __init__ does not take
         return type(self), (self.message, self.folder, self.needed_bytes, self.free_bytes, self.errno)
-
-
-def human_bytes(n: int) -> str:
-    """1234567 -> '1.2 MB' (powers of 1000, as `df -H` and disk vendors count)."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def free_bytes(path: str | Path) -> int:
-    """Bytes free for this user on the filesystem that holds `path` (its nearest existing parent)."""
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return shutil.disk_usage(p).free
 
 
 def folder_bytes(path: str | Path) -> int:
@@ -103,8 +89,8 @@ def disk_full_error(folder: str | Path, what: str, needed: Optional[int], fix: s
     exceeded"); `needed`: the bytes the write needs (None: unknown), `done`: what was cleaned up, said before the
     fix."""
     free = free_bytes(folder)
-    need = f"it needs about {human_bytes(needed)} ({needed} bytes)" if needed else "it needs more room"
-    message = (f"{kind} while writing {what} to {folder}: {need}, {human_bytes(free)} ({free} bytes) free there"
+    need = f"it needs about {format_bytes(needed)} ({needed} bytes)" if needed else "it needs more room"
+    message = (f"{kind} while writing {what} to {folder}: {need}, {format_bytes(free)} ({free} bytes) free there"
                f"{'; ' + done if done else ''}. Fix: {fix}")
     return DiskFullError(message, folder, needed, free, errno.EDQUOT if "quota" in kind else errno.ENOSPC)
 
@@ -123,7 +109,7 @@ def checkpoint_write(folder: Path, required: Sequence[str], estimate: Callable[[
     The bytes needed are the size of the newest complete checkpoint beside it (else `estimate()`). The cut folder is
     removed (by the main process) when `checkpoint_problem` finds it incomplete: it cannot be resumed from, and its
     files are part of the space needed. Other checkpoints are left as they are."""
-    from lorapipe.backends.base import checkpoint_problem, complete_checkpoints
+    from lorapipe.training.checkpoints import checkpoint_problem, complete_checkpoints
 
     try:
         yield
@@ -138,7 +124,7 @@ def checkpoint_write(folder: Path, required: Sequence[str], estimate: Callable[[
         if problem and main_process:
             cut = folder_bytes(folder)
             shutil.rmtree(folder, ignore_errors=True)
-            done = f"the cut {folder.name} ({problem}; {human_bytes(cut)}) was removed"
+            done = f"the cut {folder.name} ({problem}; {format_bytes(cut)}) was removed"
         resume = f"it resumes from {earlier[-1].name}" if earlier else "it starts over"
         fix = (f"free space there and run the same command again ({resume}), or set train.output_root to a disk "
                f"with room (move {folder.parent.parent} there too to keep the checkpoints)")
@@ -148,7 +134,8 @@ def checkpoint_write(folder: Path, required: Sequence[str], estimate: Callable[[
 def merged_model_bytes(adapter_meta: dict, dtype: str) -> Optional[int]:
     """The merged model's weights in `dtype`: the base's parameters (from its config) x bytes each; None when the
     base's config cannot be read."""
-    from lorapipe.hardware.memory import DTYPE_BYTES, model_facts
+    from lorapipe.hardware.facts import model_facts
+    from lorapipe.hardware.memory import DTYPE_BYTES
 
     try:
         facts = model_facts(adapter_meta["base_model"], adapter_meta.get("base_revision"),

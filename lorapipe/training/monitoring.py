@@ -1,22 +1,22 @@
 """One training monitor for every backend: metrics files, progress lines, plots and the experiment tracker.
 
-`TrainingMonitor(out_dir, memory_gb)` is plain Python (no torch, transformers or mlx import). A backend calls
+`TrainingMonitor(out_dir, memory_gib)` is plain Python (no torch, transformers or mlx import). A backend calls
 `begin(step, max_steps)` when its loop starts (or resumes), `log(step, loss=..., ...)` at every logging step and
 `end()` when training ends; the TRL backends do so through `lorapipe.backends.trainer.MonitorCallback`, the mlx
 backend from its own loop. For each `log` the monitor
 
 - appends one row (columns `METRIC_COLUMNS`) to `metrics.jsonl` and `metrics.csv` in `out_dir`;
-- prints one compact progress line, e.g. `step 20/96 loss 6.71 lr 2.1e-03 1.8k tok/s mem 0.7 GB eta 0:00:12`;
+- logs one compact progress line, e.g. `step 20/96 loss 6.71 lr 2.1e-03 1.8k tok/s mem 0.7 GiB eta 0:00:12`;
 - sends the row to the stack's experiment tracker (W&B, when the ZenML step opened a run) as `train/<column>`;
 
 and at `end()` draws `loss.png`, `learning_rate.png` and `memory.png` beside the files. On a resumed run the rows
 after the checkpoint's step are dropped, so the files continue where the checkpoint left off. Only the main
-process of a data-parallel run writes, prints or sends; when the train step launched the ranks as processes of their
+process of a data-parallel run writes, logs or sends; when the train step launched the ranks as processes of their
 own, the tracker's run is open in the step's process, not theirs, and the launcher sends the rows to it once they
 are done (`replay_to_tracker`).
 
 `tokens_per_second` is the rate since the previous log of the tokens the backend reports (all data-parallel ranks'
-tokens for the TRL backends); `memory_gb` is what the backend's memory reader says (process RSS on CPU, the peak
+tokens for the TRL backends); `memory_gib` is what the backend's memory reader says (process RSS on CPU, the peak
 allocated CUDA memory, mlx's peak on Apple); `elapsed_s` is seconds since this process began (or resumed) training.
 """
 
@@ -26,13 +26,17 @@ import csv
 import datetime
 import gc
 import json
+import logging
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Protocol, TextIO
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 from lorapipe.artifacts import ADAPTER_PLOTS
+from lorapipe.units import format_count
+
+log = logging.getLogger(__name__)
 
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
@@ -40,23 +44,23 @@ METRICS_CSV = "metrics.csv"
 PROGRESS_JSON = "progress.json"
 PLOTS = ADAPTER_PLOTS
 METRIC_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "eval_loss", "tokens_per_second",
-                  "memory_gb", "elapsed_s"]
+                  "memory_gib", "elapsed_s"]
 
 
-def process_memory_gb() -> float:
+def process_memory_gib() -> float:
     """The resident set size of this process (GiB)."""
     import psutil
 
     return psutil.Process().memory_info().rss / 2**30
 
 
-def memory_gb(device: str) -> float:
+def memory_gib(device: str) -> float:
     """Peak allocated CUDA memory on cuda; the resident set size of this process elsewhere (GiB)."""
     if device == "cuda":
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**30
-    return process_memory_gb()
+    return process_memory_gib()
 
 
 _CLEAR_REFS = "/proc/self/clear_refs"
@@ -78,7 +82,7 @@ def reset_peak_memory(device: str) -> None:
         pass
 
 
-def peak_memory_gb(device: str) -> float:
+def peak_memory_gib(device: str) -> float:
     """The peak since `reset_peak_memory` (GiB): torch's allocated CUDA peak; the process's resident high-water mark
     elsewhere (VmHWM on Linux, the lifetime maximum on other systems)."""
     if device.startswith("cuda"):
@@ -104,15 +108,15 @@ class PhaseMemory:
     (Linux) is reset on entry, so the figure is the phase's own peak, resident process included."""
 
     def __init__(self, device: str):
-        self.device, self.gb, self.start_gb = device, 0.0, 0.0
+        self.device, self.gb, self.start_gib = device, 0.0, 0.0
 
     def __enter__(self) -> "PhaseMemory":
-        self.start_gb = round(memory_gb(self.device), 3)
+        self.start_gib = round(memory_gib(self.device), 3)
         reset_peak_memory(self.device)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.gb = round(peak_memory_gb(self.device), 3)
+        self.gb = round(peak_memory_gib(self.device), 3)
         free_memory(self.device)
 
 
@@ -135,14 +139,6 @@ def _finite(value: Any) -> Optional[float]:
     return f if math.isfinite(f) else None
 
 
-def human_count(n: float) -> str:
-    """1800 -> '1.8k', 2_500_000 -> '2.5M', 950 -> '950'."""
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            return f"{n / div:.1f}{suffix}"
-    return f"{n:.0f}"
-
-
 CLASSIFIER_EVAL_METRICS = ("eval_accuracy", "eval_macro_f1")
 
 
@@ -160,9 +156,9 @@ def format_progress(row: dict[str, Any], max_steps: int, eta_s: Optional[float])
     if row.get("learning_rate") is not None:
         parts.append(f"lr {row['learning_rate']:.1e}")
     if row.get("tokens_per_second") is not None:
-        parts.append(f"{human_count(row['tokens_per_second'])} tok/s")
-    if row.get("memory_gb") is not None:
-        parts.append(f"mem {row['memory_gb']:.1f} GB")
+        parts.append(f"{format_count(row['tokens_per_second'])} tok/s")
+    if row.get("memory_gib") is not None:
+        parts.append(f"mem {row['memory_gib']:.1f} GiB")
     if eta_s is not None:
         parts.append(f"eta {datetime.timedelta(seconds=int(round(eta_s)))}")
     return " ".join(parts)
@@ -208,7 +204,7 @@ def write_plots(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     specs = [
         ("loss.png", "loss", [("loss", "train loss", "-"), ("eval_loss", "eval loss", "o--")]),
         ("learning_rate.png", "learning rate", [("learning_rate", "learning rate", "-")]),
-        ("memory.png", "memory (GB)", [("memory_gb", "memory", "-")]),
+        ("memory.png", "memory (GiB)", [("memory_gib", "memory", "-")]),
     ]
     written = []
     for name, ylabel, lines in specs:
@@ -260,12 +256,11 @@ class WandbTracker:
 
 def active_tracker() -> Optional[Tracker]:
     """The experiment tracker the ZenML stack opened for this step, if any: a W&B run; None otherwise (lorapipe
-    never starts a tracker run of its own)."""
-    try:
-        import wandb
-    except ImportError:
-        return None
-    return WandbTracker(wandb.run) if wandb.run is not None else None
+    never starts a tracker run of its own). The stack's tracker imports wandb to open its run, so where wandb is not
+    imported there is none (and importing it only to look would cost a second per training)."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    return WandbTracker(run) if run is not None else None
 
 
 def mark_failed(out_dir: str | Path) -> None:
@@ -292,22 +287,20 @@ class TrainingMonitor:
 
     Args:
         out_dir: where metrics.jsonl/.csv and the plots go (the adapter folder).
-        memory_gb: the backend's memory reader (GiB).
+        memory_gib: the backend's memory reader (GiB).
         run_config: sent once to the tracker (training config and plan).
         tracker: where rows go besides the files; "auto": the stack's tracker, if it opened one for this step.
-        stream: where progress lines go (stdout).
         plots: draw the plots at `end()`.
-        is_main: False on the other ranks of a data-parallel run: they measure, and neither write nor print.
+        is_main: False on the other ranks of a data-parallel run: they measure, and neither write nor log.
     """
 
-    def __init__(self, out_dir: str | Path, memory_gb: Callable[[], float], run_config: Optional[dict] = None,
-                 tracker: Optional[Tracker] | str = "auto", stream: Optional[TextIO] = None, plots: bool = True,
+    def __init__(self, out_dir: str | Path, memory_gib: Callable[[], float], run_config: Optional[dict] = None,
+                 tracker: Optional[Tracker] | str = "auto", plots: bool = True,
                  is_main: bool = True):
         self.out_dir = Path(out_dir)
-        self.memory_gb = memory_gb
+        self.memory_gib = memory_gib
         self.run_config = run_config or {}
         self.tracker = active_tracker() if tracker == "auto" else tracker
-        self.stream = stream
         self.plots = plots
         self.is_main = is_main
         self.rows: list[dict[str, Any]] = []
@@ -343,7 +336,7 @@ class TrainingMonitor:
         row: dict[str, Any] = {
             "step": int(step), "epoch": _finite(epoch), "loss": _finite(loss), "learning_rate": _finite(learning_rate),
             "grad_norm": _finite(grad_norm), "eval_loss": _finite(eval_loss), "tokens_per_second": None,
-            "memory_gb": round(self.memory_gb(), 4), "elapsed_s": round(now - self._t0, 3),
+            "memory_gib": round(self.memory_gib(), 4), "elapsed_s": round(now - self._t0, 3),
         }
         for key, value in (eval_metrics or {}).items():
             row[key] = _finite(value)
@@ -369,12 +362,12 @@ class TrainingMonitor:
         shown = dict(row)
         if row["loss"] is None and loss is not None:
             shown["_loss_raw"] = loss  # nan/inf: say so rather than hide it
-        print(format_progress(shown, self.max_steps, eta), file=self.stream or sys.stdout, flush=True)
+        log.info("%s", format_progress(shown, self.max_steps, eta))
         return row
 
     def checkpoint_saved(self, step: int) -> None:
         if self.is_main:
-            print(f"checkpoint saved: step {step}", file=self.stream or sys.stdout, flush=True)
+            log.info("checkpoint saved: step %d", step)
 
     def _write_progress(self, state: str) -> None:
         import os

@@ -20,12 +20,15 @@ Plain library: no ZenML import; transformers only inside `callback`.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
 from pathlib import Path
 from types import FrameType
 from typing import Any, Optional
+
+log = logging.getLogger(__name__)
 
 PREEMPTION_SIGNALS = (signal.SIGTERM,)
 
@@ -85,8 +88,8 @@ class Preemption:
                 if preemption.requested and not preemption.stopping:
                     preemption.stopping = True
                     if state.is_world_process_zero:
-                        print(f"{signal.Signals(preemption.signal).name} received: saving a checkpoint at step "
-                              f"{state.global_step} and stopping", flush=True)
+                        log.info("%s received: saving a checkpoint at step %d and stopping",
+                                 signal.Signals(preemption.signal).name, state.global_step)
                     control.should_save = True
                     control.should_training_stop = True
                 return control

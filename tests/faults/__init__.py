@@ -32,7 +32,7 @@ def training_inputs(model_dir: str | Path, seed: int = SEED):
     from lorapipe.hardware.plan import MemoryEstimate, TrainingPlan
 
     records = read_records([str(QUICKSTART_DATA)]).records
-    memory = MemoryEstimate(weights_gb=0, lora_and_optimizer_gb=0, activations_gb=0, total_gb=0, budget_gb=1)
+    memory = MemoryEstimate(weights_gib=0, lora_and_optimizer_gib=0, activations_gib=0, total_gib=0, budget_gib=1)
     plan = TrainingPlan(backend="hf", device="cpu", dtype="float32", quantization="none", micro_batch_size=4,
                         gradient_accumulation_steps=2, effective_batch_size=8, max_seq_length=128,
                         gradient_checkpointing=False, optimizer="adamw_torch", memory=memory, reasons=[], warnings=[])
@@ -44,11 +44,11 @@ def training_inputs(model_dir: str | Path, seed: int = SEED):
 
 def train_here(model_dir: str | Path, work: Path, callbacks=None, seed: int = SEED):
     """Train the shared run in this process into `work` (checkpoints in work/checkpoints, adapter in work/adapter),
-    the way the train step calls a backend."""
-    from lorapipe.backends import get_backend
+    the way the train phase runs one process's training."""
+    from lorapipe.phases.train_in_process import train_in_process
 
     m, t, plan, train, evals, seed = training_inputs(model_dir, seed)
-    return get_backend("hf").train(m, t, seed, plan, train, evals, work, work / "adapter", extra_callbacks=callbacks)
+    return train_in_process(m, t, seed, plan, train, evals, work, work / "adapter", extra_callbacks=callbacks)
 
 
 def adapter_sha256(adapter_dir: str | Path) -> str:

@@ -31,9 +31,11 @@ def slow(seconds: float):
 
 
 def pause_inside_checkpoint_write(step: int) -> None:
-    from lorapipe.backends import hf
+    from trl import SFTTrainer
 
-    cls = hf._trainer_class()
+    from lorapipe.backends.trainer import trainer_class
+
+    cls = trainer_class(SFTTrainer)  # the class the backend builds sft's trainers from (cached per base class)
     save_rng = cls._save_rng_state
 
     def paused(self, output_dir):
@@ -46,10 +48,12 @@ def pause_inside_checkpoint_write(step: int) -> None:
 
 
 def main() -> None:
+    from lorapipe.logs import show_on_console
     from lorapipe.quiet import quiet_env, quiet_loggers
 
     quiet_env()
     quiet_loggers()
+    show_on_console()  # what the backend logs, on stdout, where the test reads it
     p = argparse.ArgumentParser()
     p.add_argument("model_dir")
     p.add_argument("work")

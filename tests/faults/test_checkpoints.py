@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from lorapipe.backends.base import SET_ASIDE, latest_complete_checkpoint
 from lorapipe.backends.trainer import CHECKPOINT_PREFIX, checkpoint_files, resume_point
 from lorapipe.config import TrainSection
+from lorapipe.training.checkpoints import SET_ASIDE, latest_complete_checkpoint
 from tests.faults import adapter_sha256
 from tests.faults.conftest import train_captured
 

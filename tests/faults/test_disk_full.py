@@ -24,7 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults import QUICKSTART_DATA, REPO_ROOT, adapter_sha256, child_env, train_here
+from tests.faults import (
+    QUICKSTART_DATA,
+    REPO_ROOT,
+    adapter_sha256,
+    child_env,
+    train_here,
+)
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
@@ -52,7 +58,7 @@ def merge_inputs(dtype: str = "bfloat16"):
     from lorapipe.hardware.plan import PhasePlan
 
     rows = ConversationDataset(read_records([str(QUICKSTART_DATA)]).records[40:44], name="test")
-    return rows, PhasePlan(phase="merge", device="cpu", dtype=dtype, batch_size=1, reason="test")
+    return rows, PhasePlan(phase="merge", device="cpu", dtype=dtype, batch_size=1, max_seq_length=256, reason="test")
 
 
 def fail_torch_save(monkeypatch, step: int, name: str) -> None:
@@ -132,7 +138,7 @@ def test_a_full_disk_while_writing_the_merged_model_says_where_and_its_16_bit_si
     import transformers.modeling_utils as mu
     from safetensors import SafetensorError
 
-    from lorapipe.hardware.memory import model_facts
+    from lorapipe.hardware.facts import model_facts
     from lorapipe.phases.merge import MERGE_METADATA, merge_adapter
     from lorapipe.training.disk import DiskFullError
 
@@ -188,9 +194,9 @@ def tmpfs_scenario(model_dir: str, work: str, adapter_dir: str, tmpfs_bytes: int
     """Run inside the namespace (root there): train with `work/checkpoints` on a tmpfs of `tmpfs_bytes`, then give it
     room and train again; merge into a tmpfs half the merged model's size, then give it room
     and merge again. Prints one JSON line of what happened."""
-    from lorapipe.backends.base import checkpoint_problem
     from lorapipe.backends.trainer import checkpoint_files
     from lorapipe.phases.merge import MERGE_METADATA, merge_adapter
+    from lorapipe.training.checkpoints import checkpoint_problem
     from lorapipe.training.disk import DiskFullError, merged_model_bytes
 
     work_dir = Path(work)

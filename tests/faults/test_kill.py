@@ -9,8 +9,8 @@ import signal
 
 import pytest
 
-from lorapipe.backends.base import SET_ASIDE, checkpoint_problem
 from lorapipe.backends.trainer import checkpoint_files
+from lorapipe.training.checkpoints import SET_ASIDE, checkpoint_problem
 from tests.faults import adapter_sha256, read_until, run_child, start_child
 from tests.faults.child import PAUSED
 from tests.faults.conftest import plain

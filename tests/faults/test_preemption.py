@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from lorapipe.backends.base import checkpoint_problem
 from lorapipe.backends.trainer import checkpoint_files
+from lorapipe.training.checkpoints import checkpoint_problem
 from lorapipe.training.preemption import PreemptedError, Preemption
 from tests.faults import adapter_sha256, read_until, run_child, start_child
 

@@ -1,0 +1,5 @@
+import sys
+
+from lorapipe_app.cli import main
+
+sys.exit(main())

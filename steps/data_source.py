@@ -1,0 +1,51 @@
+"""The data source on the ZenML side: `data.paths` through the library, `data.artifact` read from the store (the
+library never opens it). The resolve and validate steps and `lorapipe run` call these."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from lorapipe.config import DataSection
+from lorapipe.data.formats import file_fingerprint
+from lorapipe.data.sources import (
+    DataSourceError,
+    ResolvedData,
+    resolve_files,
+    rows_file,
+)
+
+
+def _artifact_rows(name: str, out_dir: Path, version_id: Optional[str] = None) -> tuple[str, str, str]:
+    """(JSONL file, description, version id) of the latest version of artifact `name` (or the given version)."""
+    from zenml.client import Client
+
+    try:
+        version = Client().get_artifact_version(version_id or name)
+    except KeyError:
+        raise DataSourceError([f"data.artifact: no artifact named {name} in the ZenML store; save one with "
+                               f"zenml.save_artifact(rows, name={name!r}) or use data.paths"]) from None
+    path, description = rows_file(version.load(), name, str(version.version), out_dir)
+    return path, description, str(version.id)
+
+
+def resolve_data(data: DataSection, artifact_dir: Optional[Path] = None) -> ResolvedData:
+    """The files to read now. `artifact_dir`: where an artifact's rows are written (the run's output root)."""
+    if data.artifact:
+        path, source, version_id = _artifact_rows(data.artifact, Path(artifact_dir or "runs") / "data")
+        return ResolvedData(files=[path], sha256=file_fingerprint([path]), source=source,
+                            artifact_version_id=version_id)
+    return resolve_files(data)
+
+
+def local_files(resolved: ResolvedData, data: DataSection, artifact_dir: Optional[Path] = None) -> list[str]:
+    """The resolved files, readable here: on a stack whose steps run in separate containers, an artifact's rows are
+    written again from the same artifact version (the files of data.paths must be on storage every step sees)."""
+    if resolved.artifact_version_id and not all(Path(f).is_file() for f in resolved.files):
+        path, _, _ = _artifact_rows(data.artifact or "data", Path(artifact_dir or "runs") / "data",
+                                    resolved.artifact_version_id)
+        if file_fingerprint([path]) != resolved.sha256:
+            raise DataSourceError([f"data.artifact: version {resolved.artifact_version_id} no longer holds the "
+                                   "rows this run resolved"])
+        return [path]
+    return resolved.files
