@@ -16,8 +16,10 @@ TINY_MODEL := models/tiny-llama
 TINY_ENCODER := models/tiny-encoder
 QUICKSTART_CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
+# test processes (pytest-xdist): CI's 2 cores; tests that share an expensive fixture run in one process (xdist_group)
+TEST_WORKERS ?= 2
 
-.PHONY: setup quickstart classification-quickstart test tiny-model tiny-encoder dashboard bench clean-runs
+.PHONY: setup quickstart classification-quickstart test test-fast lint tiny-model tiny-encoder dashboard bench clean-runs
 
 setup: $(STAMP)
 
@@ -50,8 +52,17 @@ tiny-encoder: $(TINY_ENCODER)/config.json
 classification-quickstart: setup tiny-encoder
 	$(BIN)/lorapipe run -c configs/classification-quickstart.yaml
 
-test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# the code's checks: ruff (pyproject [tool.ruff]) and the import layers (pyproject [tool.importlinter])
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+test: lint
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+
+# the inner loop: the checks and every test not marked slow (no whole pipeline runs, no child processes that train)
+test-fast: lint
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 # The local ZenML dashboard (no Docker): shows runs, artifacts and the model version's lineage.
 dashboard: setup

@@ -42,9 +42,11 @@ if backend == "bare_trl":
     from trl import SFTConfig, SFTTrainer
     from peft import LoraConfig
     ds = Dataset.from_list([{"prompt": r.messages[:-1], "completion": r.messages[-1:]} for r in records])
-    args = SFTConfig(output_dir=str(work), per_device_train_batch_size=MICRO, num_train_epochs=EPOCHS, max_length=MAX_LEN,
+    args = SFTConfig(output_dir=str(work), per_device_train_batch_size=MICRO, num_train_epochs=EPOCHS,
+                     max_length=MAX_LEN,
                      learning_rate=5e-3, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
-    lcfg = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"], task_type="CAUSAL_LM")
+    lcfg = LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=ds,
                          processing_class=tok, peft_config=lcfg)
     start = time.perf_counter(); trainer.train(); seconds = time.perf_counter() - start
@@ -58,7 +60,8 @@ else:
                         quantization=quant, micro_batch_size=MICRO, gradient_accumulation_steps=1,
                         effective_batch_size=MICRO, max_seq_length=MAX_LEN, gradient_checkpointing=False,
                         optimizer="adamw_torch",
-                        memory=MemoryEstimate(weights_gib=0, lora_and_optimizer_gib=0, activations_gib=0, total_gib=0, budget_gib=1),
+                        memory=MemoryEstimate(weights_gib=0, lora_and_optimizer_gib=0, activations_gib=0,
+                                              total_gib=0, budget_gib=1),
                         reasons=[], warnings=[])
     ds = ConversationDataset(records, "train")
     info = get_backend(backend).train(m, t, 0, plan, ds, ConversationDataset([], "eval"), work / "w", work / "adapter")
@@ -66,7 +69,8 @@ else:
 print(json.dumps({"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "backend_reported_peak_gib": reported}))
-""".replace("ROWS", str(ROWS)).replace("MAX_LEN", str(MAX_LEN)).replace("MICRO", str(MICRO)).replace("EPOCHS", str(EPOCHS))
+""".replace("ROWS", str(ROWS)).replace("MAX_LEN", str(MAX_LEN)).replace("MICRO", str(MICRO)) \
+    .replace("EPOCHS", str(EPOCHS))
 
 CASES = [("bare_trl", "none"), ("hf", "none"), ("hf", "nf4"), ("unsloth", "none"), ("mlx", "none"), ("mlx", "nf4")]
 
@@ -99,7 +103,8 @@ def main() -> None:
                          "median_tokens_per_second": statistics.median(r["tokens_per_second"] for r in ok),
                          "peak_rss_mb": max(r["peak_rss_mb"] for r in ok),
                          "backend_reported_peak_gib": ok[0]["backend_reported_peak_gib"]}
-        print(f"{name}: {results[name]['median_tokens_per_second']:,.0f} tokens/s, peak RSS {results[name]['peak_rss_mb']:.0f} MB")
+        r = results[name]
+        print(f"{name}: {r['median_tokens_per_second']:,.0f} tokens/s, peak RSS {r['peak_rss_mb']:.0f} MB")
     base = results.get("bare_trl", {}).get("median_tokens_per_second")
     if base:
         for r in results.values():

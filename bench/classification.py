@@ -55,10 +55,9 @@ def models() -> dict[str, Path]:
 
 
 def one_run(setup: str, seed: int, model_dir: Path, splits, work: Path) -> dict:
-    from lorapipe.evaluation.classify import evaluate_classifier
-
     from lorapipe.backends.hf import HFBackend
     from lorapipe.config import ModelSection, TrainSection
+    from lorapipe.evaluation.classify import evaluate_classifier
     from lorapipe.hardware.plan import PhasePlan, decide_plan, model_size
     from lorapipe.hardware.probe import probe
 

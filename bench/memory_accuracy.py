@@ -89,7 +89,8 @@ def main() -> int:
                   + "  ".join(f"{p} {v['predicted_gib']:.3f}/{v['measured_gib']:.3f} "
                               f"({(v['error'] or 0) * 100:+.1f}%)" for p, v in row["phases"].items()), flush=True)
             rows.append(row)
-    worst = {p: max((abs(r["phases"][p]["error"] or 0) for r in rows), default=None) for p in ("train", "eval", "merge")}
+    worst = {p: max((abs(r["phases"][p]["error"] or 0) for r in rows), default=None)
+             for p in ("train", "eval", "merge")}
     out = {"benchmark": "memory_accuracy", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "ram_gib": hw.ram_total_gib, "python": platform.python_version()},

@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lorapipe.hardware.memory import MemoryInputs, estimate
+from lorapipe.hardware.memory import MemoryInputs, estimate  # noqa: E402
 from lorapipe.units import GIB  # noqa: E402
 from tests.model_facts import facts  # noqa: E402
 

@@ -12,8 +12,8 @@ a small model's whole merge. Two baselines:
   costs whatever the model's size (kernel code paged in on the first forward pass, modules peft and transformers
   import lazily, allocator arenas), which a merge of a 7B model pays too but which is not model memory.
 The figure that matters: (peak - baseline) / the model's 16-bit size; goal <= 1.5. The old path is the code of
-OLD_COMMIT (lorapipe/phases/merge.py and backends/peft_adapter.py, read with `git show`), run unchanged, warmed up the same
-way. Medians of RUNS interleaved rounds. Writes bench/results/merge_memory.json.
+OLD_COMMIT (lorapipe/merge.py and backends/peft_adapter.py then, read with `git show`), run unchanged, warmed up the
+same way. Medians of RUNS interleaved rounds. Writes bench/results/merge_memory.json.
 
     .venv/bin/python bench/merge_memory.py          # BENCH_RUNS=3 by default
 """

@@ -183,7 +183,7 @@ def run_bare(i: int) -> dict:
                                     WORK / f"bare-{i}.log")
     if rc:
         return {"error": text[-1500:]}
-    res = json.loads(next(l for l in text.splitlines() if l.startswith("BARE_RESULT "))[12:])
+    res = json.loads(next(line for line in text.splitlines() if line.startswith("BARE_RESULT "))[12:])
     return {"wall_s": wall, "peak_rss_mb": rss, **res}
 
 
@@ -195,12 +195,12 @@ def run_lorapipe(i: int, extra: tuple[str, ...] = (), name: str = "lorapipe") ->
         return {"error": text[-1500:]}
     meta = max((WORK / "zen").rglob("lorapipe_adapter.json"), key=lambda p: p.stat().st_mtime)
     result = json.loads(meta.read_text())["result"]
-    logs = [json.loads(l) for l in (meta.parent / "training_log.jsonl").read_text().splitlines() if l.strip()] \
-        if (meta.parent / "training_log.jsonl").exists() else []
+    log_file = meta.parent / "training_log.jsonl"
+    logs = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()] if log_file.exists() else []
     logged = [e["loss"] for e in logs if "loss" in e]
     q = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c", STEPS_OF_RUN], cwd=REPO, env=env,
                        capture_output=True, text=True)
-    steps = json.loads(next(l for l in q.stdout.splitlines() if l.startswith("STEPS "))[6:])
+    steps = json.loads(next(line for line in q.stdout.splitlines() if line.startswith("STEPS "))[6:])
     return {"wall_s": wall, "peak_rss_mb": rss, "train_runtime": result.get("train_seconds"),
             "train_loss": result.get("train_loss"), "last_logged_loss": logged[-1] if logged else None,
             "steps": result.get("steps") or result.get("global_step"), "adapter_result": result, "zenml": steps}
@@ -216,7 +216,7 @@ def run_llamafactory(i: int) -> dict:
     if rc:
         return {"error": text[-1500:]}
     res = json.loads((out / "train_results.json").read_text())
-    logs = [json.loads(l) for l in (out / "trainer_log.jsonl").read_text().splitlines() if l.strip()] \
+    logs = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines() if line.strip()] \
         if (out / "trainer_log.jsonl").exists() else []
     logged = [e["loss"] for e in logs if e.get("loss") is not None]
     state = json.loads((out / "trainer_state.json").read_text()) if (out / "trainer_state.json").exists() else {}
@@ -312,7 +312,7 @@ def write(out_path: Path, job: dict, rounds: list[dict]) -> None:
             ratios[label]["tokens_per_second"] = f"{lp['tokens_per_second'] / o['tokens_per_second']:.2f}x"
     cpu = platform.processor() or ""
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     out = {

@@ -168,7 +168,8 @@ def required_modules(spec: BackendSpec, quantization: str, optimizer: str) -> li
     """(import name, why, install command) of every package a run with these settings needs on this backend."""
     needed = [(m, f"train.backend={spec.name}", spec.install) for m in spec.modules]
     if quantization != "none" and spec.quantized_by and spec.quantized_by not in spec.modules:
-        needed.append((spec.quantized_by, f"train.quantization={quantization}", OPTIONAL_PACKAGE_INSTALL[spec.quantized_by]))
+        needed.append((spec.quantized_by, f"train.quantization={quantization}",
+                       OPTIONAL_PACKAGE_INSTALL[spec.quantized_by]))
     if optimizer in BITSANDBYTES_OPTIMIZERS and "bitsandbytes" not in spec.modules:
         needed.append(("bitsandbytes", f"train.optimizer={optimizer}", OPTIONAL_PACKAGE_INSTALL["bitsandbytes"]))
     return needed

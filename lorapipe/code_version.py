@@ -3,8 +3,9 @@
 ZenML keys a step on its own source, and lorapipe's steps are thin: the code that decides their results lives in
 the library. `dependency_files` follows a file's first-party imports (module- and function-level, read with `ast`,
 nothing is imported) to every file it can run; `code_version` hashes them (so import by name, never through
-`importlib` with a computed string, or the dependency goes unseen). The `__init__.py` files of the packages on the way are hashed but not followed: importing `steps.train` runs
-`steps/__init__.py`, which imports every step, yet only what `steps.train` itself imports can change its result.
+`importlib` with a computed string, or the dependency goes unseen). The `__init__.py` files of the packages on the
+way are hashed but not followed: importing `steps.train` runs `steps/__init__.py`, which imports every step, yet only
+what `steps.train` itself imports can change its result.
 """
 
 from __future__ import annotations

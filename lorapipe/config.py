@@ -190,7 +190,8 @@ class TrainSection(_Section):
     eval_steps: Optional[int] = Field(None, ge=1, description="Evaluate on the eval split every N steps; null: never")
     early_stopping_patience: Optional[int] = Field(
         None, ge=1, description="Stop after N evaluations without improvement (needs eval_steps)")
-    load_best_model_at_end: bool = Field(False, description="Keep the checkpoint with the best eval loss (needs eval_steps)")
+    load_best_model_at_end: bool = Field(False,
+                                         description="Keep the checkpoint with the best eval loss (needs eval_steps)")
     group_by_length: bool = Field(False, description="Batch rows of similar length together: less padding")
     packing: bool = Field(False, description="Padding-free packing of rows, without attention across rows")
     output_root: str = Field("runs", description="Working folder for checkpoints (not the artifact store)")

@@ -23,11 +23,11 @@ class _ToCurrentStdout(logging.StreamHandler):
         super().__init__(sys.stdout)
 
     @property  # type: ignore[override]
-    def stream(self):  # noqa: ANN201 - logging's own attribute
+    def stream(self):
         return sys.stdout
 
     @stream.setter
-    def stream(self, value) -> None:  # noqa: ANN001 - set by logging.StreamHandler.__init__; the current one wins
+    def stream(self, value) -> None:
         pass
 
 

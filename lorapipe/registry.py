@@ -173,12 +173,14 @@ def render_text(report: VersionReport, current_stage: Optional[str] = None) -> l
         lines.append(f"  stage holder           version {report.production_version} (at registration)")
     d = report.data
     lines += [f"  data files sha256      {d.get('files_sha256', '?')}",
-              f"  validated rows sha256  {d.get('validated_sha256', '?')}  ({d.get('rows_accepted', '?')} rows accepted, "
+              f"  validated rows sha256  {d.get('validated_sha256', '?')}  ({d.get('rows_accepted', '?')} rows "
+              "accepted, "
               f"{d.get('rows_rejected', '?')} rejected)",
               f"  train split sha256     {d.get('train_split_sha256', '?')}",
               f"  base model             {report.base_model.get('name_or_path', '?')}"
               + (f" @ {report.base_model['revision']}" if report.base_model.get("revision") else ""),
-              f"  merge check            {'passed' if report.merge_check.get('passed') else 'FAILED'}: max |logit diff| "
+              f"  merge check            {'passed' if report.merge_check.get('passed') else 'FAILED'}: "
+              "max |logit diff| "
               f"{report.merge_check.get('max_abs_logit_diff', float('nan')):.3g} (tolerance "
               f"{report.merge_check.get('tolerance', float('nan')):.3g}, {report.merge_check.get('dtype', '?')})",
               f"  code                   {report.code.get('commit', '?')}" + (" (uncommitted changes)"

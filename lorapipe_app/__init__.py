@@ -11,7 +11,7 @@ The API is imported on first use, so `import lorapipe_app` stays light.
 __all__ = ["run_finetune", "schedule_finetune", "FinetuneResult"]
 
 
-def __getattr__(name: str):  # noqa: ANN202
+def __getattr__(name: str):
     if name in __all__:
         from lorapipe_app import api
 

@@ -108,7 +108,8 @@ class PreparedRun:
     user_set: list[str] = field(default_factory=list)  # dotted keys the config set (train.profile chooses the rest)
 
 
-def load(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[list[str]] = None) -> tuple[LorapipeConfig, str]:
+def load(config: Union[str, Path, LorapipeConfig, dict],
+         overrides: Optional[list[str]] = None) -> tuple[LorapipeConfig, str]:
     from lorapipe.config import apply_overrides, validate_config
 
     if isinstance(config, (str, Path)):

@@ -33,7 +33,8 @@ def find_model_version(ref: str, version: Optional[str] = None) -> Any:
     except KeyError:
         known = [m.name for m in client.list_models(size=20).items]
         raise UserMistake(f"no model named {name} in this ZenML store"
-                          + (f"; models here: {', '.join(known)}" if known else "; run `lorapipe run -c CONFIG` first"))
+                          + (f"; models here: {', '.join(known)}" if known else "; run `lorapipe run -c CONFIG` first")
+                          ) from None
     if wanted in (None, "latest"):
         page = client.list_model_versions(model=name, sort_by="desc:created", size=1)
         if not page.items:

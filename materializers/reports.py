@@ -91,7 +91,8 @@ def validation_html(report: ValidationReport) -> str:
     if report.problem_counts:
         severity = {p.code: p.severity for p in report.problems}
         parts.append(h.section("Problems by kind", h.table(
-            ["problem", "rows", "severity"], sorted(((c, n, severity.get(c, "")) for c, n in report.problem_counts.items()),
+            ["problem", "rows", "severity"],
+            sorted(((c, n, severity.get(c, "")) for c, n in report.problem_counts.items()),
                                                     key=lambda r: -r[1]))))
         shown: dict[str, int] = {}
         rows = []
@@ -113,12 +114,15 @@ def validation_html(report: ValidationReport) -> str:
             ("total / trained tokens", f"{t.total_tokens:,} / {t.trainable_tokens:,}"),
             ("rows truncated", t.truncated_rows),
             *((f"padding waste at micro-batch {w.micro_batch_size}",
-               f"{w.in_order:.1%} in file order, {w.length_grouped:.1%} grouped by length") for w in t.padding_waste)])))
+               f"{w.in_order:.1%} in file order, {w.length_grouped:.1%} grouped by length")
+              for w in t.padding_waste)])))
     if report.audit:
         a = report.audit
         parts.append(h.section("Learns-to-stop audit", h.key_values([
-            ("result", "passed" if a.passed else "FAILED"), ("rows that train the stop token", f"{a.stop_token_trained_fraction:.1%}"),
-            ("rows with trained tokens", f"{a.trainable_rows_fraction:.1%}"), ("round-trip", f"{a.roundtrip_fraction:.1%}"),
+            ("result", "passed" if a.passed else "FAILED"),
+            ("rows that train the stop token", f"{a.stop_token_trained_fraction:.1%}"),
+            ("rows with trained tokens", f"{a.trainable_rows_fraction:.1%}"),
+            ("round-trip", f"{a.roundtrip_fraction:.1%}"),
             ("EOS / PAD", f"{a.eos_token!r} / {a.pad_token!r}"), ("chat template from", a.chat_template_source),
             ("explanation", a.explanation)])))
     if report.expectations:
@@ -149,7 +153,8 @@ def probe_html(probe: HardwareProbe) -> str:
     gpus = [(d.index, d.name, d.total_memory_gib, d.capability, d.bf16) for d in probe.cuda_devices]
     return h.page("Preflight: this machine", h.key_values([
         ("OS / architecture / Python", f"{probe.os} / {probe.machine} / {probe.python}"),
-        ("CPU cores", probe.cpu_count), ("RAM total / available (GiB)", f"{probe.ram_total_gib} / {probe.ram_available_gib}"),
+        ("CPU cores", probe.cpu_count),
+        ("RAM total / available (GiB)", f"{probe.ram_total_gib} / {probe.ram_available_gib}"),
         (f"free disk at {probe.disk_path} (GiB)", probe.disk_free_gib), ("CUDA", probe.cuda_available),
         ("Apple Silicon / MPS", f"{probe.apple_silicon} / {probe.mps_available}"),
         ("data-parallel processes", probe.world_size)]),
@@ -253,8 +258,9 @@ def eval_html(metrics: EvalMetrics) -> str:
         change = f"{(tuned - base) / base:+.1%}" if base else "—"
         rows.append((label, base, tuned, change, better))
     parts = [h.paragraph(f"{'Tuned beats base' if metrics.tuned_beats_base else 'Tuned does not beat base'} on "
-                         f"perplexity ({metrics.perplexity_gain:+.1%}); {metrics.scored_rows} of {metrics.test_rows} test "
-                         f"rows scored ({metrics.scored_tokens:,} tokens), {metrics.generated_rows} generated; "
+                         f"perplexity ({metrics.perplexity_gain:+.1%}); {metrics.scored_rows} of "
+                         f"{metrics.test_rows} test rows scored ({metrics.scored_tokens:,} tokens), "
+                         f"{metrics.generated_rows} generated; "
                          f"memory {format_gib(metrics.memory_gib)}", "ok" if metrics.tuned_beats_base else "bad"),
              h.table(["metric", "base", "tuned", "change", "better"], rows)]
     g = metrics.generation
@@ -296,7 +302,8 @@ def stage_holder_html(data: StageHolderScores) -> str:
     return h.page("Stage holder", *parts)
 
 
-VIEWS = {ResolvedData: resolved_data_html, StageHolderScores: stage_holder_html, ValidationReport: validation_html, RejectedRows: rejected_html,
+VIEWS = {ResolvedData: resolved_data_html, StageHolderScores: stage_holder_html, ValidationReport: validation_html,
+         RejectedRows: rejected_html,
          HardwareProbe: probe_html, PreflightReport: preflight_html, RecommendedConfig: recommended_config_html,
          TrainingPlan: training_plan_html, PhasePlan: phase_plan_html, EvalMetrics: eval_html,
          VersionReport: render_html}

@@ -73,7 +73,8 @@ def _memory_facts(plan: TrainingPlan, adapter_meta: dict, metrics: EvalMetrics, 
                           "measured_gib": metrics.memory_gib, "resident_at_start_gib": metrics.memory_at_start_gib,
                           "device": evaluation_plan.device if evaluation_plan else None},
              "merge": {"predicted_gib": merge_plan.predicted_peak_gib if merge_plan else None,
-                       "measured_gib": check.get("memory_gib"), "resident_at_start_gib": check.get("memory_at_start_gib"),
+                       "measured_gib": check.get("memory_gib"),
+                       "resident_at_start_gib": check.get("memory_at_start_gib"),
                        "device": "cpu"}}
     for phase, row in facts.items():
         predicted, measured = row.get("predicted_gib"), row.get("measured_gib")
@@ -92,7 +93,7 @@ def _memory_facts(plan: TrainingPlan, adapter_meta: dict, metrics: EvalMetrics, 
     return facts
 
 
-def _pin_evaluation(context) -> None:  # noqa: ANN001
+def _pin_evaluation(context) -> None:
     """Pin the evaluation view to the run's page (ZenML 0.98 curates visualizations on runs, pipelines, snapshots
     and deployments, not on model versions)."""
     from zenml.enums import VisualizationResourceTypes
@@ -175,10 +176,12 @@ def register_model(
         holder_metrics = {f"holder_{k}": v for k, v in holder.scores.items() if isinstance(v, (int, float))}
         metrics.update(holder_metrics)
         metrics["holder_version"] = holder.version
-    data = {"files_sha256": data_files_sha256, "source": resolved_data.source, "files": resolved_data.files, "validated_sha256": validation_report.data_fingerprint,
+    data = {"files_sha256": data_files_sha256, "source": resolved_data.source, "files": resolved_data.files,
+            "validated_sha256": validation_report.data_fingerprint,
             "train_split_sha256": adapter_meta.get("data_fingerprint", ""),
             "rows_accepted": validation_report.rows_accepted, "rows_rejected": validation_report.rows_rejected}
-    base_model = {"name_or_path": adapter_meta.get("base_model", ""), "revision": adapter_meta.get("base_revision") or ""}
+    base_model = {"name_or_path": adapter_meta.get("base_model", ""),
+                  "revision": adapter_meta.get("base_revision") or ""}
     code = git_commit()
     if holder_metrics is not None:  # scored on this run's rows
         holder_version, shown_holder = holder.version, holder_metrics

@@ -58,7 +58,8 @@ def score_stage_holder(
         merged = None
     if merged is None:
         return StageHolderScores(stage=r.stage_if_better, version=holder.name,
-                                 note=f"version {holder.name} holds {r.stage_if_better} but has no merged model to score")
+                                 note=f"version {holder.name} holds {r.stage_if_better} but has no merged model to "
+                                      "score")
     held = merged.load()
     task = task_of(merged_model.metadata.get("adapter_metadata", {}))
     held_task = task_of(held.metadata.get("adapter_metadata", {}))

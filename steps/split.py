@@ -14,7 +14,8 @@ from steps.caching import library_cache_policy
 
 # A dict, not one class for all: with a single class ZenML orders the outputs by set iteration, which changes
 # the cache key from one process to the next (the step would never be served from cache).
-@step(output_materializers={"train_split": ConversationDatasetMaterializer, "eval_split": ConversationDatasetMaterializer,
+@step(output_materializers={"train_split": ConversationDatasetMaterializer,
+                            "eval_split": ConversationDatasetMaterializer,
                             "test_split": ConversationDatasetMaterializer},
       cache_policy=library_cache_policy(__file__))
 def split_data(

@@ -38,6 +38,25 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_ZEN_HOME, ignore_errors=True)
 
 
+def pytest_collection_modifyitems(config, items):
+    """pytest-xdist (make test: --dist loadgroup) keeps a test module in one worker, so its module-scoped fixtures are
+    built once; a test module marked with an `xdist_group` of its own shares that worker with the modules whose
+    expensive session fixture it uses (the tiny hf adapter, the fault suite's pipeline runs)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def frozen_imports():
+    """The libraries every test imports, imported once, their objects frozen out of the collector's way, as the CLI
+    does for a run (lorapipe_app.cli.run.freeze_imported_objects): the collections lorapipe runs between phases then
+    walk what the tests allocate, not torch's and ZenML's import-time objects."""
+    from lorapipe_app.cli.run import freeze_imported_objects
+
+    freeze_imported_objects()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def zenml_source_root():
     """ZenML imports steps, materializers and flavors relative to its source root: this repository, as `lorapipe run`

@@ -15,22 +15,22 @@ import pytest
 
 pytest.importorskip("mlx_lm", reason="the mlx backend needs mlx-lm: pip install -e '.[mlx]' (Linux: mlx[cpu])")
 
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
+import mlx.core as mx
+import numpy as np
 
-import lorapipe.backends.mlx as mlx_backend  # noqa: E402
-import lorapipe.backends.mlx_training as mlx_training  # noqa: E402
-from lorapipe.backends.base import BackendUnavailable  # noqa: E402
-from lorapipe.backends.mlx import MLXBackend  # noqa: E402
-from lorapipe.config import LoraSection, ModelSection, TrainSection  # noqa: E402
-from lorapipe.data.dataset import ConversationDataset  # noqa: E402
-from lorapipe.data.formats import read_records  # noqa: E402
-from lorapipe.hardware.plan import MemoryEstimate, TrainingPlan  # noqa: E402
-from lorapipe.tasks.sft import SFT  # noqa: E402
-from lorapipe.training.adapter import ADAPTER_METADATA  # noqa: E402
-from tests.monitor_checks import assert_monitor_outputs  # noqa: E402
+import lorapipe.backends.mlx as mlx_backend
+import lorapipe.backends.mlx_training as mlx_training
+from lorapipe.backends.base import BackendUnavailable
+from lorapipe.backends.mlx import MLXBackend
+from lorapipe.config import LoraSection, ModelSection, TrainSection
+from lorapipe.data.dataset import ConversationDataset
+from lorapipe.data.formats import read_records
+from lorapipe.hardware.plan import MemoryEstimate, TrainingPlan
+from lorapipe.tasks.sft import SFT
+from lorapipe.training.adapter import ADAPTER_METADATA
+from tests.monitor_checks import assert_monitor_outputs
 
-pytestmark = pytest.mark.mlx
+pytestmark = [pytest.mark.mlx, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "quickstart" / "wwdc25_train_slice.jsonl"
@@ -93,7 +93,8 @@ def baseline(tiny, dataset, tmp_path_factory):
     base_hash = sha256(tiny / "model.safetensors")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        info = MLXBackend().train(SFT(), ModelSection(name_or_path=str(tiny)), train_cfg(), SEED, plan(), dataset, dataset,
+        info = MLXBackend().train(SFT(), ModelSection(name_or_path=str(tiny)), train_cfg(), SEED, plan(), dataset,
+                                  dataset,
                                   root / "work", root / "adapter")
     return {"info": info, "adapter": root / "adapter", "work": root / "work", "stdout": out.getvalue(),
             "base_hash": base_hash}
@@ -189,7 +190,8 @@ def test_interrupted_run_resumes_to_the_same_adapter(tiny, dataset, baseline, tm
     model = ModelSection(name_or_path=str(tiny))
     monkeypatch.setattr(mlx_backend, "learning_rate_at", crash_before_step_5)
     with pytest.raises(SimulatedCrash):
-        MLXBackend().train(SFT(), model, train_cfg(), SEED, plan(), dataset, dataset, tmp_path / "work", tmp_path / "adapter")
+        MLXBackend().train(SFT(), model, train_cfg(), SEED, plan(), dataset, dataset, tmp_path / "work",
+                           tmp_path / "adapter")
     monkeypatch.setattr(mlx_backend, "learning_rate_at", real_lr)
     assert [p.name for p in mlx_training.list_checkpoints(tmp_path / "work" / "checkpoints")] == ["step-3"]
     assert "checkpoint saved: step 3" in capsys.readouterr().out

@@ -22,7 +22,7 @@ from tests.monitor_checks import assert_monitor_outputs
 if importlib.util.find_spec("unsloth") is None:
     pytest.skip("unsloth is not installed (pip install -e '.[cuda]')", allow_module_level=True)
 
-pytestmark = pytest.mark.unsloth
+pytestmark = [pytest.mark.unsloth, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "quickstart" / "wwdc25_train_slice.jsonl"

@@ -91,7 +91,8 @@ def test_an_option_a_backend_cannot_honour_is_refused_not_swapped():
     with pytest.raises(PlanError) as err:
         decide_plan(TrainSection(backend="mlx", optimizer="adamw_8bit", lora={"bias": "all"}),
                     make_probe(apple=True, ram_gib=64), TINY)
-    assert any(p.startswith("train.optimizer=adamw_8bit is not available on the mlx backend") for p in err.value.problems)
+    problems = err.value.problems
+    assert any(p.startswith("train.optimizer=adamw_8bit is not available on the mlx backend") for p in problems)
     assert any(p.startswith("train.lora.bias=all") for p in err.value.problems)
 
 
@@ -161,7 +162,8 @@ def test_the_config_offers_exactly_what_the_catalog_knows():
     the config rejects could never be asked for."""
     fields = TrainSection.model_fields
     assert set(typing.get_args(fields["backend"].annotation)) == {"auto", *BACKENDS}
-    assert set(typing.get_args(fields["device"].annotation)) == {"auto", *(d for b in BACKENDS.values() for d in b.devices)}
+    devices = {d for b in BACKENDS.values() for d in b.devices}
+    assert set(typing.get_args(fields["device"].annotation)) == {"auto", *devices}
     for key, attr in (("quantization", "quantization"), ("optimizer", "optimizers")):
         assert set(typing.get_args(fields[key].annotation)) == {v for b in BACKENDS.values() for v in getattr(b, attr)}
     from lorapipe.config import LoraSection

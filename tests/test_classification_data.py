@@ -14,9 +14,9 @@ from lorapipe.data.validation import validate_dataset
 from tests.conftest import CLASSIFICATION_DATA
 
 
-def _validate(paths, fields=LabelFields(), **kw):
+def _validate(paths, fields=None, **kw):
     kw.setdefault("run_expectations", False)
-    return validate_dataset([str(p) for p in paths], "classification", label_fields=fields, **kw)
+    return validate_dataset([str(p) for p in paths], "classification", label_fields=fields or LabelFields(), **kw)
 
 
 def _where(report, code):
@@ -48,8 +48,10 @@ def test_labels_are_strings_or_integers_and_a_frozen_set_names_the_unknown_ones(
     out = _validate([path], fields)
     assert [(r.text, r.label) for r in out.records] == [("great", "positive"), ("awful", "negative")]
     unknown = [p for p in out.report.problems if p.code == "unknown_label"]
-    assert [(p.line, p.field) for p in unknown] == [(3, "stars")] and "'2' is not in data.labels (0, 1)" in unknown[0].message
-    assert sorted((p.line, p.code) for p in out.report.problems if p.code == "wrong_type") == [(4, "wrong_type"), (5, "wrong_type")]
+    assert [(p.line, p.field) for p in unknown] == [(3, "stars")]
+    assert "'2' is not in data.labels (0, 1)" in unknown[0].message
+    wrong = sorted((p.line, p.code) for p in out.report.problems if p.code == "wrong_type")
+    assert wrong == [(4, "wrong_type"), (5, "wrong_type")]
     assert out.report.classification.labels == ["negative", "positive"]
     assert out.report.classification.label_source == "config"
 
@@ -124,7 +126,8 @@ def test_the_split_keeps_each_labels_share():
     train, evals, test = split_records(out.records, 0.1, 0.2)
     for part, share in ((train, 0.7), (evals, 0.1), (test, 0.2)):
         counts = Counter(r.label for r in part.records)
-        assert counts == {"general": round(200 * share), "sports": round(100 * share), "sql": round(150 * share)}, part.name
+        assert counts == {"general": round(200 * share), "sports": round(100 * share),
+                          "sql": round(150 * share)}, part.name
 
 
 def test_config_keys_that_belong_to_the_task():

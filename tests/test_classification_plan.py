@@ -8,7 +8,8 @@ import torch
 
 from lorapipe.catalog import BACKENDS, backends_for
 from lorapipe.config import EvaluateSection, TrainSection
-from lorapipe.hardware import facts, memory as mem
+from lorapipe.hardware import facts
+from lorapipe.hardware import memory as mem
 from lorapipe.hardware.facts import facts_from_config
 from lorapipe.hardware.memory import MemoryInputs, estimate
 from lorapipe.hardware.plan import PlanError, TrainingPlan, decide_plan

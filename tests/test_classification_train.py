@@ -88,7 +88,8 @@ def test_lora_on_a_decoder_trains_the_adapter_and_the_head_and_merges_with_its_l
 
     out = tmp_path / "merged"
     check = merge_adapter(str(adapter), str(out), splits[2],
-                          PhasePlan(phase="merge", device="cpu", dtype="float32", batch_size=1, max_seq_length=128, reason="test"))
+                          PhasePlan(phase="merge", device="cpu", dtype="float32", batch_size=1, max_seq_length=128,
+                                    reason="test"))
     assert check.passed and check.rows_checked == 4 and check.greedy_agreement == 1.0
     merged = AutoModelForSequenceClassification.from_pretrained(out)
     assert merged.config.id2label == dict(enumerate(LABELS)) and merged.config.pad_token_id is not None
@@ -250,7 +251,8 @@ def test_cuda_out_of_memory_in_the_first_steps_halves_the_micro_batch(tiny_encod
     plan = _plan(tiny_encoder_dir, t, tmp_path)
     train_split, eval_split, _ = splits
     # the SFT default (Llama's projection names) on an encoder: named, with the layers it has
-    with pytest.raises(ValueError, match="matches no layer of .*named .*query.*set train.lora.target_modules: all-linear"):
+    with pytest.raises(ValueError,
+                       match="matches no layer of .*named .*query.*set train.lora.target_modules: all-linear"):
         train_in_process(ModelSection(name_or_path=str(tiny_encoder_dir)), t, 7, plan, train_split, eval_split,
                          tmp_path / "bad", tmp_path / "bad" / "adapter")
     t.lora.target_modules = "all-linear"
@@ -285,7 +287,8 @@ def test_qlora_keeps_the_head_unquantised_and_the_untuned_baseline_falls_back_to
     assert metrics.classification.untuned == "majority" and set(metrics.classification.reports) == {"majority",
                                                                                                     "tuned"}
     check = merge_adapter(str(adapter), str(tmp_path / "merged"), splits[2],
-                          PhasePlan(phase="merge", device="cpu", dtype="float32", batch_size=1, max_seq_length=128, reason="test"))
+                          PhasePlan(phase="merge", device="cpu", dtype="float32", batch_size=1, max_seq_length=128,
+                                    reason="test"))
     assert check.passed
 
 
@@ -323,7 +326,8 @@ def test_text_pairs_train_evaluate_merge_and_predict(tiny_encoder_dir, tmp_path)
     assert metrics.test_rows == len(pair_splits[2]) and metrics.samples[0]["text_pair"] is not None
     merged = tmp_path / "merged"
     assert merge_adapter(str(adapter), str(merged), pair_splits[2],
-                         PhasePlan(phase="merge", device="cpu", dtype="float32", batch_size=1, max_seq_length=128, reason="t")).passed
+                         PhasePlan(phase="merge", device="cpu", dtype="float32", batch_size=1, max_seq_length=128,
+                                   reason="t")).passed
     assert classifier_settings(merged) == {"max_length": 128, "text_pair": True}
     model, tokenizer, _ = load_for_inference(merged, "cpu", "float32")
     answer = classify(model, tokenizer, "who won the game", "how many rows are there")

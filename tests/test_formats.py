@@ -57,7 +57,8 @@ def test_sharegpt_tool_roles_are_normalised():
 def test_messages_format_with_system_tool_calls(tmp_path):
     rows = [
         {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"},
-                      {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": "{}"}}]},
+                      {"role": "assistant", "content": None,
+                       "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": "{}"}}]},
                       {"role": "tool", "content": "4"}, {"role": "assistant", "content": "4"}]},
     ]
     path = write_lines(tmp_path / "chat.jsonl", [json.dumps(r) + "\n" for r in rows])

@@ -29,6 +29,8 @@ from lorapipe.training.monitoring import METRIC_COLUMNS, PLOTS
 from tests.conftest import Tee
 from tests.monitor_checks import assert_monitor_outputs
 
+pytestmark = pytest.mark.slow  # every test here trains
+
 REPO = Path(__file__).resolve().parents[1]
 SEQ = 128
 SEED = 7

@@ -9,7 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from lorapipe.config import EvaluateSection, TrainSection
-from lorapipe.hardware import facts as model_facts_module, memory as mem
+from lorapipe.hardware import facts as model_facts_module
+from lorapipe.hardware import memory as mem
 from lorapipe.hardware.facts import facts_from_config
 from lorapipe.hardware.memory import MemoryInputs, estimate, lora_parameters
 from lorapipe.hardware.plan import PlanError, decide_plan

@@ -12,7 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from lorapipe.hardware.plan import PhasePlan
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+# slow: trains (the session's tiny hf adapter, once, in the worker of the "hf_adapter" group) and merges
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.slow,
+              pytest.mark.xdist_group("hf_adapter")]
 
 
 def merge_plan(dtype: str = "float32") -> PhasePlan:
@@ -175,7 +177,7 @@ def _merge_only_pipeline():
     )
     from steps import merge_model
 
-    global given_adapter, given_rows, given_plan, merge_only  # noqa: PLW0603 - module level, for ZenML's loader
+    global given_adapter, given_rows, given_plan, merge_only
 
     @step(output_materializers=AdapterFolderMaterializer, enable_cache=False)
     def given_adapter(path: str) -> Annotated[AdapterFolder, "adapter"]:

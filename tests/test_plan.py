@@ -111,7 +111,8 @@ def test_continuing_an_adapter_is_refused_where_the_backend_cannot():
     with pytest.raises(PlanError, match="init_adapter"):
         decide_plan(TrainSection(init_adapter="runs/old/adapter"), make_probe(apple=True, ram_gib=64), SMALL)
     with pytest.raises(PlanError) as err:  # options only hf implements are refused on other backends, all at once
-        decide_plan(TrainSection(eval_steps=10, early_stopping_patience=2, packing=True), make_probe(cuda_gib=24), SMALL)
+        decide_plan(TrainSection(eval_steps=10, early_stopping_patience=2, packing=True), make_probe(cuda_gib=24),
+                    SMALL)
     assert {"train.eval_steps", "train.early_stopping_patience", "train.packing"} <= {
         p.split(" ")[0] for p in err.value.problems}
     plan = decide_plan(TrainSection(init_adapter="runs/old/adapter", backend="hf", max_seq_length=128),

@@ -5,8 +5,9 @@ from lorapipe.data.split import split_records
 
 
 def _records(n):
-    return [Record("f", i + 1, "", "prompt_completion", messages=[{"role": "user", "content": f"q{i}"},
-                                                                  {"role": "assistant", "content": f"a{i}"}]) for i in range(n)]
+    return [Record("f", i + 1, "", "prompt_completion",
+                   messages=[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}])
+            for i in range(n)]
 
 
 def _keys(ds):

@@ -8,10 +8,10 @@ import pytest
 pytest.importorskip("wandb", reason="wandb is not installed (pip install -e '.[tracking]')")
 pytest.importorskip("weave", reason="ZenML's wandb flavor needs weave (pip install -e '.[tracking]')")
 
-from lorapipe_app.cli import main  # noqa: E402
-from tests.conftest import QUICKSTART_DATA  # noqa: E402
-from tests.test_pipeline import _config, _last_run  # noqa: E402
-from tests.wandb_offline import read_offline_run  # noqa: E402
+from lorapipe_app.cli import main
+from tests.conftest import QUICKSTART_DATA
+from tests.test_pipeline import _config, _last_run
+from tests.wandb_offline import read_offline_run
 
 pytestmark = pytest.mark.slow
 

@@ -39,7 +39,7 @@ def run(cmd: list[str], env: dict) -> None:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-def answer_survey(page) -> None:  # noqa: ANN001
+def answer_survey(page) -> None:
     """The dashboard asks new users a few questions once; answer with the least: a name, no newsletter, skip."""
     for _ in range(8):
         if "/survey" not in page.url:

@@ -209,7 +209,7 @@ def trainer_class(base: type) -> type:
         def set_epoch(self, epoch: int) -> None:
             self.epoch = epoch
 
-        def __iter__(self):  # noqa: ANN204 - a generator of indices, as the base class's
+        def __iter__(self):
             g = torch.Generator()
             g.manual_seed(self.seed + self.epoch)
             return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
@@ -318,11 +318,11 @@ def monitor_callback(monitor: TrainingMonitor) -> Any:
     from transformers import TrainerCallback
 
     class MonitorCallback(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201 - TrainerCallback's hook
+        def on_train_begin(self, args, state, control, **kwargs):
             monitor.is_main = state.is_world_process_zero
             monitor.begin(state.global_step, state.max_steps)
 
-        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201 - TrainerCallback's hook
+        def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
             if "train_runtime" in logs or ("loss" not in logs and "eval_loss" not in logs):
                 return  # the end-of-training summary, or a log without a loss
@@ -335,10 +335,10 @@ def monitor_callback(monitor: TrainingMonitor) -> Any:
                         epoch=logs.get("epoch", state.epoch), tokens_seen=tokens,
                         eval_metrics={k: logs[k] for k in CLASSIFIER_EVAL_METRICS if k in logs})
 
-        def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201 - TrainerCallback's hook
+        def on_save(self, args, state, control, **kwargs):
             monitor.checkpoint_saved(state.global_step)
 
-        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201 - TrainerCallback's hook
+        def on_train_end(self, args, state, control, **kwargs):
             monitor.end()
 
     return MonitorCallback()

@@ -45,7 +45,7 @@ def _import_unsloth() -> Any:
         raise BackendUnavailable(
             f"train.backend=unsloth needs unsloth, which cannot be imported here ({exc}); install with: "
             f"{INSTALL_HINT} (or set train.backend: hf)") from None
-    except Exception as exc:  # unsloth raises e.g. NotImplementedError when it finds no usable device
+    except Exception as exc:  # noqa: BLE001 - unsloth raises e.g. NotImplementedError when it finds no device
         raise BackendUnavailable(
             f"unsloth is installed but refused to start here ({type(exc).__name__}: {exc}); reinstall with "
             f"{INSTALL_HINT} on a CUDA machine, or set train.backend: hf") from None

@@ -34,16 +34,17 @@ def build_suite(columns: list[str], max_seq_length: Optional[int], min_rows: int
     import great_expectations as gx
 
     suite = gx.ExpectationSuite(name=SUITE_NAME)
-    E = gx.expectations
-    suite.add_expectation(E.ExpectTableRowCountToBeBetween(min_value=min_rows))
-    suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="n_messages", min_value=1))
-    suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="response_chars", min_value=1))
+    expect = gx.expectations
+    suite.add_expectation(expect.ExpectTableRowCountToBeBetween(min_value=min_rows))
+    suite.add_expectation(expect.ExpectColumnValuesToBeBetween(column="n_messages", min_value=1))
+    suite.add_expectation(expect.ExpectColumnValuesToBeBetween(column="response_chars", min_value=1))
     if "n_tokens" in columns:
-        suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column="n_tokens"))
-        suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="n_tokens", min_value=1, max_value=max_seq_length))
-        suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="n_trainable_tokens", min_value=1))
+        suite.add_expectation(expect.ExpectColumnValuesToNotBeNull(column="n_tokens"))
+        suite.add_expectation(expect.ExpectColumnValuesToBeBetween(column="n_tokens", min_value=1,
+                                                                   max_value=max_seq_length))
+        suite.add_expectation(expect.ExpectColumnValuesToBeBetween(column="n_trainable_tokens", min_value=1))
     if "label_id" in columns:  # task: classification: a classifier needs two labels with rows at least
-        suite.add_expectation(E.ExpectColumnUniqueValueCountToBeBetween(column="label_id", min_value=2))
+        suite.add_expectation(expect.ExpectColumnUniqueValueCountToBeBetween(column="label_id", min_value=2))
     return suite
 
 
@@ -57,7 +58,8 @@ def run_suite(row_facts: dict, max_seq_length: Optional[int], min_rows: int) -> 
     import pandas as pd
 
     # GE logs set-up chatter at INFO; ZenML may have given every existing logger its own level, so quiet each
-    for name in [n for n in logging.root.manager.loggerDict if n.startswith("great_expectations")] + ["great_expectations"]:
+    gx_loggers = [n for n in logging.root.manager.loggerDict if n.startswith("great_expectations")]
+    for name in [*gx_loggers, "great_expectations"]:
         logging.getLogger(name).setLevel(logging.ERROR)
     df = pd.DataFrame({name: list(values) for name, values in row_facts.items()})
     context = gx.get_context(mode="ephemeral")
@@ -68,7 +70,8 @@ def run_suite(row_facts: dict, max_seq_length: Optional[int], min_rows: int) -> 
     asset = source.add_dataframe_asset(name="row_facts")
     batch_def = asset.add_batch_definition_whole_dataframe("all_rows")
     suite = context.suites.add(build_suite(list(df.columns), max_seq_length, min_rows))
-    definition = context.validation_definitions.add(gx.ValidationDefinition(name="row_facts", data=batch_def, suite=suite))
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name="row_facts", data=batch_def, suite=suite))
     checkpoint = context.checkpoints.add(gx.Checkpoint(
         name="lorapipe", validation_definitions=[definition],
         actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")]))
@@ -86,7 +89,8 @@ def run_suite(row_facts: dict, max_seq_length: Optional[int], min_rows: int) -> 
         cfg = r.expectation_config
         name = cfg.type + (f"({cfg.kwargs.get('column')})" if cfg.kwargs.get("column") else "")
         observed = r.result.get("observed_value", r.result.get("unexpected_count"))
-        results.append({"expectation": name, "success": bool(r.success), "kwargs": {k: v for k, v in cfg.kwargs.items() if k != "batch_id"},
+        kwargs = {k: v for k, v in cfg.kwargs.items() if k != "batch_id"}
+        results.append({"expectation": name, "success": bool(r.success), "kwargs": kwargs,
                         "observed": observed if isinstance(observed, (int, float, str, type(None))) else str(observed),
                         "unexpected_percent": r.result.get("unexpected_percent")})
         if not r.success:

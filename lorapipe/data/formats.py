@@ -4,7 +4,8 @@ Formats: Alpaca, chat `messages` (OpenAI roles), ShareGPT `conversations`, `prom
 (mlx-lm's convention, keys configurable), plain `text`, and `classification` (a text, an optional text pair and a
 label; keys configurable). JSONL (optionally gzipped) is streamed a line at a time; a JSON array (also inside a
 `.jsonl` file) is decoded element by element so every row keeps the line it starts on; CSV/TSV files (a header
-row, then one row per record; a quoted field may span lines) are streamed with the line each record starts on. Reading never raises for bad data: each problem becomes a `Problem` with file and line,
+row, then one row per record; a quoted field may span lines) are streamed with the line each record starts on.
+Reading never raises for bad data: each problem becomes a `Problem` with file and line,
 carried by the row it belongs to, and the row's original text is kept so nothing the user gave is lost.
 The types themselves (`Problem`, `RawRow`, `Record`) live in `lorapipe.data.records`.
 """
@@ -83,7 +84,8 @@ def iter_raw_rows(path: str | Path, problems: list[Problem]) -> Iterator[RawRow]
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                problem = Problem(source, lineno, "(line)", f"invalid UTF-8 at byte {exc.start}", "re-save the file as UTF-8",
+                problem = Problem(source, lineno, "(line)", f"invalid UTF-8 at byte {exc.start}",
+                                  "re-save the file as UTF-8",
                                   "invalid_utf8", column=exc.start + 1)
                 row = RawRow(source, lineno, raw.decode("utf-8", "backslashreplace").rstrip("\r\n"))
                 yield _with_problem(row, problem, problems)
@@ -94,7 +96,8 @@ def iter_raw_rows(path: str | Path, problems: list[Problem]) -> Iterator[RawRow]
             try:
                 obj = json.loads(stripped)
             except json.JSONDecodeError as exc:
-                hint = "a stray ']' or '[': JSONL has one object per line, no array brackets" if stripped in ("]", "[", "],") else "make the line one complete JSON object"
+                hint = ("a stray ']' or '[': JSONL has one object per line, no array brackets"
+                        if stripped in ("]", "[", "],") else "make the line one complete JSON object")
                 problem = Problem(source, lineno, "(line)", f"invalid JSON: {exc.msg}", hint, "invalid_json",
                                   column=exc.colno)
                 yield _with_problem(RawRow(source, lineno, stripped), problem, problems)
@@ -204,7 +207,8 @@ def _iter_json_array(path: Path, problems: list[Problem]) -> Iterator[RawRow]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        problems.append(Problem(source, line, "(file)", f"invalid UTF-8 at byte {exc.start}", "re-save the file as UTF-8",
+        problems.append(Problem(source, line, "(file)", f"invalid UTF-8 at byte {exc.start}",
+                                "re-save the file as UTF-8",
                                 "invalid_utf8"))
         return
     decoder = json.JSONDecoder()
@@ -274,11 +278,13 @@ def detect_format(obj: dict, prompt_key: str = "prompt", completion_key: str = "
     return None
 
 
-def _expect_str(obj: dict, key: str, row: RawRow, problems: list[Problem], required: bool = True, label: str = "") -> Optional[str]:
+def _expect_str(obj: dict, key: str, row: RawRow, problems: list[Problem], required: bool = True,
+                label: str = "") -> Optional[str]:
     name = label or key
     if key not in obj or obj[key] is None:
         if required:
-            problems.append(Problem(row.source, row.line, name, "missing", f"add a string '{key}' field", "missing_field"))
+            problems.append(Problem(row.source, row.line, name, "missing", f"add a string '{key}' field",
+                                    "missing_field"))
         return None
     value = obj[key]
     if not isinstance(value, str):
@@ -314,7 +320,8 @@ def _label(obj: dict, row: RawRow, fields: LabelFields, found: list[Problem]) ->
                              "missing_label"))
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        found.append(Problem(row.source, row.line, key, f"a label is a string or an integer, got {type(value).__name__} "
+        found.append(Problem(row.source, row.line, key,
+                             f"a label is a string or an integer, got {type(value).__name__} "
                              f"{value!r}", f"write '{key}' as a string (or an integer id)", "wrong_type"))
         return None
     raw = value.strip() if isinstance(value, str) else str(value)
@@ -355,7 +362,9 @@ def normalise(row: RawRow, fmt: str, problems: list[Problem], prompt_key: str = 
         if system:
             rec.messages.append({"role": "system", "content": system})
         history = obj.get("history") or []
-        if not isinstance(history, list) or not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history):
+        pairs = isinstance(history, list) and all(
+            isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history)
+        if not pairs:
             found.append(Problem(row.source, row.line, "history", "expected a list of [question, answer] string pairs",
                                  "fix or remove 'history'", "wrong_type"))
             history = []
@@ -372,7 +381,8 @@ def normalise(row: RawRow, fmt: str, problems: list[Problem], prompt_key: str = 
             for i, m in enumerate(msgs):
                 fld = f"messages[{i}]"
                 if not isinstance(m, dict):
-                    found.append(Problem(row.source, row.line, fld, "expected an object", "use {role, content}", "wrong_type"))
+                    found.append(Problem(row.source, row.line, fld, "expected an object", "use {role, content}",
+                                         "wrong_type"))
                     continue
                 role = m.get("role")
                 if role not in CHAT_ROLES:
@@ -392,7 +402,8 @@ def normalise(row: RawRow, fmt: str, problems: list[Problem], prompt_key: str = 
                         msg["content"] = json.dumps(m["tool_calls"], ensure_ascii=False)
                 elif content is None:
                     found.append(Problem(row.source, row.line, f"{fld}.content", "missing",
-                                         "add a string 'content' (or 'tool_calls' for an assistant call)", "missing_field"))
+                                         "add a string 'content' (or 'tool_calls' for an assistant call)",
+                                         "missing_field"))
                     continue
                 rec.messages.append(msg)
     elif fmt == "sharegpt":
@@ -406,7 +417,8 @@ def normalise(row: RawRow, fmt: str, problems: list[Problem], prompt_key: str = 
             for i, t in enumerate(turns):
                 fld = f"conversations[{i}]"
                 if not isinstance(t, dict):
-                    found.append(Problem(row.source, row.line, fld, "expected an object", "use {from, value}", "wrong_type"))
+                    found.append(Problem(row.source, row.line, fld, "expected an object", "use {from, value}",
+                                         "wrong_type"))
                     continue
                 role = SHAREGPT_ROLES.get(t.get("from"))
                 if role is None:
@@ -475,7 +487,8 @@ def iter_records(paths: list[str], fmt: str, prompt_key: str, completion_key: st
             if file_fmt is None:
                 if row_fmt is None:
                     problem = Problem(row.source, row.line, "(row)", f"no known format in keys {sorted(row.obj)[:8]}",
-                                      f"use one of: {', '.join(FORMATS)} (prompt/completion keys: data.prompt_key, data.completion_key)",
+                                      f"use one of: {', '.join(FORMATS)} (prompt/completion keys: data.prompt_key, "
+                                      "data.completion_key)",
                                       "unknown_format")
                     yield _with_problem(row, problem, problems), None
                     continue
@@ -483,7 +496,8 @@ def iter_records(paths: list[str], fmt: str, prompt_key: str, completion_key: st
                 formats[str(path)] = file_fmt
             elif row_fmt != file_fmt and not (fmt != "auto" and row_fmt is None):
                 problem = Problem(row.source, row.line, "(row)",
-                                  f"format {row_fmt or 'unknown'} differs from {file_fmt} (detected at line {first_line or 1})",
+                                  f"format {row_fmt or 'unknown'} differs from {file_fmt} (detected at line "
+                                  f"{first_line or 1})",
                                   "keep one format per file, or split the file", "mixed_format")
                 yield _with_problem(row, problem, problems), None
                 continue
@@ -494,8 +508,7 @@ def iter_records(paths: list[str], fmt: str, prompt_key: str, completion_key: st
                         value = row.obj.get(key)
                         if value is None:
                             _with_problem(row, Problem(row.source, row.line, key, "missing",
-                                                       f"add '{key}' to every row, or unset split.{attr}_key" if attr == "group"
-                                                       else f"add '{key}' to every row, or unset split.stratify_key",
+                                                       f"add '{key}' to every row, or unset split.{attr}_key",
                                                        "missing_field"), problems)
                             rec = None
                             break

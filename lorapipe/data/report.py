@@ -41,7 +41,8 @@ class PaddingWaste(BaseModel):
     length_grouped: float = Field(description="batches grouped by length (train.group_by_length)")
 
     def summary(self) -> str:
-        return f"{self.in_order:.1%} in order, {self.length_grouped:.1%} length-grouped (micro-batch {self.micro_batch_size})"
+        return (f"{self.in_order:.1%} in order, {self.length_grouped:.1%} length-grouped (micro-batch "
+                f"{self.micro_batch_size})")
 
 
 class AuditReport(BaseModel):
@@ -133,7 +134,8 @@ class ValidationReport(BaseModel):
                                  "lists every one)")
         if self.token_stats:
             t = self.token_stats
-            waste = ", ".join(f"{p.micro_batch_size}: {p.in_order:.1%} / {p.length_grouped:.1%}" for p in t.padding_waste)
+            waste = ", ".join(f"{p.micro_batch_size}: {p.in_order:.1%} / {p.length_grouped:.1%}"
+                              for p in t.padding_waste)
             lines.append(f"tokens per row: p50 {t.p50:.0f}, p95 {t.p95:.0f}, max {t.max}; total {t.total_tokens}, "
                          f"trained {t.trainable_tokens}; padding waste in order / length-grouped by micro-batch "
                          f"{waste}")

@@ -61,7 +61,8 @@ class TokenAudit:
         try:
             enc = encode(self.tok, rec, self.max_len if self.overlength == "truncate" else None)
         except RenderError as exc:
-            problems.append(Problem(rec.source, rec.line, "(template)", str(exc), "set model.chat_template", "template_error"))
+            problems.append(Problem(rec.source, rec.line, "(template)", str(exc), "set model.chat_template",
+                                    "template_error"))
             return ["template_error"]
         rejected = self.length_policy(rec, enc.full_length, problems, "tokens after the chat template,",
                                       "raise train.max_seq_length, shorten the row, or set validation.overlength to "
@@ -97,7 +98,8 @@ class TokenAudit:
             return code
         self.truncated += 1
         problems.append(Problem(rec.source, rec.line, "(row)", f"{length} tokens truncated to {self.max_len}",
-                                "none needed, or raise train.max_seq_length", "overlength_truncated", severity="warning"))
+                                "none needed, or raise train.max_seq_length", "overlength_truncated",
+                                severity="warning"))
         return None
 
     def finish(self, micro_batch_sizes: Sequence[int], template_source: str) -> tuple[TokenStats, AuditReport]:
@@ -128,9 +130,9 @@ class TokenAudit:
             ok, why = True, "every row trains the stop token"
         if pad_is_eos:
             why += "; PAD is EOS, but padding is masked by position, so EOS stays trained"
+        roundtrip = self.roundtrip / self.roundtrip_checked if self.roundtrip_checked else 1.0
         audit = AuditReport(rows=n, trainable_rows_fraction=n / self.rows if self.rows else 0.0,
-                            stop_token_trained_fraction=stop_frac,
-                            roundtrip_fraction=self.roundtrip / self.roundtrip_checked if self.roundtrip_checked else 1.0,
+                            stop_token_trained_fraction=stop_frac, roundtrip_fraction=roundtrip,
                             eos_token=self.tok.eos_token, pad_token=self.tok.pad_token, pad_is_eos=pad_is_eos,
                             chat_template_source=template_source, passed=ok, explanation=why)
         return stats, audit

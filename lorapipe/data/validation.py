@@ -67,7 +67,8 @@ def check_record(rec: Record, problems: list[Problem], prompt_key: str = "prompt
                                         "the row", "empty_text"))
     elif rec.text is not None:
         if not rec.text.strip():
-            problems.append(Problem(src, line, "text", "empty or whitespace-only", "remove the row or fill it", "empty_response"))
+            problems.append(Problem(src, line, "text", "empty or whitespace-only", "remove the row or fill it",
+                                    "empty_response"))
         contents = [("text", rec.text)]
     else:
         fields = [source_field(rec, i, prompt_key, completion_key) for i in range(len(rec.messages))]
@@ -85,11 +86,13 @@ def check_record(rec: Record, problems: list[Problem], prompt_key: str = "prompt
         m = PLACEHOLDER_RE.search(text) if "{{" in text else None
         if m:
             problems.append(Problem(src, line, fld, f"unfilled template placeholder {m.group(0)}",
-                                    "fill the placeholder in (e.g. replace {{name}} by the assistant's name)", "placeholder"))
+                                    "fill the placeholder in (e.g. replace {{name}} by the assistant's name)",
+                                    "placeholder"))
         c = CONTROL_RE.search(text)
         if c:
             problems.append(Problem(src, line, fld, f"control character U+{ord(c.group(0)):04X} at offset {c.start()}",
-                                    "remove it (often a sign of a bad export or encoding)", "control_char", severity="warning"))
+                                    "remove it (often a sign of a bad export or encoding)", "control_char",
+                                    severity="warning"))
 
 
 def _check_roles(rec: Record, roles: list[str], problems: list[Problem]) -> None:
@@ -101,7 +104,8 @@ def _check_roles(rec: Record, roles: list[str], problems: list[Problem]) -> None
             return
     turns = [r for r in roles if r != "system"]
     if not turns:
-        problems.append(Problem(src, line, "messages", "no user or assistant turn", "add a user and an assistant turn", "role_order"))
+        problems.append(Problem(src, line, "messages", "no user or assistant turn", "add a user and an assistant turn",
+                                "role_order"))
         return
     if turns[0] != "user":
         problems.append(Problem(src, line, "messages", f"the conversation starts with {turns[0]!r}, not 'user'",
@@ -114,7 +118,8 @@ def _check_roles(rec: Record, roles: list[str], problems: list[Problem]) -> None
              (prev == "tool" and r in ("assistant", "tool"))
         if not ok:
             problems.append(Problem(src, line, f"messages[{i + offset}].role", f"{r!r} follows {prev!r}",
-                                    "alternate user and assistant (tool results follow an assistant call)", "role_order"))
+                                    "alternate user and assistant (tool results follow an assistant call)",
+                                    "role_order"))
             return
         prev = r
     if turns[-1] != "assistant":

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from lorapipe.catalog import task_spec
+
 MODEL_CARD = "README.md"
 
 
@@ -33,7 +35,7 @@ def front_matter(adapter_meta: dict, check: dict, ollama_family: Optional[str]) 
         tags.append("qlora")
     if ollama_family:
         tags.append("ollama")
-    classifier = adapter_meta.get("task") == "classification"
+    classifier = task_spec(adapter_meta.get("task") or "sft").model_kind == "sequence_classifier"
     if classifier:
         tags = ["lorapipe", "text-classification"] + (["lora", "peft", "merged"] if adapter_meta.get("method") != "full"
                                                       else ["full-fine-tune"]) + (["qlora"] if quantization != "none"
@@ -91,7 +93,7 @@ def model_card(adapter_meta: dict, check: dict, *, test_rows: int, adapter_finge
     ollama = (f"`ollama create <name> -f Modelfile` from this folder; its TEMPLATE is translated from the "
               f"{ollama_family} chat template ({ollama_note})." if ollama_family else
               f"the Modelfile here has no TEMPLATE: {ollama_note}. Write one before serving chat with Ollama.")
-    if adapter_meta.get("task") == "classification":
+    if task_spec(adapter_meta.get("task") or "sft").model_kind == "sequence_classifier":
         return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + _classifier_body(
             adapter_meta, check, training, merge, test_rows, files, qlora)
     body = f"""# {Path(str(base)).name} + LoRA, merged ({dtype})
@@ -156,7 +158,8 @@ def _classifier_body(adapter_meta: dict, check: dict, training: str, merge: str,
     how = (f"`{base}` with every weight fine-tuned" if full else
            f"a LoRA adapter and a trained classification head on `{base}`, folded into a {check.get('dtype')} copy of "
            "the base weights")
-    return f"""# {Path(str(base)).name} classifier ({len(labels)} labels, {'full fine-tune' if full else 'LoRA, merged'})
+    how = "full fine-tune" if full else "LoRA, merged"
+    return f"""# {Path(str(base)).name} classifier ({len(labels)} labels, {how})
 
 A sequence classifier trained by lorapipe: {how}. It loads with its labels (`id2label` in `config.json`).
 

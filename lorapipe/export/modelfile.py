@@ -84,7 +84,7 @@ def read_layout(tokenizer: Any, family: ChatFamily) -> ChatLayout:
                                    {"role": "assistant", "content": p["assistant"]},
                                    {"role": "user", "content": p["user2"]}])
         bare = _render(tokenizer, [{"role": "user", "content": p["user"]}])
-    except Exception as exc:  # noqa: BLE001 - any template error means: do not translate
+    except Exception as exc:
         raise NotTranslated(f"the template cannot render a plain system/user/assistant conversation ({exc})") from exc
     bos = tokenizer.bos_token or ""
     prefix = bos if bos and full.startswith(bos) else ""

@@ -13,6 +13,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel
 
+from lorapipe.catalog import TASK_CHOICES, task_spec
+
 # Llama-family architectures whose parameters are counted from the config by formula (the same decoder layer:
 # q/k/v/o attention with GQA, a gated MLP, RMSNorms). Any other model_type is counted on the meta device.
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "granite", "olmo2", "deepseek", "yi",
@@ -52,7 +54,7 @@ class ModelFacts(BaseModel):
     parameter_counts: dict[str, int]  # embeddings, attention, mlp, norms, lm_head (0 when tied) or head (classifier)
     linears: list[LinearShape]  # one layer's linear modules
     counted: Literal["formula", "meta"] = "formula"
-    task: Literal["sft", "classification"] = "sft"
+    task: Literal[TASK_CHOICES] = "sft"  # type: ignore[valid-type]
     num_labels: Optional[int] = None  # classification: the head's outputs
     # decoder: the Llama-family layer's activation formula (any decoder is counted with it, with its own shapes);
     # encoder: a BERT-like layer (post-LayerNorm, GELU MLP, query/key/value, dropout)
@@ -104,7 +106,7 @@ def facts_from_config(cfg: Any, source: str = "config", task: str = "sft", num_l
     outputs): for Llama-family models a `score` head of hidden x labels in place of lm_head."""
     if getattr(cfg, "model_type", None) not in LLAMA_LIKE or getattr(cfg, "num_local_experts", None):
         return count_on_meta(cfg, source, task=task, num_labels=num_labels)
-    h, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    h, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size  # noqa: N806 - the names docs/MEMORY.md's formulas use
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     d = getattr(cfg, "head_dim", None) or h // heads
@@ -129,14 +131,14 @@ def facts_from_config(cfg: Any, source: str = "config", task: str = "sft", num_l
         "norms": L * (2 * h + qk_norm) + h,
         "lm_head": 0 if tied else V * h,
     }
-    if task == "classification":
+    if task_spec(task).model_kind == "sequence_classifier":
         # LlamaForSequenceClassification (and its kin): a bias-free `score` linear, hidden -> labels, read at the last
         # token; no lm_head, tied or not
         del counts["lm_head"]
         counts["head"] = h * num_labels
         return ModelFacts(source=source, model_type=cfg.model_type, vocab_size=V, hidden_size=h,
                           intermediate_size=inter, layers=L, heads=heads, kv_heads=kv, head_dim=d,
-                          tied_embeddings=False, parameter_counts=counts, linears=linears, task="classification",
+                          tied_embeddings=False, parameter_counts=counts, linears=linears, task=task,
                           num_labels=num_labels, classifier_parameters=h * num_labels)
     return ModelFacts(source=source, model_type=cfg.model_type, vocab_size=V, hidden_size=h, intermediate_size=inter,
                       layers=L, heads=heads, kv_heads=kv, head_dim=d, tied_embeddings=tied, parameter_counts=counts,
@@ -153,7 +155,7 @@ def count_on_meta(cfg: Any, source: str = "config", task: str = "sft", num_label
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    classifying = task == "classification"
+    classifying = task_spec(task).model_kind == "sequence_classifier"
     try:
         with torch.device("meta"):
             if classifying:
@@ -200,7 +202,7 @@ def count_on_meta(cfg: Any, source: str = "config", task: str = "sft", num_label
             counts[kind] += p.numel()
     cfg_dict = cfg.to_dict()
     h = cfg_dict.get("hidden_size") or cfg_dict.get("n_embd") or cfg_dict.get("d_model")
-    L = cfg_dict.get("num_hidden_layers") or cfg_dict.get("n_layer") or cfg_dict.get("num_layers")
+    L = cfg_dict.get("num_hidden_layers") or cfg_dict.get("n_layer") or cfg_dict.get("num_layers")  # noqa: N806 - as above
     if not h or not L:
         raise ModelFactsError(f"{source}: the config names no hidden size or layer count lorapipe can read "
                               "(hidden_size / n_embd / d_model, num_hidden_layers / n_layer / num_layers)")
@@ -224,7 +226,7 @@ def count_on_meta(cfg: Any, source: str = "config", task: str = "sft", num_label
                and sum(leaf in QKV_MODULES for leaf in leaves) == 3 and not cfg_dict.get("is_decoder"))
     extra: dict[str, Any] = {}
     if classifying:
-        extra = {"task": "classification", "num_labels": num_labels,
+        extra = {"task": task, "num_labels": num_labels,
                  "classifier_parameters": sum(p.numel() for name in CLASSIFIER_HEADS if name in heads_of
                                               for p in heads_of[name].parameters())}
     if encoder:

@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field
 
+from lorapipe.catalog import TASK_CHOICES, task_spec
 from lorapipe.hardware.facts import (
     ATTENTION_MODULES,
     MLP_MODULES,
@@ -81,7 +82,7 @@ class MemoryInputs(BaseModel):
     max_shard_bytes: int = 2_000_000_000  # merge.max_shard_size
     loss_chunks: int = Field(1, ge=1)  # >1: the fp32 loss is computed in chunks (torchtune's CEWithChunkedOutputLoss)
     eval_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None  # None: float32 on CPU, else dtype
-    task: Literal["sft", "classification"] = "sft"  # classification: needs facts counted with the same task
+    task: Literal[TASK_CHOICES] = "sft"  # type: ignore[valid-type]  # the facts must be counted for the same task
     num_labels: int = Field(2, ge=1)  # classification: the logits per row
     # train.method: full: every parameter trained, from fp32 weights (16-bit dtypes compute under autocast); no
     # LoRA, no quantisation
@@ -183,7 +184,8 @@ def _weights_terms(facts: ModelFacts, x: MemoryInputs) -> tuple[list[tuple[str, 
     terms = [("base weights (quantised linear layers)", int(linear * per),
               f"{linear:,} layer weights x {per:.4f} B ({label})"),
              ("base weights (embeddings, norms, lm_head)", other * keep,
-              f"{other:,} parameters x {keep} B ({'fp32 after prepare_model_for_kbit_training' if keep == 4 else x.dtype})")]
+              f"{other:,} parameters x {keep} B "
+              f"({'fp32 after prepare_model_for_kbit_training' if keep == 4 else x.dtype})")]
     return terms, largest * a
 
 
@@ -194,7 +196,7 @@ def _activation_bytes_per_token_layer(facts: ModelFacts, x: MemoryInputs) -> tup
     if facts.block == "encoder":
         return _encoder_activation_bytes(facts, x)
     a = DTYPE_BYTES[x.dtype]
-    h, I = facts.hidden_size, facts.intermediate_size
+    h, I = facts.hidden_size, facts.intermediate_size  # noqa: E741, N806 - docs/MEMORY.md's names: hidden, intermediate
     q = facts.heads * facts.head_dim
     kv = 2 * facts.kv_heads * facts.head_dim
     # frozen layer: two RMSNorms save their fp32 input and rstd; attention saves q, k, v and its output (sdpa) and
@@ -248,7 +250,7 @@ def _encoder_activation_bytes(facts: ModelFacts, x: MemoryInputs) -> tuple[int, 
     """Bytes autograd saves per token in one encoder layer (transformers' BERT layer with sdpa attention: post-
     LayerNorm, GELU MLP), counted with torch's saved-tensor hooks (tests/test_classification_plan.py)."""
     a = DTYPE_BYTES[x.dtype]
-    h, I, heads = facts.hidden_size, facts.intermediate_size, facts.heads
+    h, I, heads = facts.hidden_size, facts.intermediate_size, facts.heads  # noqa: E741, N806 - as above
     # sdpa saves q, k, v, its output (the output projection's input) and logsumexp (fp32 per head); two LayerNorms
     # their input and mean and rstd (in the compute dtype); GELU its input
     base = a * (6 * h + I) + 4 * a + 4 * heads
@@ -314,8 +316,8 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gib: float = 0.0) -> Mem
     _check_task(facts, x)
     a = DTYPE_BYTES[x.dtype]
     tokens = x.micro_batch_size * x.seq_len
-    L, V, h = facts.layers, facts.vocab_size, facts.hidden_size
-    classifying, full = x.task == "classification", x.full_finetune
+    L, V, h = facts.layers, facts.vocab_size, facts.hidden_size  # noqa: N806 - docs/MEMORY.md's layers, vocab
+    classifying, full = task_spec(x.task).model_kind == "sequence_classifier", x.full_finetune
     terms: list[MemoryTerm] = []
 
     def add(phase: str, name: str, nbytes: float, formula: str) -> None:
@@ -428,8 +430,8 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gib: float = 0.0) -> Mem
         add("merge", "shard being written", shard, f"min(model, merge.max_shard_size) = {format_bytes(shard)}")
     else:
         add("merge", "merged model read back for the check", later,
-            f"the merged copy, mapped and loaded (2 x {format_bytes(model_bytes)}), with the heap's freed small tensors of the first "
-            f"({format_bytes(retained)}), less the first copy")
+            f"the merged copy, mapped and loaded (2 x {format_bytes(model_bytes)}), with the heap's freed small "
+            f"tensors of the first ({format_bytes(retained)}), less the first copy")
     add("merge", "process", CPU_EVAL_PROCESS_BYTES, "Python + torch + transformers + peft (measured)")
 
     train_total = sum(t.bytes for t in terms if t.phase == "train")
@@ -481,7 +483,7 @@ def _small_tensor_bytes(facts: ModelFacts, nbytes_per: int) -> int:
         size = s.in_features * s.out_features * nbytes_per
         small += facts.layers * size if size < GLIBC_MMAP_THRESHOLD_MAX else 0
     emb = facts.vocab_size * facts.hidden_size * nbytes_per
-    one = facts.tied_embeddings or facts.task == "classification"  # a classifier has no lm_head
+    one = facts.tied_embeddings or task_spec(facts.task).model_kind == "sequence_classifier"  # no lm_head
     small += emb * (1 if one else 2) if emb < GLIBC_MMAP_THRESHOLD_MAX else 0
     small += facts.parameter_counts.get("norms", 0) * nbytes_per
     return small

@@ -29,6 +29,7 @@ from lorapipe.catalog import (
     BackendSpec,
     backends_for,
     required_modules,
+    task_spec,
 )
 from lorapipe.config import EvaluateSection, MergeSection, TrainSection, shard_bytes
 from lorapipe.hardware.facts import ModelFacts, model_facts
@@ -305,7 +306,8 @@ def memory_inputs(train: TrainSection, evaluate: EvaluateSection, merge: MergeSe
         quantization=quantization if quantization is not None else train.quantization,
         micro_batch_size=micro_batch_size or (train.micro_batch_size if isinstance(train.micro_batch_size, int) else 1),
         seq_len=seq_len or train.max_seq_length, lora_r=lora_r or train.lora.r, lora_targets=train.lora.target_modules,
-        gradient_checkpointing=train.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing,
+        gradient_checkpointing=(train.gradient_checkpointing if gradient_checkpointing is None
+                                else gradient_checkpointing),
         optimizer=optimizer or train.optimizer, attn_implementation=attn_implementation,
         eval_batch_size=eval_batch_size or evaluate.batch_size, max_new_tokens=evaluate.max_new_tokens,
         merge_dtype=merge.dtype, max_shard_bytes=shard_bytes(merge.max_shard_size))
@@ -321,7 +323,8 @@ def _what_fits(facts: ModelFacts, base: MemoryInputs, budget_bytes: float, spec:
             peak = estimate(facts, base.model_copy(update={field: v})).train_peak_bytes
             if peak <= budget_bytes:
                 value = (shown or {}).get(v, v)
-                fixes.append(f"{key} {current} needs {format_bytes(need)} of {format_bytes(budget_bytes)}; {value} fits at {format_bytes(peak)}")
+                fixes.append(f"{key} {current} needs {format_bytes(need)} of {format_bytes(budget_bytes)}; {value} "
+                             f"fits at {format_bytes(peak)}")
                 return
 
     seq = base.seq_len
@@ -402,7 +405,8 @@ def _plan_memory(train: TrainSection, evaluate: EvaluateSection, merge: MergeSec
         fixes = _what_fits(facts, base, limit * GIB, spec)
         where = f"{format_gib(budget)} usable on {device}" + (f" less the {train.profile} profile's {margin:.0%} margin"
                                                         if margin else "")
-        problems.append(f"training needs about {format_bytes(need)} at micro-batch {micro[-1]} and the budget is {format_gib(limit)} "
+        problems.append(f"training needs about {format_bytes(need)} at micro-batch {micro[-1]} and the budget is "
+                        f"{format_gib(limit)} "
                         f"({where}): " + ("; ".join(fixes) if fixes else
                                          "no single change fits: use a machine with more memory or a smaller model"))
         chosen = (q, gc, micro[-1])
@@ -421,19 +425,21 @@ def _plan_memory(train: TrainSection, evaluate: EvaluateSection, merge: MergeSec
         weights = next(t.bytes for t in memory.terms if t.phase == "eval" and t.name == "base weights") / GIB
         if weights > eval_limit * 0.9:
             # evaluation and the stage holder's scoring load the base unquantised (QLoRA's 4-bit saving is training's)
-            fix = (f"it loads the base unquantised ({format_gib(weights)} of weights alone): evaluate on a machine with "
-                   "more memory, or train a smaller model")
+            fix = (f"it loads the base unquantised ({format_gib(weights)} of weights alone): evaluate on a machine "
+                   "with more memory, or train a smaller model")
         else:
             fix = ("set evaluate.batch_size: 1" if eb > 1 else "lower evaluate.max_new_tokens or train.max_seq_length")
         notes["evaluate_warnings"].append(
-            f"evaluation needs about {format_gib(memory.eval_peak_gib)} at evaluate.batch_size {eb} and {format_gib(eval_limit)} "
-            f"is usable on {'cuda' if cuda else 'cpu'}: it may run out of memory after training; {fix}")
+            f"evaluation needs about {format_gib(memory.eval_peak_gib)} at evaluate.batch_size {eb} and "
+            f"{format_gib(eval_limit)} is usable on {'cuda' if cuda else 'cpu'}: it may run out of memory after "
+            f"training; {fix}")
     if memory.merge_peak_gib > ram_budget:
         # a warning, not a refusal: the adapter is trained and stored before the merge, which can run again elsewhere
         notes["merge_warnings"].append(
             f"merge needs about {format_gib(memory.merge_peak_gib)} of RAM (a {merge.dtype} copy of the base with the "
-            f"adapter, the shard being written, the read-back for the check) and {format_gib(ram_budget)} is usable here: "
-            "the merge step may fail after training; the adapter is stored first, merge it on a machine with more RAM"
+            f"adapter, the shard being written, the read-back for the check) and {format_gib(ram_budget)} is usable "
+            "here: the merge step may fail after training; the adapter is stored first, merge it on a machine with "
+            "more RAM"
             + ("" if merge.dtype != "float32" else ", or set merge.dtype: bfloat16"))
     # training's choices are said in the training plan; evaluation's in its own (so that an evaluation setting leaves
     # the training plan, and the cached training, as they were)
@@ -463,7 +469,8 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, facts: ModelFacts,
     (default: what pydantic recorded as set on `train` and `evaluate`); with `train.profile` the plan chooses the
     others. `task`: sft or classification (with `num_labels`); `facts` must be counted for the same task
     (`model_size(..., task=..., num_labels=...)`). `train.method` says LoRA/QLoRA or full fine-tuning."""
-    if facts.task != task or (task == "classification" and facts.num_labels != num_labels):
+    classifier = task_spec(task).model_kind == "sequence_classifier"
+    if facts.task != task or (classifier and facts.num_labels != num_labels):
         raise ValueError(f"decide_plan(task={task!r}, num_labels={num_labels}) was given the facts of a "
                          f"{facts.task} model ({facts.num_labels} labels): count them with model_size(..., "
                          f"task={task!r}, num_labels={num_labels})")
@@ -478,8 +485,8 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, facts: ModelFacts,
     spec = BACKENDS[backend]
     reasons = [f"backend {backend}: {why}"]
     problems += _task_refusals(spec, task, method)
-    if task == "classification":
-        reasons.append(f"task classification: a sequence classifier with {num_labels} labels ({facts.block}); "
+    if classifier:
+        reasons.append(f"task {task}: a sequence classifier with {num_labels} labels ({facts.block}); "
                        + ("train.method full: every weight trained (fp32 weights, gradients and optimizer state)"
                           if method == "full" else "train.method lora: LoRA adapters and a trained copy of the head"))
     elif method == "full":
@@ -500,7 +507,8 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, facts: ModelFacts,
     dtype = _train_dtype(train, device, probe, spec)
     reasons.append(f"dtype {dtype}" + (" (auto)" if train.dtype == "auto" else ""))
     if device == "cpu" and dtype == "float16":
-        problems.append("train.dtype=float16 is not supported for training on cpu; allowed here: float32, bfloat16, auto")
+        problems.append("train.dtype=float16 is not supported for training on cpu; allowed here: float32, bfloat16, "
+                        "auto")
     world = _world_size(train, spec, device, probe, problems, reasons, warnings)
 
     # memory budget of one process: GPU memory on CUDA (the smallest of the GPUs it trains on), total RAM elsewhere
@@ -532,7 +540,8 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, facts: ModelFacts,
     ga = max(1, math.ceil(train.effective_batch_size / (chosen_mb * world)))
     if chosen_mb * ga * world != train.effective_batch_size:
         warnings.append(f"train.effective_batch_size={train.effective_batch_size} is not a multiple of {world} "
-                        f"processes: each optimizer step sees {chosen_mb * ga * world} rows (set a multiple of {world})")
+                        f"processes: each optimizer step sees {chosen_mb * ga * world} rows (set a multiple of "
+                        f"{world})")
     if chosen_mb != chosen["micro_batch_size"]:  # the memory of the micro-batch actually trained
         memory = estimate(facts, memory_inputs(train, evaluate, merge, backend, device, dtype,
                                                quantization=chosen["quantization"], micro_batch_size=chosen_mb,
@@ -545,17 +554,18 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, facts: ModelFacts,
                    f"(estimated {memory.total_gib:.2f} of {format_gib(budget)}{' per process' if world > 1 else ''})")
     disk_need = 1.0 + facts.total_parameters * 2 * 2 / GIB
     if probe.disk_free_gib < disk_need:
-        problems.append(f"only {format_gib(probe.disk_free_gib)} free at {probe.disk_path}: checkpoints and the merged model "
-                        f"need about {format_gib(disk_need)} (twice the model's 16-bit size and 1 GiB); free disk or move "
-                        "train.output_root")
+        problems.append(f"only {format_gib(probe.disk_free_gib)} free at {probe.disk_path}: checkpoints and the "
+                        f"merged model need about {format_gib(disk_need)} (twice the model's 16-bit size and 1 GiB); "
+                        "free disk or move train.output_root")
     if problems:
         raise PlanError(problems)
     train_plan = TrainingPlan(
         backend=backend, device=device, dtype=dtype, quantization=chosen["quantization"], micro_batch_size=chosen_mb,
-        gradient_accumulation_steps=ga, effective_batch_size=chosen_mb * ga * world, max_seq_length=train.max_seq_length,
+        gradient_accumulation_steps=ga, effective_batch_size=chosen_mb * ga * world,
+        max_seq_length=train.max_seq_length,
         gradient_checkpointing=chosen["gradient_checkpointing"], optimizer=optimizer, world_size=world,
         memory=memory.training_only(), reasons=reasons, warnings=warnings, profile=train.profile, task=task,
-        method=method, num_labels=num_labels if task == "classification" else None)
+        method=method, num_labels=num_labels if classifier else None)
     evaluation, merging = _phase_plans(train_plan, merge, chosen["eval_batch_size"], memory, notes)
     return RunPlan(train=train_plan, evaluate=evaluation, merge=merging)
 

@@ -161,7 +161,8 @@ def hardware_checks(hw: HardwareProbe, plan: Optional[RunPlan]) -> list[Check]:
     if hw.apple_silicon:
         checks.append(Check(section="hardware", name="Apple Silicon", status="pass",
                             measured=f"{format_gib(hw.ram_total_gib)} unified memory" + (
-                                f", mlx working set {format_gib(hw.mlx_working_set_gib)}" if hw.mlx_working_set_gib else ""),
+                                f", mlx working set {format_gib(hw.mlx_working_set_gib)}"
+                                if hw.mlx_working_set_gib else ""),
                             requirement="-"))
     if plan is not None and plan.train.device != "cuda":
         need = plan.train.memory.total_gib
@@ -178,12 +179,14 @@ def plan_checks(plan: Optional[RunPlan], problems: list[str]) -> list[Check]:
     if plan is None:
         return checks
     t = plan.train
-    task = "" if t.task == "sft" else f"{t.task} ({t.num_labels} labels, train.method {t.method}), "
+    task = "" if t.num_labels is None else f"{t.task} ({t.num_labels} labels, train.method {t.method}), "
     checks.append(Check(section="plan", name="plan", status="pass",
                         measured=f"{task}{t.backend} on {t.device} in {t.dtype}, {t.quantization}, micro-batch "
                                  f"{t.micro_batch_size} x {t.gradient_accumulation_steps}",
                         requirement="every phase fits its budget"))
-    for phase, found in (("training", t.warnings), ("evaluation", plan.evaluate.warnings), ("merge", plan.merge.warnings)):
+    phase_warnings = (("training", t.warnings), ("evaluation", plan.evaluate.warnings),
+                      ("merge", plan.merge.warnings))
+    for phase, found in phase_warnings:
         for w in found:
             checks.append(Check(section="plan", name=f"{phase} warning", status="warn", measured=w, requirement="-"))
     budget = t.memory.budget_gib
@@ -233,7 +236,7 @@ def recommended_config(plan: RunPlan) -> dict[str, Any]:
         "max_seq_length": t.max_seq_length, "micro_batch_size": t.micro_batch_size,
         "effective_batch_size": t.effective_batch_size, "gradient_checkpointing": t.gradient_checkpointing,
         "optimizer": t.optimizer}, "evaluate": {"batch_size": plan.evaluate.batch_size}}
-    if t.task != "sft":
+    if t.method != "lora":
         fragment["train"]["method"] = t.method
     if t.world_size > 1:
         fragment["train"]["processes"] = t.world_size
@@ -246,7 +249,7 @@ def build_report(hw: HardwareProbe, facts: Optional[ModelFacts], model_error: Op
     checks = package_checks(hw, backend)
     checks += hardware_checks(hw, plan)
     if facts is not None:
-        kind = "" if facts.task == "sft" else f" {facts.block} sequence classifier, {facts.num_labels} labels,"
+        kind = "" if facts.num_labels is None else f" {facts.block} sequence classifier, {facts.num_labels} labels,"
         checks.append(Check(section="model", name="model config", status="pass",
                             measured=f"{facts.model_type},{kind} {facts.total_parameters / 1e6:,.1f} M parameters, "
                                      f"{facts.layers} layers, vocabulary {facts.vocab_size:,}",

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+from lorapipe.catalog import BACKENDS, task_spec
 from lorapipe.hardware.facts import ModelFacts
 from lorapipe.hardware.memory import MemoryInputs, estimate
 from lorapipe.hardware.plan import CUDA_BUDGET_FRACTION, RAM_BUDGET_FRACTION
 from lorapipe.units import GIB
-
 
 # The methods the size guide compares: train.quantization and whether every weight is trained (train.method: full).
 GUIDE_METHODS = {"full": ("none", True), "lora": ("none", False), "qlora": ("nf4", False)}
@@ -44,13 +44,15 @@ def size_guide(facts_by_name: dict[str, ModelFacts], budgets_gib: Sequence[float
         train_peak_gc_gib (with gradient checkpointing), eval_peak_gib, fits ({budget: "yes" | "gradient
         checkpointing" | "no"}) and the settings (with budget_fraction).
     """
-    methods = list(methods or (("full", "lora", "qlora") if task == "classification" else ("lora", "qlora")))
+    spec = task_spec(task)
+    # the task's methods, LoRA shown with and without a quantised base (qlora)
+    methods = list(methods or [m for m in GUIDE_METHODS if GUIDE_METHODS[m][1] is False or "full" in spec.methods])
     unknown = [m for m in methods if m not in GUIDE_METHODS]
     if unknown:
         raise ValueError(f"size_guide: unknown method(s) {', '.join(unknown)}; known: {', '.join(GUIDE_METHODS)}")
     dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
     fraction = CUDA_BUDGET_FRACTION if device == "cuda" else RAM_BUDGET_FRACTION
-    backend = "mlx" if device == "mps" and task == "sft" else "hf"
+    backend = "mlx" if device == "mps" and task in BACKENDS["mlx"].tasks else "hf"
     settings = {"task": task, "seq_len": seq_len, "micro_batch_size": micro_batch_size, "device": device,
                 "dtype": dtype, "optimizer": optimizer, "lora_r": lora_r, "backend": backend,
                 "budget_fraction": fraction}

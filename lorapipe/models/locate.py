@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-TINY_MODEL_HINT = "build the quickstart's tiny model with `make tiny-model` (or `lorapipe build-tiny-model --out {path}`)"
+TINY_MODEL_HINT = ("build the quickstart's tiny model with `make tiny-model` (or `lorapipe build-tiny-model --out "
+                   "{path}`)")
 
 
 def _looks_local(value: str) -> bool:

@@ -89,7 +89,8 @@ def build_tiny_model(out_dir: str | Path, corpus: list[Path], vocab_size: int = 
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=max(len(fast), shape.get("vocab_size", 0)), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        vocab_size=max(len(fast), shape.get("vocab_size", 0)), hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=2048, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id, tie_word_embeddings=False, rms_norm_eps=1e-5,
@@ -100,7 +101,8 @@ def build_tiny_model(out_dir: str | Path, corpus: list[Path], vocab_size: int = 
     model.save_pretrained(out, safe_serialization=True)
     (out / "lorapipe_tiny.json").write_text(json.dumps(
         {"built_by": "lorapipe build-tiny-model", "seed": seed, "corpus": [str(p) for p in corpus],
-         "size": size, "vocab_size": config.vocab_size, "tokenizer_size": len(fast), "hidden_size": hidden_size, "layers": layers,
+         "size": size, "vocab_size": config.vocab_size, "tokenizer_size": len(fast), "hidden_size": hidden_size,
+         "layers": layers,
          "parameters": model.num_parameters()}, indent=2))
     return out
 

@@ -4,7 +4,8 @@ ZenML's `run_with_accelerate` wraps only steps whose arguments are plain scalars
 artifacts (the splits, the plan), so the step launches the ranks itself. `train_data_parallel` writes the step's
 inputs to `<work_dir>/launch/` as plain files (`worker.write_inputs`) and runs, with this Python,
 
-    python -m torch.distributed.run --standalone --nproc_per_node N --tee 3 ... -m lorapipe.phases.train_worker inputs.json
+    python -m torch.distributed.run --standalone --nproc_per_node N --tee 3 ... \
+        -m lorapipe.phases.train_worker inputs.json
 
 Each rank calls the same backend `train` the step calls in one process (`lorapipe.phases.train_worker`). While they
 train, rank 0's output is passed on (the progress lines read as in one process); each rank's output is kept in

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel
 
+from lorapipe.catalog import task_spec
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan
 from lorapipe.units import format_gib
@@ -71,7 +72,7 @@ def probe_checks(model: Any, train: Any, plan: Any, evaluate: Any, work_dir: str
     from lorapipe.hardware.memory import comparable_prediction_gib
     from lorapipe.hardware.preflight import Check
 
-    if plan.train.task != "sft":
+    if task_spec(plan.train.task).model_kind != "causal_lm":
         # the worker trains and scores a causal LM (lorapipe.phases.measure_worker): measuring it would measure
         # another model than the classifier this run trains
         return [Check(section="probe", name="probe", status="warn", measured=f"skipped: task {plan.train.task}",
@@ -90,7 +91,8 @@ def probe_checks(model: Any, train: Any, plan: Any, evaluate: Any, work_dir: str
         rows.append(row)
         if m.error:
             checks.append(Check(section="probe", name=f"{phase} probe", status="fail", measured=m.error,
-                                requirement="3 steps at the planned sizes run", detail="the run would fail the same way"))
+                                requirement="3 steps at the planned sizes run",
+                                detail="the run would fail the same way"))
             continue
         error = predicted / m.peak_gib - 1 if m.peak_gib else 0.0
         row["error"] = round(error, 4)
@@ -98,7 +100,8 @@ def probe_checks(model: Any, train: Any, plan: Any, evaluate: Any, work_dir: str
         over = m.peak_gib > budget and device == plan.train.device
         status = "fail" if over else "warn" if abs(error) > PROBE_TOLERANCE else "pass"
         checks.append(Check(section="probe", name=f"{phase} peak (measured)", status=status,
-                            measured=f"{format_gib(m.peak_gib)} on {m.device}, predicted {format_gib(predicted)} ({error:+.0%})",
+                            measured=f"{format_gib(m.peak_gib)} on {m.device}, predicted {format_gib(predicted)} "
+                                     f"({error:+.0%})",
                             requirement=(f"<= {format_gib(budget)}; " if device == plan.train.device else "")
                             + f"within {PROBE_TOLERANCE:.0%} of the prediction",
                             detail="" if status == "pass" else "over the budget: lower the micro-batch or sequence"

@@ -59,7 +59,7 @@ def _run_phase(spec: dict[str, Any]) -> PhaseMeasurement:
     device = plan.device if phase == "train" else PhasePlan(**spec[f"{phase}_plan"]).device
     # imported before the baseline is read: every phase needs them, and what a phase holds is counted from there
     import peft  # noqa: F401
-    import torch  # noqa: F401
+    import torch
     import transformers  # noqa: F401
 
     if phase == "train":

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lorapipe.artifacts import AdapterFolder
+from lorapipe.catalog import task_spec
+from lorapipe.training.adapter import task_of
 
 
 def inference_device() -> tuple[str, str]:
@@ -62,7 +64,7 @@ def is_classifier(folder: str | Path) -> bool:
     folder = Path(folder)
     meta_path = folder / AdapterFolder.METADATA_FILE
     if meta_path.is_file():
-        return json.loads(meta_path.read_text()).get("task") == "classification"
+        return task_spec(task_of(json.loads(meta_path.read_text()))).model_kind == "sequence_classifier"
     config = folder / "config.json"
     if config.is_file():
         return any(a.endswith("ForSequenceClassification")

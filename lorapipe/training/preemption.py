@@ -84,7 +84,7 @@ class Preemption:
         preemption = self
 
         class PreemptionCallback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            def on_step_end(self, args, state, control, **kwargs):
                 if preemption.requested and not preemption.stopping:
                     preemption.stopping = True
                     if state.is_world_process_zero:
@@ -94,7 +94,7 @@ class Preemption:
                     control.should_training_stop = True
                 return control
 
-            def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+            def on_save(self, args, state, control, **kwargs):
                 if preemption.stopping:
                     raise PreemptedError(state.global_step, Path(args.output_dir) / f"checkpoint-{state.global_step}")
                 return control

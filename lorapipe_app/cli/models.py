@@ -147,7 +147,8 @@ def _classify(folder: str, texts: list, rows_file: Optional[str], text_pair: Opt
               help="JSONL files to train the tokenizer on (default: the quickstart data).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--size", type=click.Choice(list(TINY_SIZES)), default="tiny", show_default=True,
-              help="Model shape: tiny (0.2 M parameters: quickstart, tests), 25m (~25 M: benchmarks) or 56m-v32k (~56 M, 32k vocabulary: memory benchmarks).")
+              help="Model shape: tiny (0.2 M parameters: quickstart, tests), 25m (~25 M: benchmarks) or 56m-v32k "
+                   "(~56 M, 32k vocabulary: memory benchmarks).")
 @click.option("--encoder", is_flag=True,
               help="A tiny random BERT-style encoder with a WordPiece tokenizer instead (task: classification); its "
                    "tokenizer is trained on the texts of --corpus (default: the classification example's data).")

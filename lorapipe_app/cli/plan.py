@@ -1,4 +1,5 @@
-"""`lorapipe preflight`, `lorapipe estimate-memory` and `lorapipe backends`: what a config needs on this machine, what a model needs in memory, and what each backend can do."""
+"""`lorapipe preflight`, `lorapipe estimate-memory` and `lorapipe backends`: what a config needs on this machine, what
+a model needs in memory, and what each backend can do."""
 
 from __future__ import annotations
 
@@ -162,10 +163,11 @@ def preflight(config: str, overrides: tuple, as_json: bool, out_dir: Optional[st
 
 def _print_memory(plan: Any) -> None:
     memory = plan.train.memory
-    click.echo(f"memory:   training {format_gib(memory.total_gib)}, evaluation {format_gib(plan.evaluate.predicted_peak_gib)}, "
-               f"merge {format_gib(plan.merge.predicted_peak_gib)} (budget {format_gib(memory.budget_gib)}); training = weights "
-               f"{format_gib(memory.weights_gib)} + LoRA and optimizer {format_gib(memory.lora_and_optimizer_gib)} + activations "
-               f"and logits {format_gib(memory.activations_gib)} + overhead")
+    click.echo(f"memory:   training {format_gib(memory.total_gib)}, evaluation "
+               f"{format_gib(plan.evaluate.predicted_peak_gib)}, merge {format_gib(plan.merge.predicted_peak_gib)} "
+               f"(budget {format_gib(memory.budget_gib)}); training = weights {format_gib(memory.weights_gib)} + LoRA "
+               f"and optimizer {format_gib(memory.lora_and_optimizer_gib)} + activations and logits "
+               f"{format_gib(memory.activations_gib)} + overhead")
     for phase in (plan.evaluate, plan.merge):
         for warning in phase.warnings:
             click.echo(f"          warning: {warning}")
@@ -190,7 +192,8 @@ def _print_terms(estimate: Any) -> None:
 
 @click.command("estimate-memory")
 @click.argument("model", required=False)
-@click.option("-c", "--config", type=click.Path(dir_okay=False), help="Estimate a config's plan on this machine instead.")
+@click.option("-c", "--config", type=click.Path(dir_okay=False),
+              help="Estimate a config's plan on this machine instead.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="With -c: override a config key.")
 @click.option("--method", type=click.Choice(list(GUIDE_METHODS)), default="lora", show_default=True,
               help="qlora: NF4 double-quantised base; full: every weight trained (--task classification).")

@@ -17,6 +17,8 @@ from lorapipe.training.checkpoints import SET_ASIDE, latest_complete_checkpoint
 from tests.faults import adapter_sha256
 from tests.faults.conftest import train_captured
 
+pytestmark = pytest.mark.slow
+
 FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "adapter_model.safetensors", "trainer_state.json")
 
 

@@ -21,6 +21,8 @@ import yaml
 
 from tests.faults import QUICKSTART_DATA, REPO_ROOT, child_env
 
+pytestmark = pytest.mark.slow
+
 RUN_LINE = re.compile(r"lorapipe run (\S+): (\S+) in .*\nmodel\s+(\S+) version (\S+), stage: (\S+)")
 
 
@@ -50,7 +52,7 @@ def _store_file() -> Path:
 def test_two_runs_at_once_on_one_sqlite_store_both_complete_and_register(tiny_model_dir, tmp_path):
     from zenml.client import Client
 
-    Client().active_stack  # the store exists and has its default stack, as on a machine that ran lorapipe before
+    Client().active_stack  # noqa: B018 - reading it creates the store; the store exists and has its default stack, as on a machine that ran lorapipe before
     names = ("lorapipe-concurrent-a", "lorapipe-concurrent-b")
     cfgs = [_config(tmp_path, tiny_model_dir, names[0], slice(0, 100)),
             _config(tmp_path, tiny_model_dir, names[1], slice(100, 200))]

@@ -3,10 +3,13 @@ resume test here relies on), and another seed writes other bytes (the hash does 
 
 from __future__ import annotations
 
+import pytest
 from safetensors.torch import load_file
 
 from tests.faults import SEED, adapter_sha256
 from tests.faults.conftest import train_captured
+
+pytestmark = pytest.mark.slow
 
 
 def test_the_same_seed_and_data_give_the_same_adapter_bytes(tiny_model_dir, reference, tmp_path):

@@ -32,6 +32,8 @@ from tests.faults import (
     train_here,
 )
 
+pytestmark = pytest.mark.slow  # trains (the shared reference run), merges, runs the pipeline
+
 
 def file_hashes(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())}

@@ -16,6 +16,8 @@ from lorapipe.training.checkpoints import checkpoint_problem
 from lorapipe.training.preemption import PreemptedError, Preemption
 from tests.faults import adapter_sha256, read_until, run_child, start_child
 
+pytestmark = pytest.mark.slow
+
 
 def test_sigterm_saves_at_the_current_step_and_the_same_command_resumes_bit_identically(tiny_model_dir, reference,
                                                                                        tmp_path):
@@ -81,6 +83,7 @@ def test_preempted_error_says_where_and_what_to_do(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fault_pipeline_runs")  # one worker builds the shared pipeline runs
 def test_a_preempted_lorapipe_run_fails_with_the_message_and_the_same_command_resumes(pipeline_runs):
     from tests.faults.conftest import plain
 

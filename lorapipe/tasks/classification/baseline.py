@@ -35,7 +35,7 @@ def eval_printer(tag: str) -> Any:
     from transformers import TrainerCallback
 
     class EvalPrinter(TrainerCallback):
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # noqa: ANN001, ANN201 - the hook's
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             if state.is_world_process_zero and metrics:
                 log.info("%sstep %d: eval loss %.4f, accuracy %.3f, macro F1 %.3f", tag, state.global_step,
                          metrics.get("eval_loss", float("nan")), metrics.get("eval_accuracy", float("nan")),
@@ -81,7 +81,7 @@ def _train(m: ModelSection, t: TrainSection, seed: int, plan: TrainingPlan, toke
         early_stopping,
         trainer_arguments,
     )
-    
+
     labels, weights = data.facts["labels"], data.facts["weights"]
     set_seed(seed)
     model = load_classifier(m, plan, labels, tokenizer)

@@ -126,7 +126,8 @@ def checkpoint_files(method: str, world_size: int = 1) -> tuple[str, ...]:
     """A classifier checkpoint: the adapter (LoRA and the head's copy), or the whole model (full fine-tuning)."""
     from lorapipe.backends.trainer import checkpoint_files as trainer_checkpoint_files
 
-    return trainer_checkpoint_files(world_size, "adapter_model.safetensors" if method == "lora" else "model.safetensors")
+    return trainer_checkpoint_files(world_size,
+                                    "adapter_model.safetensors" if method == "lora" else "model.safetensors")
 
 
 def wrap_lora(model: Any, m: ModelSection, t: TrainSection, plan: TrainingPlan, heads: list[str]) -> Any:
