@@ -52,7 +52,7 @@ if backend == "bare_trl":
     start = time.perf_counter(); trainer.train(); seconds = time.perf_counter() - start
     reported = None
 else:
-    from lorapipe.backends import get_backend
+    from lorapipe.phases.train_in_process import train_in_process
     m = ModelSection(name_or_path=model_dir)
     t = TrainSection(max_seq_length=MAX_LEN, epochs=EPOCHS, learning_rate=5e-3, save_steps=10_000, resume=False,
                      output_root=str(work), effective_batch_size=MICRO)
@@ -64,7 +64,7 @@ else:
                                               total_gib=0, budget_gib=1),
                         reasons=[], warnings=[])
     ds = ConversationDataset(records, "train")
-    info = get_backend(backend).train(m, t, 0, plan, ds, ConversationDataset([], "eval"), work / "w", work / "adapter")
+    info = train_in_process(m, t, 0, plan, ds, ConversationDataset([], "eval"), work / "w", work / "adapter")
     seconds, reported = info.train_seconds, info.peak_memory_gib
 print(json.dumps({"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

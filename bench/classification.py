@@ -3,7 +3,8 @@ general 200 / sql 150 / sports 100, split 70/10/20 stratified by label): the tun
 class and its head-only baseline (the untuned model: the head trained alone on the frozen base, same schedule), on
 the held-out test split (90 rows).
 
-Setups, through lorapipe's own code (validate -> split -> hf backend -> evaluate_classifier), CPU, float32:
+Setups, through lorapipe's own code (validate -> split -> hf backend -> the classification task's evaluation), CPU,
+float32:
 - encoder-full: the tiny random BERT-style encoder (`lorapipe build-tiny-model --encoder`), every weight trained,
   configs/classification-quickstart.yaml's settings (lr 3e-3, 4 epochs, eval every 10 steps, early stopping 3,
   best by macro F1);
@@ -55,11 +56,11 @@ def models() -> dict[str, Path]:
 
 
 def one_run(setup: str, seed: int, model_dir: Path, splits, work: Path) -> dict:
-    from lorapipe.backends.hf import HFBackend
     from lorapipe.config import ModelSection, TrainSection
-    from lorapipe.evaluation.classify import evaluate_classifier
     from lorapipe.hardware.plan import PhasePlan, decide_plan, model_size
     from lorapipe.hardware.probe import probe
+    from lorapipe.phases.evaluate import evaluate_adapter
+    from lorapipe.phases.train_in_process import train_in_process
 
     _, extra = SETUPS[setup]
     t = TrainSection(output_root=str(work), resume=False, **COMMON, **extra)
@@ -68,12 +69,13 @@ def one_run(setup: str, seed: int, model_dir: Path, splits, work: Path) -> dict:
     plan.labels = ["general", "sports", "sql"]
     train, evals, test = splits
     start = time.perf_counter()
-    info = HFBackend().train(ModelSection(name_or_path=str(model_dir)), t, seed, plan, train, evals, work / "w",
-                             work / "adapter")
+    info = train_in_process(ModelSection(name_or_path=str(model_dir)), t, seed, plan, train, evals, work / "w",
+                            work / "adapter")
     seconds = time.perf_counter() - start
     meta = json.loads((work / "adapter" / "lorapipe_adapter.json").read_text())
-    phase = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=32, reason="bench")
-    metrics = evaluate_classifier(str(work / "adapter"), test, phase, 128)
+    phase = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=32, max_seq_length=128,
+                      reason="bench")
+    metrics = evaluate_adapter(str(work / "adapter"), test, phase)
     reports = metrics.classification.reports
     return {"setup": setup, "seed": seed, "steps": info.steps, "max_steps": meta["max_steps"],
             "stopped_early": meta["stopped_early"], "best_step": meta["best"]["step"],
@@ -84,10 +86,15 @@ def one_run(setup: str, seed: int, model_dir: Path, splits, work: Path) -> dict:
 
 
 def main() -> int:
-    import lorapipe.quiet  # noqa: F401
     from lorapipe.data.formats import LabelFields
     from lorapipe.data.split import split_records
     from lorapipe.data.validation import validate_dataset
+    from lorapipe.logs import show_on_console
+    from lorapipe.quiet import quiet_env, quiet_loggers
+
+    quiet_env()  # library noise off, lorapipe's own lines on
+    quiet_loggers()
+    show_on_console()
 
     folders = models()
     out = validate_dataset([str(DATA)], "classification", label_fields=LabelFields(), run_expectations=False)

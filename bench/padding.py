@@ -29,7 +29,6 @@ MODES = {"naive": {}, "group_by_length": {"group_by_length": True}, "packing": {
 
 
 def one_run(mode: str, work: Path) -> dict:
-    import lorapipe.quiet  # noqa: F401  (library noise off before the heavy imports)
     from lorapipe.backends.hf import HFBackend
     from lorapipe.config import ModelSection, TrainSection
     from lorapipe.data.dataset import ConversationDataset
@@ -43,7 +42,9 @@ def one_run(mode: str, work: Path) -> dict:
                          save_steps=10_000, logging_steps=STEPS, output_root=str(work), resume=False,
                          lora={"r": 16, "alpha": 32}, **MODES[mode])
     plan = decide_plan(train, probe(str(work)), model_size(str(MODEL))).train
-    info = HFBackend().train(ModelSection(name_or_path=str(MODEL)), train, 42, plan,
+    from lorapipe.tasks.sft import SFT
+
+    info = HFBackend().train(SFT(), ModelSection(name_or_path=str(MODEL)), train, 42, plan,
                              ConversationDataset(records, name="alpaca"), ConversationDataset([], name="eval"),
                              work / "w", work / "adapter")
     meta = json.loads((work / "adapter" / "lorapipe_adapter.json").read_text())

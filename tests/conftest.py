@@ -17,6 +17,9 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["WANDB_ERROR_REPORTING"] = "false"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.pop("ZENML_STORE_URL", None)
+# one compute thread per process: the tiny models gain nothing from more, and the test workers (make test runs two)
+# and the processes they start would otherwise each spin a thread pool the size of the machine against the others
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
@@ -35,6 +38,9 @@ requires_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data
 
 
 def pytest_sessionfinish(session, exitstatus):
+    import gc
+
+    gc.unfreeze()  # the session's frozen imports (frozen_imports below), cleaned up as usual at shutdown
     shutil.rmtree(_ZEN_HOME, ignore_errors=True)
 
 

@@ -168,8 +168,9 @@ def test_mlx_lm_loads_the_adapter_and_it_changes_the_model(tiny, baseline):
     # mlx-lm's own loader and the backend's loader build the same model
     ours, _ = MLXBackend().load_adapter(baseline["adapter"])
     np.testing.assert_array_equal(mlx_logits(ours), tuned_logits)
-    text = mlx_lm.generate(tuned, tokenizer, "<|im_start|>user\nWhat is Swift?<|im_end|>\n", max_tokens=5)
-    assert isinstance(text, str)
+    # mlx-lm generates with the adapter on: its first (greedy) token is the argmax of the tuned model's logits
+    first = next(mlx_lm.stream_generate(tuned, tokenizer, PROMPT[0], max_tokens=1)).token
+    assert first == int(np.argmax(tuned_logits[0, -1]))
 
 
 def test_interrupted_run_resumes_to_the_same_adapter(tiny, dataset, baseline, tmp_path, monkeypatch, capsys):

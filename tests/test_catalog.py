@@ -100,13 +100,18 @@ def test_plan_devices_are_values_the_config_allows():
     allowed = set(typing.get_args(TrainSection.model_fields["device"].annotation)) - {"auto"}
     probes = [make_probe(cuda_gib=24), make_probe(apple=True, ram_gib=16), make_probe(ram_gib=24),
               make_probe(ram_gib=24, packages={k: v for k, v in ALL.items() if k not in ("unsloth", "mlx", "mlx_lm")})]
+    planned: dict[str, set] = {}
     for probe in probes:
         for backend in ("auto", *BACKENDS):
             try:
                 plan = decide_plan(TrainSection(backend=backend, max_seq_length=128), probe, TINY)
             except PlanError:
                 continue
-            assert {plan.train.device, plan.evaluate.device, plan.merge.device} <= allowed, (backend, plan)
+            devices = {plan.train.device, plan.evaluate.device, plan.merge.device}
+            assert devices <= allowed, (backend, plan)
+            planned.setdefault(backend, set()).update(devices)
+    # the loop planned every backend on some machine, and every device the config allows came up
+    assert set(planned) == {"auto", *BACKENDS} and set().union(*planned.values()) == allowed
 
 
 def test_the_plan_decides_every_phase():

@@ -28,10 +28,15 @@ def run(config: str, overrides: tuple, no_cache: bool, run_config: Optional[str]
       lorapipe run -c configs/quickstart.yaml --set train.max_steps=50 --set train.learning_rate=1e-4
       lorapipe run -c configs/llama-3.1-8b-unsloth-cuda.yaml --run-config configs/stacks/kubernetes-gpu.run.yaml
     """
+    import gc
+
     from lorapipe_app.api import run_finetune
 
     freeze_imported_objects()
-    result = run_finetune(config, list(overrides), enable_cache=not no_cache, run_config=run_config)
+    try:
+        result = run_finetune(config, list(overrides), enable_cache=not no_cache, run_config=run_config)
+    finally:
+        gc.unfreeze()  # back in the collector's view, so the interpreter's shutdown cleans them up as usual
     print_summary(result)
     return 0
 
