@@ -16,7 +16,7 @@ TINY_MODEL := models/tiny-llama
 TINY_ENCODER := models/tiny-encoder
 QUICKSTART_CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
-# test processes (pytest-xdist): CI's 2 cores; tests that share an expensive fixture run in one process (xdist_group)
+# test processes (pytest-xdist): CI's 2 cores; a test module runs in one process (tests/conftest.py: SHARED_WORKER)
 TEST_WORKERS ?= 2
 
 .PHONY: setup quickstart classification-quickstart test test-fast lint tiny-model tiny-encoder dashboard bench clean-runs
@@ -58,11 +58,11 @@ lint: setup
 	$(BIN)/lint-imports
 
 test: lint
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 # the inner loop: the checks and every test not marked slow (no whole pipeline runs, no child processes that train)
 test-fast: lint
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope -m "not slow" $(PYTEST_ARGS)
 
 # The local ZenML dashboard (no Docker): shows runs, artifacts and the model version's lineage.
 dashboard: setup

@@ -44,13 +44,53 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_ZEN_HOME, ignore_errors=True)
 
 
+# Under pytest-xdist (make test) a test module runs in one worker process, so its module-scoped fixtures are built
+# once; the modules named here share a worker with each other, for the session fixture they all use (built once per
+# worker): the tiny hf adapter, the fault suite's four whole pipeline runs. (pytest-xdist's own `--dist loadgroup`
+# marks no longer reach its scheduler under pytest 9: the scheduling is decided here, through its hook.)
+SHARED_WORKER = {
+    "tests/test_training.py": "hf_adapter",
+    "tests/test_merge.py": "hf_adapter",
+    "tests/faults/test_kill.py": "fault_pipeline_runs",
+    "tests/faults/test_preemption.py": "fault_pipeline_runs",
+    "tests/faults/test_no_pickle.py": "fault_pipeline_runs",
+    "tests/faults/test_secrets.py": "fault_pipeline_runs",
+}
+
+
+# The work units that take longest (measured: each more than half a minute of CPU), handed out first so that no
+# worker starts a long one while the other has finished: the longest-first rule. The rest follow in collection order.
+LONGEST_FIRST = ("fault_pipeline_runs", "tests/test_pipeline.py", "tests/test_code_cache.py",
+                 "tests/faults/test_concurrent_runs.py", "tests/test_classification_train.py",
+                 "tests/test_data_parallel.py", "tests/faults/test_disk_full.py", "tests/test_backend_unsloth.py",
+                 "tests/test_classification_pipeline.py", "tests/test_hf_backend_features.py")
+
+
+def work_unit(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return SHARED_WORKER.get(module, module)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # the order is the one the workers collected in (below)
+
+    class ModuleScheduling(LoadScopeScheduling):
+        """Whole modules (or the groups above) as work units, handed to whichever worker is free."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """pytest-xdist (make test: --dist loadgroup) keeps a test module in one worker, so its module-scoped fixtures are
-    built once; a test module marked with an `xdist_group` of its own shares that worker with the modules whose
-    expensive session fixture it uses (the tiny hf adapter, the fault suite's pipeline runs)."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    """In a pytest-xdist worker, the longest work units first (every worker sorts alike, as xdist requires)."""
+    if not hasattr(config, "workerinput"):
+        return
+    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(work_unit(item.nodeid), len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,9 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from lorapipe.hardware.plan import PhasePlan
 
-# slow: trains (the session's tiny hf adapter, once, in the worker of the "hf_adapter" group) and merges
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.slow,
-              pytest.mark.xdist_group("hf_adapter")]
+# slow: trains (the session's tiny hf adapter, once; tests/conftest.py keeps this module in its worker) and merges
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.slow]
 
 
 def merge_plan(dtype: str = "float32") -> PhasePlan:

@@ -14,8 +14,8 @@ from lorapipe.config import EvaluateSection, TrainSection
 from lorapipe.hardware.plan import PhasePlan
 from lorapipe.phases.train_in_process import train_in_process
 
-# slow: trains (the session's tiny hf adapter, once, in the worker of the "hf_adapter" group)
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("hf_adapter")]
+# slow: trains (the session's tiny hf adapter, once; tests/conftest.py keeps this module in its worker)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

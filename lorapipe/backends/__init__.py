@@ -1,5 +1,6 @@
-"""Training backends behind one small interface. `catalog.BACKENDS` describes each; `get_backend` is the one place
-a backend's class is imported, so heavy and platform-specific imports happen only for the backend in use."""
+"""Training backends behind one small interface (`base.TrainingBackend`); each trains the tasks its catalog entry
+lists (`lorapipe.catalog.BACKENDS`), handed the task it trains. `get_backend` is the one place a backend's class is
+imported, so heavy and platform-specific imports happen only for the backend in use."""
 
 from __future__ import annotations
 

@@ -70,7 +70,6 @@ def test_killed_while_writing_a_checkpoint_the_same_command_resumes_from_the_one
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("fault_pipeline_runs")  # one worker builds the shared pipeline runs
 def test_killed_during_merge_and_register_the_rerun_completes_and_every_artifact_loads(pipeline_runs):
     _, killed_in_merge, killed_in_register, final = pipeline_runs.runs
     assert killed_in_merge.sent and killed_in_merge.code == -signal.SIGKILL

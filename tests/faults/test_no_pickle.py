@@ -28,7 +28,6 @@ PICKLE_LOADERS = {"pickle", "cloudpickle", "dill", "joblib", "_pickle"}
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("fault_pipeline_runs")  # one worker builds the shared pipeline runs
 def test_every_artifact_loads_through_a_plain_materializer_and_holds_no_pickle_stream(pipeline_runs):
     store = pipeline_runs.store
     arts = store["artifacts"] + store["model_version"]["artifacts"]

@@ -83,7 +83,6 @@ def test_preempted_error_says_where_and_what_to_do(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("fault_pipeline_runs")  # one worker builds the shared pipeline runs
 def test_a_preempted_lorapipe_run_fails_with_the_message_and_the_same_command_resumes(pipeline_runs):
     from tests.faults.conftest import plain
 

@@ -17,7 +17,6 @@ def _files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file()]
 
 
-@pytest.mark.xdist_group("fault_pipeline_runs")  # one worker builds the shared pipeline runs
 def test_no_secret_in_any_file_of_the_store_or_the_output_root(pipeline_runs):
     planted = [v.encode() for v in pipeline_runs.secrets.values()]
     files = _files(pipeline_runs.zen) + _files(pipeline_runs.output_root)
@@ -30,7 +29,6 @@ def test_no_secret_in_any_file_of_the_store_or_the_output_root(pipeline_runs):
     assert not leaks, leaks
 
 
-@pytest.mark.xdist_group("fault_pipeline_runs")  # one worker builds the shared pipeline runs
 def test_no_secret_in_the_output_or_any_metadata(pipeline_runs):
     store = pipeline_runs.store
     assert store["env_has_secrets"], "the planted secrets did not reach the processes"
