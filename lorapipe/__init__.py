@@ -4,4 +4,7 @@ It needs neither ZenML nor click: `steps/`, `pipelines/` and `materializers/` ar
 `lorapipe_app` (the CLI and the Python API, `from lorapipe_app import run_finetune`) sits on top of both.
 """
 
+# first: its exit handler must be registered before any library's, so that it runs after all of them
+import lorapipe.short_lived  # noqa: F401
+
 __version__ = "0.1.0"

@@ -8,6 +8,8 @@ sits above the plain library (`lorapipe`); nothing below imports from here.
 The API is imported on first use, so `import lorapipe_app` stays light.
 """
 
+import lorapipe  # noqa: F401  (first: lorapipe.short_lived's exit handler is registered before any library's)
+
 __all__ = ["run_finetune", "schedule_finetune", "FinetuneResult"]
 
 

@@ -95,12 +95,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def frozen_imports():
-    """The libraries every test imports, imported once, their objects frozen out of the collector's way, as the CLI
-    does for a run (lorapipe_app.cli.run.freeze_imported_objects): the collections lorapipe runs between phases then
-    walk what the tests allocate, not torch's and ZenML's import-time objects."""
-    from lorapipe_app.cli.run import freeze_imported_objects
+    """The libraries every test imports, imported once, their objects frozen out of the collector's way, as a
+    `lorapipe` command does once a phase starts (lorapipe.short_lived): the collections lorapipe runs between phases
+    then walk what the tests allocate, not torch's and ZenML's import-time objects."""
+    import zenml  # noqa: F401 - imported for its import-time objects, frozen with the training libraries'
 
-    freeze_imported_objects()
+    from lorapipe.short_lived import import_and_freeze
+
+    import_and_freeze()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from lorapipe import short_lived
 from lorapipe.config import EvaluateSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.evaluation.metrics import EvalMetrics, ModelScores
@@ -20,6 +21,7 @@ def evaluate_adapter(adapter_dir: str, test: ConversationDataset, phase: PhasePl
                      chat_template: Optional[str] = None) -> EvalMetrics:
     """The adapter's task scores it on the test rows (`evaluate`: rows scored and generated, the generation budget
     and metrics; the config's defaults when None)."""
+    short_lived.freeze_training_imports()  # no-op unless this process runs one command and ends
     task = get_task(task_of(read_adapter_metadata(adapter_dir)))
     return task.evaluate(adapter_dir, test, phase, evaluate or EvaluateSection(), seed, chat_template)
 
@@ -29,4 +31,5 @@ def score_model_folder(folder: str, task: str, test: ConversationDataset, phase:
                        chat_template: Optional[str] = None) -> tuple[ModelScores, list[dict]]:
     """A merged model folder of `task` scored exactly as `evaluate_adapter` scores the tuned model: its scores and
     generations."""
+    short_lived.freeze_training_imports()  # no-op unless this process runs one command and ends
     return get_task(task).score_folder(folder, test, phase, evaluate or EvaluateSection(), seed, chat_template)

@@ -116,5 +116,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from lorapipe import short_lived
+
+    short_lived.begin()
+    short_lived.end(main(sys.argv[1:]))
 

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from lorapipe import short_lived
 from lorapipe.backends import backend_spec, get_backend
 from lorapipe.backends.peft_adapter import release_memory
 from lorapipe.config import shard_bytes
@@ -111,6 +112,7 @@ def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDatase
     Returns:
         The check; `check.require_passed()` raises MergeCheckFailed when it failed.
     """
+    short_lived.freeze_training_imports()  # no-op unless this process runs one command and ends
     from lorapipe.export.model_card import model_card, write_model_card
     from lorapipe.models.loading import load_tokenizer
     from lorapipe.training.disk import merged_model_bytes, merged_model_write

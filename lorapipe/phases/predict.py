@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from lorapipe import short_lived
 from lorapipe.artifacts import AdapterFolder
 from lorapipe.catalog import task_spec
 from lorapipe.training.adapter import task_of
@@ -25,6 +26,7 @@ def inference_device() -> tuple[str, str]:
 
 def load_for_inference(folder: str | Path, device: str, dtype: str) -> tuple[Any, Any, str]:
     """(model, tokenizer, what was loaded). An adapter folder loads its base (named in its metadata) + the adapter."""
+    short_lived.freeze_training_imports()  # no-op unless this process runs one command and ends
     from lorapipe.models.loading import load_model, load_tokenizer
     from lorapipe.training.adapter import read_adapter_metadata
 

@@ -117,4 +117,8 @@ def main(inputs_path: Path) -> None:
 
 
 if __name__ == "__main__":
+    from lorapipe import short_lived
+
+    short_lived.begin()
     main(Path(sys.argv[1]))
+    short_lived.end(0)

@@ -10,10 +10,11 @@ usage errors), never a traceback; `lorapipe --debug COMMAND` shows the traceback
 from __future__ import annotations
 
 import traceback
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import click
 
+from lorapipe import short_lived
 from lorapipe.logs import show_on_console
 from lorapipe.quiet import quiet_env, quiet_loggers
 from lorapipe_app.cli import data, inspect, models, plan, run
@@ -87,4 +88,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     return result if isinstance(result, int) else 0
 
 
-__all__ = ["cli", "main"]
+def entry() -> NoReturn:
+    """The `lorapipe` command: one command in a short-lived process (lorapipe.short_lived: the training libraries'
+    objects frozen out of the collector's way, no teardown after the command)."""
+    short_lived.begin()
+    short_lived.end(main())
+
+
+__all__ = ["cli", "main", "entry"]

@@ -1,5 +1,3 @@
-import sys
+from lorapipe_app.cli import entry
 
-from lorapipe_app.cli import main
-
-sys.exit(main())
+entry()

@@ -28,36 +28,11 @@ def run(config: str, overrides: tuple, no_cache: bool, run_config: Optional[str]
       lorapipe run -c configs/quickstart.yaml --set train.max_steps=50 --set train.learning_rate=1e-4
       lorapipe run -c configs/llama-3.1-8b-unsloth-cuda.yaml --run-config configs/stacks/kubernetes-gpu.run.yaml
     """
-    import gc
-
     from lorapipe_app.api import run_finetune
 
-    freeze_imported_objects()
-    try:
-        result = run_finetune(config, list(overrides), enable_cache=not no_cache, run_config=run_config)
-    finally:
-        gc.unfreeze()  # back in the collector's view, so the interpreter's shutdown cleans them up as usual
+    result = run_finetune(config, list(overrides), enable_cache=not no_cache, run_config=run_config)
     print_summary(result)
     return 0
-
-
-def freeze_imported_objects() -> None:
-    """This process runs the pipeline and then ends. Import what every step imports (torch, transformers, peft, trl,
-    ZenML), then move the objects those imports made (hundreds of thousands) to the collector's permanent generation
-    (`gc.freeze`), where they would live until the process ends anyway. The full collections each phase runs to free
-    a model (`lorapipe.training.monitoring.free_memory`) then walk only what the run allocates: on the CPU a
-    quickstart run without the cache went from about 9.8 s to 6.6 s here. Only the CLI does this: it owns its
-    process; the Python API runs in its caller's."""
-    import gc
-
-    import peft  # noqa: F401 - imported for their import-time objects, frozen below
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-    import trl  # noqa: F401
-    import zenml  # noqa: F401
-
-    gc.collect()
-    gc.freeze()
 
 
 def print_summary(result: Any) -> None:

@@ -67,4 +67,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from lorapipe import short_lived
+
+    short_lived.begin()
     main()
+    short_lived.end(0)
