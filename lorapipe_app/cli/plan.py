@@ -314,7 +314,6 @@ def _size_guide(models: list[str], task: str, num_labels: int, seq_len: int, mic
     return 0
 
 
-
 @click.command()
 @click.option("--json", "as_json", is_flag=True)
 def backends(as_json: bool) -> int:
