@@ -48,19 +48,18 @@ SECRET_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 MODEL_NAME = "lorapipe-faults"
 
 
-def _lorapipe_run(cfg: Path, env: dict, after: tuple[str, ...] = (), delay: float = 0.0, sig: int = signal.SIGKILL):
-    """`lorapipe run -c cfg` in a child process. With `after`, send it `sig` `delay` seconds after a line containing
-    all those texts appears. Returns (exit code, output, whether the signal was sent)."""
-    import time
-
-    proc = subprocess.Popen([sys.executable, "-m", "lorapipe_app.cli", "run", "-c", str(cfg)], cwd=REPO_ROOT, env=env,
+def _lorapipe_run(cfg: Path, env: dict, after: tuple[str, ...] = (), sig: int = signal.SIGKILL,
+                  module: str = "lorapipe_app.cli"):
+    """`lorapipe run -c cfg` in a child process (`module`: the command, or tests.faults.paused_run). With `after`,
+    send it `sig` once a line containing all those texts appears. Returns (exit code, output, whether the signal was
+    sent)."""
+    proc = subprocess.Popen([sys.executable, "-m", module, "run", "-c", str(cfg)], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines, sent = [], False
     try:
         for line in proc.stdout:
             lines.append(line)
             if after and not sent and all(k in line for k in after):
-                time.sleep(delay)
                 os.kill(proc.pid, sig)
                 sent = True
                 if sig == signal.SIGKILL:
@@ -80,8 +79,8 @@ def pipeline_runs(tiny_model_dir, tmp_path_factory):
     HUGGING_FACE_HUB_TOKEN and WANDB_API_KEY set to fresh random strings:
 
     1. preempted: SIGTERM once the training announces checkpoint 4 (it saves the next step and fails);
-    2. run again (training resumes from that checkpoint) and killed (SIGKILL) one second into the merge step, while
-       it writes the merged model into the store;
+    2. run again (training resumes from that checkpoint) and killed (SIGKILL) inside the merge step, once the merged
+       weights are in the store and the rest of the folder is not (tests.faults.paused_run stops there);
     3. run again (training and evaluation come from the cache) and killed as the register step starts;
     4. run again to the end.
 
@@ -104,11 +103,13 @@ def pipeline_runs(tiny_model_dir, tmp_path_factory):
            "ZENML_LOGGING_VERBOSITY": "INFO", **planted}
 
     runs = []
-    for after, delay, sig in ((("checkpoint saved: step 4",), 0.0, signal.SIGTERM),
-                              (("merging into",), 1.0, signal.SIGKILL),
-                              (("register_model", "has started"), 0.0, signal.SIGKILL),
-                              ((), 0.0, None)):
-        code, out, sent = _lorapipe_run(cfg, env, after, delay, sig)
+    from tests.faults.paused_run import PAUSED
+
+    for after, sig, module in ((("checkpoint saved: step 4",), signal.SIGTERM, "lorapipe_app.cli"),
+                               ((PAUSED,), signal.SIGKILL, "tests.faults.paused_run"),
+                               (("register_model", "has started"), signal.SIGKILL, "lorapipe_app.cli"),
+                               ((), None, "lorapipe_app.cli")):
+        code, out, sent = _lorapipe_run(cfg, env, after, sig, module)
         runs.append(SimpleNamespace(code=code, output=out, sent=sent))
         (tmp / f"run{len(runs)}.log").write_text(out)  # to read when a test fails
     probe = subprocess.run([sys.executable, "-m", "tests.faults.store_probe", MODEL_NAME], cwd=REPO_ROOT, env=env,

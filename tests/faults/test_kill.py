@@ -14,6 +14,7 @@ from lorapipe.training.checkpoints import SET_ASIDE, checkpoint_problem
 from tests.faults import adapter_sha256, read_until, run_child, start_child
 from tests.faults.child import PAUSED
 from tests.faults.conftest import plain
+from tests.faults.paused_run import PAUSED as PAUSED_IN_MERGE_WRITE
 
 pytestmark = pytest.mark.slow
 
@@ -74,6 +75,7 @@ def test_killed_during_merge_and_register_the_rerun_completes_and_every_artifact
     _, killed_in_merge, killed_in_register, final = pipeline_runs.runs
     assert killed_in_merge.sent and killed_in_merge.code == -signal.SIGKILL
     assert "merging into" in killed_in_merge.output and "merge check:" not in killed_in_merge.output
+    assert PAUSED_IN_MERGE_WRITE in killed_in_merge.output  # inside the write: weights saved, folder incomplete
     assert killed_in_register.sent and killed_in_register.code == -signal.SIGKILL
     assert "merge_model has finished" in plain(killed_in_register.output)
     assert final.code == 0, final.output[-3000:]
