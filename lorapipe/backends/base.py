@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Optional, Protocol
 
-from lorapipe.catalog import TaskSpec
+from lorapipe.catalog import BACKENDS, TaskSpec
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan
@@ -20,6 +20,12 @@ from lorapipe.training.adapter import AdapterInfo
 
 class BackendUnavailable(RuntimeError):
     """The backend cannot run here; the message says why and what to install."""
+
+    @classmethod
+    def not_importable(cls, backend: str, packages: str, exc: ImportError) -> "BackendUnavailable":
+        """`packages` (as a person names them) cannot be imported: the catalog's install command, or hf."""
+        return cls(f"train.backend={backend} needs {packages}, which cannot be imported here ({exc}); install with: "
+                   f"{BACKENDS[backend].install}, or set train.backend: hf")
 
 
 @dataclass

@@ -53,7 +53,6 @@ ADAPTER_CONFIG = "adapter_config.json"  # beside ADAPTER_WEIGHTS: mlx-lm's adapt
 # QLoRA on mlx: mlx's affine quantisation (what `mlx_lm convert -q` does), not bitsandbytes' NF4 data type.
 QUANTIZATION = {"nf4": {"bits": 4, "group_size": 64, "mode": "affine"},
                 "int8": {"bits": 8, "group_size": 64, "mode": "affine"}}
-INSTALL_HINT = BACKENDS["mlx"].install
 
 
 def require_mlx() -> None:
@@ -62,10 +61,7 @@ def require_mlx() -> None:
         import mlx.core  # noqa: F401
         import mlx_lm  # noqa: F401
     except ImportError as exc:
-        raise BackendUnavailable(
-            f"train.backend=mlx needs mlx and mlx-lm, which cannot be imported here ({exc}); install with: "
-            f"{INSTALL_HINT}, or set train.backend: hf"
-        ) from None
+        raise BackendUnavailable.not_importable("mlx", "mlx and mlx-lm", exc) from None
 
 
 def _mx_dtype(name: str) -> Any:

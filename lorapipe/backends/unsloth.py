@@ -42,9 +42,7 @@ def _import_unsloth() -> Any:
         import unsloth  # noqa: F401  (first: it patches transformers/TRL before they are used below)
         from unsloth import FastLanguageModel
     except ImportError as exc:
-        raise BackendUnavailable(
-            f"train.backend=unsloth needs unsloth, which cannot be imported here ({exc}); install with: "
-            f"{INSTALL_HINT} (or set train.backend: hf)") from None
+        raise BackendUnavailable.not_importable("unsloth", "unsloth", exc) from None
     except Exception as exc:  # noqa: BLE001 - unsloth raises e.g. NotImplementedError when it finds no device
         raise BackendUnavailable(
             f"unsloth is installed but refused to start here ({type(exc).__name__}: {exc}); reinstall with "
