@@ -71,7 +71,11 @@ def work_unit(nodeid: str) -> str:
     return SHARED_WORKER.get(module, module)
 
 
+@pytest.hookimpl(optionalhook=True)  # a plain `pytest` without pytest-xdist (or -p no:xdist) runs as well
 def pytest_xdist_make_scheduler(config, log):
+    """Only for --dist loadscope (the suite's `make test`): any other mode asked for on the command line is xdist's."""
+    if config.getoption("dist") != "loadscope":
+        return None
     from xdist.scheduler import LoadScopeScheduling
 
     config.option.loadscopereorder = False  # the order is the one the workers collected in (below)

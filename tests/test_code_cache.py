@@ -41,6 +41,31 @@ def test_each_step_depends_on_the_library_files_it_runs():
     assert "lorapipe/backends/mlx.py" not in dependency_files("lorapipe.backends.hf")
 
 
+def test_checkpoints_are_keyed_on_the_task_code_as_well_as_the_backend(tmp_path, monkeypatch):
+    """The hf loop picks its task by name at run time, so the backend's imports do not reach the task's module: an
+    edit to the SFT task must still set SFT checkpoints aside, and leave classification's alone."""
+    from lorapipe import code_version as cv
+    from lorapipe.training.checkpoints import training_code_version
+
+    assert "lorapipe/tasks/sft.py" not in dependency_files("lorapipe.backends.hf")
+    before = {task: training_code_version("hf", task) for task in ("sft", "classification")}
+    # the same sources with tasks/sft.py edited, as after a pull
+    copy = tmp_path / "src"
+    shutil.copytree(REPO_ROOT / "lorapipe", copy / "lorapipe", ignore=shutil.ignore_patterns("__pycache__"))
+    sft = copy / "lorapipe" / "tasks" / "sft.py"
+    sft.write_text(sft.read_text() + "\n# edited\n")
+    monkeypatch.setattr(cv, "SOURCE_ROOT", copy)
+    cv._closure.cache_clear()
+    cv.imported_modules.cache_clear()
+    try:
+        after = {task: training_code_version("hf", task) for task in ("sft", "classification")}
+    finally:
+        cv._closure.cache_clear()
+        cv.imported_modules.cache_clear()
+    assert after["sft"] != before["sft"]
+    assert after["classification"] == before["classification"]
+
+
 def _run(repo: Path, cfg: Path) -> str:
     env = {**os.environ, "PYTHONPATH": str(repo)}
     proc = subprocess.run([sys.executable, "-m", "lorapipe_app.cli", "run", "-c", str(cfg)], cwd=repo, env=env,

@@ -24,7 +24,7 @@ def training_folder(model: ModelSection, t: TrainSection, seed: int, plan: Train
     """`train.output_root/<inputs>-<code>`: checkpoints of the same code resume; those of older code are set aside
     (train.resume_from resumes one on purpose)."""
     return work_dir_for(t.output_root, training_key(model, t, seed, plan, train, eval_split),
-                        training_code_version(plan.backend), t.resume_from)
+                        training_code_version(plan.backend, plan.task), t.resume_from)
 
 
 def train_adapter(model: ModelSection, t: TrainSection, seed: int, plan: TrainingPlan, train: ConversationDataset,

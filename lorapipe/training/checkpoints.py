@@ -38,11 +38,12 @@ def training_key(model: ModelSection, train_cfg: TrainSection, seed: int, plan: 
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def training_code_version(backend: str) -> str:
-    """The version of the code a backend trains with: every file its module can run."""
+def training_code_version(backend: str, task: str) -> str:
+    """The version of the code that trains this task on this backend: every file the backend's module and the task's
+    module can run (the backend's loop does not import the task: `get_task` picks it by name at run time)."""
     from lorapipe.code_version import code_version
 
-    return code_version(f"lorapipe.backends.{backend}")
+    return code_version(f"lorapipe.backends.{backend}", f"lorapipe.tasks.{task}")
 
 
 def work_dir_for(output_root: str | Path, inputs_key: str, code: str, resume_from: Optional[str] = None) -> Path:
