@@ -4,6 +4,10 @@ free disk it needs compare at a glance."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from pydantic import BaseModel, model_validator
+
 GIB = 2**30
 MIB = 2**20
 KIB = 2**10
@@ -33,3 +37,20 @@ def format_count(n: float) -> str:
         if abs(n) >= div:
             return f"{n / div:.1f}{suffix}"
     return f"{n:.0f}"
+
+
+class ReadsGbNames(BaseModel):
+    """Base of a model with `*_gib` fields: also reads them under the `*_gb` names that artifacts stored before
+    2026-12-07 carry (the values were GiB then too, only the names said GB), so lineage and the dashboard still load
+    a model version trained before the rename."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_gb_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        renamed = {}
+        for key, value in data.items():
+            new = key.replace("_gb", "_gib", 1) if isinstance(key, str) and "_gb" in key and "_gib" not in key else key
+            renamed[new if new in cls.model_fields and new not in data else key] = value
+        return renamed

@@ -194,7 +194,7 @@ def render_tree(tree: dict[str, Any]) -> list[str]:
               f"x {plan.get('world_size', 1)} process(es)"]
     machine = adapter.get("preflight_report") or {}
     lines.append(f"      ├─ preflight  {machine.get('accelerator', '?')}, {machine.get('cpu_count', '?')} CPUs, "
-                 f"{_fmt(machine.get('ram_total_gib'), '.0f')} GiB RAM"
+                 f"{_fmt(machine.get('ram_total_gib', machine.get('ram_total_gb')), '.0f')} GiB RAM"
                  + (f", GPUs {', '.join(machine['cuda'])}" if machine.get("cuda") else ""))
     for name, split in adapter.get("splits", {}).items():
         lines.append(f"      ├─ {name:<11} v{split['version']}  {_fmt(split.get('rows'))} rows  sha256 "

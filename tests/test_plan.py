@@ -118,3 +118,21 @@ def test_continuing_an_adapter_is_refused_where_the_backend_cannot():
     plan = decide_plan(TrainSection(init_adapter="runs/old/adapter", backend="hf", max_seq_length=128),
                        make_probe(apple=True, ram_gib=64), SMALL)
     assert plan.backend == "hf"
+
+
+def test_a_plan_stored_by_an_older_lorapipe_still_loads():
+    """A model version trained before the GB -> GiB field rename (and before phases named their row length) keeps
+    its plan readable in lineage and the dashboard: written by ede5730's decide_plan, read by this one."""
+    import json
+    from pathlib import Path
+
+    from lorapipe.hardware.plan import MERGE_CHECK_TOKENS, RunPlan
+
+    stored = json.loads((Path(__file__).parent / "data" / "stored" / "run_plan_ede5730.json").read_text())
+    assert "predicted_peak_gb" in stored["run_plan"]["evaluate"]  # the fixture really is the old shape
+    plan = RunPlan.model_validate(stored["run_plan"])
+    assert plan.evaluate.predicted_peak_gib == stored["run_plan"]["evaluate"]["predicted_peak_gb"] > 0
+    assert plan.train.memory.total_gib == stored["run_plan"]["train"]["memory"]["total_gb"] > 0
+    assert (plan.evaluate.max_seq_length, plan.merge.max_seq_length) == (1024, min(1024, MERGE_CHECK_TOKENS))
+    probe = HardwareProbe.model_validate(stored["probe"])
+    assert (probe.ram_total_gib, probe.cuda_devices[0].total_memory_gib) == (64.0, 24.0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from pydantic import BaseModel
+from lorapipe.units import ReadsGbNames
 
 # PEFT: reference and merged model run in the same dtype, so logits differ by the rounding of W + BA to it only.
 DEFAULT_ATOL = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.02}
@@ -18,7 +18,7 @@ class MergeCheckFailed(RuntimeError):
     """The merged model's logits differ from base+adapter beyond the tolerance: it is not registered."""
 
 
-class MergeCheck(BaseModel):
+class MergeCheck(ReadsGbNames):
     dtype: str
     max_abs_logit_diff: float
     mean_abs_logit_diff: float

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Optional
 from pydantic import BaseModel, Field
 
 from lorapipe.data.records import Record
+from lorapipe.units import ReadsGbNames
 
 TEXT_METRICS = ("exact_match", "rouge_l", "bleu", "chrf")
 
@@ -58,7 +59,7 @@ class ModelScores(BaseModel):
     ece: Optional[float] = None  # expected calibration error, 10 bins of the top label's probability
 
 
-class EvalMetrics(BaseModel):
+class EvalMetrics(ReadsGbNames):
     test_rows: int
     scored_rows: int
     generated_rows: int

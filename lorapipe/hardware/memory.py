@@ -26,7 +26,7 @@ from lorapipe.hardware.facts import (
     LinearShape,
     ModelFacts,
 )
-from lorapipe.units import GIB, format_bytes
+from lorapipe.units import GIB, ReadsGbNames, format_bytes
 
 # Bytes per weight of a quantised linear layer (bitsandbytes): NF4 packs two 4-bit codes a byte plus one absmax per
 # block of 64 weights, fp32 (4/64 B) or, double-quantised, 8-bit (1/64 B) with an fp32 scale per 256 blocks;
@@ -96,7 +96,7 @@ class MemoryTerm(BaseModel):
     formula: str
 
 
-class MemoryEstimate(BaseModel):
+class MemoryEstimate(ReadsGbNames):
     """Peaks per phase (GiB, as the plan reports them) and the terms that make them up (bytes).
 
     On CUDA a phase's peak is what one GPU holds (torch's allocations plus the allocator's overhead and the CUDA

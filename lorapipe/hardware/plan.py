@@ -20,7 +20,7 @@ import math
 import os
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 
 from lorapipe.catalog import (
     AUTO_PREFERENCE,
@@ -35,7 +35,7 @@ from lorapipe.config import EvaluateSection, MergeSection, TrainSection, shard_b
 from lorapipe.hardware.facts import ModelFacts, model_facts
 from lorapipe.hardware.memory import MemoryEstimate, MemoryInputs, MemoryTerm, estimate
 from lorapipe.hardware.probe import HardwareProbe
-from lorapipe.units import GIB, format_bytes, format_gib
+from lorapipe.units import GIB, ReadsGbNames, format_bytes, format_gib
 
 Device = Literal["cpu", "cuda", "mps"]
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -84,7 +84,7 @@ class TrainingPlan(BaseModel):
         return "float32" if self.method == "full" else self.dtype
 
 
-class PhasePlan(BaseModel):
+class PhasePlan(ReadsGbNames):
     """Where and how a phase after training runs: evaluation and merge read it instead of deciding."""
 
     phase: Literal["evaluate", "merge"]
@@ -104,6 +104,21 @@ class RunPlan(BaseModel):
     train: TrainingPlan
     evaluate: PhasePlan
     merge: PhasePlan
+
+    @model_validator(mode="before")
+    @classmethod
+    def _phase_lengths_of_older_plans(cls, data: Any) -> Any:
+        """Plans stored before 2026-12-07 carry no phase max_seq_length: those phases ran at the training's length
+        (evaluate) and at most MERGE_CHECK_TOKENS (merge), as `decide_plan` now writes down."""
+        if not isinstance(data, dict) or not isinstance(data.get("train"), dict):
+            return data
+        length = data["train"].get("max_seq_length")
+        data = dict(data)
+        for phase, cap in (("evaluate", None), ("merge", MERGE_CHECK_TOKENS)):
+            stored = data.get(phase)
+            if isinstance(stored, dict) and "max_seq_length" not in stored and length is not None:
+                data[phase] = {**stored, "max_seq_length": length if cap is None else min(length, cap)}
+        return data
 
 
 def _missing(probe: HardwareProbe, needed: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:

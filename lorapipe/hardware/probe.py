@@ -18,9 +18,8 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel
-
 from lorapipe.catalog import tracked_modules
+from lorapipe.units import ReadsGbNames
 
 # what the backends need (from the catalog), then what the rest of a run depends on
 TRACKED_PACKAGES = [*tracked_modules(), *(m for m in ("accelerate", "datasets", "tokenizers", "zenml",
@@ -28,7 +27,7 @@ TRACKED_PACKAGES = [*tracked_modules(), *(m for m in ("accelerate", "datasets", 
 _DIST_NAMES = {"great_expectations": "great-expectations", "mlx_lm": "mlx-lm"}
 
 
-class CudaDevice(BaseModel):
+class CudaDevice(ReadsGbNames):
     index: int
     name: str
     total_memory_gib: float
@@ -36,7 +35,7 @@ class CudaDevice(BaseModel):
     bf16: bool
 
 
-class HardwareProbe(BaseModel):
+class HardwareProbe(ReadsGbNames):
     os: str
     machine: str
     python: str

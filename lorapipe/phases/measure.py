@@ -21,15 +21,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import BaseModel
-
 from lorapipe.catalog import task_spec
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan
-from lorapipe.units import format_gib
+from lorapipe.units import ReadsGbNames, format_gib
 
 
-class PhaseMeasurement(BaseModel):
+class PhaseMeasurement(ReadsGbNames):
     phase: str
     peak_gib: float  # CUDA: torch's allocated peak; elsewhere the process's resident high-water mark
     reserved_gib: Optional[float] = None  # CUDA: the allocator's reserved peak

@@ -9,17 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from pydantic import BaseModel
-
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
+from lorapipe.units import ReadsGbNames
 
 ADAPTER_METADATA = "lorapipe_adapter.json"
 TRAINING_LOG = "training_log.jsonl"
 
 
-class AdapterInfo(BaseModel):
+class AdapterInfo(ReadsGbNames):
     path: str
     backend: str
     device: str
