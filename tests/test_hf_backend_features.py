@@ -309,7 +309,8 @@ def test_oom_in_the_first_steps_halves_the_micro_batch_and_keeps_the_effective_b
     assert oom.attempts == [(4, 2), (2, 4)]  # (micro-batch, accumulation): the effective batch stays 8
     assert "CUDA out of memory at step 1 with micro-batch 4: retrying with micro-batch 2 x accumulation 4" in out
     meta = meta_of(info)
-    assert [{k: b[k] for k in ("from", "to", "step")} for b in meta["oom_backoff"]] == [{"from": 4, "to": 2, "step": 1}]
+    assert meta["oom_backoff"] == [{"from": 4, "to": 2, "step": 1, "effective_batch_size": 8,
+                                    "gradient_accumulation_steps": {"from": 2, "to": 4}}]
     plan = meta["plan"]
     assert (plan["micro_batch_size"], plan["gradient_accumulation_steps"], plan["effective_batch_size"]) == (2, 4, 8)
     assert info.steps == 3 and meta["padding_waste"]["batches"] == 3 * 4  # the retry's micro-batches only

@@ -288,8 +288,11 @@ def oom_backoff(exc: BaseException, trainer: Any, plan: TrainingPlan, resume_fro
                      "turn on train.gradient_checkpointing")
         raise exc
     smaller = backed_off(plan)
+    # the shape stored on adapters since the backoff shipped: dashboards and lineage read these keys
     backoffs.append({"from": plan.micro_batch_size, "to": smaller.micro_batch_size, "step": oom_step,
-                     "gradient_accumulation_steps": smaller.gradient_accumulation_steps})
+                     "gradient_accumulation_steps": {"from": plan.gradient_accumulation_steps,
+                                                     "to": smaller.gradient_accumulation_steps},
+                     "effective_batch_size": smaller.effective_batch_size})
     log.warning("CUDA out of memory at step %d with micro-batch %d: retrying with micro-batch %d x accumulation %d "
                 "(effective batch %d kept)", oom_step, plan.micro_batch_size, smaller.micro_batch_size,
                 smaller.gradient_accumulation_steps, smaller.effective_batch_size)
