@@ -68,6 +68,13 @@ class TrainingTask(Protocol):
                        data: PreparedData, work_dir: Path, adapter_dir: Path, is_main: bool) -> None: ...
 
 
+class TokenizingTask(TrainingTask, Protocol):
+    """A task whose rows a backend that builds its own model and trainer (unsloth) can tokenize without the task's
+    `prepare`: sft. The backend checks the task's name against its catalog entry before asking."""
+
+    def tokenize(self, dataset: ConversationDataset, tokenizer: Any, plan: TrainingPlan) -> Any: ...
+
+
 class TrainingBackend(Protocol):
     """What the phases need from a backend: training a task, and after it the adapter's models, merge and reference
     logits, all keyed by the adapter folder, which names its backend, so the steps after training never choose one."""

@@ -11,10 +11,10 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from lorapipe.backends import peft_adapter
-from lorapipe.backends.base import BackendUnavailable, TrainingTask
+from lorapipe.backends.base import BackendUnavailable, TokenizingTask, TrainingTask
 from lorapipe.backends.trainer import (
     finish_trainer_run,
     monitor_callback,
@@ -120,8 +120,9 @@ class UnslothBackend:
 
             torch.cuda.reset_peak_memory_stats()
 
-        train_ds = task.tokenize(train, tokenizer, plan)
-        eval_ds = task.tokenize(eval_split, tokenizer, plan) if len(eval_split) else None
+        rows = cast(TokenizingTask, task)  # sft, checked against the catalog above
+        train_ds = rows.tokenize(train, tokenizer, plan)
+        eval_ds = rows.tokenize(eval_split, tokenizer, plan) if len(eval_split) else None
         ckpt_dir = work_dir / "checkpoints"
         arguments = trainer_arguments(t, plan, seed, ckpt_dir)
         # get_peft_model above already set checkpointing up (unsloth's offloaded variant on CUDA); the Trainer
