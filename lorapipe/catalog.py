@@ -42,6 +42,8 @@ class TaskSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     # train options it cannot honour: key -> why, and the fix
     refuses: dict[str, str] = field(default_factory=dict)
+    # the trainer's evaluation figures the progress line and metrics.jsonl carry beside eval_loss
+    progress_metrics: tuple[str, ...] = ()
 
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
@@ -56,7 +58,7 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
         model_kind="sequence_classifier", data_formats=("classification",), methods=("lora", "full"),
         metrics=("macro_f1", "accuracy", "weighted_f1"),
         best_model_metrics=("macro_f1", "accuracy", "weighted_f1", "eval_loss"),
-        default_model_name="lorapipe-classifier", generates=False,
+        default_model_name="lorapipe-classifier", generates=False, progress_metrics=("eval_accuracy", "eval_macro_f1"),
         # encoders name their projections query/key/value/dense: every linear layer, whatever the family
         defaults={"train.lora.target_modules": "all-linear", "train.metric_for_best_model": "macro_f1"},
         refuses={"train.packing": "joins rows into one sequence; a classifier needs one label per row: unset "

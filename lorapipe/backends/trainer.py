@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from lorapipe.catalog import task_spec
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import TrainingPlan
@@ -30,7 +31,6 @@ from lorapipe.training.checkpoints import (
     resume_checkpoint,
 )
 from lorapipe.training.monitoring import (
-    CLASSIFIER_EVAL_METRICS,
     TrainingMonitor,
     memory_gib,
     peak_memory_gib,
@@ -336,7 +336,7 @@ def monitor_callback(monitor: TrainingMonitor) -> Any:
             monitor.log(state.global_step, loss=logs.get("loss"), learning_rate=logs.get("learning_rate"),
                         grad_norm=logs.get("grad_norm"), eval_loss=logs.get("eval_loss"),
                         epoch=logs.get("epoch", state.epoch), tokens_seen=tokens,
-                        eval_metrics={k: logs[k] for k in CLASSIFIER_EVAL_METRICS if k in logs})
+                        eval_metrics={k: logs[k] for k in monitor.eval_metrics if k in logs})
 
         def on_save(self, args, state, control, **kwargs):
             monitor.checkpoint_saved(state.global_step)
@@ -349,7 +349,8 @@ def monitor_callback(monitor: TrainingMonitor) -> Any:
 
 def new_monitor(adapter_dir: Path, model_cfg: ModelSection, t: TrainSection, plan: TrainingPlan,
                 seed: int) -> TrainingMonitor:
-    return TrainingMonitor(adapter_dir, lambda: memory_gib(plan.device), run_config(model_cfg, t, plan, seed))
+    return TrainingMonitor(adapter_dir, lambda: memory_gib(plan.device), run_config(model_cfg, t, plan, seed),
+                           eval_metrics=task_spec(plan.task).progress_metrics)
 
 
 def finish_trainer_run(trainer: Any, result: Any, seconds: float, tokens: int, backend: str, adapter_dir: Path,

@@ -31,10 +31,10 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Protocol
+from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
 from lorapipe.artifacts import ADAPTER_PLOTS
-from lorapipe.units import format_count
+from lorapipe.units import format_count, format_gib
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class PhaseMemory:
     (Linux) is reset on entry, so the figure is the phase's own peak, resident process included."""
 
     def __init__(self, device: str):
-        self.device, self.gb, self.start_gib = device, 0.0, 0.0
+        self.device, self.peak_gib, self.start_gib = device, 0.0, 0.0
 
     def __enter__(self) -> "PhaseMemory":
         self.start_gib = round(memory_gib(self.device), 3)
@@ -116,7 +116,7 @@ class PhaseMemory:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.gb = round(peak_memory_gib(self.device), 3)
+        self.peak_gib = round(peak_memory_gib(self.device), 3)
         free_memory(self.device)
 
 
@@ -139,18 +139,16 @@ def _finite(value: Any) -> Optional[float]:
     return f if math.isfinite(f) else None
 
 
-CLASSIFIER_EVAL_METRICS = ("eval_accuracy", "eval_macro_f1")
-
-
-def format_progress(row: dict[str, Any], max_steps: int, eta_s: Optional[float]) -> str:
-    """The one-line progress report for a metrics row."""
+def format_progress(row: dict[str, Any], max_steps: int, eta_s: Optional[float],
+                    eval_metrics: Sequence[str] = ()) -> str:
+    """The one-line progress report for a metrics row; `eval_metrics`: the task's figures beside eval_loss."""
     parts = [f"step {row['step']}/{max_steps}" if max_steps and max_steps > 0 else f"step {row['step']}"]
     if row.get("loss") is not None or row.get("_loss_raw") is not None:
         loss = row.get("loss")
         parts.append(f"loss {loss:.2f}" if loss is not None else f"loss {row.get('_loss_raw')}")
     if row.get("eval_loss") is not None:
         parts.append(f"eval_loss {row['eval_loss']:.4f}")
-    for key in CLASSIFIER_EVAL_METRICS:  # task: classification's evaluation, beside its loss
+    for key in eval_metrics:
         if row.get(key) is not None:
             parts.append(f"{key} {row[key]:.3f}")
     if row.get("learning_rate") is not None:
@@ -158,7 +156,7 @@ def format_progress(row: dict[str, Any], max_steps: int, eta_s: Optional[float])
     if row.get("tokens_per_second") is not None:
         parts.append(f"{format_count(row['tokens_per_second'])} tok/s")
     if row.get("memory_gib") is not None:
-        parts.append(f"mem {row['memory_gib']:.1f} GiB")
+        parts.append(f"mem {format_gib(row['memory_gib'])}")
     if eta_s is not None:
         parts.append(f"eta {datetime.timedelta(seconds=int(round(eta_s)))}")
     return " ".join(parts)
@@ -296,13 +294,14 @@ class TrainingMonitor:
 
     def __init__(self, out_dir: str | Path, memory_gib: Callable[[], float], run_config: Optional[dict] = None,
                  tracker: Optional[Tracker] | str = "auto", plots: bool = True,
-                 is_main: bool = True):
+                 is_main: bool = True, eval_metrics: Sequence[str] = ()):
         self.out_dir = Path(out_dir)
         self.memory_gib = memory_gib
         self.run_config = run_config or {}
         self.tracker = active_tracker() if tracker == "auto" else tracker
         self.plots = plots
         self.is_main = is_main
+        self.eval_metrics = tuple(eval_metrics)  # the task's evaluation figures kept beside eval_loss (TaskSpec)
         self.rows: list[dict[str, Any]] = []
         self.max_steps = 0
         self._t0 = self._last_time = 0.0
@@ -362,7 +361,7 @@ class TrainingMonitor:
         shown = dict(row)
         if row["loss"] is None and loss is not None:
             shown["_loss_raw"] = loss  # nan/inf: say so rather than hide it
-        log.info("%s", format_progress(shown, self.max_steps, eta))
+        log.info("%s", format_progress(shown, self.max_steps, eta, self.eval_metrics))
         return row
 
     def checkpoint_saved(self, step: int) -> None:
