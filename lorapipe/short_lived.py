@@ -4,8 +4,9 @@ Such a process can skip two costs of the objects torch, transformers, peft, trl 
 of thousands), each measured on the CI machine (docs/BENCHMARKS.md):
 - the cyclic collector walking them in every full collection (lorapipe runs one after each model it drops):
   `freeze_training_imports` moves them to the collector's permanent generation, where they would stay until the
-  process ends anyway; only once a phase that trains, scores, merges or generates starts, so a cached run does not
-  import what it does not use;
+  process ends anyway; once a phase that trains, scores, merges or generates starts, so a cached run does not
+  import what it does not use, and only at the first such phase: a later phase of the same run would also freeze
+  what the earlier one left (a step's data or a model in a reference cycle), which no collection could then free;
 - the interpreter's teardown, which frees them one by one after the command is done (2.5-3 s of CPU): `end` runs the
   exit handlers (ZenML's and OpenTelemetry's log flushing, temporary folders' cleanup) and then ends the process.
   Nothing lorapipe writes waits for the teardown: files are closed where they are written, the ZenML store commits
@@ -24,6 +25,7 @@ import sys
 from typing import NoReturn, Optional
 
 _began = False
+_frozen = False
 _exit_code: Optional[int] = None
 
 
@@ -34,9 +36,11 @@ def begin() -> None:
 
 
 def freeze_training_imports() -> None:
-    """In a process that called `begin`: import the training libraries and freeze every object alive after a full
-    collection. Elsewhere nothing."""
-    if _began:
+    """In a process that called `begin`, the first time: import the training libraries and freeze every object alive
+    after a full collection. Elsewhere, or again, nothing."""
+    global _frozen
+    if _began and not _frozen:
+        _frozen = True
         import_and_freeze()
 
 

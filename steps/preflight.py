@@ -20,6 +20,7 @@ from lorapipe.hardware.plan import PhasePlan, TrainingPlan, decide_plan, model_s
 from lorapipe.hardware.preflight import PreflightReport, RecommendedConfig, build_report
 from lorapipe.hardware.probe import machine_fingerprint, probe
 from lorapipe.phases.measure import probe_checks
+from lorapipe.units import format_gib
 from materializers import ReportMaterializer
 from steps.caching import library_cache_policy
 
@@ -88,8 +89,9 @@ def preflight(
                           plan.train.backend)
     if plan.train.device != "cuda" and hw.ram_available_gib < plan.train.memory.total_gib:
         # said here, not in the plan: the plan must not change with what happens to be free this second
-        logger.warning("plan: warning: about %.1f GiB of memory is free now and training needs about %.1f GiB: close "
-                       "other programs, or expect swapping", hw.ram_available_gib, plan.train.memory.total_gib)
+        logger.warning("plan: warning: about %s of memory is free now and training needs about %s: close other "
+                       "programs, or expect swapping", format_gib(hw.ram_available_gib),
+                       format_gib(plan.train.memory.total_gib))
     for r in plan.train.reasons + [f"warning: {w}" for w in plan.train.warnings]:
         logger.info("plan: %s", r)
     for phase in (plan.evaluate, plan.merge):

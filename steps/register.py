@@ -24,6 +24,7 @@ from lorapipe.registry import (
     metric_rows,
     render_text,
 )
+from lorapipe.units import format_gib
 from materializers import ReportMaterializer
 
 logger = get_logger(__name__)
@@ -88,8 +89,9 @@ def _memory_facts(plan: TrainingPlan, adapter_meta: dict, metrics: EvalMetrics, 
         row["predicted_in_process_gib"] = round(here, 4)
         row["error"] = round(here / measured - 1, 4)
         if abs(row["error"]) > MEMORY_WARN_FRACTION:
-            logger.warning("memory: %s peaked at %.2f GiB, predicted %.2f GiB in this process (%+.0f%%): the memory "
-                           "model is off for this run; see docs/MEMORY.md", phase, measured, here, row["error"] * 100)
+            logger.warning("memory: %s peaked at %s, predicted %s in this process (%+.0f%%): the memory model is off "
+                           "for this run; see docs/MEMORY.md", phase, format_gib(measured), format_gib(here),
+                           row["error"] * 100)
     return facts
 
 

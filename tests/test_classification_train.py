@@ -3,6 +3,7 @@ the head on a decoder (Llama with a score head), full fine-tuning of an encoder,
 the head-only baseline, resume and the merge that keeps the labels."""
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -265,7 +266,8 @@ def test_cuda_out_of_memory_in_the_first_steps_halves_the_micro_batch(tiny_encod
 
 
 def test_qlora_keeps_the_head_unquantised_and_the_untuned_baseline_falls_back_to_the_majority(tiny_encoder_dir,
-                                                                                              splits, tmp_path):
+                                                                                              splits, tmp_path,
+                                                                                              caplog):
     """QLoRA = LoRA + an NF4 base (bitsandbytes quantises on this CPU): the head stays a full-precision layer that
     trains and saves in fp32; a quantised base trains through adapters only, so the head-only baseline is skipped
     with the reason and evaluation's untuned baseline is the majority class."""
@@ -283,9 +285,17 @@ def test_qlora_keeps_the_head_unquantised_and_the_untuned_baseline_falls_back_to
     assert {tuple(v.shape) for v in head.values()} == {(3, 64), (3,)} and all(v.dtype == torch.float32
                                                                            for v in head.values())
     phase = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=32, max_seq_length=128, reason="test")
-    metrics = evaluate_adapter(str(adapter), splits[2], phase)
+    with caplog.at_level(logging.INFO, logger="lorapipe"):
+        metrics = evaluate_adapter(str(adapter), splits[2], phase)
     assert metrics.classification.untuned == "majority" and set(metrics.classification.reports) == {"majority",
                                                                                                     "tuned"}
+    # the user reads the baselines beside the tuned model, then its per-label report and confusion matrix
+    said = [r.getMessage() for r in caplog.records]
+    table = next(i for i, line in enumerate(said) if line.split()[:3] == ["model", "accuracy", "macro"])
+    assert [line.split()[0] for line in said[table + 1:table + 3]] == ["majority", "tuned"]
+    tuned = metrics.classification.reports["tuned"]
+    assert f"{tuned['accuracy']:.3f}" in said[table + 2]
+    assert any(line.startswith("true \\ predicted") for line in said[table:])
     check = merge_adapter(str(adapter), str(tmp_path / "merged"), splits[2],
                           PhasePlan(phase="merge", device="cpu", dtype="float32", batch_size=1, max_seq_length=128,
                                     reason="test"))

@@ -54,9 +54,15 @@ def test_only_a_process_that_said_it_is_short_lived_freezes(monkeypatch):
     short_lived.freeze_training_imports()
     assert gc.get_freeze_count() == before  # a test session, a notebook: the collector as it was
     monkeypatch.setattr(short_lived, "_began", True)
+    monkeypatch.setattr(short_lived, "_frozen", False)
     try:
         short_lived.freeze_training_imports()
         assert gc.get_freeze_count() >= before + len(kept)
+        # a later phase of the same run freezes nothing more: what the first phase left can still be collected
+        once = gc.get_freeze_count()
+        left_by_the_first_phase = [[i] for i in range(1000)]
+        short_lived.freeze_training_imports()
+        assert gc.get_freeze_count() == once and left_by_the_first_phase
     finally:
         gc.unfreeze()
         from lorapipe.short_lived import import_and_freeze

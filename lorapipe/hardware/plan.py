@@ -42,10 +42,7 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 # Share of the device's memory the plan may fill: GPU memory on CUDA, total RAM (unified memory on Apple) elsewhere.
 CUDA_BUDGET_FRACTION = 0.9
 RAM_BUDGET_FRACTION = 0.8
-Profile = Literal["conservative", "balanced", "quality"]
 MERGE_CHECK_TOKENS = 256  # tokens per row the merge check compares, at most
-# Backends whose training runs data-parallel over several processes (one per GPU; gloo on the CPU). Unsloth trains
-# in one process and lorapipe's mlx loop has no process group. (A backend fact: its home is the catalog's BackendSpec.)
 
 
 class PlanError(RuntimeError):

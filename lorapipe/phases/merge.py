@@ -156,7 +156,7 @@ def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDatase
             before_check(out)
         tol = atol if atol is not None else DEFAULT_ATOL[phase.dtype]
         check = task.compare_merged(out, inputs, reference, phase, tol)
-    check.memory_gib = memory.gb
+    check.memory_gib = memory.peak_gib
     check.memory_at_start_gib = memory.start_gib
     log.info("merge check: max |logit diff| %.3g, mean %.3g, greedy agreement %.1f%% over %d positions (tolerance "
              "%.3g, %s): %s", check.max_abs_logit_diff, check.mean_abs_logit_diff, check.greedy_agreement * 100,

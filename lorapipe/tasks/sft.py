@@ -288,7 +288,7 @@ class SFT:
         return EvalMetrics(test_rows=len(test), scored_rows=len(scored), generated_rows=len(samples),
                            scored_tokens=tokens, base=results["base"], tuned=results["tuned"], perplexity_gain=gain,
                            tuned_beats_base=results["tuned"].perplexity < results["base"].perplexity, samples=samples,
-                           row_losses=row_losses, memory_gib=memory.gb, memory_at_start_gib=memory.start_gib,
+                           row_losses=row_losses, memory_gib=memory.peak_gib, memory_at_start_gib=memory.start_gib,
                            generation=_generation_settings(tokenizer, evaluate.max_new_tokens, phase.batch_size,
                                                            seed))
 

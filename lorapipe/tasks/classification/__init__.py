@@ -191,7 +191,9 @@ class Classification:
         nothing to sample, so `evaluate`'s row limits and the seed do not apply)."""
         from lorapipe.evaluation.classification import (
             classification_report,
+            comparison_table,
             majority_baseline,
+            report_table,
         )
         from lorapipe.models.loading import load_tokenizer
         from lorapipe.training.adapter import read_adapter_metadata
@@ -231,14 +233,14 @@ class Classification:
         samples = [{"source": r.source, "line": r.line, "text": r.text, "text_pair": r.text_pair, "label": r.label,
                     **{name: labels[p[i]] for name, p in predictions.items()}}
                    for i, r in enumerate(records[:SAMPLE_ROWS])]
-        for name, r in reports.items():
-            log.info("%10s: accuracy %.3f, macro F1 %.3f, weighted F1 %.3f%s", name, r.accuracy, r.macro_f1,
-                     r.weighted_f1, f", ECE {r.ece:.3f}" if r.ece is not None else "")
+        # the baselines beside the tuned classifier, then its per-label report and confusion matrix
+        for line in comparison_table(reports, digits=3) + [""] + report_table(reports["tuned"], digits=3):
+            log.info("%s", line)
         return EvalMetrics(
             test_rows=len(records), scored_rows=len(records), generated_rows=0, scored_tokens=tokens, base=base,
             tuned=tuned, perplexity_gain=(base.perplexity - tuned.perplexity) / base.perplexity,
             tuned_beats_base=(tuned.macro_f1 or 0) > (base.macro_f1 or 0), samples=samples,
-            memory_gib=memory.gb, memory_at_start_gib=memory.start_gib,
+            memory_gib=memory.peak_gib, memory_at_start_gib=memory.start_gib,
             classification=ClassifierEvaluation(labels=labels, reports={k: v.model_dump() for k, v in reports.items()},
                                                 baselines=[k for k in reports if k != "tuned"], untuned=untuned))
 
