@@ -15,6 +15,8 @@ from pydantic import BaseModel
 
 from lorapipe.catalog import TASK_CHOICES, task_spec
 
+# Llama-family architectures with an RMSNorm on each head's q and k (head_dim weights each)
+QK_NORM_TYPES = ("qwen3",)
 # Llama-family architectures whose parameters are counted from the config by formula (the same decoder layer:
 # q/k/v/o attention with GQA, a gated MLP, RMSNorms). Any other model_type is counted on the meta device.
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "granite", "olmo2", "deepseek", "yi",
@@ -22,8 +24,10 @@ LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "granite"
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 # The projections that read a layer's (normalised) input: one saved tensor feeds all three. Encoders name them
-# query/key/value (BERT, RoBERTa, ELECTRA) or q_lin/k_lin/v_lin (DistilBERT).
-QKV_MODULES = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "q_lin", "k_lin", "v_lin")
+# query/key/value (BERT, RoBERTa, ELECTRA) or q_lin/k_lin/v_lin (DistilBERT); fused, one linear puts out q, k and v
+# together (Phi-3's qkv_proj, GPT-2's c_attn, Falcon's query_key_value, MPT's Wqkv, Baichuan's W_pack).
+FUSED_QKV_MODULES = ("qkv_proj", "c_attn", "query_key_value", "Wqkv", "W_pack")
+QKV_MODULES = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "q_lin", "k_lin", "v_lin", *FUSED_QKV_MODULES)
 # The modules PEFT keeps a trainable copy of for a sequence classifier (modules_to_save; peft's SEQ_CLS_HEAD_NAMES),
 # and what else counts as the head (BERT's pooler).
 CLASSIFIER_HEADS = ("score", "classifier")
@@ -62,6 +66,12 @@ class ModelFacts(BaseModel):
     classifier_parameters: int = 0  # classification: the head PEFT trains a copy of (classifier / score)
     hidden_dropout: float = 0.0  # encoders: dropout on the hidden states (its masks are saved)
     attention_dropout: float = 0.0  # encoders: dropout on the attention probabilities
+    qk_norm: bool = False  # an RMSNorm on each head's q and k before attention (Qwen3, Gemma 3, OLMo 2)
+
+    @property
+    def fused_qkv(self) -> bool:
+        """q, k and v come out of one linear (Phi-3's qkv_proj): their slices reach attention as views of it."""
+        return any(s.name.rsplit(".", 1)[-1] in FUSED_QKV_MODULES for s in self.linears)
 
     @property
     def total_parameters(self) -> int:
@@ -122,7 +132,7 @@ def facts_from_config(cfg: Any, source: str = "config", task: str = "sft", num_l
     attn_bias = (q_out + 2 * kv_out) if getattr(cfg, "attention_bias", False) or cfg.model_type == "qwen2" else 0
     attn_bias += h if getattr(cfg, "attention_bias", False) and cfg.model_type != "qwen2" else 0
     mlp_bias = (2 * inter + h) if getattr(cfg, "mlp_bias", False) else 0
-    qk_norm = 2 * d if cfg.model_type == "qwen3" else 0
+    qk_norm = 2 * d if cfg.model_type in QK_NORM_TYPES else 0
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     counts = {
         "embeddings": V * h,
@@ -139,10 +149,10 @@ def facts_from_config(cfg: Any, source: str = "config", task: str = "sft", num_l
         return ModelFacts(source=source, model_type=cfg.model_type, vocab_size=V, hidden_size=h,
                           intermediate_size=inter, layers=L, heads=heads, kv_heads=kv, head_dim=d,
                           tied_embeddings=False, parameter_counts=counts, linears=linears, task=task,
-                          num_labels=num_labels, classifier_parameters=h * num_labels)
+                          num_labels=num_labels, classifier_parameters=h * num_labels, qk_norm=bool(qk_norm))
     return ModelFacts(source=source, model_type=cfg.model_type, vocab_size=V, hidden_size=h, intermediate_size=inter,
                       layers=L, heads=heads, kv_heads=kv, head_dim=d, tied_embeddings=tied, parameter_counts=counts,
-                      linears=linears)
+                      linears=linears, qk_norm=bool(qk_norm))
 
 
 def count_on_meta(cfg: Any, source: str = "config", task: str = "sft", num_labels: int = 2) -> ModelFacts:
@@ -220,7 +230,9 @@ def count_on_meta(cfg: Any, source: str = "config", task: str = "sft", num_label
     leaves = [name.rsplit(".", 1)[-1] for name, _, _ in found]
     linears = [LinearShape(name=leaf if leaves.count(leaf) == 1 else name, in_features=shape[0],
                            out_features=shape[1], kind=kind) for leaf, (name, shape, kind) in zip(leaves, found)]
-    inter = max((s.out_features for s in linears if s.kind == "mlp"), default=4 * h)
+    # the config's width where it names one: a fused gate_up_proj (Phi-3) puts out twice the intermediate width
+    inter = cfg_dict.get("intermediate_size") or max((s.out_features for s in linears if s.kind == "mlp"),
+                                                     default=4 * h)
     tied = out_emb is not None and any(id(p) in in_ids for p in out_emb.parameters())
     encoder = (layer0 is not None and any(isinstance(m, torch.nn.LayerNorm) for m in layer0.modules())
                and sum(leaf in QKV_MODULES for leaf in leaves) == 3 and not cfg_dict.get("is_decoder"))
@@ -234,10 +246,12 @@ def count_on_meta(cfg: Any, source: str = "config", task: str = "sft", num_label
                      hidden_dropout=float(cfg_dict.get("hidden_dropout_prob", cfg_dict.get("dropout")) or 0.0),
                      attention_dropout=float(cfg_dict.get("attention_probs_dropout_prob",
                                                           cfg_dict.get("attention_dropout")) or 0.0))
+    qk_norm = layer0 is not None and any(name.rsplit(".", 1)[-1] in ("q_norm", "k_norm")
+                                         for name, _ in layer0.named_modules())
     return ModelFacts(source=source, model_type=cfg.model_type, vocab_size=cfg.vocab_size, hidden_size=h,
                       intermediate_size=inter, layers=L, heads=heads, kv_heads=kv,
                       head_dim=cfg_dict.get("head_dim") or h // heads, tied_embeddings=bool(tied),
-                      parameter_counts=counts, linears=linears, counted="meta", **extra)
+                      parameter_counts=counts, linears=linears, counted="meta", qk_norm=qk_norm, **extra)
 
 
 def _first_layer(model: Any) -> Any:

@@ -20,8 +20,6 @@ from pydantic import BaseModel, Field
 
 from lorapipe.catalog import TASK_CHOICES, task_spec
 from lorapipe.hardware.facts import (
-    ATTENTION_MODULES,
-    MLP_MODULES,
     QKV_MODULES,
     LinearShape,
     ModelFacts,
@@ -203,6 +201,10 @@ def _activation_bytes_per_token_layer(facts: ModelFacts, x: MemoryInputs) -> tup
     # logsumexp (fp32 per head); o_proj's input; the MLP saves gate, up, silu(gate) and their product
     base = 8 * h + 2 * a * q + a * kv + 3 * a * I + 4 * facts.heads + 8
     formula = f"8h + 2a*q + a*kv + 3a*I + 4*heads + 8 (a={a})"
+    if facts.qk_norm:
+        # an RMSNorm per head on q and k (Qwen3): each saves its fp32 input and one fp32 rstd per head
+        base += 4 * (q + kv // 2) + 4 * (facts.heads + facts.kv_heads)
+        formula += " + q/k norms: 4(q + kv/2) + 4(heads + kv_heads)"
     if (x.attn_implementation or "sdpa") == "eager":
         # eager attention keeps the softmax probabilities (heads x seq per token) and k/v repeated to every head
         base += a * facts.heads * x.seq_len + a * max(0, 2 * q - kv)
@@ -222,14 +224,13 @@ def _activation_bytes_per_token_layer(facts: ModelFacts, x: MemoryInputs) -> tup
     targets = target_shapes(facts, x.lora_targets)
     lora = 4 * x.lora_r * len(targets)  # each adapter's A output, fp32 (PEFT keeps adapters in fp32)
     if a == 4:
-        # fp32: a wrapped module's input is saved for its A gradient once per distinct input (o_proj's input is
-        # already saved by the frozen layer)
-        inputs = {"attn_in": h if any(s.name in ("q_proj", "k_proj", "v_proj") for s in targets) else 0,
-                  "mlp_in": h if any(s.name in ("gate_proj", "up_proj") for s in targets) else 0,
-                  "down_in": I if any(s.name == "down_proj" for s in targets) else 0}
-        lora += 4 * sum(inputs.values())
-        other = [s for s in targets if s.name not in ATTENTION_MODULES + MLP_MODULES]
-        lora += 4 * sum(s.in_features for s in other)
+        # fp32: a wrapped module's input is saved for its A gradient once per distinct input: the attention norm's
+        # output (q/k/v, or a fused qkv), the MLP norm's (gate/up, or a fused gate_up), down's (the gated product).
+        # o_proj's input is attention's output, saved already, unless q/k/v are fused: their slices reach sdpa as
+        # strided views, its output comes back in another layout and the reshape before o_proj copies it
+        # (hooks on Phi-3: tests/test_memory_families.py)
+        distinct = {"qkv": h, "up": h, "down": I, "o": q if facts.fused_qkv else 0}
+        lora += 4 * sum(distinct[r] for r in {_role(facts, s) for s in targets})
     else:
         # 16-bit compute: each adapter casts its input to fp32 and that copy is saved, once per wrapped module
         lora += 4 * sum(s.in_features for s in targets)

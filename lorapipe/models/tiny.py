@@ -217,3 +217,60 @@ def build_tiny_decoder_classifier(out_dir: str | Path, corpus: list[Path], num_l
                  num_labels=num_labels, parameters=model.num_parameters())
     facts_path.write_text(json.dumps(facts, indent=2))
     return out
+
+
+# Small random-weight models of the families people fine-tune besides Llama, each with what sets its family apart
+# (the memory model must hold on them: bench/memory_families.py, tests/test_memory_families.py). Widths are cut to
+# CPU size; the vocabularies are the real ones, so the vocabulary-wide logits weigh as they do in the real models.
+FAMILIES = {
+    # Qwen2.5-0.5B's layout: tied input/output embeddings, a 151,936-row vocabulary, bias on q/k/v, GQA
+    "qwen2": dict(config="Qwen2Config", vocab_size=151_936, hidden_size=256, intermediate_size=768, layers=4,
+                  heads=8, kv_heads=2, tie_word_embeddings=True),
+    # Qwen3: q/k RMSNorm per head and a head dimension that is not hidden/heads (64 with hidden 256, 8 heads)
+    "qwen3": dict(config="Qwen3Config", vocab_size=151_936, hidden_size=256, intermediate_size=768, layers=4,
+                  heads=8, kv_heads=4, head_dim=64, tie_word_embeddings=True),
+    # Mistral-7B's: grouped-query attention (4 query heads per k/v head), a 32,768-row vocabulary, untied
+    "mistral": dict(config="MistralConfig", vocab_size=32_768, hidden_size=512, intermediate_size=1792, layers=6,
+                    heads=8, kv_heads=2, tie_word_embeddings=False),
+    # Phi-3-mini's: fused qkv_proj and gate_up_proj, a 32,064-row vocabulary, untied
+    "phi3": dict(config="Phi3Config", vocab_size=32_064, hidden_size=512, intermediate_size=1536, layers=6,
+                 heads=8, kv_heads=8, tie_word_embeddings=False),
+    # Gemma-2B's: a 256,000-row tied vocabulary, head_dim 256 whatever the width, one k/v head, GeGLU, embeddings
+    # scaled by sqrt(hidden)
+    "gemma": dict(config="GemmaConfig", vocab_size=256_000, hidden_size=256, intermediate_size=1024, layers=3,
+                  heads=4, kv_heads=1, head_dim=256, tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh"),
+}
+
+
+def build_family_model(out_dir: str | Path, family: str, tokenizer_from: str | Path, seed: int = 0) -> Path:
+    """A seeded random causal LM of `family` (a key of FAMILIES) in `out_dir`, with the tokenizer of the model folder
+    `tokenizer_from` (the tiny model's: its ids are a prefix of every family's vocabulary), saved with
+    `save_pretrained` and read back through the same loading code as a hub id."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r}: expected one of {', '.join(FAMILIES)}")
+    spec = dict(FAMILIES[family])
+    config_class = getattr(transformers, spec.pop("config"))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
+    tokenizer.save_pretrained(out)
+    extra = {k: spec.pop(k) for k in ("head_dim", "hidden_act") if k in spec}
+    config = config_class(
+        vocab_size=spec["vocab_size"], hidden_size=spec["hidden_size"], intermediate_size=spec["intermediate_size"],
+        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"],
+        max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=spec["tie_word_embeddings"], **extra)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "lorapipe_tiny.json").write_text(json.dumps(
+        {"built_by": "lorapipe.models.tiny.build_family_model", "family": family, "seed": seed,
+         "tokenizer_from": str(tokenizer_from), "vocab_size": config.vocab_size,
+         "parameters": model.num_parameters()}, indent=2))
+    return out

@@ -9,7 +9,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from lorapipe.config import ModelSection, TrainSection
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan
@@ -20,8 +20,9 @@ _WORDS = ("alpha beta gamma delta model train data memory token layer value chec
           "shape label north south river stone cloud light sound water paper green").split()
 
 
-def synthetic_rows(n: int, seq_len: int, seed: int = 0) -> Any:
-    """`n` conversations long enough to fill `seq_len` tokens after truncation (a few words per token at worst)."""
+def synthetic_rows(n: int, seq_len: int, seed: int = 0, labels: Sequence[str] = ()) -> Any:
+    """`n` conversations long enough to fill `seq_len` tokens after truncation (a few words per token at worst); with
+    `labels`, classification rows of such texts, the labels taken in turn."""
     from lorapipe.data.dataset import ConversationDataset
     from lorapipe.data.records import Record
 
@@ -30,8 +31,13 @@ def synthetic_rows(n: int, seq_len: int, seed: int = 0) -> Any:
     for i in range(n):
         prompt = " ".join(rng.choice(_WORDS) for _ in range(16))
         answer = " ".join(rng.choice(_WORDS) for _ in range(seq_len + 16))
-        rows.append(Record(source="probe", line=i + 1, raw="", format="messages",
-                           messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]))
+        if labels:
+            rows.append(Record(source="probe", line=i + 1, raw="", format="classification",
+                               text=f"{prompt} {answer}", label=labels[i % len(labels)]))
+        else:
+            rows.append(Record(source="probe", line=i + 1, raw="", format="messages",
+                               messages=[{"role": "user", "content": prompt},
+                                         {"role": "assistant", "content": answer}]))
     return ConversationDataset(rows, name="probe")
 
 
@@ -57,6 +63,11 @@ def _run_phase(spec: dict[str, Any]) -> PhaseMeasurement:
     work = Path(spec["work_dir"])
     adapter_dir = work / "adapter"
     device = plan.device if phase == "train" else PhasePlan(**spec[f"{phase}_plan"]).device
+    labels: list[str] = []  # sft: conversations
+    if plan.task == "classification":
+        # the label set validation would have frozen into the plan; a plan made for measuring alone names none
+        labels = list(plan.labels) or [f"label_{i}" for i in range(plan.num_labels or 2)]
+        plan = plan.model_copy(update={"labels": labels, "num_labels": len(labels)})
     # imported before the baseline is read: every phase needs them, and what a phase holds is counted from there
     import peft  # noqa: F401
     import torch
@@ -77,13 +88,15 @@ def _run_phase(spec: dict[str, Any]) -> PhaseMeasurement:
                                              "effective_batch_size": plan.micro_batch_size * plan.world_size})
         from lorapipe.data.dataset import ConversationDataset
 
-        info = train_in_process(model, probe_train, 0, probe_plan, synthetic_rows(rows, plan.max_seq_length),
+        info = train_in_process(model, probe_train, 0, probe_plan, synthetic_rows(rows, plan.max_seq_length,
+                                                                                  labels=labels),
                                 ConversationDataset([], name="eval"), work / "train", adapter_dir)
         peak = info.peak_memory_gib
     else:
         reset_peak_memory(device)
         phase_plan = PhasePlan(**spec[f"{phase}_plan"])
-        rows = synthetic_rows(phase_plan.batch_size if phase == "eval" else 1, plan.max_seq_length, seed=1)
+        rows = synthetic_rows(phase_plan.batch_size if phase == "eval" else 1, plan.max_seq_length, seed=1,
+                              labels=labels)
         if phase == "eval":
             from lorapipe.config import EvaluateSection
             from lorapipe.phases.evaluate import evaluate_adapter
