@@ -79,8 +79,11 @@ def lineage_tree(mv: Any) -> dict[str, Any]:
     meta = dict(mv.run_metadata)
     report = meta.get("report") or {}
     run_id = (report.get("run") or {}).get("id")
-    runs = [r for r in mv.pipeline_runs.values()] if getattr(mv, "pipeline_runs", None) else []
-    run = client.get_pipeline_run(run_id) if run_id else (runs[0] if runs else None)
+    if run_id:
+        run = client.get_pipeline_run(run_id)
+    else:  # a version registered without lorapipe's report: the run linked to it (not the deprecated pipeline_runs)
+        links = client.list_model_version_pipeline_run_links(model_version_id=mv.id, size=1).items
+        run = links[0].pipeline_run if links else None
     if run is None:
         raise UserMistake(f"model {mv.model.name} version {mv.name} has no pipeline run in this store")
     steps = run.steps

@@ -9,6 +9,8 @@ usage errors), never a traceback; `lorapipe --debug COMMAND` shows the traceback
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import traceback
 from typing import Any, NoReturn, Optional
 
@@ -18,6 +20,7 @@ from lorapipe import short_lived
 from lorapipe.logs import show_on_console
 from lorapipe.quiet import quiet_env, quiet_loggers
 from lorapipe_app.cli import data, inspect, models, plan, run
+from lorapipe_app.cli.common import stdout_for_json_only
 
 
 class InputMistake(click.ClickException):
@@ -69,8 +72,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     """The `lorapipe` entry point; returns the exit code (tests call it in-process)."""
     quiet_env()
     show_on_console()  # lorapipe's own progress lines; the libraries' stay quiet (quiet_loggers)
+    args = sys.argv[1:] if argv is None else argv
     try:
-        result = cli.main(args=argv, prog_name="lorapipe", standalone_mode=False)
+        with stdout_for_json_only() if "--json" in args else contextlib.nullcontext():
+            result = cli.main(args=args, prog_name="lorapipe", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.Abort:

@@ -4,11 +4,14 @@ commands that open the ZenML store say so (`opens_store`)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
+import sys
 import typing
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional, TextIO
 
 import click
 from pydantic import BaseModel
@@ -21,8 +24,37 @@ def fail(message: str) -> None:
     raise click.ClickException(message)
 
 
+_json_stdout: Optional[TextIO] = None  # while a --json command runs: where its JSON goes (stdout as it was)
+
+
+@contextlib.contextmanager
+def stdout_for_json_only() -> Iterator[None]:
+    """While a --json command runs, stdout carries its JSON alone: anything else written there (ZenML's lines on the
+    first use of a new store, a library's notice, a log handler bound to stdout) goes to stderr, so `json.load` of
+    the output works whatever was printed on the way."""
+    global _json_stdout
+    real = sys.stdout
+    loggers = [logging.getLogger(), *(lg for lg in logging.root.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    swapped = [(handler, handler.setStream(sys.stderr)) for lg in loggers for handler in lg.handlers
+               if isinstance(handler, logging.StreamHandler) and handler.stream in (real, sys.__stdout__)]
+    _json_stdout = real
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _json_stdout = None
+        for handler, stream in swapped:
+            handler.setStream(stream)
+
+
+def json_stdout() -> TextIO:
+    """Where JSON output goes: stdout as it was before `stdout_for_json_only` sent everything else to stderr."""
+    return _json_stdout or sys.stdout
+
+
 def echo_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=str))
+    click.echo(json.dumps(value, indent=2, default=str), file=json_stdout())
 
 
 def choice(model: type[BaseModel], field: str, exclude: tuple[str, ...] = ()) -> click.Choice:

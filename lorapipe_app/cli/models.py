@@ -10,7 +10,7 @@ from typing import Any, Optional
 import click
 
 from lorapipe.models.tiny import SIZES as TINY_SIZES
-from lorapipe_app.cli.common import REPO_ROOT, fail, opens_store
+from lorapipe_app.cli.common import REPO_ROOT, fail, json_stdout, opens_store
 
 
 def _model_folder(ref: str, adapter: bool) -> str:
@@ -87,7 +87,7 @@ def predict(model: str, prompt: Optional[str], prompts: tuple, prompt_file: Opti
         answer = generate(loaded, tokenizer, question, max_new_tokens, system,
                           stream=sys.stdout if stream and not as_json else None)
         if as_json:
-            click.echo(json.dumps(answer, ensure_ascii=False))
+            click.echo(json.dumps(answer, ensure_ascii=False), file=json_stdout())
             continue
         if not stream:
             click.echo(f"> {answer['prompt']}\n{answer['completion']}")
@@ -132,7 +132,7 @@ def _classify(folder: str, texts: list, rows_file: Optional[str], text_pair: Opt
     for text, pair in rows:
         answer = classify(loaded, tokenizer, text, pair, settings["max_length"])
         if as_json:
-            click.echo(json.dumps(answer, ensure_ascii=False))
+            click.echo(json.dumps(answer, ensure_ascii=False), file=json_stdout())
             continue
         ranked = sorted(answer["probabilities"].items(), key=lambda kv: -kv[1])
         click.echo(f"> {text}" + (f" || {pair}" if pair else ""))
