@@ -7,7 +7,8 @@ from pathlib import Path
 
 from lorapipe.training.monitoring import METRIC_COLUMNS, PLOTS
 
-PROGRESS_LINE = re.compile(r"^step (\d+)/(\d+) loss \d+\.\d\d lr \d\.\de[-+]\d\d [\d.]+[kMG]? tok/s mem \d+(?:\.\d\d GiB| MiB) "
+PROGRESS_LINE = re.compile(r"^step (\d+)/(\d+) loss \d+\.\d\d lr \d\.\de[-+]\d\d [\d.]+[kMG]? tok/s "
+                           r"mem \d+(?:\.\d\d GiB| MiB) "
                            r"eta \d+:\d\d:\d\d$", re.M)
 
 

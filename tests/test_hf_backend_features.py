@@ -222,7 +222,8 @@ def test_metrics_files_plots_and_progress_lines(uninterrupted):
     for name in PLOTS:
         data = (folder / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
-    progress = re.findall(r"^step (\d+)/10 loss \d+\.\d\d lr \d\.\de[-+]\d\d [\d.]+[kMG]? tok/s mem \d+(?:\.\d\d GiB| MiB) "
+    progress = re.findall(r"^step (\d+)/10 loss \d+\.\d\d lr \d\.\de[-+]\d\d [\d.]+[kMG]? tok/s "
+                          r"mem \d+(?:\.\d\d GiB| MiB) "
                           r"eta \d+:\d\d:\d\d$", ref.stdout, re.M)
     assert progress == ["2", "4", "6", "8", "10"]
     assert "checkpoint saved: step 5" in ref.stdout and "{'loss'" not in ref.stdout  # compact lines only
