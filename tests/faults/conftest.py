@@ -82,9 +82,11 @@ def pipeline_runs(tiny_model_dir, tmp_path_factory):
     2. run again (training resumes from that checkpoint) and killed (SIGKILL) inside the merge step, once the merged
        weights are in the store and the rest of the folder is not (tests.faults.paused_run stops there);
     3. run again (training and evaluation come from the cache) and killed as the register step starts;
-    4. run again to the end.
+    4. run again to the end;
+    5. the same config uninterrupted, on a store and an output folder of its own: what the faulted runs must end with.
 
-    Then `tests.faults.store_probe` reads the store back in a process of its own (the store is not this session's)."""
+    Then `tests.faults.store_probe` reads each store back in a process of its own (the stores are not this
+    session's)."""
     from tests.test_pipeline import _config
 
     tmp = tmp_path_factory.mktemp("faults-pipeline")
@@ -112,9 +114,21 @@ def pipeline_runs(tiny_model_dir, tmp_path_factory):
         code, out, sent = _lorapipe_run(cfg, env, after, sig, module)
         runs.append(SimpleNamespace(code=code, output=out, sent=sent))
         (tmp / f"run{len(runs)}.log").write_text(out)  # to read when a test fails
-    probe = subprocess.run([sys.executable, "-m", "tests.faults.store_probe", MODEL_NAME], cwd=REPO_ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert probe.returncode == 0, probe.stdout[-3000:] + probe.stderr[-3000:]
-    store = json.loads(probe.stdout.strip().splitlines()[-1])
-    return SimpleNamespace(runs=runs, store=store, zen=zen, output_root=tmp / "runs", secrets=planted, cfg=cfg,
-                           probe_output=probe.stdout + probe.stderr)
+    reference_cfg = tmp / "reference.yaml"
+    reference_cfg.write_text(yaml.safe_dump({**doc, "train": {**doc["train"],
+                                                             "output_root": str(tmp / "runs-reference")}}))
+    reference_env = {**env, "ZENML_CONFIG_PATH": str(tmp / "zen-reference")}
+    code, out, _ = _lorapipe_run(reference_cfg, reference_env, (), None, "lorapipe_app.cli")
+    (tmp / "reference.log").write_text(out)
+    assert code == 0, out[-3000:]
+
+    def read_store(store_env: dict) -> tuple[dict, str]:
+        probe = subprocess.run([sys.executable, "-m", "tests.faults.store_probe", MODEL_NAME], cwd=REPO_ROOT,
+                               env=store_env, capture_output=True, text=True, timeout=300)
+        assert probe.returncode == 0, probe.stdout[-3000:] + probe.stderr[-3000:]
+        return json.loads(probe.stdout.strip().splitlines()[-1]), probe.stdout + probe.stderr
+
+    store, probe_output = read_store(env)
+    reference_store, _ = read_store(reference_env)
+    return SimpleNamespace(runs=runs, store=store, reference_store=reference_store, zen=zen,
+                           output_root=tmp / "runs", secrets=planted, cfg=cfg, probe_output=probe_output)

@@ -71,7 +71,21 @@ def test_killed_while_writing_a_checkpoint_the_same_command_resumes_from_the_one
 
 
 @pytest.mark.slow
-def test_killed_during_merge_and_register_the_rerun_completes_and_every_artifact_loads(pipeline_runs):
+def weights_sha256(store: dict, artifact: str) -> str:
+    """sha256 over the safetensors files of the newest run's `artifact`, by their path inside it."""
+    import hashlib
+    from pathlib import Path
+
+    uri = Path(next(a["uri"] for a in store["artifacts"] if a["name"] == artifact))
+    files = sorted(uri.rglob("*.safetensors"))
+    assert files, uri
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(uri)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_killed_during_merge_and_register_the_rerun_ends_with_the_uninterrupted_runs_model(pipeline_runs):
     _, killed_in_merge, killed_in_register, final = pipeline_runs.runs
     assert killed_in_merge.sent and killed_in_merge.code == -signal.SIGKILL
     assert "merging into" in killed_in_merge.output and "merge check:" not in killed_in_merge.output
@@ -94,3 +108,8 @@ def test_killed_during_merge_and_register_the_rerun_completes_and_every_artifact
     # what the killed merge wrote into its output folder stays there, but no artifact version points to it: nothing
     # loads it, nothing lists it (ZenML removes a failed step's output folder; a SIGKILL leaves no one to do so)
     assert all("/merge_model/merged_model/" in folder for folder in store["orphan_folders"]), store["orphan_folders"]
+    # and the model the faulted runs registered is the one an uninterrupted run registers, byte for byte (CPU, same
+    # seed): the preempted training resumed to the same adapter, and the merge redone after the kill wrote the same
+    # weights
+    for name in ("adapter", "merged_model"):
+        assert weights_sha256(store, name) == weights_sha256(pipeline_runs.reference_store, name), name
