@@ -73,14 +73,22 @@ HELD_OUT = [name for name in CONFIGS if name not in FIT]
 
 
 def model_dir(model: str) -> Path:
+    """The model's folder under bench/.models, built on first use; every one saved in bfloat16, as public checkpoints
+    are (a float32 file would be mapped, and a classifier's unread embedding rows would never become resident)."""
     from lorapipe.models.tiny import build_family_model, build_tiny_model
 
-    folder = MODELS / (f"llama-{model}" if model == "56m-v32k" else model)
+    folder = MODELS / (f"llama-{model}-bf16" if model == "56m-v32k" else f"{model}-bf16")
     if not (folder / "config.json").exists():
         llama = MODELS / "llama-56m-v32k"
         if not (llama / "config.json").exists():
             build_tiny_model(llama, [REPO / "data" / "quickstart" / "wwdc25_train_slice.jsonl"], size="56m-v32k")
-        if model != "56m-v32k":
+        if model == "56m-v32k":
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            AutoTokenizer.from_pretrained(str(llama)).save_pretrained(folder)
+            AutoModelForCausalLM.from_pretrained(str(llama), dtype=torch.bfloat16).save_pretrained(folder)
+        else:
             build_family_model(folder, model, llama)
     return folder
 
@@ -178,10 +186,63 @@ def report() -> dict:
     return out
 
 
+# The memory model's constants set from measured CPU training peaks, and the grid each is searched over.
+FITTED = {"CPU_PROCESS_BYTES": [int(g / 100 * 2**30) for g in range(45, 81)],
+          "CPU_ACTIVATION_RESIDENT_FACTOR": [1 + i / 20 for i in range(0, 41)],
+          "CPU_RECOMPUTE_RESIDENT_FACTOR": [1 + i / 4 for i in range(0, 41)],
+          "CHUNK_LOGITS_FP32_COPIES": [1 + i / 4 for i in range(0, 25)]}
+
+
+def fit() -> dict:
+    """The constants that make the FIT configurations' training peaks (medians of the runs) closest: the smallest
+    worst |error|. The training estimate is linear in each constant, so each configuration's prediction is taken
+    apart once (the estimate at two values of each) and the grid searched on those parts. HELD_OUT is not read."""
+    import itertools
+
+    from lorapipe.hardware import memory
+
+    hw = probe(".")
+    stored = json.loads(RUNS_FILE.read_text())["runs"]
+    names = [n for n in FIT if n in stored]
+    rows = []
+    for name in names:
+        peaks = [r["train"]["peak_gib"] for r in stored[name] if "train" in r and not r["train"]["error"]]
+        saved = {k: getattr(memory, k) for k in FITTED}
+        try:
+            for k in FITTED:
+                setattr(memory, k, 0)
+            base = plan_for(name, hw).train.memory.total_gib
+            slope = {}
+            for k in FITTED:
+                setattr(memory, k, 2**30 if k == "CPU_PROCESS_BYTES" else 1)
+                slope[k] = plan_for(name, hw).train.memory.total_gib - base
+                setattr(memory, k, 0)
+        finally:
+            for k, v in saved.items():
+                setattr(memory, k, v)
+        rows.append((name, statistics.median(peaks), base, slope))
+    best = None
+    for values in itertools.product(*FITTED.values()):
+        chosen = dict(zip(FITTED, values))
+        worst = max(abs((base + sum(slope[k] * (chosen[k] / 2**30 if k == "CPU_PROCESS_BYTES" else chosen[k])
+                                    for k in FITTED)) / measured - 1) for _, measured, base, slope in rows)
+        if best is None or worst < best[0]:
+            best = (worst, chosen)
+    worst, chosen = best
+    print(f"fitted on {len(rows)} FIT configurations ({', '.join(names)}): worst |error| {worst * 100:.1f}%")
+    for k, v in chosen.items():
+        print(f"  {k} = {v / 2**30:.2f} GiB" if k == "CPU_PROCESS_BYTES" else f"  {k} = {v:g}")
+    return {"fit_on": names, "worst_abs_error_on_fit": round(worst, 4),
+            "constants": {k: (round(v / 2**30, 4) if k == "CPU_PROCESS_BYTES" else v) for k, v in chosen.items()}}
+
+
 def main(argv: list[str]) -> int:
     only = {n for n in os.environ.get("BENCH_ONLY", "").split(",") if n}
     if argv[:1] == ["measure"]:
         measure(only)
+    if argv[:1] == ["fit"]:
+        fit()
+        return 0
     out = report()
     if not only:
         REPORT_FILE.write_text(json.dumps(out, indent=2) + "\n")

@@ -110,6 +110,10 @@ class BackendSpec:
     tasks: tuple[str, ...] = ("sft",)  # the TASKS it trains; preflight refuses the others with `limits_note`
     methods: tuple[str, ...] = ("lora",)  # the train.method values it implements (lora covers QLoRA)
     limits_note: Optional[str] = None  # why it lacks a task or method: said when the plan refuses it
+    # task sft: the loss projects only the trained tokens through lm_head, this many at a time (TRL's chunked_nll:
+    # `trl.trainer.sft_trainer._CHUNKED_LM_HEAD_CHUNK_SIZE`), so the vocabulary-wide logits never span the batch;
+    # None: the model's own loss over every position's logits
+    sft_loss_chunk_tokens: Optional[int] = None
 
 
 # every value of the train options backends differ in: the config's choices; each backend lists those it honours
@@ -124,7 +128,8 @@ BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
         modules=("torch", "transformers", "peft", "trl"), install="pip install -e .",
         devices=("cuda", "cpu", "mps"), auto_on=("cuda", "cpu"), quantization=QUANTIZATIONS,
         quantized_by="bitsandbytes", optimizers=OPTIMIZERS, lora_bias=LORA_BIAS, features=OPTIONAL_FEATURES,
-        adapter_format="peft", data_parallel=True, tasks=("sft", "classification"), methods=("lora", "full")),
+        adapter_format="peft", data_parallel=True, tasks=("sft", "classification"), methods=("lora", "full"),
+        sft_loss_chunk_tokens=256),
     BackendSpec(
         name="unsloth", summary="Unsloth + TRL: fused kernels and 4-bit QLoRA on CUDA",
         modules=("torch", "transformers", "peft", "trl", "unsloth", "bitsandbytes"), install="pip install -e '.[cuda]'",

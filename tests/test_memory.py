@@ -149,15 +149,37 @@ def test_activations_scale_with_tokens_and_checkpointing_keeps_one_layer():
 
 
 def test_logits_term_is_vocabulary_wide_and_dominates_a_small_model_with_a_big_vocabulary():
+    """A backend computing the model's own loss (unsloth, mlx) holds the whole batch's logits."""
     from transformers import LlamaConfig
 
     small_big_vocab = facts_from_config(LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                                                     num_attention_heads=8, num_key_value_heads=4, vocab_size=128256))
-    est = estimate(small_big_vocab, MemoryInputs(dtype="float32", micro_batch_size=4, seq_len=1024))
+    est = estimate(small_big_vocab, MemoryInputs(dtype="float32", micro_batch_size=4, seq_len=1024,
+                                                 backend="unsloth"))
     logits = term(est, "train", "logits and loss")
     assert logits == 4 * 1024 * 128256 * 4 * mem.LOGITS_FP32_COPIES
     assert logits > term(est, "train", "activations") and logits > sum(
         t.bytes for t in est.terms if t.name.startswith("base weights"))
+
+
+def test_the_hf_sft_loss_is_trl_s_chunked_nll_and_its_logits_do_not_grow_with_the_batch():
+    """TRL's chunked_nll (named in the hf backend's SFTConfig) projects 256 trained tokens at a time: the memory
+    model counts one chunk, the catalog says how many tokens, and TRL's own constant must agree."""
+    from transformers import LlamaConfig
+    from trl.trainer import sft_trainer
+
+    from lorapipe.catalog import BACKENDS
+
+    assert sft_trainer._CHUNKED_LM_HEAD_CHUNK_SIZE == BACKENDS["hf"].sft_loss_chunk_tokens == 256
+    f = facts_from_config(LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                                      num_attention_heads=8, num_key_value_heads=4, vocab_size=128256))
+    short, long = (estimate(f, MemoryInputs(dtype="float32", micro_batch_size=mb, seq_len=1024)) for mb in (1, 4))
+    chunk = term(short, "train", "logits and loss (one chunk)")
+    assert chunk == term(long, "train", "logits and loss (one chunk)") == int(256 * 128256 * 4 *
+                                                                              mem.CHUNK_LOGITS_FP32_COPIES)
+    assert "logits and loss" not in {t.name for t in short.phase_terms("train")}  # never the whole batch's
+    tiny = estimate(f, MemoryInputs(dtype="float32", micro_batch_size=1, seq_len=100))
+    assert term(tiny, "train", "logits and loss (one chunk)") == int(100 * 128256 * 4 * mem.CHUNK_LOGITS_FP32_COPIES)
 
 
 def test_eval_and_merge_phases():
@@ -267,6 +289,35 @@ def test_estimate_memory_cli_json_and_table(tmp_path):
     offline = runner.invoke(cli, ["estimate-memory", "no-such-org/no-such-model-lorapipe"])
     assert offline.exit_code == 1 and "hub could not be reached" in offline.output
     assert "Traceback" not in offline.output
+
+
+def test_estimate_memory_takes_every_knob_the_anchors_set(tmp_path):
+    """A published figure's settings from the command line: a list of LoRA targets, the chunked loss, int8, no double
+    quantisation; the JSON shows they were used, and a target the model lacks is refused with the names it has."""
+    from lorapipe_app.cli import cli
+
+    folder = tmp_path / "llama-2-7b"
+    folder.mkdir()
+    (folder / "config.json").write_text((CONFIGS / "llama-2-7b.json").read_text())
+    runner = CliRunner()
+
+    def run(*args):
+        result = runner.invoke(cli, ["estimate-memory", str(folder), "--backend", "unsloth", "--seq-len", "2048",
+                                     *args, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    two = run("--lora-targets", "q_proj,v_proj", "--lora-rank", "8")
+    assert two["inputs"]["lora_targets"] == ["q_proj", "v_proj"]
+    assert two["trainable_parameters"] == lora_parameters(facts("llama-2-7b"), 8, ["q_proj", "v_proj"])
+    whole, chunked = run(), run("--loss-chunks", "8")
+    assert chunked["inputs"]["loss_chunks"] == 8
+    assert chunked["terms"]["train"]["logits and loss"]["bytes"] < whole["terms"]["train"]["logits and loss"]["bytes"]
+    int8 = run("--quantization", "int8")
+    nf4 = run("--method", "qlora", "--no-double-quant")
+    assert (int8["inputs"]["quantization"], nf4["inputs"]["double_quant"]) == ("int8", False)
+    refused = runner.invoke(cli, ["estimate-memory", str(folder), "--lora-targets", "q_proj,qkv"])
+    assert refused.exit_code == 1 and "qkv" in refused.output and "k_proj" in refused.output
 
 
 def test_on_a_mac_the_budget_is_mlx_s_working_set():

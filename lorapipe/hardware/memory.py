@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field
 
-from lorapipe.catalog import TASK_CHOICES, task_spec
+from lorapipe.catalog import BACKENDS, TASK_CHOICES, task_spec
 from lorapipe.hardware.facts import (
     QKV_MODULES,
     LinearShape,
@@ -56,6 +56,17 @@ CUDA_ALLOCATOR_OVERHEAD = 0.10
 # output and, in backward, their gradients, not all at once (the 16-bit logits are counted apart). Fitted on this
 # CPU between a run where activations dominate (2.75 measured) and one where logits do (2.34): docs/MEMORY.md.
 LOGITS_FP32_COPIES = 2.5
+# fp32 copies of one loss chunk's logits alive at its peak under TRL's chunked_nll (the hf backend's SFT loss).
+# Provisional: set from bench/memory_families.py's FIT configurations (see below).
+CHUNK_LOGITS_FP32_COPIES = 4.0
+# On the CPU a training process's resident memory grows by about twice what autograd saves in the forward pass: the
+# ops' temporaries are freed, but glibc keeps blocks under its mmap threshold (up to 32 MiB) in the heap, and the
+# saved tensors between them keep it from shrinking (measured with VmHWM against saved-tensor hooks on Mistral and
+# Qwen2 layers: 2.15x and 2.25x). Provisional: set from bench/memory_families.py's FIT configurations.
+CPU_ACTIVATION_RESIDENT_FACTOR = 2.2
+# With gradient checkpointing, the layer recomputed in backward: its saved tensors, its forward's temporaries and its
+# backward's (the gradients of each saved tensor), all resident at once. Provisional: bench/memory_families.py's FIT.
+CPU_RECOMPUTE_RESIDENT_FACTOR = 5.0
 
 
 # ------------------------------------------------------------------------------------------------- the estimate
@@ -372,12 +383,32 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gib: float = 0.0) -> Mem
         rows, per = (x.micro_batch_size, "rows") if facts.block == "encoder" else (tokens, "tokens")
         add("train", "logits and loss", rows * x.num_labels * (a + LOGITS_FP32_COPIES * 4),
             f"{per} x labels x (a + {LOGITS_FP32_COPIES:g} x 4 B) = {rows} x {x.num_labels}")
+    elif (chunk := BACKENDS[x.backend].sft_loss_chunk_tokens) and x.loss_chunks == 1:
+        # TRL's chunked_nll: the final hidden states are gathered to the trained tokens (two copies: the shift and
+        # the gather), then lm_head and the loss run on `chunk` of them at a time under checkpointing: one chunk's
+        # logits, upcast to fp32, with log_softmax and the entropy TRL logs, forward and recomputed in backward
+        rows = min(tokens, chunk)
+        add("train", "final hidden states gathered for the loss", 2 * tokens * a * h,
+            f"2 x tokens x a*h = 2 x {tokens} x {a * h} B")
+        add("train", "logits and loss (one chunk)", rows * V * ((a if a != 4 else 0) + CHUNK_LOGITS_FP32_COPIES * 4),
+            f"min(tokens, {chunk}) x vocab x ({'a + ' if a != 4 else ''}{CHUNK_LOGITS_FP32_COPIES:g} x 4 B) = "
+            f"{rows} x {V}")
     else:
         fp32 = LOGITS_FP32_COPIES * 4 / x.loss_chunks
         logits = tokens * V * (a + fp32 if a != 4 else max(4, fp32))
         add("train", "logits and loss", logits,
             f"tokens x vocab x ({'a + ' if a != 4 else ''}{LOGITS_FP32_COPIES:g} x 4 B"
             + (f" / {x.loss_chunks} chunks" if x.loss_chunks > 1 else "") + f") = {tokens} x {V}")
+    if x.device == "cpu":
+        saved = {t.name: t.bytes for t in terms if t.phase == "train" and t.name.startswith("activations")}
+        saved.pop("activations (checkpointed layer inputs)", None)  # kept tensors alone, no temporaries between them
+        recomputed = saved.pop("activations (one layer recomputed)", 0)
+        add("train", "CPU allocator: freed temporaries kept resident",
+            sum(saved.values()) * (CPU_ACTIVATION_RESIDENT_FACTOR - 1)
+            + recomputed * (CPU_RECOMPUTE_RESIDENT_FACTOR - 1),
+            f"({CPU_ACTIVATION_RESIDENT_FACTOR:g} - 1) x the activations"
+            + (f"; ({CPU_RECOMPUTE_RESIDENT_FACTOR:g} - 1) x the recomputed layer" if recomputed else "")
+            + " (glibc keeps freed blocks under its mmap threshold in the heap)")
     _overhead(add, "train", x, [t.bytes for t in terms if t.phase == "train"])
 
     # --- eval: scoring batches (logits + loss in fp32) and greedy generation with a KV cache (sft); a classifier's
@@ -438,7 +469,7 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gib: float = 0.0) -> Mem
     train_total = sum(t.bytes for t in terms if t.phase == "train")
     weights = sum(b for _, b, _ in weight_terms) + dequant
     act = sum(t.bytes for t in terms if t.phase == "train" and (t.name.startswith("activations")
-                                                                or t.name.startswith("logits")))
+                                                                or t.name.startswith(("logits", "final hidden"))))
     return MemoryEstimate(
         weights_gib=round(weights / GIB, 4), lora_and_optimizer_gib=round(trainable * per_trained / GIB, 4),
         activations_gib=round(act / GIB, 4), total_gib=round(train_total / GIB, 4), budget_gib=round(budget_gib, 2),

@@ -242,10 +242,13 @@ FAMILIES = {
 }
 
 
-def build_family_model(out_dir: str | Path, family: str, tokenizer_from: str | Path, seed: int = 0) -> Path:
+def build_family_model(out_dir: str | Path, family: str, tokenizer_from: str | Path, seed: int = 0,
+                       dtype: str = "bfloat16") -> Path:
     """A seeded random causal LM of `family` (a key of FAMILIES) in `out_dir`, with the tokenizer of the model folder
     `tokenizer_from` (the tiny model's: its ids are a prefix of every family's vocabulary), saved with
-    `save_pretrained` and read back through the same loading code as a hub id."""
+    `save_pretrained` in `dtype` (bfloat16, as the public checkpoints ship: a float32 load then copies every weight
+    out of the file, where a float32 file would be mapped and only the rows read would become resident) and read back
+    through the same loading code as a hub id."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -265,12 +268,12 @@ def build_family_model(out_dir: str | Path, family: str, tokenizer_from: str | P
         max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=spec["tie_word_embeddings"], **extra)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out, safe_serialization=True)
     (out / "lorapipe_tiny.json").write_text(json.dumps(
-        {"built_by": "lorapipe.models.tiny.build_family_model", "family": family, "seed": seed,
+        {"built_by": "lorapipe.models.tiny.build_family_model", "family": family, "seed": seed, "dtype": dtype,
          "tokenizer_from": str(tokenizer_from), "vocab_size": config.vocab_size,
          "parameters": model.num_parameters()}, indent=2))
     return out

@@ -209,8 +209,10 @@ class SFT:
             if impl not in ("sdpa", "eager", "flex_attention") and "flash" not in impl:
                 log.warning("train.packing with attention implementation %r: rows may attend across each other unless "
                             "the model builds its mask from position ids", impl)
+        # chunked_nll named, not left to TRL's default: the memory model counts its chunk (the catalog's
+        # sft_loss_chunk_tokens), not the batch's full logits
         args = SFTConfig(**arguments, max_length=plan.max_seq_length, packing=t.packing, packing_strategy="bfd",
-                         padding_free=t.packing)
+                         padding_free=t.packing, loss_type="chunked_nll")
         init_adapter = data.facts["init_adapter"]
         trainer = trainer_class(SFTTrainer)(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                                             processing_class=tokenizer,

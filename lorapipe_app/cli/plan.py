@@ -206,8 +206,17 @@ def _print_terms(estimate: Any) -> None:
 @click.option("--seq-len", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--micro-batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--lora-rank", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--lora-targets", type=choice(MemoryInputs, "lora_targets"), default="all-linear",
-              show_default=True)
+@click.option("--lora-targets", default="all-linear", show_default=True, metavar="all-linear|attention|NAME,NAME",
+              help="The modules LoRA wraps: all-linear, attention, or a comma list (q_proj,v_proj).")
+@click.option("--quantization", type=choice(MemoryInputs, "quantization"), default=None,
+              help="The base's quantization (default: nf4 for --method qlora, else none).")
+@click.option("--double-quant/--no-double-quant", default=True, show_default=True,
+              help="NF4 with its scales quantised again (train.double_quant).")
+@click.option("--loss-chunks", type=click.IntRange(min=1), default=1, show_default=True,
+              help="The fp32 loss over the full logits in N chunks (torchtune's chunked cross-entropy).")
+@click.option("--merge-dtype", type=choice(MemoryInputs, "merge_dtype"), default="bfloat16", show_default=True)
+@click.option("--eval-dtype", type=choice(MemoryInputs, "eval_dtype"), default=None,
+              help="Evaluation's dtype (default: float32 on the CPU, else the compute dtype).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False, show_default=True)
 @click.option("--optimizer", type=choice(TrainSection, "optimizer"), default="adamw_torch", show_default=True)
 @click.option("--device", type=choice(TrainSection, "device", exclude=("auto",)), default="cuda", show_default=True,
@@ -225,7 +234,9 @@ def estimate_memory(model: Optional[str], config: Optional[str], overrides: tupl
                     micro_batch_size: int, lora_rank: int, lora_targets: str, gradient_checkpointing: bool,
                     optimizer: str, device: str, dtype: Optional[str], backend: str, attn_implementation: str,
                     eval_batch_size: int, max_new_tokens: int, load_test: bool, as_json: bool, task: str = "sft",
-                    num_labels: int = 2, guide: bool = False, guide_models: tuple = ()) -> int:
+                    num_labels: int = 2, guide: bool = False, guide_models: tuple = (),
+                    quantization: Optional[str] = None, double_quant: bool = True, loss_chunks: int = 1,
+                    merge_dtype: str = "bfloat16", eval_dtype: Optional[str] = None) -> int:
     """Estimate the peak memory of LoRA/QLoRA training, evaluation and merge from the model's config alone.
 
     MODEL is a local folder or a hub id (its config.json is read from the cache or the hub; no weights). Every term
@@ -235,6 +246,7 @@ def estimate_memory(model: Optional[str], config: Optional[str], overrides: tupl
     Examples:
       lorapipe estimate-memory meta-llama/Llama-3.1-8B --method qlora --seq-len 2048 --micro-batch-size 2
       lorapipe estimate-memory models/tiny-llama --device cpu --seq-len 512 --json
+      lorapipe estimate-memory meta-llama/Llama-2-7b-hf --method qlora --lora-targets q_proj,v_proj --loss-chunks 8
       lorapipe estimate-memory -c configs/deepseek-coder-6.7b-qlora-24gb-balanced.yaml
       lorapipe estimate-memory bert-base-uncased --task classification --method full --seq-len 128 --micro-batch-size 32
       lorapipe estimate-memory bert-base-uncased --task classification --guide --guide-model bert-large-uncased \
@@ -258,9 +270,14 @@ def estimate_memory(model: Optional[str], config: Optional[str], overrides: tupl
         raise click.UsageError("give a MODEL (local folder or hub id) or -c CONFIG")
     if method == "full" and task != "classification":
         raise click.UsageError("--method full is for --task classification (task: sft trains LoRA)")
+    targets: str | list[str] = lora_targets
+    if lora_targets not in ("all-linear", "attention"):
+        targets = [name.strip() for name in lora_targets.split(",") if name.strip()]
+        if not targets:
+            raise click.UsageError("--lora-targets: all-linear, attention, or module names separated by commas")
     if guide:
         return _size_guide([model, *guide_models], task, num_labels, seq_len, micro_batch_size, device, dtype,
-                           optimizer, lora_rank, lora_targets, as_json)
+                           optimizer, lora_rank, targets, as_json)
     try:
         facts = model_facts(model, task=task, num_labels=num_labels)
         if load_test:
@@ -271,12 +288,20 @@ def estimate_memory(model: Optional[str], config: Optional[str], overrides: tupl
             click.echo(f"load test: {on_meta.total_parameters:,} parameters on the meta device, as counted", err=True)
     except ModelFactsError as exc:
         fail(str(exc))
+    if isinstance(targets, list):
+        from lorapipe.hardware.memory import target_shapes
+
+        unknown = [n for n in targets if not target_shapes(facts, [n])]
+        if unknown:
+            fail(f"--lora-targets {','.join(unknown)}: no linear layer of {model} is named so; its layers have "
+                 f"{', '.join(s.name for s in facts.linears)}")
     inputs = MemoryInputs(
         device=device, backend=backend, dtype=dtype or ("float32" if device == "cpu" else "bfloat16"),
-        quantization="nf4" if method == "qlora" else "none", micro_batch_size=micro_batch_size, seq_len=seq_len,
-        lora_r=lora_rank, lora_targets=lora_targets, gradient_checkpointing=gradient_checkpointing,
-        optimizer=optimizer, attn_implementation=attn_implementation, eval_batch_size=eval_batch_size,
-        max_new_tokens=max_new_tokens, task=task, num_labels=num_labels, full_finetune=method == "full")
+        quantization=quantization or ("nf4" if method == "qlora" else "none"), double_quant=double_quant,
+        micro_batch_size=micro_batch_size, seq_len=seq_len, lora_r=lora_rank, lora_targets=targets,
+        gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, attn_implementation=attn_implementation,
+        eval_batch_size=eval_batch_size, max_new_tokens=max_new_tokens, task=task, num_labels=num_labels,
+        full_finetune=method == "full", loss_chunks=loss_chunks, merge_dtype=merge_dtype, eval_dtype=eval_dtype)
     result = estimate(facts, inputs)
     if as_json:
         echo_json({"model": model, "parameters": facts.total_parameters,
@@ -292,7 +317,8 @@ def estimate_memory(model: Optional[str], config: Optional[str], overrides: tupl
 
 
 def _size_guide(models: list[str], task: str, num_labels: int, seq_len: int, micro_batch_size: int, device: str,
-                dtype: Optional[str], optimizer: str, lora_rank: int, lora_targets: str, as_json: bool) -> int:
+                dtype: Optional[str], optimizer: str, lora_rank: int, lora_targets: str | list[str],
+                as_json: bool) -> int:
     """estimate-memory --guide: which method fits which memory size, from the memory model (not a static table)."""
     from lorapipe.hardware.facts import ModelFactsError, model_facts
     from lorapipe.hardware.size_guide import format_size_guide, size_guide
