@@ -42,8 +42,10 @@ if backend == "bare_trl":
     from trl import SFTConfig, SFTTrainer
     from peft import LoraConfig
     ds = Dataset.from_list([{"prompt": r.messages[:-1], "completion": r.messages[-1:]} for r in records])
+    # every setting lorapipe's side runs, written out: TRL turns gradient checkpointing and bf16 on by default, and
+    # its loss is named as the hf backend names it
     args = SFTConfig(output_dir=str(work), per_device_train_batch_size=MICRO, num_train_epochs=EPOCHS,
-                     max_length=MAX_LEN,
+                     max_length=MAX_LEN, gradient_checkpointing=False, bf16=False, fp16=False, loss_type="chunked_nll",
                      learning_rate=5e-3, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
     lcfg = LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])

@@ -67,7 +67,8 @@ args = SFTConfig(output_dir=cfg["out"], per_device_train_batch_size=cfg["micro"]
                  num_train_epochs=cfg["epochs"], max_length=cfg["max_len"], learning_rate=cfg["lr"],
                  lr_scheduler_type="linear", warmup_steps=cfg["warmup"], weight_decay=cfg["wd"], optim="adamw_torch",
                  logging_steps=cfg["log_steps"], save_strategy="no", report_to="none", use_cpu=True,
-                 gradient_checkpointing=False, bf16=False, fp16=False, seed=cfg["seed"], disable_tqdm=True)
+                 gradient_checkpointing=False, bf16=False, fp16=False, seed=cfg["seed"], disable_tqdm=True,
+                 loss_type="chunked_nll")
 lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=cfg["targets"], task_type="CAUSAL_LM")
 set_seed(cfg["seed"])  # before SFTTrainer wraps the model, so the LoRA init is seeded
 model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype="float32")
