@@ -115,9 +115,12 @@ def measure(only: set[str]) -> None:
     hw = probe(".")
     stored = json.loads(RUNS_FILE.read_text()) if RUNS_FILE.exists() else {"runs": {}}
     names = [n for n in CONFIGS if not only or n in only]
+    # BENCH_PHASES=train: repeat runs of the training phase alone (evaluation and merge vary little between runs)
+    asked = tuple(p for p in os.environ.get("BENCH_PHASES", "").split(",") if p)
     for run in range(RUNS):  # interleaved: run 1 of every configuration, then run 2, ...
         for name in names:
             model, task, *_, phases = CONFIGS[name]
+            phases = tuple(p for p in phases if not asked or p in asked)
             folder = model_dir(model)
             with tempfile.TemporaryDirectory(prefix="lorapipe-mem-") as work:
                 train, evaluate, _ = settings(name, work)
@@ -162,6 +165,7 @@ def report() -> dict:
                 continue
             median = statistics.median(peaks)
             row["phases"][phase] = {"predicted_gib": round(predicted[phase], 4), "measured_gib": peaks,
+                                    "runs": len(peaks),
                                     "median_gib": median, "spread": round((max(peaks) - min(peaks)) / median, 4),
                                     "error": round(predicted[phase] / median - 1, 4)}
         rows.append(row)
@@ -186,8 +190,9 @@ def report() -> dict:
     return out
 
 
-# The memory model's constants set from measured CPU training peaks, and the grid each is searched over.
-FITTED = {"CPU_PROCESS_BYTES": [int(g / 100 * 2**30) for g in range(45, 81)],
+# The memory model's constants set from measured CPU training peaks, and the grid each is searched over (the process
+# holds at least its imports, CPU_IMPORTS_BYTES: measured, not fitted).
+FITTED = {"CPU_PROCESS_BYTES": [int(g / 100 * 2**30) for g in range(51, 81)],
           "CPU_ACTIVATION_RESIDENT_FACTOR": [1 + i / 20 for i in range(0, 41)],
           "CPU_RECOMPUTE_RESIDENT_FACTOR": [1 + i / 4 for i in range(0, 41)],
           "CHUNK_LOGITS_FP32_COPIES": [1 + i / 4 for i in range(0, 25)]}

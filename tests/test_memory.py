@@ -320,6 +320,29 @@ def test_estimate_memory_takes_every_knob_the_anchors_set(tmp_path):
     assert refused.exit_code == 1 and "qkv" in refused.output and "k_proj" in refused.output
 
 
+def test_every_published_anchor_is_reproduced_by_its_command_line(tmp_path):
+    """bench/memory_anchors.py gives each anchor the `lorapipe estimate-memory` line that reproduces it: run with the
+    model's config in a local folder in place of the hub id, it prints the same training terms."""
+    import shlex
+
+    from bench.memory_anchors import ANCHORS, HUB_IDS, command
+    from lorapipe_app.cli import cli
+
+    runner = CliRunner()
+    for name, model, _published, _unit, _kind, settings, _source in ANCHORS:
+        folder = tmp_path / model
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text((CONFIGS / f"{model}.json").read_text())
+        args = shlex.split(command(model, settings))[1:]  # less the program name
+        assert args[1] == HUB_IDS[model]
+        args[1] = str(folder)
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 0, (name, result.output)
+        printed = {k: v["bytes"] for k, v in json.loads(result.output)["terms"]["train"].items()}
+        expected = {t.name: t.bytes for t in estimate(facts(model), MemoryInputs(**settings)).phase_terms("train")}
+        assert printed == expected, name
+
+
 def test_on_a_mac_the_budget_is_mlx_s_working_set():
     mac = make_probe(apple=True, ram_gib=16).model_copy(update={"mlx_working_set_gib": 10.7})
     plan = decide_plan(TrainSection(max_seq_length=256, quantization="nf4", backend="mlx"), mac, facts("mistral-7b"))

@@ -90,6 +90,9 @@ class MemoryInputs(BaseModel):
     merge_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     max_shard_bytes: int = 2_000_000_000  # merge.max_shard_size
     loss_chunks: int = Field(1, ge=1)  # >1: the fp32 loss is computed in chunks (torchtune's CEWithChunkedOutputLoss)
+    # sft: "backend": the loss the backend computes (hf: TRL's chunked_nll over the trained tokens); "full_logits":
+    # the model's own loss over every position's logits (a plain Trainer, LLaMA-Factory), to compare with a peer
+    sft_loss: Literal["backend", "full_logits"] = "backend"
     eval_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None  # None: float32 on CPU, else dtype
     task: Literal[TASK_CHOICES] = "sft"  # type: ignore[valid-type]  # the facts must be counted for the same task
     num_labels: int = Field(2, ge=1)  # classification: the logits per row
@@ -383,7 +386,7 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gib: float = 0.0) -> Mem
         rows, per = (x.micro_batch_size, "rows") if facts.block == "encoder" else (tokens, "tokens")
         add("train", "logits and loss", rows * x.num_labels * (a + LOGITS_FP32_COPIES * 4),
             f"{per} x labels x (a + {LOGITS_FP32_COPIES:g} x 4 B) = {rows} x {x.num_labels}")
-    elif (chunk := BACKENDS[x.backend].sft_loss_chunk_tokens) and x.loss_chunks == 1:
+    elif (chunk := BACKENDS[x.backend].sft_loss_chunk_tokens) and x.loss_chunks == 1 and x.sft_loss == "backend":
         # TRL's chunked_nll: the final hidden states are gathered to the trained tokens (two copies: the shift and
         # the gather), then lm_head and the loss run on `chunk` of them at a time under checkpointing: one chunk's
         # logits, upcast to fp32, with log_softmax and the entropy TRL logs, forward and recomputed in backward

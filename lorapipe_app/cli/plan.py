@@ -214,6 +214,9 @@ def _print_terms(estimate: Any) -> None:
               help="NF4 with its scales quantised again (train.double_quant).")
 @click.option("--loss-chunks", type=click.IntRange(min=1), default=1, show_default=True,
               help="The fp32 loss over the full logits in N chunks (torchtune's chunked cross-entropy).")
+@click.option("--sft-loss", type=choice(MemoryInputs, "sft_loss"), default="backend", show_default=True,
+              help="full_logits: the loss over every position's logits (a plain Trainer, LLaMA-Factory) instead of "
+                   "the backend's (hf: TRL's chunked_nll).")
 @click.option("--merge-dtype", type=choice(MemoryInputs, "merge_dtype"), default="bfloat16", show_default=True)
 @click.option("--eval-dtype", type=choice(MemoryInputs, "eval_dtype"), default=None,
               help="Evaluation's dtype (default: float32 on the CPU, else the compute dtype).")
@@ -236,7 +239,7 @@ def estimate_memory(model: Optional[str], config: Optional[str], overrides: tupl
                     eval_batch_size: int, max_new_tokens: int, load_test: bool, as_json: bool, task: str = "sft",
                     num_labels: int = 2, guide: bool = False, guide_models: tuple = (),
                     quantization: Optional[str] = None, double_quant: bool = True, loss_chunks: int = 1,
-                    merge_dtype: str = "bfloat16", eval_dtype: Optional[str] = None) -> int:
+                    merge_dtype: str = "bfloat16", eval_dtype: Optional[str] = None, sft_loss: str = "backend") -> int:
     """Estimate the peak memory of LoRA/QLoRA training, evaluation and merge from the model's config alone.
 
     MODEL is a local folder or a hub id (its config.json is read from the cache or the hub; no weights). Every term
@@ -301,7 +304,8 @@ def estimate_memory(model: Optional[str], config: Optional[str], overrides: tupl
         micro_batch_size=micro_batch_size, seq_len=seq_len, lora_r=lora_rank, lora_targets=targets,
         gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, attn_implementation=attn_implementation,
         eval_batch_size=eval_batch_size, max_new_tokens=max_new_tokens, task=task, num_labels=num_labels,
-        full_finetune=method == "full", loss_chunks=loss_chunks, merge_dtype=merge_dtype, eval_dtype=eval_dtype)
+        full_finetune=method == "full", loss_chunks=loss_chunks, merge_dtype=merge_dtype, eval_dtype=eval_dtype,
+        sft_loss=sft_loss)
     result = estimate(facts, inputs)
     if as_json:
         echo_json({"model": model, "parameters": facts.total_parameters,
