@@ -32,9 +32,22 @@ PRIMARY_METRICS = {"perplexity": ("perplexity", True), "loss": ("loss", True), "
                    "macro_f1": ("macro_f1", False), "weighted_f1": ("weighted_f1", False)}
 
 
+class StageHolder(BaseModel):
+    """Which version holds the target stage as this run starts (looked up on every run: it changes between runs), and
+    the merged model to score; its content keys the scoring's cache, so a holder is scored once per test split and
+    evaluation settings. `version` is None when no other version holds the stage (`note` says why)."""
+
+    stage: str
+    version: Optional[str] = None
+    merged_model_id: Optional[str] = None  # the holder's merged_model artifact version
+    note: str = ""  # why there is nothing to score
+    comparable: bool = True  # False: another task under the same model name
+
+
 class StageHolderScores(BaseModel):
-    """The version holding the target stage before this run registers, scored on this run's test rows (never from
-    a cache: the holder changes between runs). `scores` is None when no other version holds the stage."""
+    """The version holding the target stage before this run registers, scored on this run's test rows (cached on the
+    holder's merged model, the rows and the evaluation settings). `scores` is None when no other version holds the
+    stage."""
 
     stage: str
     version: Optional[str] = None

@@ -12,6 +12,7 @@ from lorapipe.config import LorapipeConfig
 from lorapipe.hardware.plan import micro_batch_candidates
 from steps import (
     evaluate_model,
+    find_stage_holder,
     merge_model,
     preflight,
     register_model,
@@ -53,10 +54,12 @@ def finetune(config: LorapipeConfig, config_sha256: str, user_set: Optional[list
     metrics = evaluate_model(adapter=adapter, test_split=test_split, evaluation_plan=evaluation_plan,
                              evaluate=config.evaluate, model=config.model, seed=config.seed)
     merged = merge_model(adapter=adapter, test_split=test_split, merge_plan=merge_plan, merge=config.merge)
-    # the version holding the target stage and this run's merged model, scored alike on the same test rows (never
-    # cached: the holder changes between runs)
-    holder = score_stage_holder(merged_model=merged, test_split=test_split, evaluation_plan=evaluation_plan,
-                                evaluate=config.evaluate, register=config.register, model=config.model,
+    # the version holding the target stage (looked up on every run: it changes between runs) and this run's merged
+    # model, scored alike on the same test rows (cached on the holder's model, the rows and the settings)
+    # looked up once the merged model exists, as close to the comparison as the pipeline allows
+    stage_holder = find_stage_holder(register=config.register, task=config.task, after="merge_model")
+    holder = score_stage_holder(stage_holder=stage_holder, merged_model=merged, test_split=test_split,
+                                evaluation_plan=evaluation_plan, evaluate=config.evaluate, model=config.model,
                                 seed=config.seed)
     register_model(adapter=adapter, eval_metrics=metrics, merged_model=merged, training_plan=plan,
                    validation_report=report, preflight_report=hardware, register=config.register,

@@ -15,9 +15,9 @@ from tests.conftest import QUICKSTART_DATA, REPO_ROOT
 
 pytestmark = pytest.mark.slow
 STEPS = ["resolve_data_source", "validate_data", "preflight", "split_data", "train_adapter", "evaluate_model",
-         "score_stage_holder", "merge_model", "register_model"]
+         "find_stage_holder", "score_stage_holder", "merge_model", "register_model"]
 # never cached: the data source is looked at again, the stage holder may have changed, registration records the run
-UNCACHED = ("resolve_data_source", "score_stage_holder", "register_model")
+UNCACHED = ("resolve_data_source", "find_stage_holder", "register_model")
 
 
 def _config(tmp, tiny_model_dir, data_path, model_name="lorapipe-test"):
@@ -91,6 +91,11 @@ def test_a_rerun_on_unchanged_data_is_served_from_cache_and_trains_nothing(runs)
     # the data source is looked at again on every run; what it found decides the cache of the rest
     for name in UNCACHED:
         assert status.pop(name) == "completed", name
+    # the holder's scores come from the cache when the holder is the one the first run saw; when the first run took
+    # the stage, the holder changed ("no version held it" -> "this version holds it"): the step ran, scoring nothing
+    holder = runs["cached"].steps["score_stage_holder"].outputs["stage_holder_scores"][0].load()
+    scoring = status.pop("score_stage_holder")
+    assert scoring == "cached" or (scoring == "completed" and holder.scores is None), (scoring, holder)
     assert set(status.values()) == {"cached"}
 
 
@@ -440,7 +445,12 @@ def test_promotion_is_earned_against_the_stage_holder_on_the_same_rows(runs):
     perplexity = next(m for m in refused.metrics if m["metric"] == "perplexity")
     assert perplexity["production"] == pytest.approx(full_metrics.tuned.perplexity, rel=1e-2)
     assert client.get_model_version("lorapipe-promotion", full.model_version.name).stage == "production"
-    assert again.steps["score_stage_holder"].status == "completed"  # never served from the cache
+    # a holder is scored once per test split and settings: a re-run against the same holder is served from the cache
+    assert again.steps["score_stage_holder"].status == "completed"  # a new holder since the run before
+    assert main(["run", "-c", cfg, *common, "--set", "register.margin=0.002"]) == 0
+    repeat = _last_run()
+    assert (_status(repeat)["find_stage_holder"], _status(repeat)["score_stage_holder"]) == ("completed", "cached")
+    assert holder_scores(repeat) == holder_scores(again) and report(repeat).stage == "none"
 
 
 def test_an_html_view_renders_in_a_real_browser(runs):
