@@ -189,7 +189,9 @@ def test_eval_and_merge_phases():
     # the KV cache: 2 x layers x kv heads x head dim x batch x (seq + new) x 2 B
     assert term(short, "eval", "KV cache") == 2 * 32 * 8 * 128 * 4 * (1024 + 64) * 2
     assert term(long, "eval", "KV cache") == 2 * term(short, "eval", "KV cache")
-    assert term(short, "merge", "16-bit base with the adapter") >= 2 * f.total_parameters
+    # Llama-3.1-8B is stored in bfloat16, the merge dtype: the base's files are mapped, untied: one copy
+    assert f.stored_dtype == "bfloat16"
+    assert term(short, "merge", "the base's files, mapped, with the adapter folded in") >= 2 * f.total_parameters
     cpu = estimate(f, MemoryInputs(device="cpu", dtype="float32"))
     assert {t.name for t in short.terms if t.phase == "train"} >= {"CUDA context", "CUDA allocator overhead"}
     assert "process" in {t.name for t in cpu.terms if t.phase == "train"}
@@ -269,6 +271,30 @@ def test_without_a_profile_the_config_is_taken_as_given():
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
+def test_a_checkpoint_loaded_in_its_stored_dtype_is_mapped_and_in_another_is_copied():
+    """Merge in the checkpoint's dtype: one mapped copy (two for a tied causal LM: the base's and the merged model's
+    pages); in another dtype: the copy, the shard or the read-back, as before. Evaluation in float32 of a bfloat16
+    checkpoint: its files stay mapped beside the float32 weights."""
+    from transformers import LlamaConfig
+
+    def llama(dtype, tied=False):
+        return facts_from_config(LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                                             num_attention_heads=8, num_key_value_heads=4, vocab_size=32000,
+                                             tie_word_embeddings=tied, dtype=dtype))
+
+    x = MemoryInputs(device="cpu", dtype="float32", merge_dtype="bfloat16")
+    bf16, tied, fp32 = llama("bfloat16"), llama("bfloat16", tied=True), llama("float32")
+    mapped = "the base's files, mapped, with the adapter folded in"
+    n = lora_parameters(bf16, 16, "all-linear")
+    assert term(estimate(bf16, x), "merge", mapped) == 2 * bf16.total_parameters + 4 * n
+    assert term(estimate(tied, x), "merge", mapped) == 2 * 2 * tied.total_parameters + 4 * n
+    copied = estimate(fp32, x)
+    assert mapped not in {t.name for t in copied.terms} and term(copied, "merge", "16-bit base with the adapter")
+    files = "the checkpoint's files, mapped"
+    assert term(estimate(bf16, x), "eval", files) == 2 * bf16.total_parameters
+    assert files not in {t.name for t in copied.terms if t.phase == "eval"}  # float32 on disk, float32 loaded
+
+
 def test_estimate_memory_cli_json_and_table(tmp_path):
     from lorapipe_app.cli import cli
 

@@ -67,6 +67,9 @@ class ModelFacts(BaseModel):
     hidden_dropout: float = 0.0  # encoders: dropout on the hidden states (its masks are saved)
     attention_dropout: float = 0.0  # encoders: dropout on the attention probabilities
     qk_norm: bool = False  # an RMSNorm on each head's q and k before attention (Qwen3, Gemma 3, OLMo 2)
+    # the dtype the checkpoint's weights are stored in (config.json's dtype / torch_dtype), None when it does not say:
+    # loaded in that dtype the safetensors files are mapped, in another they are copied out (lorapipe.hardware.memory)
+    stored_dtype: Optional[str] = None
 
     @property
     def fused_qkv(self) -> bool:
@@ -110,6 +113,13 @@ def read_config(name_or_path: str, revision: Optional[str] = None, trust_remote_
         raise ModelFactsError(f"{name_or_path}: {exc}".splitlines()[0]) from None
 
 
+def stored_dtype(cfg: Any) -> Optional[str]:
+    """config.json's dtype (transformers 5) or torch_dtype, as a name ("bfloat16"), or None."""
+    value = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    name = str(value).removeprefix("torch.") if value is not None else None
+    return name if name in ("float32", "bfloat16", "float16") else None
+
+
 def facts_from_config(cfg: Any, source: str = "config", task: str = "sft", num_labels: int = 2) -> ModelFacts:
     """Counts by formula for Llama-family configs; any other architecture is built on the meta device and counted.
     `task: classification` counts the sequence classifier (`AutoModelForSequenceClassification`, `num_labels`
@@ -149,10 +159,11 @@ def facts_from_config(cfg: Any, source: str = "config", task: str = "sft", num_l
         return ModelFacts(source=source, model_type=cfg.model_type, vocab_size=V, hidden_size=h,
                           intermediate_size=inter, layers=L, heads=heads, kv_heads=kv, head_dim=d,
                           tied_embeddings=False, parameter_counts=counts, linears=linears, task=task,
-                          num_labels=num_labels, classifier_parameters=h * num_labels, qk_norm=bool(qk_norm))
+                          num_labels=num_labels, classifier_parameters=h * num_labels, qk_norm=bool(qk_norm),
+                          stored_dtype=stored_dtype(cfg))
     return ModelFacts(source=source, model_type=cfg.model_type, vocab_size=V, hidden_size=h, intermediate_size=inter,
                       layers=L, heads=heads, kv_heads=kv, head_dim=d, tied_embeddings=tied, parameter_counts=counts,
-                      linears=linears, qk_norm=bool(qk_norm))
+                      linears=linears, qk_norm=bool(qk_norm), stored_dtype=stored_dtype(cfg))
 
 
 def count_on_meta(cfg: Any, source: str = "config", task: str = "sft", num_labels: int = 2) -> ModelFacts:
@@ -251,7 +262,8 @@ def count_on_meta(cfg: Any, source: str = "config", task: str = "sft", num_label
     return ModelFacts(source=source, model_type=cfg.model_type, vocab_size=cfg.vocab_size, hidden_size=h,
                       intermediate_size=inter, layers=L, heads=heads, kv_heads=kv,
                       head_dim=cfg_dict.get("head_dim") or h // heads, tied_embeddings=bool(tied),
-                      parameter_counts=counts, linears=linears, counted="meta", qk_norm=qk_norm, **extra)
+                      parameter_counts=counts, linears=linears, counted="meta", qk_norm=qk_norm,
+                      stored_dtype=stored_dtype(cfg), **extra)
 
 
 def _first_layer(model: Any) -> Any:

@@ -69,6 +69,8 @@ CPU_ACTIVATION_RESIDENT_FACTOR = 2.2
 CPU_RECOMPUTE_RESIDENT_FACTOR = 5.0
 
 
+MERGE_CHECK_TOKENS = 256  # tokens per row the merge check compares, at most (the merge plan's row length)
+
 # ------------------------------------------------------------------------------------------------- the estimate
 class MemoryInputs(BaseModel):
     """The settings memory depends on. `device` decides the overhead terms; `backend` how weights are held."""
@@ -423,6 +425,12 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gib: float = 0.0) -> Mem
     ea = DTYPE_BYTES[e_dtype]
     add("eval", "base weights", facts.total_parameters * ea,
         f"{facts.total_parameters:,} x {ea} B ({e_dtype}, unquantised)" + (", the trained model" if full else ""))
+    if e_device == "cpu" and facts.stored_dtype and facts.stored_dtype != e_dtype and not full:
+        # loaded in another dtype than the checkpoint's, the weights are copied out of the mapped files, whose pages
+        # stay resident while the model lives
+        stored = DTYPE_BYTES[facts.stored_dtype]
+        add("eval", "the checkpoint's files, mapped", facts.total_parameters * stored,
+            f"{facts.total_parameters:,} x {stored} B ({facts.stored_dtype} on disk, loaded as {e_dtype})")
     if not full:
         add("eval", "LoRA weights", lora_n * 4, f"{lora_n:,} x 4 B")
     if head_n:
@@ -451,9 +459,20 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gib: float = 0.0) -> Mem
     model_bytes = facts.total_parameters * m
     shard = min(model_bytes, x.max_shard_bytes)
     adapter = lora_n + head_n
+    mapped = facts.stored_dtype == x.merge_dtype and not full and x.backend != "mlx"
     if full:
         add("merge", "16-bit trained model (nothing to merge)", model_bytes,
             f"{facts.total_parameters:,} x {m} B ({x.merge_dtype})")
+    elif mapped:
+        # the checkpoint is stored in the merge dtype: its files are mapped, not copied; folding the adapter in
+        # copies the wrapped layers' pages, saving reads every page, and the check maps the merged files the same
+        # way. A tied causal LM holds the base's and the merged model's pages at once (lm_head reads the whole
+        # embedding in both the reference and the check): measured 1.0x the model untied, 1.9-2.2x tied
+        # (bench/memory_families.py; RssAnon/RssFile step by step on Qwen2 and Mistral)
+        copies = 2 if facts.tied_embeddings and not classifying else 1
+        add("merge", "the base's files, mapped, with the adapter folded in", copies * model_bytes + adapter * 4,
+            f"{copies} x {facts.total_parameters:,} x {m} B ({x.merge_dtype} on disk and merged"
+            + (", tied: the base's and the merged model's pages" if copies == 2 else "") + ") + LoRA in fp32")
     else:
         add("merge", "16-bit base with the adapter", model_bytes + adapter * 4,
             f"{facts.total_parameters:,} x {m} B ({x.merge_dtype}) + LoRA in fp32" + (" + the head's copy" if head_n
@@ -461,12 +480,20 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gib: float = 0.0) -> Mem
     retained = _small_tensor_bytes(facts, m) if x.device != "mps" or x.backend != "mlx" else 0
     # the read-back maps the safetensors files (their pages are resident while mapped) and copies the tensors out
     later = retained + 2 * model_bytes - (model_bytes + adapter * 4)
-    if shard >= later:
+    if mapped:
+        pass  # the read-back maps the merged files: counted above
+    elif shard >= later:
         add("merge", "shard being written", shard, f"min(model, merge.max_shard_size) = {format_bytes(shard)}")
     else:
         add("merge", "merged model read back for the check", later,
             f"the merged copy, mapped and loaded (2 x {format_bytes(model_bytes)}), with the heap's freed small "
             f"tensors of the first ({format_bytes(retained)}), less the first copy")
+    if not classifying:
+        # the check's logits over the vocabulary for one row, in the merge dtype: the base + adapter's (written to the
+        # check's scratch folder) with lm_head's output beside them, then the reloaded model's
+        check = min(x.seq_len, MERGE_CHECK_TOKENS)
+        add("merge", "merge check: one row's logits", 2 * check * V * m,
+            f"2 x min(seq, {MERGE_CHECK_TOKENS}) x vocab x {m} B = 2 x {check} x {V} x {m} B")
     add("merge", "process", CPU_EVAL_PROCESS_BYTES, "Python + torch + transformers + peft (measured)")
 
     train_total = sum(t.bytes for t in terms if t.phase == "train")

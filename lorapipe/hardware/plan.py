@@ -33,7 +33,13 @@ from lorapipe.catalog import (
 )
 from lorapipe.config import EvaluateSection, MergeSection, TrainSection, shard_bytes
 from lorapipe.hardware.facts import ModelFacts, model_facts
-from lorapipe.hardware.memory import MemoryEstimate, MemoryInputs, MemoryTerm, estimate
+from lorapipe.hardware.memory import (
+    MERGE_CHECK_TOKENS,
+    MemoryEstimate,
+    MemoryInputs,
+    MemoryTerm,
+    estimate,
+)
 from lorapipe.hardware.probe import HardwareProbe
 from lorapipe.units import GIB, ReadsGbNames, format_bytes, format_gib
 
@@ -42,7 +48,6 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 # Share of the device's memory the plan may fill: GPU memory on CUDA, total RAM (unified memory on Apple) elsewhere.
 CUDA_BUDGET_FRACTION = 0.9
 RAM_BUDGET_FRACTION = 0.8
-MERGE_CHECK_TOKENS = 256  # tokens per row the merge check compares, at most
 
 
 class PlanError(RuntimeError):
