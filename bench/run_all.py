@@ -6,7 +6,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-for script in ("pipeline_cache.py", "validate_throughput.py", "backends.py", "eval_batching.py", "merge_memory.py",
-               "memory_accuracy.py", "memory_anchors.py", "padding.py", "classification.py"):
-    print(f"== {script}", flush=True)
-    subprocess.run([sys.executable, str(HERE / script)], check=True)
+for script, args in (("pipeline_cache.py", []), ("validate_throughput.py", []), ("backends.py", []),
+                     ("eval_batching.py", []), ("merge_memory.py", []), ("memory_accuracy.py", []),
+                     ("memory_families.py", ["measure"]), ("memory_anchors.py", []), ("padding.py", []),
+                     ("classification.py", [])):
+    print(f"== {script} {' '.join(args)}".rstrip(), flush=True)
+    subprocess.run([sys.executable, str(HERE / script), *args], check=True)

@@ -1,4 +1,4 @@
-"""The nine-step fine-tuning DAG. The function only wires steps; each step gets only the config sections (typed, as
+"""The ten-step fine-tuning DAG. The function only wires steps; each step gets only the config sections (typed, as
 the config validated them) and plans it reads, so a change to one section re-runs that step and what follows it,
 and nothing before; what preflight decides (the micro-batch, each phase's device, dtype and sequence length) reaches
 the steps after it through its plans, never guessed here."""
@@ -57,7 +57,7 @@ def finetune(config: LorapipeConfig, config_sha256: str, user_set: Optional[list
     # the version holding the target stage (looked up on every run: it changes between runs) and this run's merged
     # model, scored alike on the same test rows (cached on the holder's model, the rows and the settings)
     # looked up once the merged model exists, as close to the comparison as the pipeline allows
-    stage_holder = find_stage_holder(register=config.register, task=config.task, after="merge_model")
+    stage_holder = find_stage_holder(register=config.register, task=config.task, after=merged)
     holder = score_stage_holder(stage_holder=stage_holder, merged_model=merged, test_split=test_split,
                                 evaluation_plan=evaluation_plan, evaluate=config.evaluate, model=config.model,
                                 seed=config.seed)

@@ -1,5 +1,5 @@
-"""Look up which version holds the target stage as this run starts: never cached, since promotions change it between
-runs. What it finds (the version and its merged model) is the input that keys `score_stage_holder`'s cache."""
+"""Look up which version holds the target stage once this run's merged model exists: never cached, since promotions
+change it between runs. What it finds (the version and its merged model) keys `score_stage_holder`'s cache."""
 
 from typing import Annotated
 
@@ -41,7 +41,8 @@ def find_stage_holder(register: RegisterSection, task: str) -> Annotated[StageHo
     if merged is None:
         return StageHolder(stage=r.stage_if_better, version=holder.name,
                            note=f"version {holder.name} holds {r.stage_if_better} but has no merged model to score")
-    held_task = task_of(merged.load().metadata.get("adapter_metadata", {}))
+    # the task its materializer recorded (no download of the model); an older artifact without it is loaded
+    held_task = merged.run_metadata.get("task") or task_of(merged.load().metadata.get("adapter_metadata", {}))
     if held_task != task:  # one model name, two tasks: neither can be scored as the other
         return StageHolder(
             stage=r.stage_if_better, version=holder.name, comparable=False,

@@ -66,7 +66,7 @@ class ModelFacts(BaseModel):
     classifier_parameters: int = 0  # classification: the head PEFT trains a copy of (classifier / score)
     hidden_dropout: float = 0.0  # encoders: dropout on the hidden states (its masks are saved)
     attention_dropout: float = 0.0  # encoders: dropout on the attention probabilities
-    qk_norm: bool = False  # an RMSNorm on each head's q and k before attention (Qwen3, Gemma 3, OLMo 2)
+    qk_norm: bool = False  # an RMSNorm on each head's q and k before attention (Qwen3; others found on the meta device)
     # the dtype the checkpoint's weights are stored in (config.json's dtype / torch_dtype), None when it does not say:
     # loaded in that dtype the safetensors files are mapped, in another they are copied out (lorapipe.hardware.memory)
     stored_dtype: Optional[str] = None

@@ -4,8 +4,9 @@
 sequence length, in a fresh process (`python -m lorapipe.phases.measure_worker SPEC.json OUT.json`), so each phase's
 peak is its own: torch's allocated peak on CUDA (counter reset first, reserved recorded too), the process's resident
 high-water mark on the CPU, mlx's peak on Apple. `preflight.probe: true` runs train and eval this way before the
-real training; bench/memory_accuracy.py runs all three for its accuracy matrix. The worker trains a causal LM:
-for `task: classification` the probe is skipped, with a check that says so.
+real training; bench/memory_accuracy.py and bench/memory_families.py run all three. The worker trains either task
+(a classifier on synthetic labelled rows), but preflight's probe is skipped for `task: classification`, with a check
+that says so.
 
 This module only starts the worker and reads its result: the preflight step imports it, not the training code the
 worker runs, so an edit to a backend re-plans nothing (the probe measures; the plan does not depend on it).

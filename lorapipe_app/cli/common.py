@@ -36,8 +36,10 @@ def stdout_for_json_only() -> Iterator[None]:
     real = sys.stdout
     loggers = [logging.getLogger(), *(lg for lg in logging.root.manager.loggerDict.values()
                                       if isinstance(lg, logging.Logger))]
+    # handlers bound to stdout, ZenML's console handler among them (its stream writes to the original stdout)
     swapped = [(handler, handler.setStream(sys.stderr)) for lg in loggers for handler in lg.handlers
-               if isinstance(handler, logging.StreamHandler) and handler.stream in (real, sys.__stdout__)]
+               if isinstance(handler, logging.StreamHandler)
+               and (handler.stream in (real, sys.__stdout__) or type(handler.stream).__name__ == "_ZenMLStdoutStream")]
     _json_stdout = real
     try:
         with contextlib.redirect_stdout(sys.stderr):

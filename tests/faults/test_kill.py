@@ -70,7 +70,6 @@ def test_killed_while_writing_a_checkpoint_the_same_command_resumes_from_the_one
     assert adapter_sha256(tmp_path / "adapter") == reference.sha
 
 
-@pytest.mark.slow
 def weights_sha256(store: dict, artifact: str) -> str:
     """sha256 over the safetensors files of the newest run's `artifact`, by their path inside it."""
     import hashlib
