@@ -62,7 +62,8 @@ def test_only_a_process_that_said_it_is_short_lived_freezes(monkeypatch):
         once = gc.get_freeze_count()
         left_by_the_first_phase = [[i] for i in range(1000)]
         short_lived.freeze_training_imports()
-        assert gc.get_freeze_count() == once and left_by_the_first_phase
+        # (frozen objects freed meanwhile only lower the count; a second freeze would add the 1000 lists)
+        assert gc.get_freeze_count() <= once and len(left_by_the_first_phase) == 1000
     finally:
         gc.unfreeze()
         from lorapipe.short_lived import import_and_freeze
