@@ -528,3 +528,22 @@ def test_predict_answers_from_a_registered_version_and_from_an_adapter_folder(ru
     assert main(["predict", "lorapipe-test:0000000000000000", "-p", "x"]) == 1
     err = capsys.readouterr().err
     assert "has no version 0000000000000000; it has versions" in err and version in err
+
+
+def test_lineage_of_a_version_lorapipe_did_not_register_says_it_has_no_run(runs, capsys, monkeypatch):
+    """A version made by hand (no lorapipe report in its metadata): lineage looks for a run linked to it, through the
+    store's links (not the deprecated pipeline_runs), and says in one line that there is none."""
+    from zenml.client import Client
+    from zenml.models import ModelVersionResponse
+
+    def deprecated(self):
+        raise AssertionError("lineage read ModelVersionResponse.pipeline_runs")
+
+    monkeypatch.setattr(ModelVersionResponse, "pipeline_runs", property(deprecated))
+    client = Client()
+    model = client.create_model(name="lorapipe-made-by-hand")
+    client.create_model_version(model_name_or_id=model.id, name="by-hand")
+    capsys.readouterr()
+    assert main(["lineage", "lorapipe-made-by-hand", "--version", "by-hand"]) == 1
+    err = capsys.readouterr().err
+    assert "version by-hand has no pipeline run in this store" in err and "Traceback" not in err
