@@ -17,20 +17,10 @@ from tests.model_facts import autograd_saved_bytes
 
 def family_config(family: str, layers: int, vocab: int = 300, narrow: int = 4):
     """`family`'s config with its widths divided by `narrow` (head counts kept) and a small vocabulary."""
-    import transformers
+    from lorapipe.models.tiny import family_config as config_of
 
-    spec = dict(FAMILIES[family])
-    config_class = getattr(transformers, spec.pop("config"))
-    extra = {}
-    if "head_dim" in spec:
-        extra["head_dim"] = spec["head_dim"] // narrow
-    if "hidden_act" in spec:
-        extra["hidden_act"] = spec["hidden_act"]
-    return config_class(vocab_size=vocab, hidden_size=spec["hidden_size"] // narrow,
-                        intermediate_size=spec["intermediate_size"] // narrow, num_hidden_layers=layers,
-                        num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"],
-                        tie_word_embeddings=spec["tie_word_embeddings"], attn_implementation="sdpa", pad_token_id=0,
-                        bos_token_id=1, eos_token_id=2, **extra)
+    return config_of(family, narrow=narrow, layers=layers, vocab_size=vocab, attn_implementation="sdpa",
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 def saved_bytes_per_layer_token(family: str, dtype: torch.dtype, targets, seq: int = 32, batch: int = 2) -> float:

@@ -242,6 +242,24 @@ FAMILIES = {
 }
 
 
+def family_config(family: str, narrow: int = 1, layers: int | None = None, vocab_size: int | None = None,
+                  **options: object) -> object:
+    """`family`'s transformers config (a key of FAMILIES): its widths and head_dim divided by `narrow` (head counts
+    kept), `layers` and `vocab_size` in place of its own where given, `options` (token ids, attention) passed on."""
+    import transformers
+
+    spec = dict(FAMILIES[family])
+    config_class = getattr(transformers, spec.pop("config"))
+    extra = {"head_dim": spec["head_dim"] // narrow} if "head_dim" in spec else {}
+    if "hidden_act" in spec:
+        extra["hidden_act"] = spec["hidden_act"]
+    return config_class(
+        vocab_size=vocab_size or spec["vocab_size"], hidden_size=spec["hidden_size"] // narrow,
+        intermediate_size=spec["intermediate_size"] // narrow, num_hidden_layers=layers or spec["layers"],
+        num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"],
+        tie_word_embeddings=spec["tie_word_embeddings"], **extra, **options)
+
+
 def build_family_model(out_dir: str | Path, family: str, tokenizer_from: str | Path, seed: int = 0,
                        dtype: str = "bfloat16") -> Path:
     """A seeded random causal LM of `family` (a key of FAMILIES) in `out_dir`, with the tokenizer of the model folder
@@ -250,23 +268,16 @@ def build_family_model(out_dir: str | Path, family: str, tokenizer_from: str | P
     out of the file, where a float32 file would be mapped and only the rows read would become resident) and read back
     through the same loading code as a hub id."""
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if family not in FAMILIES:
         raise ValueError(f"family={family!r}: expected one of {', '.join(FAMILIES)}")
-    spec = dict(FAMILIES[family])
-    config_class = getattr(transformers, spec.pop("config"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
     tokenizer.save_pretrained(out)
-    extra = {k: spec.pop(k) for k in ("head_dim", "hidden_act") if k in spec}
-    config = config_class(
-        vocab_size=spec["vocab_size"], hidden_size=spec["hidden_size"], intermediate_size=spec["intermediate_size"],
-        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"],
-        max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=spec["tie_word_embeddings"], **extra)
+    config = family_config(family, max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
