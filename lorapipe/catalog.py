@@ -38,6 +38,10 @@ class TaskSpec:
     best_model_metrics: tuple[str, ...]  # train.metric_for_best_model values early stopping may compare
     default_model_name: str  # register.model_name where the config gives none: a stage holder of one task only
     generates: bool  # evaluation generates text (KV cache, stop rate); the merged folder gets a generation config
+    # the untuned base is scored in a step of its own, cached on (base model, test rows, evaluation settings), not on
+    # the adapter: retraining with other hyperparameters does not score it again (a classifier's baselines are
+    # trained on the run's own label set, so they stay in its evaluation)
+    scores_base_apart: bool = False
     # config values set where the config is silent (dotted keys)
     defaults: dict[str, Any] = field(default_factory=dict)
     # train options it cannot honour: key -> why, and the fix
@@ -51,7 +55,8 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
         name="sft", summary="instruction/chat fine-tuning of a causal LM: the loss on the assistant's tokens",
         model_kind="causal_lm", data_formats=("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"),
         methods=("lora",), metrics=("perplexity", "loss", "rouge_l", "exact_match", "bleu", "chrf", "stop_rate"),
-        best_model_metrics=("eval_loss",), default_model_name="lorapipe-model", generates=True),
+        best_model_metrics=("eval_loss",), default_model_name="lorapipe-model", generates=True,
+        scores_base_apart=True),
     TaskSpec(
         name="classification", summary="a label per text (or text pair): AutoModelForSequenceClassification, encoder "
                                        "or decoder",

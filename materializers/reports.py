@@ -14,7 +14,7 @@ from zenml.materializers.pydantic_materializer import PydanticMaterializer
 from lorapipe import html_report as h
 from lorapipe.data.sources import ResolvedData
 from lorapipe.data.validation import RejectedRows, ValidationReport
-from lorapipe.evaluation.metrics import EvalMetrics
+from lorapipe.evaluation.metrics import BaseScores, EvalMetrics
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan
 from lorapipe.hardware.preflight import PreflightReport, RecommendedConfig
 from lorapipe.hardware.probe import HardwareProbe
@@ -288,6 +288,15 @@ def eval_html(metrics: EvalMetrics) -> str:
     return h.page("Evaluation: base vs tuned", *parts)
 
 
+def base_scores_html(data: BaseScores) -> str:
+    scores = [(k, v) for k, v in data.scores.model_dump().items() if v is not None]
+    return h.page("The untuned base, scored once", h.paragraph(
+        f"{data.model}{'@' + data.revision if data.revision else ''} on {len(data.row_losses)} test rows "
+        f"({data.scored_tokens:,} tokens), {len(data.generations)} generated; memory {format_gib(data.memory_gib)}. "
+        "Cached on the base, the test rows and the evaluation settings: every adapter trained on this base is "
+        "compared with these scores."), h.table(["metric", "value"], scores))
+
+
 def resolved_data_html(data: ResolvedData) -> str:
     return h.page("Data source", h.key_values([("source", data.source), ("sha256 of the bytes", data.sha256),
                                                ("files", len(data.files))]),
@@ -302,7 +311,8 @@ def stage_holder_html(data: StageHolderScores) -> str:
     return h.page("Stage holder", *parts)
 
 
-VIEWS = {ResolvedData: resolved_data_html, StageHolderScores: stage_holder_html, ValidationReport: validation_html,
+VIEWS = {BaseScores: base_scores_html, ResolvedData: resolved_data_html,
+         StageHolderScores: stage_holder_html, ValidationReport: validation_html,
          RejectedRows: rejected_html,
          HardwareProbe: probe_html, PreflightReport: preflight_html, RecommendedConfig: recommended_config_html,
          TrainingPlan: training_plan_html, PhasePlan: phase_plan_html, EvalMetrics: eval_html,

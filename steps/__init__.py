@@ -6,6 +6,7 @@ logs, on any orchestrator) is decided here, once, for every step.
 
 from lorapipe.logs import show_on_console
 from steps.evaluate import evaluate_model
+from steps.evaluate_base import evaluate_base_model
 from steps.find_holder import find_stage_holder
 from steps.merge import merge_model
 from steps.preflight import preflight
@@ -18,5 +19,5 @@ from steps.validate import validate_data
 
 show_on_console()
 
-__all__ = ["evaluate_model", "find_stage_holder", "merge_model", "preflight", "register_model",
+__all__ = ["evaluate_base_model", "evaluate_model", "find_stage_holder", "merge_model", "preflight", "register_model",
            "resolve_data_source", "score_stage_holder", "split_data", "train_adapter", "validate_data"]

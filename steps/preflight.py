@@ -31,7 +31,7 @@ logger = get_logger(__name__)
 # (other GPUs, RAM, packages) is planned again, and on this one the plan is served from the cache.
 @step(output_materializers={"preflight_report": ReportMaterializer, "recommended_config": ReportMaterializer,
                             "training_plan": ReportMaterializer, "evaluation_plan": ReportMaterializer,
-                            "merge_plan": ReportMaterializer},
+                            "merge_plan": ReportMaterializer, "base_evaluation_plan": ReportMaterializer},
       cache_policy=library_cache_policy(__file__, cache_func=machine_fingerprint))
 def preflight(
     validation_report: ValidationReport, model: ModelSection, train: TrainSection, evaluate: EvaluateSection,
@@ -42,6 +42,7 @@ def preflight(
     Annotated[TrainingPlan, "training_plan"],
     Annotated[PhasePlan, "evaluation_plan"],
     Annotated[PhasePlan, "merge_plan"],
+    Annotated[PhasePlan, "base_evaluation_plan"],
 ]:
     """Probe CPU/RAM/disk, CUDA and Apple/MLX and the installed packages; decide every phase's plan in one function.
 
@@ -60,8 +61,9 @@ def preflight(
         user_set: the dotted keys the config set; with `train.profile` the plan chooses the others.
 
     Returns:
-        The preflight report (every check), the recommended config fragment, and the training, evaluation and merge
-        plans.
+        The preflight report (every check), the recommended config fragment, the training, evaluation and merge
+        plans, and the evaluation plan of the untuned base alone (its own artifact: the same for every adapter on
+        that base, so the base's scores stay cached across retraining).
     """
     m, t, e, mg = model, train, evaluate, merge
     hw = probe(t.output_root)
@@ -112,4 +114,5 @@ def preflight(
 
         raise PlanError([f"{c.name}: {c.measured}; needs {c.requirement}" + (f" ({c.detail})" if c.detail else "")
                          for c in failed])
-    return report, RecommendedConfig.from_plan(plan), plan.train, plan.evaluate, plan.merge
+    return (report, RecommendedConfig.from_plan(plan), plan.train, plan.evaluate, plan.merge,
+            plan.evaluate.base_alone())

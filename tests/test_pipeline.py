@@ -14,8 +14,8 @@ from lorapipe_app.cli import main
 from tests.conftest import QUICKSTART_DATA, REPO_ROOT
 
 pytestmark = pytest.mark.slow
-STEPS = ["resolve_data_source", "validate_data", "preflight", "split_data", "train_adapter", "evaluate_model",
-         "find_stage_holder", "score_stage_holder", "merge_model", "register_model"]
+STEPS = ["resolve_data_source", "validate_data", "preflight", "split_data", "train_adapter", "evaluate_base_model",
+         "evaluate_model", "find_stage_holder", "score_stage_holder", "merge_model", "register_model"]
 # never cached: the data source is looked at again, the stage holder may have changed, registration records the run
 UNCACHED = ("resolve_data_source", "find_stage_holder", "register_model")
 
@@ -64,6 +64,10 @@ def runs(tiny_model_dir, tmp_path_factory):
     out["cached"] = _last_run()
     assert main(["run", "-c", str(cfg), "--set", "evaluate.max_new_tokens=4"]) == 0
     out["eval_changed"] = _last_run()
+    # retraining with other hyperparameters (another rank, so another evaluation plan): the base is not scored again
+    assert main(["run", "-c", str(cfg), "--set", "evaluate.max_new_tokens=4", "--set", "train.lora.r=8",
+                 "--set", "train.learning_rate=2e-3"]) == 0
+    out["retrained"] = _last_run()
     lines = data.read_text().splitlines(keepends=True)
     row = json.loads(lines[10])
     row["completion"] += " (edited)"
@@ -114,6 +118,19 @@ def test_changing_an_evaluation_setting_reruns_evaluate_onward_not_train(runs):
     status = _status(runs["eval_changed"])
     assert status["train_adapter"] == "cached" and status["validate_data"] == "cached"
     assert status["evaluate_model"] == "completed" and status["register_model"] == "completed"
+    assert status["evaluate_base_model"] == "completed"  # the base's scores depend on the generation budget too
+
+
+def test_retraining_with_other_hyperparameters_does_not_score_the_base_again(runs):
+    status = _status(runs["retrained"])
+    assert status["train_adapter"] == "completed" and status["evaluate_model"] == "completed"
+    assert status["evaluate_base_model"] == "cached"
+    base = runs["eval_changed"].steps["evaluate_base_model"].outputs["base_scores"][0].load()
+    metrics = runs["retrained"].steps["evaluate_model"].outputs["eval_metrics"][0].load()
+    before = runs["eval_changed"].steps["evaluate_model"].outputs["eval_metrics"][0].load()
+    # the new adapter is compared with the same base figures, and it is a different adapter
+    assert metrics.base == base.scores == before.base and metrics.row_losses["base"] == base.row_losses
+    assert metrics.tuned.loss != before.tuned.loss
 
 
 def test_changing_one_row_reruns_from_validate(runs):
@@ -127,8 +144,8 @@ def test_model_version_carries_lineage_and_no_empty_duplicates(runs):
     client = Client()
     versions = client.list_model_versions(model="lorapipe-test", size=50).items
     # the first run and its cached re-run share one version (no empty duplicate); the evaluation change
-    # and the data change each make a new one
-    assert len(versions) == 3
+    # the retraining and the data change each make a new one
+    assert len(versions) == 4
     assert runs["first"].model_version.id == runs["cached"].model_version.id
     latest = runs["data_changed"]
     mv = client.get_model_version("lorapipe-test", latest.model_version.name)

@@ -27,7 +27,7 @@ STACKS = REPO_ROOT / "configs" / "stacks"
 STACK_FILE = STACKS / "kubernetes-gpu.stack.yaml"
 RUN_CONFIGS = sorted(STACKS.glob("*.run.yaml"))
 # preflight plans for the GPUs its pod sees and evaluation scores on the training GPU (lorapipe/hardware/plan.py)
-GPU_STEPS = {"preflight", "train_adapter", "evaluate_model", "score_stage_holder"}
+GPU_STEPS = {"preflight", "train_adapter", "evaluate_base_model", "evaluate_model", "score_stage_holder"}
 GPU = "nvidia.com/gpu"
 HF_SECRET = "lorapipe-hf"
 # KubernetesPodSettings fields that hold Kubernetes objects, by the kubernetes client class that reads them
@@ -368,7 +368,8 @@ def test_compiled_with_the_pipeline_the_gpu_steps_get_gpu_pods_and_the_rest_cpu_
     # the plan is made for the GPUs training gets: the same node type and GPU count
     assert (preflight.node_selectors, preflight.tolerations, gpus["preflight"]) == \
            (train.node_selectors, train.tolerations, gpus["train_adapter"])
-    assert pods["evaluate_model"].node_selectors == pods["score_stage_holder"].node_selectors == train.node_selectors
+    assert pods["evaluate_model"].node_selectors == pods["score_stage_holder"].node_selectors == \
+           pods["evaluate_base_model"].node_selectors == train.node_selectors
     for name in GPU_STEPS:
         assert any(t.get("key") == GPU for t in pods[name].tolerations), f"{name} cannot land on a tainted GPU node"
     for name, pod in pods.items():

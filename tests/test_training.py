@@ -88,6 +88,43 @@ def test_evaluation_scores_base_and_tuned(trained, tiny_model_dir):
     assert m.memory_gib > 0  # the phase's memory is recorded with its metrics
 
 
+def test_the_base_scored_apart_equals_the_base_scored_beside_the_adapter(trained):
+    """The base step's scores (the untuned base loaded alone) stand in for the base in every evaluation of an adapter
+    on that base: they must be what scoring it with the adapter switched off gives, row by row and token by token."""
+    from lorapipe.phases.evaluate import evaluate_adapter, score_base
+
+    phase = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=4, max_seq_length=128, reason="test")
+    settings = EvaluateSection(max_samples=16, generation_samples=3, max_new_tokens=8)
+    together = evaluate_adapter(trained["info"].path, trained["test"], phase, settings, seed=3)
+    base = score_base(trained["model"], "sft", trained["test"], phase.base_alone(), settings, seed=3)
+    apart = evaluate_adapter(trained["info"].path, trained["test"], phase, settings, seed=3, base=base)
+    assert base.scored_tokens == together.scored_tokens > 0
+    assert base.row_losses == pytest.approx(together.row_losses["base"], abs=1e-6)
+    assert base.scores.loss == pytest.approx(together.base.loss, abs=1e-6)
+    assert [g["prediction"] for g in base.generations] == [s["base"] for s in together.samples]
+    # the tuned side is scored as before, and the comparison is the same
+    assert apart.tuned.loss == pytest.approx(together.tuned.loss, abs=1e-6)
+    assert apart.base == base.scores and apart.samples == [
+        {**s, "base": g["prediction"], "base_stopped": g["stopped"], "base_new_tokens": g["new_tokens"]}
+        for s, g in zip(together.samples, base.generations)]
+    assert apart.perplexity_gain == pytest.approx(together.perplexity_gain, abs=1e-6)
+
+
+def test_the_base_plan_leaves_the_adapter_out_so_every_rank_shares_it(tiny_model_dir):
+    """The base step's cache key holds its plan's content: adapters of other ranks (another LoRA weights term in the
+    evaluation plan) must give the same base plan."""
+    from lorapipe.hardware.plan import decide_plan, model_size
+    from lorapipe.hardware.probe import probe
+
+    facts, hw = model_size(str(tiny_model_dir)), probe(".")
+    plans = [decide_plan(TrainSection(backend="hf", device="cpu", lora={"r": r}, learning_rate=lr), hw, facts).evaluate
+             for r, lr in ((4, 1e-3), (32, 5e-3))]
+    assert plans[0].memory_terms != plans[1].memory_terms  # the adapter is in the evaluation plan...
+    assert plans[0].base_alone() == plans[1].base_alone()  # ...and not in the base's
+    assert not any("LoRA" in t.name for t in plans[0].base_alone().memory_terms)
+    assert plans[0].base_alone().predicted_peak_gib < plans[0].predicted_peak_gib
+
+
 def test_merge_matches_base_plus_adapter_and_is_idempotent(trained, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -59,6 +59,21 @@ class ModelScores(BaseModel):
     ece: Optional[float] = None  # expected calibration error, 10 bins of the top label's probability
 
 
+class BaseScores(BaseModel):
+    """The untuned base alone, scored on a test split as `evaluate` scores a tuned model (task sft): computed once
+    per (base model, test rows, evaluation settings) by its own cached step and handed to every evaluation of an
+    adapter trained on that base, so retraining with other hyperparameters does not score the base again."""
+
+    model: str  # the base's hub id or folder
+    revision: Optional[str] = None
+    scores: ModelScores
+    scored_tokens: int
+    row_losses: list[Optional[float]]
+    generations: list[dict]  # per generated row: source, prompt, reference, prediction, stopped, new_tokens
+    memory_gib: float = 0.0  # the scoring's peak (as EvalMetrics.memory_gib)
+    memory_at_start_gib: Optional[float] = None
+
+
 class EvalMetrics(ReadsGbNames):
     test_rows: int
     scored_rows: int

@@ -106,6 +106,10 @@ class MemoryInputs(BaseModel):
     full_finetune: bool = False
 
 
+# the evaluation terms of the adapter itself; the rest is the base's, scored alone too (PhasePlan.base_alone)
+ADAPTER_EVAL_TERMS = ("LoRA weights", "head (trained copy)")
+
+
 class MemoryTerm(BaseModel):
     phase: Literal["train", "eval", "merge"]
     name: str
@@ -435,9 +439,9 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gib: float = 0.0) -> Mem
         add("eval", "the checkpoint's files, mapped", facts.total_parameters * stored,
             f"{facts.total_parameters:,} x {stored} B ({facts.stored_dtype} on disk, loaded as {e_dtype})")
     if not full:
-        add("eval", "LoRA weights", lora_n * 4, f"{lora_n:,} x 4 B")
+        add("eval", ADAPTER_EVAL_TERMS[0], lora_n * 4, f"{lora_n:,} x 4 B")
     if head_n:
-        add("eval", "head (trained copy)", head_n * 4, f"{head_n:,} x 4 B")
+        add("eval", ADAPTER_EVAL_TERMS[1], head_n * 4, f"{head_n:,} x 4 B")
     if classifying:
         rows, per = ((x.eval_batch_size, "eval batch") if facts.block == "encoder"
                      else (x.eval_batch_size * x.seq_len, "eval batch x seq"))

@@ -34,6 +34,8 @@ from lorapipe.catalog import (
 from lorapipe.config import EvaluateSection, MergeSection, TrainSection, shard_bytes
 from lorapipe.hardware.facts import ModelFacts, model_facts
 from lorapipe.hardware.memory import (
+    ADAPTER_EVAL_TERMS,
+    CUDA_ALLOCATOR_OVERHEAD,
     MERGE_CHECK_TOKENS,
     MemoryEstimate,
     MemoryInputs,
@@ -100,6 +102,22 @@ class PhasePlan(ReadsGbNames):
     predicted_peak_gib: float = 0.0  # the memory model's peak of this phase (see lorapipe.hardware.memory)
     memory_terms: list[MemoryTerm] = []  # what makes up that peak
     warnings: list[str] = []
+
+    def base_alone(self) -> "PhasePlan":
+        """The evaluation plan of the untuned base scored alone (task sft's base step): the same device, dtype, batch
+        and length, the adapter's terms left out, so it is the same plan, and the base's scores the same cache entry,
+        for every adapter trained on that base whatever its rank, targets or hyperparameters."""
+        if self.phase != "evaluate":
+            raise ValueError(f"base_alone() is of an evaluation plan, not of the {self.phase} plan")
+        terms = [t for t in self.memory_terms if t.name not in ADAPTER_EVAL_TERMS]
+        if any(t.name == "CUDA allocator overhead" for t in terms):  # a share of the rest: of the base's terms now
+            rest = sum(t.bytes for t in terms if t.name not in ("CUDA allocator overhead", "CUDA context"))
+            terms = [t.model_copy(update={"bytes": int(rest * CUDA_ALLOCATOR_OVERHEAD)})
+                     if t.name == "CUDA allocator overhead" else t for t in terms]
+        return PhasePlan(phase="evaluate", device=self.device, dtype=self.dtype, batch_size=self.batch_size,
+                         max_seq_length=self.max_seq_length, reason=f"the untuned base alone: {self.reason}",
+                         predicted_peak_gib=round(sum(t.bytes for t in terms) / GIB, 4), memory_terms=terms,
+                         warnings=self.warnings)
 
 
 class RunPlan(BaseModel):

@@ -8,19 +8,25 @@ from pathlib import Path
 from typing import Any, Optional, Protocol
 
 from lorapipe.backends.base import TrainingTask
-from lorapipe.config import EvaluateSection
+from lorapipe.config import EvaluateSection, ModelSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.data.records import Record
 from lorapipe.evaluation.merge_check import MergeCheck, ReferenceLogits
-from lorapipe.evaluation.metrics import EvalMetrics, ModelScores
+from lorapipe.evaluation.metrics import BaseScores, EvalMetrics, ModelScores
 from lorapipe.hardware.plan import PhasePlan
 
 
 class Task(TrainingTask, Protocol):
     def evaluate(self, adapter_dir: str, test: ConversationDataset, phase: PhasePlan, evaluate: EvaluateSection,
-                 seed: int = 0, chat_template: Optional[str] = None) -> EvalMetrics:
+                 seed: int = 0, chat_template: Optional[str] = None, base: Optional[BaseScores] = None) -> EvalMetrics:
         """The tuned model against its baselines on the test rows, on the evaluate phase's device, dtype, batch size
-        and sequence length."""
+        and sequence length; `base`: the untuned base's scores from `score_base` (tasks whose catalog entry has
+        scores_base_apart), not scored again."""
+        ...
+
+    def score_base(self, m: ModelSection, test: ConversationDataset, phase: PhasePlan, evaluate: EvaluateSection,
+                   seed: int = 0) -> BaseScores:
+        """The untuned base of `m` alone on the test rows, as `evaluate` would score it (scores_base_apart tasks)."""
         ...
 
     def score_folder(self, folder: str, test: ConversationDataset, phase: PhasePlan, evaluate: EvaluateSection,

@@ -31,7 +31,7 @@ from lorapipe.config import EvaluateSection, ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.data.records import Record
 from lorapipe.evaluation.merge_check import MergeCheck, ReferenceLogits
-from lorapipe.evaluation.metrics import ClassifierEvaluation, EvalMetrics, ModelScores
+from lorapipe.evaluation.metrics import BaseScores, ClassifierEvaluation, EvalMetrics, ModelScores
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan
 from lorapipe.tasks.classification import baseline
 from lorapipe.tasks.classification.model import (
@@ -186,9 +186,13 @@ class Classification:
     # -------------------------------------------------------------------------------------------------- evaluation
 
     def evaluate(self, adapter_dir: str, test: ConversationDataset, phase: PhasePlan, evaluate: EvaluateSection,
-                 seed: int = 0, chat_template: Optional[str] = None) -> EvalMetrics:
+                 seed: int = 0, chat_template: Optional[str] = None, base: Optional[BaseScores] = None) -> EvalMetrics:
         """The tuned classifier, the head-only baseline and the majority class on every test row (no generation:
-        nothing to sample, so `evaluate`'s row limits and the seed do not apply)."""
+        nothing to sample, so `evaluate`'s row limits and the seed do not apply). The baselines depend on the run's
+        label set, so they are scored here, never handed in (`base` must be None: the catalog's scores_base_apart)."""
+        if base is not None:
+            raise ValueError("task classification scores its baselines with the tuned classifier: base scores were "
+                             "handed in (catalog: scores_base_apart is False)")
         from lorapipe.evaluation.classification import (
             classification_report,
             comparison_table,
@@ -243,6 +247,11 @@ class Classification:
             memory_gib=memory.peak_gib, memory_at_start_gib=memory.start_gib,
             classification=ClassifierEvaluation(labels=labels, reports={k: v.model_dump() for k, v in reports.items()},
                                                 baselines=[k for k in reports if k != "tuned"], untuned=untuned))
+
+    def score_base(self, m: ModelSection, test: ConversationDataset, phase: PhasePlan, evaluate: EvaluateSection,
+                   seed: int = 0) -> BaseScores:
+        raise ValueError("task classification has no untuned base to score apart: its baselines (the majority class, "
+                         "the head-only classifier) are of the run's own labels and scored in its evaluation")
 
     def score_folder(self, folder: str, test: ConversationDataset, phase: PhasePlan, evaluate: EvaluateSection,
                      seed: int = 0, chat_template: Optional[str] = None) -> tuple[ModelScores, list[dict]]:
