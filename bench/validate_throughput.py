@@ -4,7 +4,8 @@ the format/schema pass, peak RSS < 1 GiB).
 Two passes, each in a fresh process so peak RSS is the pass's own: the schema pass (read, normalise, row
 checks, duplicates, GE suite; no tokenizer) over all rows, and the tokenizing pass (chat template, masking,
 learns-to-stop audit with the tiny model's tokenizer) over the first TOKENIZE_ROWS rows. Medians of RUNS runs.
-Writes bench/results/validate_throughput.json.
+BENCH_BASELINE=<a checkout of an earlier commit> also runs the tokenizing pass of that checkout, interleaved with
+this one's, run for run (the ratio is of medians measured side by side). Writes bench/results/validate_throughput.json.
 """
 
 import json
@@ -60,8 +61,13 @@ print(json.dumps({"seconds": seconds, "rows": out.report.rows_read, "rejected": 
 """
 
 
-def run_pass(path: Path, model: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(path), model], capture_output=True, text=True, cwd=REPO)
+BASELINE = os.environ.get("BENCH_BASELINE")
+
+
+def run_pass(path: Path, model: str, repo: Path = REPO) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(path), model], capture_output=True, text=True, cwd=repo,
+                          env=env)
     if proc.returncode != 0:
         sys.exit(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -80,8 +86,12 @@ def main() -> None:
     if not (model / "config.json").exists():
         sys.exit("build the tiny model first: make tiny-model")
     schema = [run_pass(big, "-") for _ in range(RUNS)]
-    tokenize = [run_pass(small, str(model)) for _ in range(RUNS)]
-    for name, runs in (("schema", schema), ("tokenize", tokenize)):
+    tokenize, baseline = [], []
+    for _ in range(RUNS):  # interleaved with the baseline's runs, when there is one
+        tokenize.append(run_pass(small, str(model)))
+        if BASELINE:
+            baseline.append(run_pass(small, str(model), Path(BASELINE)))
+    for name, runs in (("schema", schema), ("tokenize", tokenize), ("tokenize, baseline", baseline)):
         for r in runs:
             print(f"{name}: {r['rows']} rows in {r['seconds']:.1f}s = {r['rows'] / r['seconds']:,.0f} rows/s, "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB")
@@ -100,8 +110,17 @@ def main() -> None:
         "tokenize_pass": {"rows": tokenize[0]["rows"], "median_seconds": med(tokenize, "seconds"),
                           "rows_per_second": tokenize[0]["rows"] / med(tokenize, "seconds"),
                           "peak_rss_mb": max(r["peak_rss_mb"] for r in tokenize), "tokenizer": "tiny-llama (BPE 1024)"},
-        "goal": {"schema_rows_per_second": 20000, "peak_rss_mb": 1024},
+        "goal": {"schema_rows_per_second": 20000, "peak_rss_mb": 1024, "tokenize_rows_per_second": 10000},
     }
+    if baseline:
+        result["tokenize_pass_baseline"] = {
+            "checkout": subprocess.run(["git", "-C", BASELINE, "rev-parse", "HEAD"], capture_output=True,
+                                       text=True).stdout.strip(),
+            "median_seconds": med(baseline, "seconds"),
+            "rows_per_second": baseline[0]["rows"] / med(baseline, "seconds"),
+            "per_run_seconds": [r["seconds"] for r in baseline]}
+        result["tokenize_pass"]["per_run_seconds"] = [r["seconds"] for r in tokenize]
+        result["tokenize_speedup"] = med(baseline, "seconds") / med(tokenize, "seconds")
     out = REPO / "bench" / "results" / "validate_throughput.json"
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

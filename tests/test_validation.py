@@ -193,3 +193,47 @@ def test_a_tokenizer_without_a_template_gets_the_fallback_and_the_audit_says_so(
     audit = outcome.report.audit
     assert audit.chat_template_source == "fallback"
     assert audit.passed and audit.stop_token_trained_fraction == 1.0  # the fallback appends EOS to every answer
+
+
+def test_the_batched_tokenizing_pass_decides_and_reports_exactly_as_one_row_at_a_time(tiny_tokenizer, tmp_path,
+                                                                                          monkeypatch):
+    """Rows wait in a batch for the tokenizer (its own threads): every problem, in file order, every rejection, the
+    token statistics and the audit must be what one row at a time gives, across batch boundaries, with broken JSON,
+    a duplicate, an over-length row and a row the template cannot render among them."""
+    import copy
+
+    import lorapipe.data.validation as validation
+    from lorapipe.data.render import RenderError, encode_batch
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    # renders a conversation whose last answer holds the marker differently from its prefixes: that row only
+    tokenizer.chat_template = "{% if 'UNRENDERABLE' in messages[-1]['content'] %}!{% endif %}" + \
+        tokenizer.chat_template
+    lines = [json.loads(line) for line in QUICKSTART_DATA.read_text().splitlines()[:40]]
+    text = [json.dumps(r) + "\n" for r in lines]
+    text[3] = '{"prompt": "broken", \n'
+    text[9] = text[8]  # a duplicate
+    text[15] = json.dumps({"prompt": "long " * 1500, "completion": "x"}) + "\n"
+    text[22] = json.dumps({"prompt": "q", "completion": "UNRENDERABLE"}) + "\n"
+    path = write_lines(tmp_path / "mixed.jsonl", text)
+
+    def run(batch):
+        monkeypatch.setattr(validation, "AUDIT_BATCH", batch)
+        out = validate_dataset([str(path)], tokenizer=tokenizer, max_seq_length=1024, overlength="drop",
+                               on_bad_rows="quarantine", max_bad_fraction=1.0, run_expectations=False)
+        return out.report.model_dump(), [(r.line, r.reasons) for r in out.rejected], out.row_facts
+
+    one, batched = run(1), run(7)
+    assert batched == one
+    report, rejected, _ = batched
+    assert {(4, ("invalid_json",)), (16, ("overlength_dropped",)), (23, ("template_error",))} == \
+        {(line, tuple(reasons)) for line, reasons in rejected}
+    assert (10, "duplicate") in {(p["line"], p["code"]) for p in report["problems"]}
+    assert [p["line"] for p in report["problems"]] == sorted(p["line"] for p in report["problems"])
+    # the batch encoder is the one-row encoder: the same ids, mask and truncation, row by row
+    from lorapipe.data.formats import read_records
+    from lorapipe.data.render import encode
+
+    records = read_records([str(QUICKSTART_DATA)]).records[:30]
+    for rec, enc in zip(records, encode_batch(tiny_tokenizer, records, 64)):
+        assert not isinstance(enc, RenderError) and enc == encode(tiny_tokenizer, rec, 64)

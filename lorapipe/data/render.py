@@ -9,10 +9,13 @@ assistant turn, its turn-end/EOS token included, is trained; everything else is 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
+import operator
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from lorapipe.data.records import Record
 
@@ -104,6 +107,9 @@ def _tokenize_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[t
     return enc["input_ids"], enc["offset_mapping"]
 
 
+_start, _end = operator.itemgetter(0), operator.itemgetter(1)
+
+
 def span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
     """1 for tokens overlapping a span (offsets and spans both ascend); found by bisection, set by slices.
 
@@ -112,6 +118,17 @@ def span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> l
     mask = [0] * n
     if not n or not spans:
         return mask
+    for s_start, s_end in spans:
+        # the first token ending after the span starts; the first starting at or after its end (bisection on the
+        # offsets themselves: no per-row lists of starts and ends)
+        lo = bisect.bisect_right(offsets, s_start, key=_end)
+        hi = bisect.bisect_left(offsets, s_end, key=_start)
+        if hi > lo:
+            mask[lo:hi] = [1] * (hi - lo)
+        while hi < n and offsets[hi][0] == s_end and offsets[hi][1] == s_end:  # empty tokens that close the span
+            mask[hi] = 1
+            hi += 1
+    return mask
     starts = [a for a, _ in offsets]
     ends = [b for _, b in offsets]
     for s_start, s_end in spans:
@@ -129,7 +146,11 @@ def encode(tokenizer: Any, record: Record, max_length: Optional[int] = None) -> 
     """Token ids and assistant mask (1 = trained) for one record, truncated to `max_length` if given."""
     text, spans = trainable_spans(tokenizer, record)
     ids, offsets = _tokenize_with_offsets(tokenizer, text)
-    ids = list(ids)
+    return _encoded(list(ids), offsets, text, spans, max_length)
+
+
+def _encoded(ids: list[int], offsets: list[tuple[int, int]], text: str, spans: list[tuple[int, int]],
+             max_length: Optional[int]) -> Encoded:
     mask = span_mask(offsets, spans)
     full = len(ids)
     truncated = max_length is not None and full > max_length
@@ -138,8 +159,56 @@ def encode(tokenizer: Any, record: Record, max_length: Optional[int] = None) -> 
     return Encoded(ids, mask, text, full, truncated)
 
 
+@contextlib.contextmanager
+def tokenizer_threads() -> Iterator[None]:
+    """The Rust tokenizer's own threads for a batch call (lorapipe.quiet turns them off for the process, so that a
+    later fork does not warn); set back afterwards, so a fork after the batch does not warn either."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        os.environ["TOKENIZERS_PARALLELISM"] = before if before is not None else "false"
+
+
+def encode_batch(tokenizer: Any, records: list[Record],
+                 max_length: Optional[int] = None) -> list[Encoded | RenderError]:
+    """`encode` for many records at once, exactly as one by one (each the same ids and mask), the tokenizing done
+    by the Rust tokenizer over the batch on every core; a record its template cannot render gets its RenderError."""
+    rendered: list[tuple[str, list[tuple[int, int]]] | RenderError] = []
+    for rec in records:
+        try:
+            rendered.append(trainable_spans(tokenizer, rec))
+        except RenderError as exc:
+            rendered.append(exc)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    texts = [r[0] for r in rendered if not isinstance(r, RenderError)]
+    if backend is None:  # a slow (Python) tokenizer: one at a time
+        tokenized = iter([_tokenize_with_offsets(tokenizer, t) for t in texts])
+    else:
+        with tokenizer_threads():
+            tokenized = iter([(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)])
+    out: list[Encoded | RenderError] = []
+    for r in rendered:
+        if isinstance(r, RenderError):
+            out.append(r)
+        else:
+            ids, offsets = next(tokenized)
+            out.append(_encoded(list(ids), offsets, r[0], r[1], max_length))
+    return out
+
+
 def decode(tokenizer: Any, ids: list[int]) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         return backend.decode(ids, skip_special_tokens=False)
     return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def decode_batch(tokenizer: Any, batch: list[list[int]]) -> list[str]:
+    """`decode` of many id lists, in the Rust tokenizer's threads."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return [tokenizer.decode(ids, skip_special_tokens=False) for ids in batch]
+    with tokenizer_threads():
+        return backend.decode_batch(batch, skip_special_tokens=False)

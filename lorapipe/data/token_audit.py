@@ -51,39 +51,53 @@ class TokenAudit:
         self.eos_id = tokenizer.eos_token_id
         self.lengths: list[int] = []
         self.rows = self.stop_rows = self.roundtrip = self.roundtrip_checked = self.truncated = self.trained = 0
-        self.last_facts: dict = {}
 
-    def add(self, rec: Record, problems: list[Problem]) -> list[str]:
-        """Audit one record; return the error codes that reject it (empty when accepted)."""
-        from lorapipe.data.render import RenderError, decode, encode
+    def add(self, rec: Record, problems: list[Problem]) -> tuple[list[str], dict]:
+        """Audit one record: the error codes that reject it (empty when accepted) and its facts (empty when
+        rejected)."""
+        return self.add_batch([rec], [problems])[0]
 
-        self.rows += 1
-        try:
-            enc = encode(self.tok, rec, self.max_len if self.overlength == "truncate" else None)
-        except RenderError as exc:
-            problems.append(Problem(rec.source, rec.line, "(template)", str(exc), "set model.chat_template",
-                                    "template_error"))
-            return ["template_error"]
-        rejected = self.length_policy(rec, enc.full_length, problems, "tokens after the chat template,",
-                                      "raise train.max_seq_length, shorten the row, or set validation.overlength to "
-                                      "'truncate' or 'drop'")
-        if rejected:
-            return [rejected]
-        n_trained = sum(enc.assistant_mask)
-        if n_trained == 0:
-            problems.append(Problem(rec.source, rec.line, "(row)", "no trainable token after masking (and truncation)",
-                                    "shorten the prompt or raise train.max_seq_length", "no_trainable_tokens"))
-            return ["no_trainable_tokens"]
-        if _turns_end_with(enc.input_ids, enc.assistant_mask, self.eos_id):
-            self.stop_rows += 1
-        if not enc.truncated:  # a truncated row cannot round-trip by construction: not counted either way
-            self.roundtrip_checked += 1
-            self.roundtrip += decode(self.tok, enc.input_ids) == enc.rendered
-        n = len(enc.input_ids)
-        self.lengths.append(n)
-        self.trained += n_trained
-        self.last_facts = {**row_facts(rec), "n_tokens": n, "n_trainable_tokens": n_trained}
-        return []
+    def add_batch(self, recs: list[Record], problems: list[list[Problem]]) -> list[tuple[list[str], dict]]:
+        """Audit records at once (the tokenizer encodes and decodes the batch in its own threads), each exactly as
+        one by one: per record, `add`'s result, its problems appended to its own list."""
+        from lorapipe.data.render import RenderError, decode_batch, encode_batch
+
+        out: list[tuple[list[str], dict]] = []
+        roundtrips: list[tuple[list[int], str]] = []
+        for rec, found, enc in zip(recs, problems, encode_batch(self.tok, recs, self.max_len
+                                                                  if self.overlength == "truncate" else None)):
+            self.rows += 1
+            if isinstance(enc, RenderError):
+                found.append(Problem(rec.source, rec.line, "(template)", str(enc), "set model.chat_template",
+                                     "template_error"))
+                out.append((["template_error"], {}))
+                continue
+            rejected = self.length_policy(rec, enc.full_length, found, "tokens after the chat template,",
+                                          "raise train.max_seq_length, shorten the row, or set validation.overlength "
+                                          "to 'truncate' or 'drop'")
+            if rejected:
+                out.append(([rejected], {}))
+                continue
+            n_trained = sum(enc.assistant_mask)
+            if n_trained == 0:
+                found.append(Problem(rec.source, rec.line, "(row)", "no trainable token after masking (and "
+                                     "truncation)", "shorten the prompt or raise train.max_seq_length",
+                                     "no_trainable_tokens"))
+                out.append((["no_trainable_tokens"], {}))
+                continue
+            if _turns_end_with(enc.input_ids, enc.assistant_mask, self.eos_id):
+                self.stop_rows += 1
+            if not enc.truncated:  # a truncated row cannot round-trip by construction: not counted either way
+                roundtrips.append((enc.input_ids, enc.rendered))
+            n = len(enc.input_ids)
+            self.lengths.append(n)
+            self.trained += n_trained
+            out.append(([], {**row_facts(rec), "n_tokens": n, "n_trainable_tokens": n_trained}))
+        if roundtrips:
+            decoded = decode_batch(self.tok, [ids for ids, _ in roundtrips])
+            self.roundtrip_checked += len(roundtrips)
+            self.roundtrip += sum(d == text for d, (_, text) in zip(decoded, roundtrips))
+        return out
 
     def length_policy(self, rec: Record, length: int, problems: list[Problem], counted: str, fix: str) -> Optional[str]:
         """validation.overlength for a row of `length` tokens over the limit: the code that rejects it (fail, drop),
@@ -153,7 +167,10 @@ class ClassificationTokenAudit(TokenAudit):
     """A classifier reads the text (and pair) the tokenizer encodes with its special tokens, and every token feeds the
     label: token counts and the over-length policy, no stop-token audit (nothing is generated)."""
 
-    def add(self, rec: Record, problems: list[Problem]) -> list[str]:
+    def add_batch(self, recs: list[Record], problems: list[list[Problem]]) -> list[tuple[list[str], dict]]:
+        return [self.add(rec, found) for rec, found in zip(recs, problems)]
+
+    def add(self, rec: Record, problems: list[Problem]) -> tuple[list[str], dict]:
         self.rows += 1
         enc = self.tok(rec.text, rec.text_pair, truncation=False)
         n = len(enc["input_ids"])
@@ -161,12 +178,11 @@ class ClassificationTokenAudit(TokenAudit):
                                       "raise train.max_seq_length, shorten the text, or set validation.overlength: "
                                       "truncate (the usual choice for classification) or drop")
         if rejected:
-            return [rejected]
+            return [rejected], {}
         n = min(n, self.max_len) if self.max_len is not None else n
         self.lengths.append(n)
         self.trained += n
-        self.last_facts = {**row_facts(rec), "n_tokens": n, "n_trainable_tokens": n}
-        return []
+        return [], {**row_facts(rec), "n_tokens": n, "n_trainable_tokens": n}
 
     def finish(self, micro_batch_sizes: Sequence[int], template_source: str  # type: ignore[override]
                ) -> tuple[TokenStats, None]:

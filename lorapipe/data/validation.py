@@ -178,6 +178,10 @@ class DuplicateIndex:
                        other_line=f_line)
 
 
+# rows the tokenizer encodes at once (in its own threads): enough to keep every core busy, a few MB of rows held
+AUDIT_BATCH = 512
+
+
 def validate_dataset(
     paths: list[str],
     fmt: str = "auto",
@@ -226,41 +230,68 @@ def validate_dataset(
             rejected[key] = RejectedRow(source=row.source, line=row.line, raw=row.raw, reasons=[])
         rejected[key].reasons.extend(reasons)
 
-    bar = _progress_bar(paths) if progress else None
-    for row, rec in iter_records(paths, fmt, prompt_key, completion_key, problems, formats, group_key,
-                                 None if classifying else stratify_key, label_fields):
-        rows_read += 1
-        if bar is not None:
-            bar.update(len(row.raw) + 1)
-        if rec is None:
-            reject(row, [p.code for p in row.problems])
-            continue
-        found: list[Problem] = []  # this row's problems from the checks below
-        check_record(rec, found, prompt_key, completion_key)
-        key = rec.content_key()
-        seen = duplicates.check(rec, bytes.fromhex(key[:32]))
-        if seen is not None:
-            found.append(seen)
-        if audit is None and len(row.raw) > LONG_ROW_CHARS:
-            found.append(Problem(rec.source, rec.line, "(row)", f"{len(row.raw):,} characters",
-                                 "check it is meant to be one row; give --model (or train with it) to count its tokens "
-                                 "against the sequence limit", "long_row", severity="warning"))
-        errors = [p.code for p in found if p.severity == "error"]
-        if not errors and audit is not None:
-            errors = audit.add(rec, found)
-        problems.extend(found)
-        if errors:
-            reject(rec, errors)
-            continue
+    def accept(rec: Record, key: str, row_facts_: dict) -> None:
+        nonlocal n_kept
         rec.raw = ""  # accepted rows live on in normalised form; raw text is kept only for rejected rows
         n_kept += 1
         if classifying:
             label_counts[rec.label] += 1
         fingerprint.update(fingerprint_part(rec, key))
-        for name, value in (audit.last_facts if audit is not None else row_facts(rec)).items():
+        for name, value in row_facts_.items():
             facts.setdefault(name, array("q")).append(value)
         if keep_records:
             kept.append(rec)
+
+    # Rows wait here, in file order, until AUDIT_BATCH of them need the tokenizer: it encodes a batch in its own
+    # threads. Each entry: the problems reading it found, the raw row, and (record, key, its checks' problems,
+    # their errors) when it was read; everything is then said and decided in file order, as one by one.
+    pending: list[tuple[list[Problem], RawRow, Optional[tuple[Record, str, list[Problem], list[str]]]]] = []
+    read_problems: list[Problem] = []
+
+    def flush() -> None:
+        audited = [p for _, _, p in pending if p is not None and not p[3]]
+        results = iter(audit.add_batch([a[0] for a in audited], [a[2] for a in audited])) if audit else iter(())
+        for before, row, parsed in pending:
+            problems.extend(before)
+            if parsed is None:
+                reject(row, [p.code for p in row.problems])
+                continue
+            rec, key, found, errors = parsed
+            row_facts_ = row_facts(rec)
+            if not errors and audit is not None:
+                errors, row_facts_ = next(results)
+            problems.extend(found)
+            if errors:
+                reject(rec, errors)
+            else:
+                accept(rec, key, row_facts_)
+        pending.clear()
+
+    bar = _progress_bar(paths) if progress else None
+    for row, rec in iter_records(paths, fmt, prompt_key, completion_key, read_problems, formats, group_key,
+                                 None if classifying else stratify_key, label_fields):
+        rows_read += 1
+        before, read_problems[:] = list(read_problems), []
+        if bar is not None:
+            bar.update(len(row.raw) + 1)
+        if rec is None:
+            pending.append((before, row, None))
+        else:
+            found: list[Problem] = []  # this row's problems from the checks below
+            check_record(rec, found, prompt_key, completion_key)
+            key = rec.content_key()
+            seen = duplicates.check(rec, bytes.fromhex(key[:32]))
+            if seen is not None:
+                found.append(seen)
+            if audit is None and len(row.raw) > LONG_ROW_CHARS:
+                found.append(Problem(rec.source, rec.line, "(row)", f"{len(row.raw):,} characters",
+                                     "check it is meant to be one row; give --model (or train with it) to count its "
+                                     "tokens against the sequence limit", "long_row", severity="warning"))
+            pending.append((before, row, (rec, key, found, [p.code for p in found if p.severity == "error"])))
+        if len(pending) >= AUDIT_BATCH:
+            flush()
+    flush()
+    problems.extend(read_problems)  # what reading found after the last row (a file's own problems)
     if bar is not None:
         bar.close()
 
