@@ -25,10 +25,13 @@ DATA = REPO.parent / "shared" / "datasets" / "alpaca_en_demo.json"
 MODEL = REPO / "bench" / ".models" / "llama-25m"
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 STEPS = int(os.environ.get("BENCH_STEPS", "16"))
+EPOCHS = int(os.environ.get("BENCH_EPOCHS", "2"))
+EPOCH_MODEL = REPO / "bench" / ".models" / "llama-tiny-25m-tokenizer"
 MODES = {"naive": {}, "group_by_length": {"group_by_length": True}, "packing": {"packing": True}}
 
 
-def one_run(mode: str, work: Path) -> dict:
+def one_run(mode: str, work: Path, model: Path = MODEL, epochs: int = 0) -> dict:
+    """`epochs` > 0: whole epochs instead of STEPS steps."""
     from lorapipe.backends.hf import HFBackend
     from lorapipe.config import ModelSection, TrainSection
     from lorapipe.data.dataset import ConversationDataset
@@ -38,13 +41,14 @@ def one_run(mode: str, work: Path) -> dict:
 
     records = read_records([str(DATA)]).records
     train = TrainSection(backend="hf", device="cpu", dtype="float32", max_seq_length=512, micro_batch_size=8,
-                         effective_batch_size=8, max_steps=STEPS, learning_rate=2e-4, warmup_steps=2,
-                         save_steps=10_000, logging_steps=STEPS, output_root=str(work), resume=False,
+                         effective_batch_size=8, max_steps=-1 if epochs else STEPS, epochs=epochs or 1,
+                         learning_rate=2e-4, warmup_steps=2, save_steps=10_000, logging_steps=STEPS,
+                         output_root=str(work), resume=False,
                          lora={"r": 16, "alpha": 32}, **MODES[mode])
-    plan = decide_plan(train, probe(str(work)), model_size(str(MODEL))).train
+    plan = decide_plan(train, probe(str(work)), model_size(str(model))).train
     from lorapipe.tasks.sft import SFT
 
-    info = HFBackend().train(SFT(), ModelSection(name_or_path=str(MODEL)), train, 42, plan,
+    info = HFBackend().train(SFT(), ModelSection(name_or_path=str(model)), train, 42, plan,
                              ConversationDataset(records, name="alpaca"), ConversationDataset([], name="eval"),
                              work / "w", work / "adapter")
     meta = json.loads((work / "adapter" / "lorapipe_adapter.json").read_text())
@@ -57,14 +61,34 @@ def one_run(mode: str, work: Path) -> dict:
 def main() -> int:
     import subprocess
 
-    if len(sys.argv) == 3 and sys.argv[1] == "--one":  # a child: one run in a fresh process
+    if len(sys.argv) == 3 and sys.argv[1] in ("--one", "--epochs"):  # a child: one run in a fresh process
         with tempfile.TemporaryDirectory(prefix="lorapipe-pad-") as work:
-            print(json.dumps(one_run(sys.argv[2], Path(work))))
+            run = (one_run(sys.argv[2], Path(work)) if sys.argv[1] == "--one"
+                   else one_run(sys.argv[2], Path(work), EPOCH_MODEL, EPOCHS))
+            print(json.dumps(run))
         return 0
-    if not (MODEL / "config.json").exists():
-        from lorapipe.models.tiny import build_tiny_model
+    from lorapipe.models.tiny import build_tiny_model
 
-        build_tiny_model(MODEL, [REPO / "data" / "quickstart" / "wwdc25_train_slice.jsonl"], size="25m")
+    corpus = [REPO / "data" / "quickstart" / "wwdc25_train_slice.jsonl"]
+    if not (MODEL / "config.json").exists():
+        build_tiny_model(MODEL, corpus, size="25m")
+    if not (EPOCH_MODEL / "config.json").exists():
+        build_tiny_model(EPOCH_MODEL, corpus, size="tiny")
+    if (EPOCH_MODEL / "tokenizer.json").read_bytes() != (MODEL / "tokenizer.json").read_bytes():
+        sys.exit(f"{EPOCH_MODEL} does not have {MODEL}'s tokenizer: its padding would be of other token counts")
+    whole = {}
+    if EPOCHS:
+        for mode in MODES:
+            out = subprocess.run([sys.executable, __file__, "--epochs", mode], capture_output=True, text=True,
+                                 check=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            whole[mode] = {k: row[k] for k in ("steps", "real_tokens", "padded_tokens", "padding_fraction")}
+            print(f"{EPOCHS} epochs {mode:16s} waste {row['padding_fraction'] * 100:5.1f}% over {row['steps']} steps",
+                  flush=True)
+        naive_slots = whole["naive"]["real_tokens"] + whole["naive"]["padded_tokens"]
+        for mode in MODES:  # token positions fed, relative to naive padding: what the padding alone saves
+            slots = whole[mode]["real_tokens"] + whole[mode]["padded_tokens"]
+            whole[mode]["positions_vs_naive"] = round(slots / naive_slots, 4)
     runs = []
     for round_ in range(RUNS):
         for mode in MODES:
@@ -92,7 +116,9 @@ def main() -> int:
            "job": {"data": "alpaca_en_demo.json (999 rows)", "model": "llama-25m", "micro_batch": 8,
                    "max_seq_length": 512, "steps": STEPS, "rounds": RUNS},
            "goals": {"packing_waste_below": 0.05, "packing_speedup_at_least": 1.5},
-           "summary": summary, "runs": runs}
+           "summary": summary, "runs": runs,
+           "whole_epochs": {"epochs": EPOCHS, "model": "llama-tiny with llama-25m's tokenizer (identical bytes)",
+                            "modes": whole}}
     (REPO / "bench" / "results" / "padding.json").write_text(json.dumps(out, indent=2) + "\n")
     for mode, s in summary.items():
         print(f"{mode:16s} waste {s['padding_fraction'] * 100:5.1f}%  {s['real_tokens_per_second']:8.0f} tok/s  "
