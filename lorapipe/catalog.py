@@ -70,9 +70,23 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
                                   "train.packing",
                  "train.init_adapter": "continues a causal-LM adapter; task: classification starts one with its "
                                        "head: unset train.init_adapter"}),
+    TaskSpec(
+        name="preference", summary="preference tuning of an SFT causal LM on chosen/rejected pairs (DPO, ORPO) or "
+                                   "desirable/undesirable answers (KTO): train.method",
+        model_kind="causal_lm",
+        data_formats=("auto_preference", "preference", "sharegpt_preference", "alpaca_preference", "unpaired"),
+        methods=("dpo", "kto", "orpo"),
+        metrics=("preference_accuracy", "reward_margin", "chosen_loss", "rouge_l", "stop_rate"),
+        best_model_metrics=("eval_loss",), default_model_name="lorapipe-preference", generates=True,
+        defaults={"train.method": "dpo"}, progress_metrics=("rewards/margins", "rewards/accuracies"),
+        refuses={"train.packing": "joins rows into one sequence; a preference pair is two sequences compared with "
+                                  "each other: unset train.packing",
+                 "train.group_by_length": "groups rows by one length; a pair has two: unset train.group_by_length"}),
 )}
 # train options only some tasks read, with the value that means "off": set on another task, the config is refused
 TASK_OPTIONS = {"train.class_weights": ("none", ("classification",))}
+# the data formats of unpaired feedback (KTO's): DPO and ORPO need pairs
+UNPAIRED_FORMATS = ("unpaired",)
 
 
 def task_spec(name: str) -> TaskSpec:
@@ -133,8 +147,8 @@ BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
         modules=("torch", "transformers", "peft", "trl"), install="pip install -e .",
         devices=("cuda", "cpu", "mps"), auto_on=("cuda", "cpu"), quantization=QUANTIZATIONS,
         quantized_by="bitsandbytes", optimizers=OPTIMIZERS, lora_bias=LORA_BIAS, features=OPTIONAL_FEATURES,
-        adapter_format="peft", data_parallel=True, tasks=("sft", "classification"), methods=("lora", "full"),
-        sft_loss_chunk_tokens=256),
+        adapter_format="peft", data_parallel=True, tasks=("sft", "classification", "preference"),
+        methods=("lora", "full", "dpo", "kto", "orpo"), sft_loss_chunk_tokens=256),
     BackendSpec(
         name="unsloth", summary="Unsloth + TRL: fused kernels and 4-bit QLoRA on CUDA",
         modules=("torch", "transformers", "peft", "trl", "unsloth", "bitsandbytes"), install="pip install -e '.[cuda]'",

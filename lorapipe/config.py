@@ -155,6 +155,23 @@ class LoraSection(_Section):
     bias: Literal[LORA_BIAS] = "none"  # type: ignore[valid-type]
 
 
+class PreferenceSection(_Section):
+    """task: preference: the settings of its methods (train.method: dpo | kto | orpo)."""
+
+    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference (DPO, KTO); ORPO's "
+                                               "weight of the odds-ratio term")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
+                       "exo_pair", "bco_pair", "discopop", "aot", "aot_unpaired"] = Field(
+        "sigmoid", description="DPO's loss (TRL's DPOConfig.loss_type): sigmoid is DPO's own, ipo IPO, hinge SLiC, ...")
+    label_smoothing: float = Field(0.0, ge=0.0, le=0.5, description="DPO: the share of pairs assumed mislabelled "
+                                                                      "(robust / conservative DPO)")
+    precompute_reference: bool = Field(
+        False, description="Compute the reference model's log-probabilities once before training, instead of a "
+                           "forward without gradients each step (DPO, KTO)")
+    desirable_weight: float = Field(1.0, gt=0, description="KTO: the loss weight of desirable answers")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO: the loss weight of undesirable answers")
+
+
 class TrainSection(_Section):
     backend: Literal[BACKEND_CHOICES] = "auto"  # type: ignore[valid-type]
     device: Literal[("auto", *DEVICES)] = Field(  # type: ignore[valid-type]
@@ -201,7 +218,9 @@ class TrainSection(_Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     method: Literal[METHOD_CHOICES] = Field(  # type: ignore[valid-type]
         "lora", description="lora (QLoRA with train.quantization); full: every weight trained, for small encoder "
-                            "classifiers (task: classification)")
+                            "classifiers (task: classification); dpo | kto | orpo: task: preference (LoRA, QLoRA "
+                            "with train.quantization)")
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)
     metric_for_best_model: Optional[Literal[BEST_MODEL_METRIC_CHOICES]] = Field(  # type: ignore[valid-type]
         None, description="What early stopping and load_best_model_at_end compare; null: eval_loss, or macro_f1 for "
                           "task: classification")
@@ -322,8 +341,6 @@ class LorapipeConfig(_Section):
             d.format = spec.data_formats[0]
         elif d.format not in spec.data_formats:
             problems.append(needs("data.format", d.format, "data_formats") + ": set data.format: auto")
-        if t.method not in spec.methods:
-            problems.append(needs("train.method", t.method, "methods") + f": set train.method: {spec.methods[0]}")
         if "primary_metric" not in r.model_fields_set:
             r.primary_metric = spec.metrics[0]
         elif r.primary_metric not in spec.metrics:
@@ -337,6 +354,14 @@ class LorapipeConfig(_Section):
                 owner = getattr(owner, part)
             if name not in owner.model_fields_set:
                 setattr(owner, name, value)
+        if t.method not in spec.methods:  # after the task's defaults: a preference task's method is dpo by default
+            problems.append(needs("train.method", t.method, "methods") + f": set train.method: {spec.methods[0]}")
+        if t.preference.model_fields_set and self.task != "preference":
+            problems.append(f"train.preference ({', '.join(sorted(t.preference.model_fields_set))}) needs task: "
+                            "preference")
+        if self.task == "preference" and t.method != "dpo" and "loss_type" in t.preference.model_fields_set:
+            problems.append(f"train.preference.loss_type chooses DPO's loss (sigmoid, ipo, ...); train.method: "
+                            f"{t.method} has its own: unset it, or set train.method: dpo")
         if t.metric_for_best_model not in (None, *spec.best_model_metrics):
             problems.append(needs("train.metric_for_best_model", t.metric_for_best_model, "best_model_metrics"))
         for key, why in spec.refuses.items():

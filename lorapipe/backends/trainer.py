@@ -152,6 +152,13 @@ class PaddingCounter:
         self.padding_free = False
 
     def count(self, inputs: dict[str, Any], real_tokens: Optional[int] = None) -> None:
+        if "input_ids" not in inputs:  # a trainer that batches each side apart (ORPO: chosen_/rejected_input_ids)
+            sides = [k[:-len("input_ids")] for k in inputs if k.endswith("_input_ids")]
+            for side in sides:
+                self.count({"input_ids": inputs[f"{side}input_ids"], "attention_mask":
+                            inputs.get(f"{side}attention_mask")})
+            self.batches -= max(0, len(sides) - 1)  # one batch, whatever its sides
+            return
         ids = inputs["input_ids"]
         total = int(ids.numel())
         mask = inputs.get("attention_mask")

@@ -18,7 +18,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from lorapipe.data.records import Problem, RawRow, Record
 
@@ -378,34 +378,7 @@ def normalise(row: RawRow, fmt: str, problems: list[Problem], prompt_key: str = 
             found.append(Problem(row.source, row.line, "messages", "expected a non-empty list of {role, content}",
                                  "give 'messages' as [{\"role\": \"user\", \"content\": ...}, ...]", "wrong_type"))
         else:
-            for i, m in enumerate(msgs):
-                fld = f"messages[{i}]"
-                if not isinstance(m, dict):
-                    found.append(Problem(row.source, row.line, fld, "expected an object", "use {role, content}",
-                                         "wrong_type"))
-                    continue
-                role = m.get("role")
-                if role not in CHAT_ROLES:
-                    found.append(Problem(row.source, row.line, f"{fld}.role", f"unknown role {role!r}",
-                                         f"use one of {', '.join(CHAT_ROLES)}", "bad_role"))
-                    continue
-                content = m.get("content")
-                if content is not None and not isinstance(content, str):
-                    found.append(Problem(row.source, row.line, f"{fld}.content",
-                                         f"expected a string, got {type(content).__name__}", "make content a string",
-                                         "wrong_type"))
-                    continue
-                msg = {"role": role, "content": content}
-                if m.get("tool_calls"):
-                    msg["tool_calls"] = m["tool_calls"]
-                    if content is None:
-                        msg["content"] = json.dumps(m["tool_calls"], ensure_ascii=False)
-                elif content is None:
-                    found.append(Problem(row.source, row.line, f"{fld}.content", "missing",
-                                         "add a string 'content' (or 'tool_calls' for an assistant call)",
-                                         "missing_field"))
-                    continue
-                rec.messages.append(msg)
+            rec.messages += _chat_messages(msgs, "messages", row, found)
     elif fmt == "sharegpt":
         turns = obj.get("conversations")
         if not isinstance(turns, list) or not turns:
@@ -414,23 +387,9 @@ def normalise(row: RawRow, fmt: str, problems: list[Problem], prompt_key: str = 
         else:
             if isinstance(obj.get("system"), str) and obj["system"]:
                 rec.messages.append({"role": "system", "content": obj["system"]})
-            for i, t in enumerate(turns):
-                fld = f"conversations[{i}]"
-                if not isinstance(t, dict):
-                    found.append(Problem(row.source, row.line, fld, "expected an object", "use {from, value}",
-                                         "wrong_type"))
-                    continue
-                role = SHAREGPT_ROLES.get(t.get("from"))
-                if role is None:
-                    found.append(Problem(row.source, row.line, f"{fld}.from", f"unknown speaker {t.get('from')!r}",
-                                         f"use one of {', '.join(SHAREGPT_ROLES)}", "bad_role"))
-                    continue
-                value = t.get("value")
-                if not isinstance(value, str):
-                    found.append(Problem(row.source, row.line, f"{fld}.value", "expected a string",
-                                         "make 'value' a string", "wrong_type"))
-                    continue
-                rec.messages.append({"role": role, "content": value})
+            rec.messages += _sharegpt_messages(turns, "conversations", row, found)
+    elif fmt in PREFERENCE_FORMATS:
+        _preference(obj, fmt, rec, row, found, prompt_key, completion_key)
     if fmt in ("messages", "sharegpt") and obj.get("tools") is not None:
         rec.tools = obj["tools"] if isinstance(obj["tools"], str) else json.dumps(obj["tools"], ensure_ascii=False)
     row.problems.extend(found)
@@ -438,6 +397,187 @@ def normalise(row: RawRow, fmt: str, problems: list[Problem], prompt_key: str = 
     if any(p.severity == "error" for p in found):
         return None
     return rec
+
+
+def _chat_messages(msgs: list, fld_name: str, row: RawRow, found: list[Problem]) -> list[dict]:
+    """A list of {role, content} (tool calls kept), each bad one a problem naming its index."""
+    out: list[dict] = []
+    for i, m in enumerate(msgs):
+        fld = f"{fld_name}[{i}]"
+        if not isinstance(m, dict):
+            found.append(Problem(row.source, row.line, fld, "expected an object", "use {role, content}",
+                                 "wrong_type"))
+            continue
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            found.append(Problem(row.source, row.line, f"{fld}.role", f"unknown role {role!r}",
+                                 f"use one of {', '.join(CHAT_ROLES)}", "bad_role"))
+            continue
+        content = m.get("content")
+        if content is not None and not isinstance(content, str):
+            found.append(Problem(row.source, row.line, f"{fld}.content",
+                                 f"expected a string, got {type(content).__name__}", "make content a string",
+                                 "wrong_type"))
+            continue
+        msg = {"role": role, "content": content}
+        if m.get("tool_calls"):
+            msg["tool_calls"] = m["tool_calls"]
+            if content is None:
+                msg["content"] = json.dumps(m["tool_calls"], ensure_ascii=False)
+        elif content is None:
+            found.append(Problem(row.source, row.line, f"{fld}.content", "missing",
+                                 "add a string 'content' (or 'tool_calls' for an assistant call)",
+                                 "missing_field"))
+            continue
+        out.append(msg)
+    return out
+
+
+def _sharegpt_messages(turns: list, fld_name: str, row: RawRow, found: list[Problem]) -> list[dict]:
+    """A list of ShareGPT {from, value} turns as {role, content}, each bad one a problem naming its index."""
+    out: list[dict] = []
+    for i, t in enumerate(turns):
+        fld = f"{fld_name}[{i}]"
+        if not isinstance(t, dict):
+            found.append(Problem(row.source, row.line, fld, "expected an object", "use {from, value}",
+                                 "wrong_type"))
+            continue
+        role = SHAREGPT_ROLES.get(t.get("from"))
+        if role is None:
+            found.append(Problem(row.source, row.line, f"{fld}.from", f"unknown speaker {t.get('from')!r}",
+                                 f"use one of {', '.join(SHAREGPT_ROLES)}", "bad_role"))
+            continue
+        value = t.get("value")
+        if not isinstance(value, str):
+            found.append(Problem(row.source, row.line, f"{fld}.value", "expected a string",
+                                 "make 'value' a string", "wrong_type"))
+            continue
+        out.append({"role": role, "content": value})
+    return out
+
+
+# task: preference's formats (lorapipe.catalog: the preference task's data_formats); auto_preference detects one
+PREFERENCE_FORMATS = ("auto_preference", "preference", "sharegpt_preference", "alpaca_preference", "unpaired")
+
+
+def detect_preference_format(obj: dict, prompt_key: str = "prompt",
+                             completion_key: str = "completion") -> Optional[str]:
+    """task: preference: pairs (chosen + rejected) in TRL's, ShareGPT's or Alpaca's keys, or unpaired feedback
+    (a boolean label with a completion or a conversation)."""
+    if "chosen" in obj and "rejected" in obj:
+        if "conversations" in obj:
+            return "sharegpt_preference"
+        if "instruction" in obj:
+            return "alpaca_preference"
+        return "preference"
+    if "label" in obj and ("messages" in obj or completion_key in obj):
+        return "unpaired"
+    return None
+
+
+def _answer(value: Any, fld: str, row: RawRow, found: list[Problem], sharegpt: bool) -> Optional[list[dict]]:
+    """One side of a pair: a string (the assistant's answer), a message object, or a list of messages; ShareGPT's
+    are {from, value}."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        found.append(Problem(row.source, row.line, fld, "expected a string, a message or a list of messages",
+                             f"give '{fld}' as the answer's text or [{{\"role\": \"assistant\", ...}}]", "wrong_type"))
+        return None
+    msgs = _sharegpt_messages(value, fld, row, found) if sharegpt else _chat_messages(value, fld, row, found)
+    if len(msgs) == len(value) and msgs[0]["role"] != "assistant":
+        found.append(Problem(row.source, row.line, f"{fld}[0].role", f"an answer starts with the assistant, not "
+                             f"{msgs[0]['role']!r}", "put the shared turns in the prompt and only the answer in "
+                             f"'{fld}'", "role_order"))
+    return msgs
+
+
+def _prompt(value: Any, fld: str, row: RawRow, found: list[Problem]) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value:
+        return _chat_messages(value, fld, row, found)
+    found.append(Problem(row.source, row.line, fld, "expected a string or a non-empty list of messages",
+                         f"give '{fld}' as the prompt's text or [{{\"role\": \"user\", ...}}]", "wrong_type"))
+    return []
+
+
+def _split_implicit_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """TRL's implicit prompt: chosen and rejected are whole conversations; their shared leading messages are the
+    prompt, up to the first answer where they part."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    while n > 0 and chosen[n - 1]["role"] == "assistant" and (n == len(chosen) or n == len(rejected)):
+        n -= 1  # two identical whole conversations: keep the last answer on each side (the pair check says so)
+    while n > 0 and n < len(chosen) and chosen[n]["role"] != "assistant":
+        n -= 1  # the sides part inside a user turn: the prompt ends before it
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _preference(obj: dict, fmt: str, rec: Record, row: RawRow, found: list[Problem], prompt_key: str,
+                completion_key: str) -> None:
+    """Fill a preference record: the prompt in `messages`, the answers in `chosen`/`rejected` (pairs) or `chosen`
+    with `desirable` (unpaired)."""
+    if fmt == "alpaca_preference":
+        instruction = _expect_str(obj, "instruction", row, found)
+        extra = _expect_str(obj, "input", row, found, required=False)
+        system = _expect_str(obj, "system", row, found, required=False)
+        if system:
+            rec.messages.append({"role": "system", "content": system})
+        rec.messages.append({"role": "user", "content": instruction if not extra else f"{instruction}\n\n{extra}"})
+        for side in ("chosen", "rejected"):
+            text = _expect_str(obj, side, row, found)
+            setattr(rec, side, [{"role": "assistant", "content": text}] if text is not None else None)
+    elif fmt == "sharegpt_preference":
+        turns = obj.get("conversations")
+        if not isinstance(turns, list) or not turns:
+            found.append(Problem(row.source, row.line, "conversations", "expected a non-empty list of {from, value}",
+                                 "give 'conversations' as the prompt's turns [{\"from\": \"human\", ...}]",
+                                 "wrong_type"))
+        else:
+            if isinstance(obj.get("system"), str) and obj["system"]:
+                rec.messages.append({"role": "system", "content": obj["system"]})
+            rec.messages += _sharegpt_messages(turns, "conversations", row, found)
+        rec.chosen = _answer(obj.get("chosen"), "chosen", row, found, sharegpt=True)
+        rec.rejected = _answer(obj.get("rejected"), "rejected", row, found, sharegpt=True)
+    elif fmt == "preference":
+        if prompt_key in obj:
+            rec.messages = _prompt(obj[prompt_key], prompt_key, row, found)
+            rec.chosen = _answer(obj.get("chosen"), "chosen", row, found, sharegpt=False)
+            rec.rejected = _answer(obj.get("rejected"), "rejected", row, found, sharegpt=False)
+        elif isinstance(obj.get("chosen"), list) and isinstance(obj.get("rejected"), list):
+            chosen = _chat_messages(obj["chosen"], "chosen", row, found)
+            rejected = _chat_messages(obj["rejected"], "rejected", row, found)
+            rec.messages, rec.chosen, rec.rejected = _split_implicit_prompt(chosen, rejected)
+            if not rec.messages:
+                found.append(Problem(row.source, row.line, "chosen", "no prompt: the conversations share no turn "
+                                     "before the answers", f"add a '{prompt_key}', or start both conversations with "
+                                     "the same user turn", "missing_field"))
+        else:
+            found.append(Problem(row.source, row.line, prompt_key, "missing, and chosen/rejected are not whole "
+                                 "conversations (an implicit prompt)", f"add a '{prompt_key}' (text or messages)",
+                                 "missing_field"))
+    elif fmt == "unpaired":
+        label = obj.get("label")
+        if not isinstance(label, bool):
+            found.append(Problem(row.source, row.line, "label", f"expected true (desirable) or false (undesirable), "
+                                 f"got {label!r}", "write label as a JSON boolean", "wrong_type"))
+        rec.desirable = label if isinstance(label, bool) else None
+        if "messages" in obj and completion_key not in obj:
+            msgs = _chat_messages(obj["messages"], "messages", row, found) if isinstance(obj["messages"], list) \
+                else []
+            if not msgs or msgs[-1]["role"] != "assistant":
+                found.append(Problem(row.source, row.line, "messages", "unpaired feedback's conversation ends with "
+                                     "the answer being judged (an assistant message)", "end 'messages' with the "
+                                     "assistant's answer", "role_order"))
+            else:
+                rec.messages, rec.chosen = msgs[:-1], msgs[-1:]
+        else:
+            rec.messages = _prompt(obj.get(prompt_key), prompt_key, row, found)
+            rec.chosen = _answer(obj.get(completion_key), completion_key, row, found, sharegpt=False)
 
 
 @dataclass
@@ -476,25 +616,28 @@ def iter_records(paths: list[str], fmt: str, prompt_key: str, completion_key: st
                         rec.group = str(row.obj[group_key])
                 yield row, rec
         return
+    preference = fmt in PREFERENCE_FORMATS
+    detect, known = ((detect_preference_format, PREFERENCE_FORMATS[1:]) if preference else (detect_format, FORMATS))
+    auto = fmt in ("auto", "auto_preference")
     for path in paths:
-        file_fmt: Optional[str] = None if fmt == "auto" else fmt
+        file_fmt: Optional[str] = None if auto else fmt
         first_line = 0
         for row in iter_raw_rows(path, problems):
             if row.obj is None:  # unreadable: the problem is recorded, the raw text is kept
                 yield row, None
                 continue
-            row_fmt = detect_format(row.obj, prompt_key, completion_key)
+            row_fmt = detect(row.obj, prompt_key, completion_key)
             if file_fmt is None:
                 if row_fmt is None:
                     problem = Problem(row.source, row.line, "(row)", f"no known format in keys {sorted(row.obj)[:8]}",
-                                      f"use one of: {', '.join(FORMATS)} (prompt/completion keys: data.prompt_key, "
+                                      f"use one of: {', '.join(known)} (prompt/completion keys: data.prompt_key, "
                                       "data.completion_key)",
                                       "unknown_format")
                     yield _with_problem(row, problem, problems), None
                     continue
                 file_fmt, first_line = row_fmt, row.line
                 formats[str(path)] = file_fmt
-            elif row_fmt != file_fmt and not (fmt != "auto" and row_fmt is None):
+            elif row_fmt != file_fmt and not (not auto and row_fmt is None):
                 problem = Problem(row.source, row.line, "(row)",
                                   f"format {row_fmt or 'unknown'} differs from {file_fmt} (detected at line "
                                   f"{first_line or 1})",
@@ -514,7 +657,7 @@ def iter_records(paths: list[str], fmt: str, prompt_key: str, completion_key: st
                             break
                         setattr(rec, attr, str(value))
             yield row, rec
-        if file_fmt and fmt != "auto":  # an explicit format is recorded even for a file of unreadable rows
+        if file_fmt and not auto:  # an explicit format is recorded even for a file of unreadable rows
             formats[str(path)] = file_fmt
 
 

@@ -51,6 +51,11 @@ class Record:
     group: Optional[str] = None  # split.group_key's value: rows of one group stay in one split
     label: Optional[str] = None  # split.stratify_key's value; task: classification: the class label's name
     text_pair: Optional[str] = None  # task: classification: the second text of a pair (data.text_pair_key)
+    # task: preference: `messages` is the prompt (the conversation before the answer); `chosen` and `rejected` are the
+    # two answers of a pair (assistant messages), or `chosen` the one answer of unpaired feedback with `desirable`
+    chosen: Optional[list[dict]] = None
+    rejected: Optional[list[dict]] = None
+    desirable: Optional[bool] = None
 
     def content_key(self) -> str:
         """Whitespace-normalised content, for duplicate detection and content-hash splitting."""
@@ -59,8 +64,25 @@ class Record:
             if self.text_pair is not None:  # a pair is one row: the same first text with another pair is not a copy
                 body += "\x1d" + " ".join(self.text_pair.split())
         else:
-            body = "\x1e".join(f"{m['role']}\x1f{' '.join(str(m.get('content') or '').split())}" for m in self.messages)
+            body = _messages_key(self.messages)
+        if self.chosen is not None:  # the pair (or one answer) is the row: the prompt with other answers is no copy
+            body += "\x1dchosen\x1d" + _messages_key(self.chosen)
+        if self.rejected is not None:
+            body += "\x1drejected\x1d" + _messages_key(self.rejected)
+        if self.desirable is not None:
+            body += f"\x1ddesirable\x1d{self.desirable}"
         return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+    def prompt_key(self) -> str:
+        """The prompt alone, whitespace-normalised (task: preference: pairs of one prompt are compared)."""
+        return hashlib.sha256(_messages_key(self.messages).encode("utf-8")).hexdigest()
+
+    def side(self, name: str) -> "Record":
+        """task: preference: the prompt with its `chosen` or `rejected` answer, as an SFT row (rendered, masked and
+        scored as SFT's rows are)."""
+        answer = getattr(self, name)
+        return Record(self.source, self.line, "", self.format, messages=[*self.messages, *(answer or [])],
+                      tools=self.tools)
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {"source": self.source, "line": self.line, "format": self.format}
@@ -72,6 +94,9 @@ class Record:
             out["text_pair"] = self.text_pair
         for key in ("tools", "group", "label"):
             if getattr(self, key):
+                out[key] = getattr(self, key)
+        for key in ("chosen", "rejected", "desirable"):
+            if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
 
@@ -88,7 +113,14 @@ class Record:
             group=d.get("group"),
             label=d.get("label"),
             text_pair=d.get("text_pair"),
+            chosen=d.get("chosen"),
+            rejected=d.get("rejected"),
+            desirable=d.get("desirable"),
         )
+
+
+def _messages_key(messages: list[dict]) -> str:
+    return "\x1e".join(f"{m['role']}\x1f{' '.join(str(m.get('content') or '').split())}" for m in messages)
 
 
 def fingerprint_part(rec: Record, content_key: str) -> bytes:

@@ -60,6 +60,22 @@ class AuditReport(BaseModel):
     explanation: str
 
 
+class PreferenceData(BaseModel):
+    """task: preference: what the accepted rows hold: pairs, or unpaired feedback by label, and what the pair checks
+    found across rows."""
+
+    pairs: int = Field(0, description="accepted chosen/rejected pairs")
+    desirable: int = Field(0, description="accepted unpaired answers labelled desirable (KTO)")
+    undesirable: int = Field(0, description="accepted unpaired answers labelled undesirable (KTO)")
+    prompts: int = Field(0, description="distinct prompts among the rows read")
+    contradictions: int = Field(0, description="pairs whose reverse (the same prompt, chosen and rejected swapped) "
+                                               "came earlier: rejected")
+    identical_after_truncation: int = Field(0, description="pairs whose two sides are the same tokens once cut to "
+                                                           "train.max_seq_length: rejected")
+    length_keeping_them: Optional[int] = Field(None, description="the train.max_seq_length at which every such pair "
+                                                                 "keeps a difference")
+
+
 class ClassificationData(BaseModel):
     """task: classification: the label set frozen for training (ids 0..n-1 in this order) and the rows per label."""
 
@@ -105,6 +121,7 @@ class ValidationReport(BaseModel):
     audit: Optional[AuditReport] = None
     expectations: Optional[ExpectationsReport] = None
     classification: Optional[ClassificationData] = None
+    preference: Optional[PreferenceData] = None
     passed: bool
     verdict: str
 

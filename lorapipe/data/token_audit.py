@@ -33,6 +33,11 @@ def padding_waste(lengths: list[int], micro_batch_size: int) -> float:
 
 def row_facts(rec: Record) -> dict:
     """The facts of a row the expectation suite checks (messages, prompt and response characters)."""
+    if rec.chosen is not None:  # task: preference: the shorter answer of the two
+        prompt = sum(len(m.get("content") or "") for m in rec.messages if m["role"] != "assistant")
+        resp = min(len("".join(m.get("content") or "" for m in side).strip())
+                   for side in (rec.chosen, rec.rejected) if side is not None)
+        return {"n_messages": len(rec.messages) + 1, "prompt_chars": prompt, "response_chars": resp}
     if rec.text is not None:
         return {"n_messages": 1, "prompt_chars": 0, "response_chars": len(rec.text.strip())}
     prompt = sum(len(m.get("content") or "") for m in rec.messages if m["role"] != "assistant")
@@ -188,3 +193,70 @@ class ClassificationTokenAudit(TokenAudit):
                ) -> tuple[TokenStats, None]:
         stats, _ = super().finish(micro_batch_sizes, template_source)
         return stats, None
+
+
+class PreferenceTokenAudit(TokenAudit):
+    """task: preference: both sides of a pair (or the one answer of unpaired feedback) rendered with the prompt as
+    SFT renders a row; the over-length policy on the longer side; a pair whose two sides are the same tokens once
+    cut to the limit is rejected (the difference lies past the cut: it teaches nothing), with the length that would
+    keep it; the learns-to-stop audit counts a row when every side it trains ends on the stop token."""
+
+    def __init__(self, tokenizer: Any, max_len: Optional[int], overlength: str):
+        super().__init__(tokenizer, max_len, overlength)
+        self.identical_after_cut = 0
+        self.length_keeping_them: Optional[int] = None
+
+    def add(self, rec: Record, problems: list[Problem]) -> tuple[list[str], dict]:
+        return self.add_batch([rec], [problems])[0]
+
+    def add_batch(self, recs: list[Record], problems: list[list[Problem]]) -> list[tuple[list[str], dict]]:
+        from lorapipe.data.render import RenderError, encode_batch
+
+        sides = [[rec.side("chosen")] + ([rec.side("rejected")] if rec.rejected is not None else []) for rec in recs]
+        encoded = iter(encode_batch(self.tok, [s for row in sides for s in row], None))  # full length: cut below
+        out: list[tuple[list[str], dict]] = []
+        for rec, found, row_sides in zip(recs, problems, sides):
+            self.rows += 1
+            encs = [next(encoded) for _ in row_sides]
+            failed = next((e for e in encs if isinstance(e, RenderError)), None)
+            if failed is not None:
+                found.append(Problem(rec.source, rec.line, "(template)", str(failed), "set model.chat_template",
+                                     "template_error"))
+                out.append((["template_error"], {}))
+                continue
+            longest = max(e.full_length for e in encs)
+            rejected = self.length_policy(rec, longest, found, "tokens after the chat template (the longer side),",
+                                          "raise train.max_seq_length, shorten the row, or set validation.overlength "
+                                          "to 'truncate' or 'drop'")
+            if rejected:
+                out.append(([rejected], {}))
+                continue
+            cut = self.max_len if self.max_len is not None else longest
+            ids = [e.input_ids[:cut] for e in encs]
+            masks = [e.assistant_mask[:cut] for e in encs]
+            if len(encs) == 2 and ids[0] == ids[1]:
+                differ = next((i for i, (a, b) in enumerate(zip(encs[0].input_ids, encs[1].input_ids)) if a != b),
+                              min(len(encs[0].input_ids), len(encs[1].input_ids)))
+                self.identical_after_cut += 1
+                self.length_keeping_them = max(self.length_keeping_them or 0, differ + 1)
+                found.append(Problem(rec.source, rec.line, "chosen/rejected", f"chosen and rejected are the same "
+                                     f"{cut} tokens once cut to train.max_seq_length={cut}: they differ from token "
+                                     f"{differ + 1} on, so the pair teaches nothing",
+                                     f"raise train.max_seq_length to at least {differ + 1}, or shorten the prompt",
+                                     "pair_identical_after_truncation"))
+                out.append((["pair_identical_after_truncation"], {}))
+                continue
+            trained = [sum(m) for m in masks]
+            if min(trained) == 0:
+                found.append(Problem(rec.source, rec.line, "(row)", "no trainable token on a side after masking (and "
+                                     "truncation)", "shorten the prompt or raise train.max_seq_length",
+                                     "no_trainable_tokens"))
+                out.append((["no_trainable_tokens"], {}))
+                continue
+            if all(_turns_end_with(i, m, self.eos_id) for i, m in zip(ids, masks)):
+                self.stop_rows += 1
+            n = max(len(i) for i in ids)
+            self.lengths.append(n)
+            self.trained += sum(trained)
+            out.append(([], {**row_facts(rec), "n_tokens": n, "n_trainable_tokens": sum(trained)}))
+        return out

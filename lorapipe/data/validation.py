@@ -16,19 +16,20 @@ from collections import Counter
 from typing import Any, Optional, Sequence
 
 from lorapipe.data.expectations import run_suite
-from lorapipe.data.formats import CONTROL_RE, PLACEHOLDER_RE, LabelFields, iter_records
+from lorapipe.data.formats import CONTROL_RE, PLACEHOLDER_RE, PREFERENCE_FORMATS, LabelFields, iter_records
 from lorapipe.data.records import Problem, RawRow, Record, fingerprint_part
 from lorapipe.data.report import (
     AuditReport,
     ClassificationData,
     DataValidationError,
+    PreferenceData,
     RejectedRow,
     RejectedRows,
     ValidationOutcome,
     ValidationReport,
     label_order,
 )
-from lorapipe.data.token_audit import ClassificationTokenAudit, TokenAudit, row_facts
+from lorapipe.data.token_audit import ClassificationTokenAudit, PreferenceTokenAudit, TokenAudit, row_facts
 
 # Without a tokenizer a row's token count is unknown; a row this long (~25k tokens of English) is said, not passed
 # silently: it is far over any usual sequence limit, and often two rows fused by a lost newline.
@@ -65,6 +66,8 @@ def check_record(rec: Record, problems: list[Problem], prompt_key: str = "prompt
             if not text.strip():
                 problems.append(Problem(src, line, fld, "empty or whitespace-only text", "write the text, or remove "
                                         "the row", "empty_text"))
+    elif rec.chosen is not None:  # task: preference: the prompt, and the answer(s)
+        contents = _check_preference(rec, problems)
     elif rec.text is not None:
         if not rec.text.strip():
             problems.append(Problem(src, line, "text", "empty or whitespace-only", "remove the row or fill it",
@@ -93,6 +96,61 @@ def check_record(rec: Record, problems: list[Problem], prompt_key: str = "prompt
             problems.append(Problem(src, line, fld, f"control character U+{ord(c.group(0)):04X} at offset {c.start()}",
                                     "remove it (often a sign of a bad export or encoding)", "control_char",
                                     severity="warning"))
+
+
+def _check_preference(rec: Record, problems: list[Problem]) -> list[tuple[str, str]]:
+    """A preference row's own checks: the prompt, each side's answer, and a pair whose sides are the same answer.
+    Returns the (field, text) of everything in it, for the checks every row gets."""
+    src, line = rec.source, rec.line
+    prompt_field = "conversations" if rec.format == "sharegpt_preference" else \
+        "instruction/input" if rec.format == "alpaca_preference" else "prompt"
+    contents = [(f"{prompt_field}[{i}]", m.get("content") or "") for i, m in enumerate(rec.messages)]
+    if not any(m["role"] == "user" and (m.get("content") or "").strip() for m in rec.messages):
+        problems.append(Problem(src, line, prompt_field, "no prompt: no user turn with text before the answers",
+                                "write the prompt, or remove the row", "empty_prompt"))
+    sides = [("chosen" if rec.desirable is None else "completion", rec.chosen)]
+    if rec.rejected is not None:
+        sides.append(("rejected", rec.rejected))
+    for name, answer in sides:
+        contents += [(f"{name}[{i}]" if len(answer) > 1 else name, m.get("content") or "")
+                     for i, m in enumerate(answer)]
+        if not "".join(m.get("content") or "" for m in answer if m["role"] == "assistant").strip():
+            problems.append(Problem(src, line, name, "empty side: the answer is empty or whitespace-only",
+                                    f"write the {name} answer, or remove the row", "empty_side"))
+    if rec.rejected is not None and _answer_text(rec.chosen) == _answer_text(rec.rejected):
+        problems.append(Problem(src, line, "chosen/rejected", "chosen and rejected are the same answer: the pair "
+                                "teaches nothing", "fix one side, or remove the row", "identical_pair"))
+    if not any(p.line == line and p.source == src and p.code in ("empty_prompt",) for p in problems):
+        _check_roles(rec.side("chosen"), [m["role"] for m in rec.side("chosen").messages], problems)
+    return contents
+
+
+def _answer_text(answer: Optional[list[dict]]) -> str:
+    return "\x1e".join(" ".join(str(m.get("content") or "").split()) for m in answer or [])
+
+
+class PairIndex:
+    """task: preference: each prompt's pairs seen so far (digests of the two answers) and where: the same prompt with
+    chosen and rejected swapped is a contradiction, rejected with the line it contradicts."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[bytes, bytes, bytes], tuple[str, int]] = {}  # 16-byte digests: bounded memory
+        self.prompts: set[bytes] = set()
+
+    def check(self, rec: Record) -> Optional[Problem]:
+        prompt = bytes.fromhex(rec.prompt_key()[:32])
+        self.prompts.add(prompt)
+        if rec.rejected is None:
+            return None
+        chosen, rejected = (hashlib.sha256(_answer_text(a).encode()).digest()[:16] for a in (rec.chosen, rec.rejected))
+        other = self.seen.get((prompt, rejected, chosen))
+        if other is not None:
+            where = f"line {other[1]}" if other[0] == rec.source else f"{other[0]}:{other[1]}"
+            return Problem(rec.source, rec.line, "chosen/rejected", f"contradicts {where}: the same prompt with these "
+                           "two answers the other way round", "keep the pair that is right and remove the other",
+                           "contradictory_pair", other_line=other[1])
+        self.seen.setdefault((prompt, chosen, rejected), (rec.source, rec.line))
+        return None
 
 
 def _check_roles(rec: Record, roles: list[str], problems: list[Problem]) -> None:
@@ -217,7 +275,10 @@ def validate_dataset(
     fingerprint = hashlib.sha256()
     classifying = fmt == "classification"
     duplicates = DuplicateIndex(classifying, label_fields.label_key if label_fields else "label")
-    audit_cls = ClassificationTokenAudit if classifying else TokenAudit
+    preference = fmt in PREFERENCE_FORMATS
+    pairs = PairIndex() if preference else None
+    preference_counts: Counter = Counter()
+    audit_cls = ClassificationTokenAudit if classifying else PreferenceTokenAudit if preference else TokenAudit
     audit = audit_cls(tokenizer, max_seq_length, overlength) if tokenizer is not None else None
     chat_template_source = getattr(tokenizer, "lorapipe_chat_template_source", chat_template_source)
     facts: dict[str, array] = {}  # columnar: a million rows of facts cost megabytes, not a dict per row
@@ -236,6 +297,9 @@ def validate_dataset(
         n_kept += 1
         if classifying:
             label_counts[rec.label] += 1
+        if preference:
+            preference_counts["pairs" if rec.rejected is not None else
+                              "desirable" if rec.desirable else "undesirable"] += 1
         fingerprint.update(fingerprint_part(rec, key))
         for name, value in row_facts_.items():
             facts.setdefault(name, array("q")).append(value)
@@ -283,6 +347,9 @@ def validate_dataset(
             seen = duplicates.check(rec, bytes.fromhex(key[:32]))
             if seen is not None:
                 found.append(seen)
+            contradiction = pairs.check(rec) if pairs is not None and not seen else None
+            if contradiction is not None:
+                found.append(contradiction)
             if audit is None and len(row.raw) > LONG_ROW_CHARS:
                 found.append(Problem(rec.source, rec.line, "(row)", f"{len(row.raw):,} characters",
                                      "check it is meant to be one row; give --model (or train with it) to count its "
@@ -303,6 +370,9 @@ def validate_dataset(
         classification = _classification_data(label_counts, label_fields, max_class_imbalance, min_rows, problems)
         if keep_records:
             facts["label_id"] = array("q", [classification.label2id[r.label] for r in kept])
+    preference_data = None
+    if preference:
+        preference_data = _preference_data(preference_counts, pairs, audit, problems)
     expectations = None
     if run_expectations and facts:
         expectations = run_suite(facts, max_seq_length if tokenizer is not None else None, min_rows)
@@ -325,6 +395,7 @@ def validate_dataset(
         audit=audit_report,
         expectations=expectations,
         classification=classification,
+        preference=preference_data,
         passed=not verdicts,
         verdict="PASSED" if not verdicts else "FAILED: " + "; ".join(verdicts),
     )
@@ -338,8 +409,9 @@ def _verdict(problems: list[Problem], n_rejected: int, rows_read: int, n_kept: i
     errors = [p for p in problems if p.severity == "error"]
     bad_fraction = n_rejected / rows_read if rows_read else 1.0
     verdicts = []
-    if any(p.line == 0 for p in errors):
+    if any(p.line == 0 and p.source != DATASET for p in errors):
         verdicts.append("a data file is missing, empty or unreadable")
+    verdicts += [f"the data as a whole: {p.message} ({p.fix})" for p in errors if p.source == DATASET]
     if any(p.line != 0 for p in errors) and on_bad_rows == "fail":
         verdicts.append(f"{n_rejected} row(s) rejected and validation.on_bad_rows is 'fail' "
                         "(set it to 'quarantine' to train on the rest; rejected rows are kept as an artifact)")
@@ -356,6 +428,38 @@ def _verdict(problems: list[Problem], n_rejected: int, rows_read: int, n_kept: i
 
 
 DATASET = "(dataset)"  # where a problem of the whole dataset (not one row) is said to be
+# KTO's desirable/undesirable balance: TRL advises desirable_weight x desirable / (undesirable_weight x undesirable)
+# between 1 and 4/3; outside this wider band the data is said to be unbalanced
+KTO_BALANCE = (0.5, 2.0)
+
+
+def _preference_data(counts: Counter, pairs: "PairIndex", audit: Any, problems: list[Problem]) -> PreferenceData:
+    """task: preference: the counts the report carries, and the data's own problems (unpaired feedback of one kind
+    only; an unbalanced KTO set)."""
+    data = PreferenceData(pairs=counts["pairs"], desirable=counts["desirable"], undesirable=counts["undesirable"],
+                          prompts=len(pairs.prompts),
+                          contradictions=sum(p.code == "contradictory_pair" for p in problems),
+                          identical_after_truncation=getattr(audit, "identical_after_cut", 0),
+                          length_keeping_them=getattr(audit, "length_keeping_them", None))
+    good, bad = data.desirable, data.undesirable
+    if good + bad and data.pairs:
+        problems.append(Problem(DATASET, 0, "(dataset)", f"{data.pairs} pairs and {good + bad} unpaired answers in one "
+                                "data set", "train pairs (DPO, ORPO) or unpaired feedback (KTO), one kind per run",
+                                "mixed_preference_kinds"))
+    elif good + bad and (not good or not bad):
+        kind = "desirable" if good else "undesirable"
+        problems.append(Problem(DATASET, 0, "label", f"every unpaired answer is {kind}: KTO needs both kinds",
+                                f"add answers labelled {'false' if good else 'true'}", "one_sided_feedback"))
+    elif good + bad and not KTO_BALANCE[0] <= good / bad <= KTO_BALANCE[1]:
+        weight = bad / good
+        problems.append(Problem(DATASET, 0, "label", f"{good} desirable and {bad} undesirable answers "
+                                f"({good / bad:.2f}:1)", f"set train.preference.desirable_weight: {weight:.2f} (TRL "
+                                "advises desirable weight x desirable / undesirable between 1 and 4/3), or rebalance "
+                                "the data",
+                                "unbalanced_feedback", severity="warning"))
+    return data
+
+
 
 
 def _classification_data(counts: Counter, fields: Optional[LabelFields], max_imbalance: float, min_rows: int,

@@ -52,6 +52,14 @@ class ModelScores(BaseModel):
     stop_rate: Optional[float] = None  # learned-to-stop rate: generations ending on an end token
     overshoot: Optional[float] = None  # mean tokens generated beyond the reference's length
     generation_seconds: Optional[float] = None  # wall time of this model's generation
+    # task: preference (lorapipe.tasks.preference): on held-out pairs
+    preference_accuracy: Optional[float] = None  # share of pairs whose chosen answer has the higher log-probability
+    reward_margin: Optional[float] = None  # tuned only: mean DPO implicit reward of chosen minus rejected (vs start)
+    reward_accuracy: Optional[float] = None  # tuned only: share of pairs with a positive implicit reward margin
+    chosen_loss: Optional[float] = None  # mean NLL per token of the chosen answers
+    chosen_logp_per_token: Optional[float] = None
+    rejected_logp_per_token: Optional[float] = None
+    rouge_l_rejected: Optional[float] = None  # ROUGE-L of the generations against the rejected answers
     # task: classification (see lorapipe.tasks.classification): over every test row
     accuracy: Optional[float] = None
     macro_f1: Optional[float] = None

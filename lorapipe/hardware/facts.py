@@ -163,7 +163,7 @@ def facts_from_config(cfg: Any, source: str = "config", task: str = "sft", num_l
                           stored_dtype=stored_dtype(cfg))
     return ModelFacts(source=source, model_type=cfg.model_type, vocab_size=V, hidden_size=h, intermediate_size=inter,
                       layers=L, heads=heads, kv_heads=kv, head_dim=d, tied_embeddings=tied, parameter_counts=counts,
-                      linears=linears, qk_norm=bool(qk_norm), stored_dtype=stored_dtype(cfg))
+                      linears=linears, qk_norm=bool(qk_norm), stored_dtype=stored_dtype(cfg), task=task)
 
 
 def count_on_meta(cfg: Any, source: str = "config", task: str = "sft", num_labels: int = 2) -> ModelFacts:
@@ -247,7 +247,7 @@ def count_on_meta(cfg: Any, source: str = "config", task: str = "sft", num_label
     tied = out_emb is not None and any(id(p) in in_ids for p in out_emb.parameters())
     encoder = (layer0 is not None and any(isinstance(m, torch.nn.LayerNorm) for m in layer0.modules())
                and sum(leaf in QKV_MODULES for leaf in leaves) == 3 and not cfg_dict.get("is_decoder"))
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"task": task}  # a causal LM of any causal task (sft, preference)
     if classifying:
         extra = {"task": task, "num_labels": num_labels,
                  "classifier_parameters": sum(p.numel() for name in CLASSIFIER_HEADS if name in heads_of

@@ -104,6 +104,11 @@ class MemoryInputs(BaseModel):
     # train.method: full: every parameter trained, from fp32 weights (16-bit dtypes compute under autocast); no
     # LoRA, no quantisation
     full_finetune: bool = False
+    # task: preference: train.method (dpo, kto, orpo): a pair's two sequences go through the policy together, and the
+    # reference's forward (dpo, kto) runs without gradients beside the policy's saved activations, unless its
+    # log-probabilities are computed once before training (precompute_reference)
+    preference_method: Optional[Literal["dpo", "kto", "orpo"]] = None
+    precompute_reference: bool = False
 
 
 # the evaluation terms of the adapter itself; the rest is the base's, scored alone too (PhasePlan.base_alone)
@@ -339,7 +344,10 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gib: float = 0.0) -> Mem
     """Each phase's peak, term by term. See docs/MEMORY.md."""
     _check_task(facts, x)
     a = DTYPE_BYTES[x.dtype]
-    tokens = x.micro_batch_size * x.seq_len
+    # task: preference: each row is two sequences through the policy (a pair's sides; KTO's answer and its KL
+    # counterpart), concatenated into one batch (TRL)
+    sequences = 2 if x.task == "preference" else 1
+    tokens = x.micro_batch_size * x.seq_len * sequences
     L, V, h = facts.layers, facts.vocab_size, facts.hidden_size  # noqa: N806 - docs/MEMORY.md's layers, vocab
     classifying, full = task_spec(x.task).model_kind == "sequence_classifier", x.full_finetune
     terms: list[MemoryTerm] = []
@@ -395,7 +403,8 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gib: float = 0.0) -> Mem
         rows, per = (x.micro_batch_size, "rows") if facts.block == "encoder" else (tokens, "tokens")
         add("train", "logits and loss", rows * x.num_labels * (a + LOGITS_FP32_COPIES * 4),
             f"{per} x labels x (a + {LOGITS_FP32_COPIES:g} x 4 B) = {rows} x {x.num_labels}")
-    elif (chunk := BACKENDS[x.backend].sft_loss_chunk_tokens) and x.loss_chunks == 1 and x.sft_loss == "backend":
+    elif ((chunk := BACKENDS[x.backend].sft_loss_chunk_tokens) and x.loss_chunks == 1 and x.sft_loss == "backend"
+          and x.task == "sft"):
         # TRL's chunked_nll: the final hidden states are gathered to the trained tokens (two copies: the shift and
         # the gather), then lm_head and the loss run on `chunk` of them at a time under checkpointing: one chunk's
         # logits, upcast to fp32, with log_softmax and the entropy TRL logs, forward and recomputed in backward
@@ -411,6 +420,12 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gib: float = 0.0) -> Mem
         add("train", "logits and loss", logits,
             f"tokens x vocab x ({'a + ' if a != 4 else ''}{LOGITS_FP32_COPIES:g} x 4 B"
             + (f" / {x.loss_chunks} chunks" if x.loss_chunks > 1 else "") + f") = {tokens} x {V}")
+    if x.task == "preference" and x.preference_method != "orpo" and not x.precompute_reference:
+        # TRL's reference forward under no_grad, after the policy's: its logits (fp32 for the log-softmax) beside the
+        # policy's saved activations; its own layers' activations are freed layer by layer
+        add("train", "reference forward (no gradients): logits", tokens * V * (a + 4 if a != 4 else 4),
+            f"tokens x vocab x {'(a + 4 B)' if a != 4 else '4 B'} = {tokens} x {V} (not measured yet on a preference "
+            "run)")
     if x.device == "cpu":
         saved = {t.name: t.bytes for t in terms if t.phase == "train" and t.name.startswith("activations")}
         saved.pop("activations (checkpointed layer inputs)", None)  # kept tensors alone, no temporaries between them

@@ -336,7 +336,10 @@ def memory_inputs(train: TrainSection, evaluate: EvaluateSection, merge: MergeSe
                   attn_implementation: Optional[str] = None, task: str = "sft", num_labels: int = 2,
                   method: Optional[str] = None) -> MemoryInputs:
     """The memory model's inputs for a config on a device; each keyword overrides the config's value."""
-    return MemoryInputs(task=task, num_labels=num_labels, full_finetune=(method or train.method) == "full",
+    method = method or train.method
+    return MemoryInputs(task=task, num_labels=num_labels, full_finetune=method == "full",
+        preference_method=method if task == "preference" else None,
+        precompute_reference=train.preference.precompute_reference,
         device=device, backend=backend, dtype=dtype,
         quantization=quantization if quantization is not None else train.quantization,
         micro_batch_size=micro_batch_size or (train.micro_batch_size if isinstance(train.micro_batch_size, int) else 1),

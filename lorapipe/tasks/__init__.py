@@ -29,6 +29,10 @@ def get_task(name: str) -> "Task":
         from lorapipe.tasks.classification import Classification
 
         return Classification()
+    if name == "preference":
+        from lorapipe.tasks.preference import Preference
+
+        return Preference()
     raise NotImplementedError(f"the catalog lists task {name!r} but get_task has no class for it")
 
 

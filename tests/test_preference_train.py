@@ -1,0 +1,117 @@
+"""task: preference on the tiny model: DPO, KTO and ORPO train through TRL's trainers, the tuned model's held-out
+preference accuracy beats the starting model's on a set it can learn, the reference is the SFT model (never the
+policy), and the seed decides the adapter."""
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorapipe.config import EvaluateSection, ModelSection, TrainSection
+from lorapipe.data.dataset import ConversationDataset
+from lorapipe.data.records import Record
+from lorapipe.hardware.plan import PhasePlan, decide_plan, model_size
+from lorapipe.hardware.probe import probe
+from tests.conftest import QUICKSTART_DATA
+
+# slow: trains (five short runs)
+pytestmark = pytest.mark.slow
+PHASE = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=8, max_seq_length=96, reason="test")
+
+
+def learnable_pairs() -> list[Record]:
+    """Pairs a tiny model can learn: the same answer opened by 'Yes.' (chosen) or 'No.' (rejected)."""
+    rows = [json.loads(line) for line in QUICKSTART_DATA.read_text().splitlines()[:96]]
+    return [Record("pairs.jsonl", i + 1, "", "preference", messages=[{"role": "user", "content": r["prompt"][:120]}],
+                   chosen=[{"role": "assistant", "content": "Yes. " + r["completion"][:40]}],
+                   rejected=[{"role": "assistant", "content": "No. " + r["completion"][:40]}])
+            for i, r in enumerate(rows)]
+
+
+def train(tmp: Path, model_dir: Path, method: str, seed: int = 7, **extra):
+    from lorapipe.backends.hf import HFBackend
+    from lorapipe.tasks import get_task
+
+    pairs = learnable_pairs()
+    t = TrainSection(backend="hf", device="cpu", max_seq_length=96, method=method, epochs=2, learning_rate=5e-3,
+                     effective_batch_size=8, micro_batch_size=4, logging_steps=1, save_steps=1000,
+                     output_root=str(tmp), **extra)
+    plan = decide_plan(t, probe(str(tmp)), model_size(str(model_dir), task="preference"), task="preference").train
+    info = HFBackend().train(get_task("preference"), ModelSection(name_or_path=str(model_dir)), t, seed, plan,
+                             ConversationDataset(pairs[:80]), ConversationDataset([]), tmp / "w", tmp / "adapter")
+    log = [json.loads(line) for line in (tmp / "adapter" / "training_log.jsonl").read_text().splitlines()]
+    return info, log, ConversationDataset(pairs[80:], name="test")
+
+
+def evaluate(adapter: Path, test: ConversationDataset):
+    from lorapipe.tasks import get_task
+
+    return get_task("preference").evaluate(str(adapter), test, PHASE,
+                                           EvaluateSection(max_samples=16, generation_samples=2, max_new_tokens=8))
+
+
+@pytest.fixture(scope="module")
+def dpo(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dpo")
+    info, log, test = train(tmp, tiny_model_dir, "dpo")
+    return {"info": info, "log": log, "test": test, "adapter": tmp / "adapter", "metrics": evaluate(tmp / "adapter",
+                                                                                                    test)}
+
+
+def test_dpo_starts_at_ln2_with_no_margin_and_learns_the_preference(dpo):
+    first = dpo["log"][0]
+    # step 1's batch is scored before any update: the policy is the reference
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6) and first["rewards/chosen"] == 0.0
+    m = dpo["metrics"]
+    assert m.tuned.preference_accuracy > m.base.preference_accuracy and m.tuned.preference_accuracy >= 0.9
+    assert m.tuned.reward_margin > 0 and m.tuned.reward_accuracy >= 0.9 and m.tuned_beats_base
+    assert m.base.reward_margin is None  # the starting model has no reward against itself
+    assert m.samples and {"reference", "rejected", "base", "tuned"} <= set(m.samples[0])
+    meta = json.loads((dpo["adapter"] / "lorapipe_adapter.json").read_text())
+    assert meta["task"] == "preference" and meta["preference"]["method"] == "dpo"
+    assert meta["preference"]["reference"] == "starting_model" and meta["preference"]["beta"] == 0.1
+
+
+def test_the_same_seed_gives_the_same_adapter(dpo, tiny_model_dir, tmp_path):
+    _, log, _ = train(tmp_path, tiny_model_dir, "dpo")
+    digest = [hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
+              for folder in (dpo["adapter"], tmp_path / "adapter")]
+    losses = [[r["loss"] for r in run if "loss" in r] for run in (log, dpo["log"])]
+    assert digest[0] == digest[1] and losses[0] == losses[1] and len(losses[0]) == 20
+
+
+@pytest.mark.parametrize("method", ["kto", "orpo"])
+def test_kto_and_orpo_train_and_beat_the_starting_model(method, tiny_model_dir, tmp_path):
+    info, log, test = train(tmp_path, tiny_model_dir, method)
+    assert info.steps > 0 and all(math.isfinite(r["loss"]) for r in log if "loss" in r)
+    m = evaluate(tmp_path / "adapter", test)
+    assert m.tuned.preference_accuracy > m.base.preference_accuracy, (m.base, m.tuned)
+    meta = json.loads((tmp_path / "adapter" / "lorapipe_adapter.json").read_text())
+    assert meta["preference"]["method"] == method
+    assert meta["preference"]["reference"] == (None if method == "orpo" else "starting_model")
+
+
+def test_continuing_an_sft_adapter_keeps_it_as_the_frozen_reference(hf_adapter, tiny_model_dir, tmp_path):
+    """The reference of a DPO run that continues an SFT adapter is that adapter, frozen, never the policy and never
+    the bare base: at step 1 the loss is ln 2 with no margin (the policy equals the reference), and after training
+    the reference's weights are the SFT adapter's, unchanged, while the policy's moved."""
+    sft = Path(hf_adapter["adapter"])
+    info, log, test = train(tmp_path, tiny_model_dir, "dpo", init_adapter=str(sft))
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-5) and log[0]["rewards/margins"] == pytest.approx(0)
+    out = tmp_path / "adapter"
+    sft_weights = load_file(str(sft / "adapter_model.safetensors"))
+    reference = load_file(str(out / "ref" / "adapter_model.safetensors"))
+    policy = load_file(str(out / "adapter_model.safetensors"))
+    assert set(reference) == set(sft_weights) == set(policy)
+    assert all(torch.equal(reference[k], sft_weights[k]) for k in sft_weights)
+    assert any(not torch.equal(policy[k], sft_weights[k]) for k in sft_weights)
+    meta = json.loads((out / "lorapipe_adapter.json").read_text())
+    assert meta["preference"]["reference"] == "init_adapter"
+    # the starting model evaluated is the SFT adapter (the frozen copy), so the tuned model is compared with it
+    m = evaluate(out, test)
+    assert m.tuned.preference_accuracy > m.base.preference_accuracy
