@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 # test processes (pytest-xdist): CI's 2 cores; a test module runs in one process (tests/conftest.py: SHARED_WORKER)
 TEST_WORKERS ?= 2
 
-.PHONY: setup quickstart classification-quickstart test test-fast lint tiny-model tiny-encoder dashboard bench clean-runs
+.PHONY: setup quickstart classification-quickstart dpo-quickstart test test-fast lint tiny-model tiny-encoder dashboard bench clean-runs
 
 setup: $(STAMP)
 
@@ -51,6 +51,10 @@ tiny-encoder: $(TINY_ENCODER)/config.json
 # task: classification on the same pipeline: a tiny encoder routes requests (general / sql / sports)
 classification-quickstart: setup tiny-encoder
 	$(BIN)/lorapipe run -c configs/classification-quickstart.yaml
+
+# DPO on top of the quickstart's SFT version: the SFT run first (served from the cache when it already ran)
+dpo-quickstart: quickstart
+	$(BIN)/lorapipe run -c configs/dpo-quickstart.yaml
 
 # the code's checks: ruff (pyproject [tool.ruff]) and the import layers (pyproject [tool.importlinter])
 lint: setup

@@ -76,7 +76,7 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
         model_kind="causal_lm",
         data_formats=("auto_preference", "preference", "sharegpt_preference", "alpaca_preference", "unpaired"),
         methods=("dpo", "kto", "orpo"),
-        metrics=("preference_accuracy", "reward_margin", "chosen_loss", "rouge_l", "stop_rate"),
+        metrics=("preference_accuracy", "chosen_loss", "rouge_l", "stop_rate"),
         best_model_metrics=("eval_loss",), default_model_name="lorapipe-preference", generates=True,
         defaults={"train.method": "dpo"}, progress_metrics=("rewards/margins", "rewards/accuracies"),
         refuses={"train.packing": "joins rows into one sequence; a preference pair is two sequences compared with "
@@ -156,14 +156,17 @@ BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
         optimizers=OPTIMIZERS, lora_bias=LORA_BIAS, features=(), adapter_format="peft",
         cpu_note="unsloth without CUDA trains through its slow CPU fallback",
         limits_note="unsloth's FastLanguageModel trains causal LMs with LoRA only (no sequence-classification head, "
-                    "no full fine-tuning)"),
+                    "no full fine-tuning); lorapipe runs preference tuning (DPO, KTO, ORPO) through TRL on the hf "
+                    "backend, not yet through unsloth's patched trainers"),
     BackendSpec(
         name="mlx", summary="mlx-lm: Apple Silicon's unified memory (mlx[cpu] on Linux)",
         modules=("mlx", "mlx_lm"), install="pip install -e '.[mlx]'  (on Linux: pip install 'mlx[cpu]' mlx-lm)",
         devices=("mps", "cpu"), auto_on=("mps",), quantization=QUANTIZATIONS, quantized_by="mlx",
         optimizers=("adamw_torch", "sgd"), lora_bias=("none",), features=(), adapter_format="mlx-lm",
         cpu_note="mlx off Apple Silicon runs on mlx's CPU backend",
-        limits_note="mlx-lm trains causal LMs with LoRA only (no sequence-classification head, no full fine-tuning)"),
+        limits_note="mlx-lm trains causal LMs with SFT LoRA only (no sequence-classification head, no full "
+                    "fine-tuning, no preference tuning: that is the separate mlx-lm-lora package, not wired into "
+                    "lorapipe yet)"),
 )}
 # train.backend=auto: the first of these whose `auto_on` holds the machine's accelerator and whose packages are
 # installed; the last is the fallback that always applies.

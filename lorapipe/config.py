@@ -63,6 +63,9 @@ class ModelSection(_Section):
     attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = Field(
         None, description="null: transformers' default; flash_attention_2 needs the flash-attn package and a GPU"
     )
+    registered_version: Optional[str] = Field(
+        None, description="Set by lorapipe, not in a config: name_or_path named a registered version (MODEL:STAGE or "
+                          "MODEL:VERSION), resolved to its merged model's folder; recorded on the new version")
 
 
 class DataSection(_Section):

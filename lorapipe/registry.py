@@ -29,7 +29,8 @@ def git_commit(repo_dir: str | Path = ".") -> dict:
 PRIMARY_METRICS = {"perplexity": ("perplexity", True), "loss": ("loss", True), "rouge_l": ("rouge_l", False),
                    "exact_match": ("exact_match", False), "bleu": ("bleu", False), "chrf": ("chrf", False),
                    "stop_rate": ("stop_rate", False), "accuracy": ("accuracy", False),
-                   "macro_f1": ("macro_f1", False), "weighted_f1": ("weighted_f1", False)}
+                   "macro_f1": ("macro_f1", False), "weighted_f1": ("weighted_f1", False),
+                   "preference_accuracy": ("preference_accuracy", False), "chosen_loss": ("chosen_loss", True)}
 
 
 class StageHolder(BaseModel):
@@ -191,7 +192,9 @@ def render_text(report: VersionReport, current_stage: Optional[str] = None) -> l
               f"{d.get('rows_rejected', '?')} rejected)",
               f"  train split sha256     {d.get('train_split_sha256', '?')}",
               f"  base model             {report.base_model.get('name_or_path', '?')}"
-              + (f" @ {report.base_model['revision']}" if report.base_model.get("revision") else ""),
+              + (f" @ {report.base_model['revision']}" if report.base_model.get("revision") else "")
+              + (f" (registered version {report.base_model['registered_version']})"
+                 if report.base_model.get("registered_version") else ""),
               f"  merge check            {'passed' if report.merge_check.get('passed') else 'FAILED'}: "
               "max |logit diff| "
               f"{report.merge_check.get('max_abs_logit_diff', float('nan')):.3g} (tolerance "
@@ -224,6 +227,7 @@ def render_html(report: VersionReport) -> str:
         h.section("Data", h.key_values(sorted(report.data.items()))),
         h.section("Base model and code", h.key_values([
             ("base model", report.base_model.get("name_or_path")), ("revision", report.base_model.get("revision")),
+            ("started from version", report.base_model.get("registered_version")),
             ("commit", report.code.get("commit")), ("uncommitted changes", report.code.get("dirty"))])),
         h.section("Run and artifacts", h.key_values([("run", f"{report.run.get('name')} ({report.run.get('id')})"),
                                                      *sorted(report.artifacts.items())])),

@@ -12,6 +12,7 @@ registers a new version. ZenML is imported inside the functions: `import lorapip
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from lorapipe.config import ConfigError, LorapipeConfig, load_config
+from lorapipe.config import ConfigError, LorapipeConfig, ModelSection, load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_NAME = "finetune"
@@ -143,7 +144,11 @@ def prepare(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[
             problems += exc.problems
     elif resolved.data.paths:  # a schedule may wait for its first drop (patterns may match nothing yet)
         problems += expand_paths(resolved.data.paths, patterns_may_be_empty=True)[1]
-    problem = model_problem(cfg.model.name_or_path, cfg.model.revision, base_dir=base)
+    if names_registered_version(cfg.model.name_or_path, base):
+        resolved.model, problem = resolve_registered_version(resolved.model)
+        cfg.model.registered_version = resolved.model.registered_version  # a new SFT version is a new config
+    else:
+        problem = model_problem(cfg.model.name_or_path, cfg.model.revision, base_dir=base)
     if problem:
         problems.append(problem)
     if problems:
@@ -161,6 +166,37 @@ def prepare(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[
         config_sha = hashlib.sha256(f"{config_sha}:{','.join(user_set)}".encode()).hexdigest()
     return PreparedRun(config=resolved, source=source, data_sha256=data_sha, config_sha256=config_sha,
                        user_set=user_set)
+
+
+REGISTERED_VERSION = re.compile(r"[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+")
+
+
+def names_registered_version(name_or_path: str, base_dir: Path) -> bool:
+    """MODEL:STAGE or MODEL:VERSION (no hub id holds a colon), unless a folder of that name exists here."""
+    return bool(REGISTERED_VERSION.fullmatch(name_or_path)) and not (base_dir / name_or_path).exists()
+
+
+def resolve_registered_version(model: ModelSection) -> tuple[ModelSection, Optional[str]]:
+    """model.name_or_path MODEL:STAGE (staging, production, latest) or MODEL:VERSION resolved to that version's
+    merged model folder in the artifact store; (model, why not) when it cannot be."""
+    from zenml.client import Client
+
+    name, _, version = model.name_or_path.partition(":")
+    key = "model.name_or_path"
+    try:
+        mv = Client().get_model_version(name, version)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        return model, (f"{key}: {model.name_or_path} names no registered model version ({str(exc).splitlines()[0]}); "
+                       f"`lorapipe lineage {name}` lists its versions and stages, or give a model folder or hub id")
+    try:
+        folder = mv.get_artifact("merged_model")
+        path = folder.load().path if folder is not None else None
+    except Exception as exc:  # noqa: BLE001 - an artifact that cannot be read is said, with the version
+        return model, f"{key}: version {mv.name} of {name} has a merged model that cannot be read: {exc}"
+    if path is None:
+        return model, f"{key}: version {mv.name} of {name} has no merged model (was it registered by lorapipe?)"
+    label = f"{name}:{mv.name}" + (f" ({mv.stage})" if mv.stage else "")
+    return model.model_copy(update={"name_or_path": str(path), "registered_version": label}), None
 
 
 @dataclass

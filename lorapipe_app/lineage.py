@@ -189,6 +189,7 @@ def render_tree(tree: dict[str, Any]) -> list[str]:
               f"{adapter.get('created', '')}" + ("  [this run used it from the cache]"
                                                   if trained.get("served_from_cache") else ""),
               f"      base {base.get('name_or_path', '?')}" + (f" @ {base['revision']}" if base.get("revision") else "")
+              + (f" (registered version {base['registered_version']})" if base.get("registered_version") else "")
               + f"; {adapter.get('steps', '?')} steps, loss {_fmt(adapter.get('train_loss'))}, "
               f"{_fmt(adapter.get('tokens_per_second'), '.0f')} tok/s, seed {adapter.get('seed', '?')}",
               f"      ├─ plan  {plan.get('backend', '?')} on {plan.get('device', '?')} in {plan.get('dtype', '?')}"

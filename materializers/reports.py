@@ -221,6 +221,13 @@ def phase_plan_html(plan: PhasePlan) -> str:
 
 # the evaluation view's metrics table: field, label, which way is better (what "change" means for the reader)
 EVAL_METRIC_ROWS = (
+    # task: preference (base = the starting SFT model; the reward terms are the tuned model's against it)
+    ("preference_accuracy", "preference accuracy (chosen ranked above rejected)", "higher"),
+    ("reward_margin", "reward margin (tuned vs starting model, beta x log-ratio)", "higher"),
+    ("reward_accuracy", "reward accuracy (positive margin)", "higher"),
+    ("chosen_logp_per_token", "chosen answer log-probability per token", "higher"),
+    ("rejected_logp_per_token", "rejected answer log-probability per token", "lower"),
+    ("rouge_l_rejected", "ROUGE-L against the rejected answer", "lower"),
     ("loss", "loss", "lower"), ("perplexity", "perplexity", "lower"),
     ("exact_match", "exact match (0..1)", "higher"), ("rouge_l", "ROUGE-L F1 (0..1, rouge-score)", "higher"),
     ("bleu", "BLEU (0..100, sacrebleu corpus)", "higher"), ("chrf", "chrF (0..100, sacrebleu corpus)", "higher"),

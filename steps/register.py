@@ -184,6 +184,8 @@ def register_model(
             "rows_accepted": validation_report.rows_accepted, "rows_rejected": validation_report.rows_rejected}
     base_model = {"name_or_path": adapter_meta.get("base_model", ""),
                   "revision": adapter_meta.get("base_revision") or ""}
+    if adapter_meta.get("base_registered_version"):  # e.g. a preference run on top of a registered SFT version
+        base_model["registered_version"] = adapter_meta["base_registered_version"]
     code = git_commit()
     if holder_metrics is not None:  # scored on this run's rows
         holder_version, shown_holder = holder.version, holder_metrics

@@ -51,6 +51,7 @@ def pytest_sessionfinish(session, exitstatus):
 SHARED_WORKER = {
     "tests/test_training.py": "hf_adapter",
     "tests/test_merge.py": "hf_adapter",
+    "tests/test_preference_train.py": "hf_adapter",
     "tests/faults/test_kill.py": "fault_pipeline_runs",
     "tests/faults/test_preemption.py": "fault_pipeline_runs",
     "tests/faults/test_no_pickle.py": "fault_pipeline_runs",
@@ -63,7 +64,8 @@ SHARED_WORKER = {
 LONGEST_FIRST = ("fault_pipeline_runs", "tests/test_pipeline.py", "tests/test_code_cache.py",
                  "tests/faults/test_concurrent_runs.py", "tests/test_classification_train.py",
                  "tests/test_data_parallel.py", "tests/faults/test_disk_full.py", "tests/test_backend_unsloth.py",
-                 "tests/test_classification_pipeline.py", "tests/test_hf_backend_features.py")
+                 "tests/test_classification_pipeline.py", "tests/test_preference_pipeline.py",
+                 "tests/test_hf_backend_features.py")
 
 
 def work_unit(nodeid: str) -> str:

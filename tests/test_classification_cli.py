@@ -44,6 +44,7 @@ def test_the_size_guide_comes_from_the_memory_model(capsys):
 def test_backends_say_which_task_each_trains(capsys):
     assert main(["backends", "--json"]) == 0
     rows = {r["backend"]: r for r in json.loads(capsys.readouterr().out)}
-    assert rows["hf"]["tasks"] == ["sft", "classification"] and rows["hf"]["methods"] == ["lora", "full"]
+    assert rows["hf"]["tasks"] == ["sft", "classification", "preference"]
+    assert rows["hf"]["methods"] == ["lora", "full", "dpo", "kto", "orpo"]
     assert rows["mlx"]["tasks"] == ["sft"] and "causal LMs" in rows["mlx"]["limits"]
     assert rows["unsloth"]["tasks"] == ["sft"]

@@ -93,6 +93,7 @@ def write_adapter_metadata(adapter_dir: Path, model: ModelSection, train_cfg: Tr
     meta = {
         "base_model": model.name_or_path,
         "base_revision": model.revision,
+        "base_registered_version": model.registered_version,  # MODEL:VERSION (STAGE) the base was resolved from
         "trust_remote_code": model.trust_remote_code,
         "data_fingerprint": info.data_fingerprint,
         "seed": seed,

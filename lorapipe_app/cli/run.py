@@ -50,6 +50,12 @@ def print_summary(result: Any) -> None:
         for name in (*c.baselines, "tuned"):
             r = c.reports[name]
             click.echo(f"  {name:<10} {r['accuracy']:.3f} / {r['macro_f1']:.3f}")
+    elif metrics.tuned.preference_accuracy is not None:  # preference: the starting (SFT) model against the tuned
+        b, t = metrics.base, metrics.tuned
+        click.echo(f"preference   accuracy {b.preference_accuracy:.3f} -> {t.preference_accuracy:.3f} on "
+                   f"{metrics.scored_rows} held-out pairs (chosen ranked above rejected; starting model -> tuned)")
+        click.echo(f"reward       margin {t.reward_margin:+.4f}, accuracy {t.reward_accuracy:.3f} (tuned against the "
+                   f"starting model); chosen loss {b.chosen_loss:.3f} -> {t.chosen_loss:.3f}")
     else:
         click.echo(f"perplexity   base {metrics.base.perplexity:.2f} -> tuned {metrics.tuned.perplexity:.2f} "
                    f"({metrics.perplexity_gain:+.1%}) on {metrics.scored_rows} test rows")
