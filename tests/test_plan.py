@@ -105,6 +105,19 @@ def test_seed_configs_plan_on_their_target_hardware_without_weights():
         plan = decide_plan(cfg.train, hw, size)
         assert (plan.backend, plan.device, plan.micro_batch_size, plan.gradient_accumulation_steps) == expected, name
         assert plan.memory.total_gib < plan.memory.budget_gib
+    # DPO of an 8B model on 24 GB: the plan fits it (two sequences per pair and the reference's logits counted)
+    cfg = load_config(REPO_ROOT / "configs" / "llama-3.1-8b-dpo-24gb.yaml")
+    from transformers import AutoConfig
+
+    from lorapipe.hardware.facts import facts_from_config
+    from tests.model_facts import CONFIGS
+
+    dpo_facts = facts_from_config(AutoConfig.from_pretrained(str(CONFIGS / "llama-3.1-8b.json")), task="preference")
+    full = plan_module.decide_plan(cfg.train, make_probe(cuda_gib=24), dpo_facts, cfg.evaluate, task="preference",
+                                   user_set=plan_module.user_set_keys(cfg.train, cfg.evaluate))
+    assert (full.train.backend, full.train.device, full.train.method) == ("hf", "cuda", "dpo")
+    assert full.train.memory.total_gib < full.train.memory.budget_gib
+    assert any(t.name.startswith("reference forward") for t in full.train.memory.terms)
 
 
 def test_continuing_an_adapter_is_refused_where_the_backend_cannot():
