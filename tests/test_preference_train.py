@@ -115,3 +115,33 @@ def test_continuing_an_sft_adapter_keeps_it_as_the_frozen_reference(hf_adapter, 
     # the starting model evaluated is the SFT adapter (the frozen copy), so the tuned model is compared with it
     m = evaluate(out, test)
     assert m.tuned.preference_accuracy > m.base.preference_accuracy
+
+
+def test_a_dpo_run_killed_mid_way_resumes_to_the_uninterrupted_adapter(dpo, tiny_model_dir, tmp_path):
+    """A crash after step 13 of 20 (checkpoints every 5 steps): the same call resumes from checkpoint-10 and ends
+    with the uninterrupted run's adapter, bit for bit (weights, optimizer, scheduler, RNG and data order restored)."""
+    from transformers import TrainerCallback
+
+    from lorapipe.backends.hf import HFBackend
+    from lorapipe.tasks import get_task
+
+    class CrashAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 13:
+                raise RuntimeError("simulated crash after step 13")
+
+    pairs = learnable_pairs()
+    t = TrainSection(backend="hf", device="cpu", max_seq_length=96, method="dpo", epochs=2, learning_rate=5e-3,
+                     effective_batch_size=8, micro_batch_size=4, logging_steps=1, save_steps=5,
+                     output_root=str(tmp_path))
+    plan = decide_plan(t, probe(str(tmp_path)), model_size(str(tiny_model_dir), task="preference"),
+                       task="preference").train
+    args = (get_task("preference"), ModelSection(name_or_path=str(tiny_model_dir)), t, 7, plan,
+            ConversationDataset(pairs[:80]), ConversationDataset([]), tmp_path / "w", tmp_path / "adapter")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        HFBackend().train(*args, extra_callbacks=[CrashAfter()])
+    info = HFBackend().train(*args)
+    assert info.resumed_from is not None and info.resumed_from.endswith("checkpoint-10")
+    resumed = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    reference = load_file(str(dpo["adapter"] / "adapter_model.safetensors"))
+    assert set(resumed) == set(reference) and all(torch.equal(resumed[k], reference[k]) for k in reference)
