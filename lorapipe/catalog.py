@@ -165,8 +165,8 @@ BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
         optimizers=("adamw_torch", "sgd"), lora_bias=("none",), features=(), adapter_format="mlx-lm",
         cpu_note="mlx off Apple Silicon runs on mlx's CPU backend",
         limits_note="mlx-lm trains causal LMs with SFT LoRA only (no sequence-classification head, no full "
-                    "fine-tuning, no preference tuning: that is the separate mlx-lm-lora package, not wired into "
-                    "lorapipe yet)"),
+                    "fine-tuning, no preference tuning; the separate mlx-lm-lora package, 5.10.2 on the index, has DPO "
+                    "and ORPO trainers and no KTO, but lorapipe does not drive it yet)"),
 )}
 # train.backend=auto: the first of these whose `auto_on` holds the machine's accelerator and whose packages are
 # installed; the last is the fallback that always applies.

@@ -344,9 +344,9 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gib: float = 0.0) -> Mem
     """Each phase's peak, term by term. See docs/MEMORY.md."""
     _check_task(facts, x)
     a = DTYPE_BYTES[x.dtype]
-    # task: preference: each row is two sequences through the policy (a pair's sides; KTO's answer and its KL
-    # counterpart), concatenated into one batch (TRL)
-    sequences = 2 if x.task == "preference" else 1
+    # task: preference: DPO and ORPO put a pair's two sides through the policy in one batch (TRL concatenates them);
+    # KTO's row is one answer with gradients (its KL counterpart and the reference run without)
+    sequences = 2 if x.task == "preference" and x.preference_method in ("dpo", "orpo") else 1
     tokens = x.micro_batch_size * x.seq_len * sequences
     L, V, h = facts.layers, facts.vocab_size, facts.hidden_size  # noqa: N806 - docs/MEMORY.md's layers, vocab
     classifying, full = task_spec(x.task).model_kind == "sequence_classifier", x.full_finetune

@@ -20,9 +20,10 @@ _WORDS = ("alpha beta gamma delta model train data memory token layer value chec
           "shape label north south river stone cloud light sound water paper green").split()
 
 
-def synthetic_rows(n: int, seq_len: int, seed: int = 0, labels: Sequence[str] = ()) -> Any:
+def synthetic_rows(n: int, seq_len: int, seed: int = 0, labels: Sequence[str] = (), pairs: bool = False) -> Any:
     """`n` conversations long enough to fill `seq_len` tokens after truncation (a few words per token at worst); with
-    `labels`, classification rows of such texts, the labels taken in turn."""
+    `labels`, classification rows of such texts, the labels taken in turn; with `pairs`, preference pairs (the prompt,
+    and two different answers that fill the length)."""
     from lorapipe.data.dataset import ConversationDataset
     from lorapipe.data.records import Record
 
@@ -31,7 +32,13 @@ def synthetic_rows(n: int, seq_len: int, seed: int = 0, labels: Sequence[str] = 
     for i in range(n):
         prompt = " ".join(rng.choice(_WORDS) for _ in range(16))
         answer = " ".join(rng.choice(_WORDS) for _ in range(seq_len + 16))
-        if labels:
+        if pairs:
+            other = " ".join(rng.choice(_WORDS) for _ in range(seq_len + 16))
+            rows.append(Record(source="probe", line=i + 1, raw="", format="preference",
+                               messages=[{"role": "user", "content": prompt}],
+                               chosen=[{"role": "assistant", "content": answer}],
+                               rejected=[{"role": "assistant", "content": other}]))
+        elif labels:
             rows.append(Record(source="probe", line=i + 1, raw="", format="classification",
                                text=f"{prompt} {answer}", label=labels[i % len(labels)]))
         else:
@@ -88,15 +95,16 @@ def _run_phase(spec: dict[str, Any]) -> PhaseMeasurement:
                                              "effective_batch_size": plan.micro_batch_size * plan.world_size})
         from lorapipe.data.dataset import ConversationDataset
 
-        info = train_in_process(model, probe_train, 0, probe_plan, synthetic_rows(rows, plan.max_seq_length,
-                                                                                  labels=labels),
+        info = train_in_process(model, probe_train, 0, probe_plan,
+                                synthetic_rows(rows, plan.max_seq_length, labels=labels,
+                                               pairs=plan.task == "preference"),
                                 ConversationDataset([], name="eval"), work / "train", adapter_dir)
         peak = info.peak_memory_gib
     else:
         reset_peak_memory(device)
         phase_plan = PhasePlan(**spec[f"{phase}_plan"])
         rows = synthetic_rows(phase_plan.batch_size if phase == "eval" else 1, plan.max_seq_length, seed=1,
-                              labels=labels)
+                              labels=labels, pairs=plan.task == "preference")
         if phase == "eval":
             from lorapipe.config import EvaluateSection
             from lorapipe.phases.evaluate import evaluate_adapter
