@@ -12,12 +12,16 @@ is built.
   (a) bare:     a plain script: AutoModelForCausalLM + DPOTrainer(peft_config=LoraConfig(...)), what a notebook user
                 writes;
   (b) lorapipe: `HFBackend().train` with the preference task (the train step's library call: the adapter folder,
-                metadata, monitor, checkpoints and plots included).
+                metadata, monitor, checkpoints and plots included);
+  (c) llamafactory: `llamafactory-cli train` with `stage: dpo` from its own virtualenv (bench/.peers/, set up as
+                bench/peers.py says), the same pairs as an Alpaca ranking data set (`ranking: true`), no `template`
+                (so it renders with the tokenizer's chat template), `pref_beta` 0.1, `pref_loss` sigmoid,
+                `disable_gradient_checkpointing`, bf16 off; run when its virtualenv exists.
 
 Each run is a fresh process. Measured: wall time of the process, the training loop's own seconds (HF Trainer's
 train_runtime; lorapipe's train_seconds), peak RSS (the process's high-water mark), the per-step losses. BENCH_RUNS
-interleaved rounds (default 3), medians. LLaMA-Factory (`stage: dpo`) is not run: its virtualenv is not installed on
-this machine (bench/peers.py says how). Writes bench/results/preference.json.
+interleaved rounds (default 3), medians; LLaMA-Factory's peak RSS is its process tree's (psutil, every 0.2 s).
+Writes bench/results/preference.json.
 """
 
 import json
@@ -96,6 +100,60 @@ def lorapipe_run(work: Path) -> dict:
             "measured_train_peak_gib": info.peak_memory_gib}
 
 
+LF_VENV = REPO / "bench" / ".peers" / "llamafactory-venv"
+LF_WORK = REPO / "bench" / ".peers" / "dpo"
+
+
+def llamafactory_files() -> Path:
+    """The pairs as LLaMA-Factory's Alpaca ranking data set, its dataset_info.json and the training YAML."""
+    import yaml
+    from peers import TORCHAUDIO_STUB
+
+    data = LF_WORK / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "pairs.jsonl").write_text("".join(json.dumps({
+        "instruction": p["prompt"][0]["content"], "chosen": p["chosen"][0]["content"],
+        "rejected": p["rejected"][0]["content"]}) + "\n" for p in pairs()))
+    (data / "dataset_info.json").write_text(json.dumps({"dpo_pairs": {
+        "file_name": "pairs.jsonl", "formatting": "alpaca", "ranking": True,
+        "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}}}, indent=2))
+    lf = {"model_name_or_path": str(MODEL), "stage": "dpo", "do_train": True, "finetuning_type": "lora",
+          "lora_rank": LORA["r"], "lora_alpha": LORA["lora_alpha"], "lora_dropout": 0.0,
+          "lora_target": ",".join(LORA["target_modules"]), "pref_beta": BETA, "pref_loss": "sigmoid",
+          "dataset": "dpo_pairs", "dataset_dir": str(data), "cutoff_len": MAX_LEN, "overwrite_cache": True,
+          "output_dir": str(LF_WORK / "out"), "overwrite_output_dir": True, "logging_steps": 1, "save_strategy": "no",
+          "plot_loss": False, "report_to": "none",
+          "per_device_train_batch_size": SETTINGS["per_device_train_batch_size"],
+          "gradient_accumulation_steps": SETTINGS["gradient_accumulation_steps"],
+          "learning_rate": SETTINGS["learning_rate"], "num_train_epochs": float(SETTINGS["num_train_epochs"]),
+          "lr_scheduler_type": "linear", "warmup_steps": SETTINGS["warmup_steps"],
+          "weight_decay": SETTINGS["weight_decay"], "optim": "adamw_torch", "bf16": False, "fp16": False,
+          "pure_bf16": False, "disable_gradient_checkpointing": True, "seed": SEED, "use_cpu": True,
+          "disable_tqdm": True}
+    (LF_WORK / "llamafactory.yaml").write_text(yaml.safe_dump(lf, sort_keys=False))
+    stub = LF_WORK / "lf-stub" / "torchaudio"
+    stub.mkdir(parents=True, exist_ok=True)
+    (stub / "__init__.py").write_text(TORCHAUDIO_STUB)
+    return LF_WORK / "llamafactory.yaml"
+
+
+def run_llamafactory(config: Path) -> dict:
+    from peers import monitored
+
+    env = {k: v for k, v in os.environ.items() if k != "ZENML_CONFIG_PATH"}
+    env.update(PYTHONPATH=str(LF_WORK / "lf-stub"), DISABLE_VERSION_CHECK="1", CUDA_VISIBLE_DEVICES="",
+               VIRTUAL_ENV=str(LF_VENV), PATH=f"{LF_VENV / 'bin'}:{os.environ['PATH']}", TOKENIZERS_PARALLELISM="false")
+    wall, rss, rc, text = monitored([str(LF_VENV / "bin" / "llamafactory-cli"), "train", str(config)], env,
+                                    LF_WORK / "llamafactory.log")
+    if rc:
+        sys.exit(text[-3000:])
+    out = LF_WORK / "out"
+    logs = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines() if line.strip()]
+    return {"wall_seconds": wall, "peak_rss_mb": rss,
+            "loop_seconds": json.loads((out / "train_results.json").read_text())["train_runtime"],
+            "losses": [e["loss"] for e in logs if e.get("loss") is not None], "steps": logs[-1]["current_steps"]}
+
+
 def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--one":  # a child: one run in a fresh process
         start = time.perf_counter()
@@ -107,9 +165,22 @@ def main() -> int:
         return 0
     if not (MODEL / "config.json").exists():
         sys.exit("build the tiny model first: make tiny-model")
+    sides = ["bare", "lorapipe"]
+    lf_config = None
+    if (LF_VENV / "bin" / "llamafactory-cli").exists():
+        lf_config = llamafactory_files()
+        sides.append("llamafactory")
     runs = []
     for round_ in range(RUNS):
-        for side in ("bare", "lorapipe"):
+        for side in sides:
+            if side == "llamafactory":
+                row = run_llamafactory(lf_config)
+                row.update(side=side, round=round_ + 1)
+                runs.append(row)
+                print(f"round {round_ + 1} {side:9s} wall {row['wall_seconds']:5.1f} s  loop "
+                      f"{row['loop_seconds']:5.1f} s  RSS {row['peak_rss_mb']:.0f} MB  "
+                      f"final loss {row['losses'][-1]:.4f}", flush=True)
+                continue
             start = time.perf_counter()
             out = subprocess.run([sys.executable, __file__, "--one", side], capture_output=True, text=True,
                                  cwd=REPO, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -122,7 +193,7 @@ def main() -> int:
             print(f"round {round_ + 1} {side:9s} wall {wall:5.1f} s  loop {row['loop_seconds']:5.1f} s  "
                   f"RSS {row['peak_rss_mb']:.0f} MB  final loss {row['losses'][-1]:.4f}", flush=True)
     summary = {}
-    for side in ("bare", "lorapipe"):
+    for side in sides:
         rows = [r for r in runs if r["side"] == side]
         summary[side] = {k: statistics.median(r[k] for r in rows)
                          for k in ("wall_seconds", "loop_seconds", "peak_rss_mb")}
@@ -133,8 +204,9 @@ def main() -> int:
         "measured_train_peak_gib": statistics.median(r["measured_train_peak_gib"] for r in lp),
         "error": round(lp[0]["predicted_train_peak_gib"] / statistics.median(r["measured_train_peak_gib"] for r in lp)
                        - 1, 4)}
-    first = {side: next(r for r in runs if r["side"] == side)["losses"] for side in ("bare", "lorapipe")}
+    first = {side: next(r for r in runs if r["side"] == side)["losses"] for side in sides}
     diffs = [abs(a - b) for a, b in zip(first["bare"], first["lorapipe"])]
+    lf_diffs = [abs(a - b) for a, b in zip(first["bare"], first.get("llamafactory", []))]
     from lorapipe.hardware.probe import package_versions
 
     result = {
@@ -147,9 +219,13 @@ def main() -> int:
         "summary": summary,
         "ratios": {k: round(summary["lorapipe"][k] / summary["bare"][k], 3)
                    for k in ("wall_seconds", "loop_seconds", "peak_rss_mb")},
+        "ratios_vs_llamafactory": {k: round(summary["lorapipe"][k] / summary["llamafactory"][k], 3)
+                                   for k in ("wall_seconds", "loop_seconds", "peak_rss_mb")} if lf_config else None,
         "losses": {"steps": len(diffs), "max_abs_difference": max(diffs) if diffs else None,
-                   "identical": bool(diffs) and max(diffs) == 0.0 and len(first["bare"]) == len(first["lorapipe"])},
-        "not_run": {"llamafactory": "its virtualenv (bench/.peers/llamafactory-venv) is not installed on this machine"},
+                   "identical": bool(diffs) and max(diffs) == 0.0 and len(first["bare"]) == len(first["lorapipe"]),
+                   "llamafactory_vs_bare_max_abs_difference": max(lf_diffs) if lf_diffs else None},
+        "not_run": {} if lf_config else {"llamafactory": "its virtualenv (bench/.peers/llamafactory-venv) is not "
+                                                         "installed on this machine"},
         "runs": runs,
     }
     (REPO / "bench" / "results" / "preference.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -145,3 +145,30 @@ def test_a_dpo_run_killed_mid_way_resumes_to_the_uninterrupted_adapter(dpo, tiny
     resumed = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     reference = load_file(str(dpo["adapter"] / "adapter_model.safetensors"))
     assert set(resumed) == set(reference) and all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_dpo_trains_in_two_data_parallel_processes_to_one_adapter(tiny_model_dir, tmp_path):
+    """The train step launches two CPU gloo ranks (torchrun) for a preference run as for SFT: one adapter, the
+    effective batch of one process, rank 0's monitor files and plots."""
+    from lorapipe.phases.launch import LAUNCH_DIR
+    from lorapipe.phases.train_worker import read_statuses
+    from steps.train import train_adapter
+
+    pairs = learnable_pairs()
+    cfg = TrainSection(backend="hf", device="cpu", processes=2, method="dpo", micro_batch_size=2,
+                       effective_batch_size=8, max_seq_length=96, epochs=1, learning_rate=5e-3, warmup_steps=0,
+                       logging_steps=1, save_steps=100, output_root=str(tmp_path / "runs"))
+    plan = decide_plan(cfg, probe(str(tmp_path)), model_size(str(tiny_model_dir), task="preference"),
+                       task="preference").train
+    assert plan.world_size == 2 and plan.gradient_accumulation_steps == 2
+    folder = train_adapter.entrypoint(train_split=ConversationDataset(pairs[:32]), eval_split=ConversationDataset([]),
+                                      training_plan=plan, model=ModelSection(name_or_path=str(tiny_model_dir)),
+                                      train=cfg, seed=7)
+    adapter = Path(folder.path)
+    statuses = read_statuses(adapter.parent / LAUNCH_DIR)
+    assert sorted(statuses) == [0, 1] and all(s["ok"] and s["world_size"] == 2 for s in statuses.values())
+    meta = json.loads((adapter / "lorapipe_adapter.json").read_text())
+    assert meta["task"] == "preference" and meta["world_size"] == 2 and meta["result"]["steps"] == 32 // 8
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert all(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+    assert {"loss.png", "metrics.jsonl", "training_log.jsonl"} <= {p.name for p in adapter.iterdir()}
