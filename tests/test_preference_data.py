@@ -126,3 +126,14 @@ def test_unpaired_feedback_of_one_kind_fails_and_an_unbalanced_set_is_warned(tmp
                                                       + "\n"])
     wrong = validate_dataset([str(labelled)], fmt="auto_preference", run_expectations=False)
     assert [(p.line, p.field, p.code) for p in wrong.report.problems][:1] == [(1, "label", "wrong_type")]
+
+
+def test_lorapipe_validate_checks_a_preference_file_alone(capsys):
+    from lorapipe_app.cli import main
+
+    assert main(["validate", str(KTO_SLICE), "--format", "auto_preference"]) == 0
+    out = capsys.readouterr().out
+    assert "preference data: 20 desirable and 20 undesirable answers (unpaired, KTO)" in out
+    assert main(["validate", str(DPO_SLICE), "--format", "auto_preference", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["preference"]["pairs"] == 40 and report["files"] == {str(DPO_SLICE): "sharegpt_preference"}

@@ -75,6 +75,14 @@ class PreferenceData(BaseModel):
     length_keeping_them: Optional[int] = Field(None, description="the train.max_seq_length at which every such pair "
                                                                  "keeps a difference")
 
+    def summary(self) -> str:
+        kinds = (f"{self.pairs} pairs" if self.pairs or not (self.desirable or self.undesirable) else
+                 f"{self.desirable} desirable and {self.undesirable} undesirable answers (unpaired, KTO)")
+        cut = (f"; {self.identical_after_truncation} pair(s) identical once cut (max_seq_length "
+               f"{self.length_keeping_them} keeps them)" if self.identical_after_truncation else "")
+        return (f"preference data: {kinds} over {self.prompts} prompts; {self.contradictions} contradictory "
+                f"pair(s){cut}")
+
 
 class ClassificationData(BaseModel):
     """task: classification: the label set frozen for training (ids 0..n-1 in this order) and the rows per label."""
@@ -158,6 +166,8 @@ class ValidationReport(BaseModel):
                          f"{waste}")
         if self.classification:
             lines.append(self.classification.summary())
+        if self.preference:
+            lines.append(self.preference.summary())
         if self.audit:
             a = self.audit
             lines.append(f"learns-to-stop audit: {a.stop_token_trained_fraction:.1%} rows train the stop token "
