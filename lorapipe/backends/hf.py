@@ -94,8 +94,9 @@ class HFBackend:
             model = task.load_model(model_cfg, t, plan, tokenizer, data, rank_device(plan))
             if plan.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            callbacks = [monitor_callback(new_monitor(adapter_dir, model_cfg, t, plan, seed)),
-                         *early_stopping(t, evaluating), *(extra_callbacks or [])]
+            monitor = new_monitor(adapter_dir, model_cfg, t, plan, seed)
+            monitor.plots_after_training = True  # drawn once `seconds` is measured, below
+            callbacks = [monitor_callback(monitor), *early_stopping(t, evaluating), *(extra_callbacks or [])]
             arguments = trainer_arguments(t, plan, seed, ckpt_dir, evaluating, task.spec.best_model_metrics[0])
             trainer = task.trainer(model, arguments, t, plan, tokenizer, data, callbacks)
             trainer.remove_callback(PrinterCallback)  # the monitor logs one compact line per log instead
@@ -117,6 +118,7 @@ class HFBackend:
             plan = smaller
 
         seconds = time.perf_counter() - start
+        monitor.draw_plots()
         if trainer.args.world_size > 1:
             trainer.padding_counter.add_other_ranks(trainer.accelerator)
         extra: dict[str, Any] = {"padding_waste": trainer.padding_counter.summary(), "oom_backoff": backoffs,

@@ -300,6 +300,7 @@ class TrainingMonitor:
         self.run_config = run_config or {}
         self.tracker = active_tracker() if tracker == "auto" else tracker
         self.plots = plots
+        self.plots_after_training = False
         self.is_main = is_main
         self.eval_metrics = tuple(eval_metrics)  # the task's evaluation figures kept beside eval_loss (TaskSpec)
         self.rows: list[dict[str, Any]] = []
@@ -383,5 +384,11 @@ class TrainingMonitor:
     def end(self) -> None:
         if self.is_main:
             self._write_progress("finished")
+        if not self.plots_after_training:
+            self.draw_plots()
+
+    def draw_plots(self) -> None:
+        """The loss, learning-rate and memory plots (rank 0). A backend that times its training loop sets
+        `plots_after_training` and draws them once the clock has stopped: drawing is not training."""
         if self.is_main and self.plots:
             write_plots(self.rows, self.out_dir)
