@@ -195,7 +195,8 @@ def resolve_registered_version(model: ModelSection) -> tuple[ModelSection, Optio
         return model, f"{key}: version {mv.name} of {name} has a merged model that cannot be read: {exc}"
     if path is None:
         return model, f"{key}: version {mv.name} of {name} has no merged model (was it registered by lorapipe?)"
-    label = f"{name}:{mv.name}" + (f" ({mv.stage})" if mv.stage else "")
+    # the version itself, not its stage (which moves later): the same version resolved again is the same config
+    label = f"{name}:{mv.name}" + (f" (asked as {model.name_or_path})" if version != mv.name else "")
     return model.model_copy(update={"name_or_path": str(path), "registered_version": label}), None
 
 

@@ -75,6 +75,14 @@ def preflight(
                              "validated as another task")
         labels = validation_report.classification.labels
         num_labels = len(labels)
+    pref = validation_report.preference
+    if task == "preference" and pref is not None and t.method in ("dpo", "orpo") and not pref.pairs and \
+            (pref.desirable or pref.undesirable):
+        from lorapipe.hardware.plan import PlanError
+
+        raise PlanError([f"train.method {t.method} trains on chosen/rejected pairs, and the data holds unpaired "
+                         f"feedback ({pref.desirable} desirable, {pref.undesirable} undesirable answers): set "
+                         "train.method: kto, or give pairs"])
     facts = model_size(m.name_or_path, m.revision, m.trust_remote_code, task=task, num_labels=num_labels)
     plan = decide_plan(t, hw, facts, e, mg, attn_implementation=m.attn_implementation,
                        user_set=set(user_set) if user_set is not None else None, task=task, num_labels=num_labels)

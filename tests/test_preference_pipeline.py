@@ -57,7 +57,7 @@ def test_dpo_starts_from_the_registered_sft_version_and_records_it(runs, capsys)
     status = {name: str(step.status).split(".")[-1].lower() for name, step in run.steps.items()}
     assert set(status.values()) == {"completed"} and "evaluate_base_model" not in status
     meta = Client().get_model_version("pref-dpo", run.model_version.name).run_metadata
-    assert meta["base_model"]["registered_version"] == f"pref-sft:{sft_version.name} (staging)"
+    assert meta["base_model"]["registered_version"] == f"pref-sft:{sft_version.name} (asked as pref-sft:staging)"
     sft_merged = runs["sft"].steps["merge_model"].outputs["merged_model"][0].load().path
     assert meta["base_model"]["name_or_path"] == str(sft_merged)
     assert main(["lineage", f"pref-dpo:{run.model_version.name}"]) == 0
@@ -80,3 +80,14 @@ def test_a_registered_version_that_does_not_exist_is_said_in_one_line(runs, caps
     assert main(["run", "-c", str(runs["cfg"]), "--set", "model.name_or_path=pref-sft:production"]) != 0
     err = capsys.readouterr().err
     assert "pref-sft:production names no registered model version" in err and "Traceback" not in err
+
+
+def test_dpo_on_unpaired_feedback_is_refused_at_preflight_with_the_fix(runs, capsys):
+    from tests.test_preference_data import KTO_SLICE
+
+    code = main(["run", "-c", str(runs["cfg"]), "--set", f"data.paths=[{KTO_SLICE}]",
+                 "--set", "validation.min_rows=10", "--set", "train.max_seq_length=2048",
+                 "--set", "validation.on_bad_rows=quarantine", "--set", "validation.max_bad_fraction=1.0"])
+    err = capsys.readouterr().err
+    assert code != 0 and "unpaired feedback (20 desirable, 20 undesirable answers): set train.method: kto" in err
+    assert "Traceback" not in err

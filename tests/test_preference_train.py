@@ -172,3 +172,20 @@ def test_dpo_trains_in_two_data_parallel_processes_to_one_adapter(tiny_model_dir
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     assert all(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
     assert {"loss.png", "metrics.jsonl", "training_log.jsonl"} <= {p.name for p in adapter.iterdir()}
+
+
+def test_a_precomputed_reference_gives_the_same_start_and_the_plan_drops_its_forward(tiny_model_dir, tmp_path):
+    """train.preference.precompute_reference: TRL computes the reference's log-probabilities once, before training;
+    step 1 is still ln 2 with no margin (the same reference), and the memory model leaves the reference's forward
+    out of the training peak."""
+    info, log, _ = train(tmp_path, tiny_model_dir, "dpo", preference={"precompute_reference": True})
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-5) and log[0]["rewards/margins"] == pytest.approx(0)
+    meta = json.loads((tmp_path / "adapter" / "lorapipe_adapter.json").read_text())
+    assert meta["preference"]["precompute_reference"] is True
+    terms = {precompute: [t.name for t in decide_plan(
+        TrainSection(backend="hf", device="cpu", method="dpo", max_seq_length=96,
+                     preference={"precompute_reference": precompute}), probe(str(tmp_path)),
+        model_size(str(tiny_model_dir), task="preference"), task="preference").train.memory.terms]
+        for precompute in (False, True)}
+    assert any(n.startswith("reference forward") for n in terms[False])
+    assert not any(n.startswith("reference forward") for n in terms[True])

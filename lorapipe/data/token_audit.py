@@ -210,11 +210,12 @@ class PreferenceTokenAudit(TokenAudit):
         return self.add_batch([rec], [problems])[0]
 
     def add_batch(self, recs: list[Record], problems: list[list[Problem]]) -> list[tuple[list[str], dict]]:
-        from lorapipe.data.render import RenderError, encode_batch
+        from lorapipe.data.render import RenderError, decode_batch, encode_batch
 
         sides = [[rec.side("chosen")] + ([rec.side("rejected")] if rec.rejected is not None else []) for rec in recs]
         encoded = iter(encode_batch(self.tok, [s for row in sides for s in row], None))  # full length: cut below
         out: list[tuple[list[str], dict]] = []
+        roundtrips: list[tuple[list[int], str]] = []
         for rec, found, row_sides in zip(recs, problems, sides):
             self.rows += 1
             encs = [next(encoded) for _ in row_sides]
@@ -255,8 +256,14 @@ class PreferenceTokenAudit(TokenAudit):
                 continue
             if all(_turns_end_with(i, m, self.eos_id) for i, m in zip(ids, masks)):
                 self.stop_rows += 1
+            # each side not cut by the limit must decode back to what was rendered (as for SFT rows)
+            roundtrips += [(e.input_ids, e.rendered) for e in encs if cut >= e.full_length]
             n = max(len(i) for i in ids)
             self.lengths.append(n)
             self.trained += sum(trained)
             out.append(([], {**row_facts(rec), "n_tokens": n, "n_trainable_tokens": sum(trained)}))
+        if roundtrips:
+            decoded = decode_batch(self.tok, [ids for ids, _ in roundtrips])
+            self.roundtrip_checked += len(roundtrips)
+            self.roundtrip += sum(d == text for d, (_, text) in zip(decoded, roundtrips))
         return out

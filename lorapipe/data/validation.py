@@ -105,7 +105,8 @@ def _check_preference(rec: Record, problems: list[Problem]) -> list[tuple[str, s
     prompt_field = "conversations" if rec.format == "sharegpt_preference" else \
         "instruction/input" if rec.format == "alpaca_preference" else "prompt"
     contents = [(f"{prompt_field}[{i}]", m.get("content") or "") for i, m in enumerate(rec.messages)]
-    if not any(m["role"] == "user" and (m.get("content") or "").strip() for m in rec.messages):
+    no_prompt = not any(m["role"] == "user" and (m.get("content") or "").strip() for m in rec.messages)
+    if no_prompt:
         problems.append(Problem(src, line, prompt_field, "no prompt: no user turn with text before the answers",
                                 "write the prompt, or remove the row", "empty_prompt"))
     sides = [("chosen" if rec.desirable is None else "completion", rec.chosen)]
@@ -120,8 +121,9 @@ def _check_preference(rec: Record, problems: list[Problem]) -> list[tuple[str, s
     if rec.rejected is not None and _answer_text(rec.chosen) == _answer_text(rec.rejected):
         problems.append(Problem(src, line, "chosen/rejected", "chosen and rejected are the same answer: the pair "
                                 "teaches nothing", "fix one side, or remove the row", "identical_pair"))
-    if not any(p.line == line and p.source == src and p.code in ("empty_prompt",) for p in problems):
-        _check_roles(rec.side("chosen"), [m["role"] for m in rec.side("chosen").messages], problems)
+    if not no_prompt:  # the conversation the chosen side trains: roles in order, ending with the answer
+        chosen = rec.side("chosen")
+        _check_roles(chosen, [m["role"] for m in chosen.messages], problems)
     return contents
 
 

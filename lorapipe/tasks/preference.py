@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from lorapipe.backends.base import PreparedData
-from lorapipe.catalog import TASKS, UNPAIRED_FORMATS
+from lorapipe.catalog import TASKS
 from lorapipe.config import EvaluateSection, ModelSection, TrainSection
 from lorapipe.data.dataset import ConversationDataset
 from lorapipe.data.records import Record
@@ -92,9 +92,6 @@ class Preference(SFT):
 
     def prepare(self, m: ModelSection, t: TrainSection, plan: TrainingPlan, tokenizer: Any,
                 train: ConversationDataset, eval_split: ConversationDataset) -> PreparedData:
-        if t.method != "kto" and any(r.format in UNPAIRED_FORMATS for r in train.records[:1]):
-            raise ValueError(f"train.method {t.method} trains on chosen/rejected pairs and the data is unpaired "
-                             "feedback: set train.method: kto")
         return PreparedData(train=trl_rows(train, t.method),
                             eval=trl_rows(eval_split, t.method) if len(eval_split) else None,
                             rows=train, facts={"init_adapter": init_adapter_folder(t, m)})
