@@ -75,6 +75,14 @@ def test_dpo_starts_at_ln2_with_no_margin_and_learns_the_preference(dpo):
     meta = json.loads((dpo["adapter"] / "lorapipe_adapter.json").read_text())
     assert meta["task"] == "preference" and meta["preference"]["method"] == "dpo"
     assert meta["preference"]["reference"] == "starting_model" and meta["preference"]["beta"] == 0.1
+    # throughput counts both sides of every pair, as training cut them, for both epochs
+    from lorapipe.data.render import encode
+    from lorapipe.models.loading import load_tokenizer
+
+    tok = load_tokenizer(str(dpo["adapter"]))
+    sides = sum(len(encode(tok, p.side(side), 96).input_ids) for p in learnable_pairs()[:80]
+                for side in ("chosen", "rejected"))
+    assert meta["result"]["train_tokens"] == 2 * sides and meta["result"]["tokens_per_second"] > 0
 
 
 def test_the_same_seed_gives_the_same_adapter(dpo, tiny_model_dir, tmp_path):

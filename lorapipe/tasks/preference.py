@@ -128,11 +128,17 @@ class Preference(SFT):
         log.info("preference: %s on %d rows; reference: %s", plan.method, len(data.rows), reference)
 
     def train_tokens(self, trainer: Any, data: PreparedData, t: TrainSection, plan: TrainingPlan) -> int:
-        """Tokens through the policy per epoch (both sides of a pair), from TRL's tokenized rows."""
-        ds = trainer.train_dataset
-        columns = [c for c in ds.column_names if c.endswith("input_ids")]
+        """Tokens through the policy with gradients over the run: each trained side (a pair's two; KTO's one answer)
+        rendered with its prompt and cut as training cuts it, counted by lorapipe's encoder (TRL names its token
+        columns differently per trainer and version), times the epochs."""
+        from lorapipe.data.render import RenderError, encode_batch
+
+        sides = [r.side("chosen") for r in data.rows.records] + \
+            [r.side("rejected") for r in data.rows.records if r.rejected is not None]
+        tokens = sum(len(e.input_ids) for e in encode_batch(trainer.processing_class, sides, plan.max_seq_length)
+                     if not isinstance(e, RenderError))
         epochs = t.epochs if t.max_steps <= 0 else 1
-        return int(sum(len(x) for c in columns for x in ds[c]) * epochs)
+        return int(tokens * epochs)
 
     def metadata(self, trainer: Any, t: TrainSection, plan: TrainingPlan, data: PreparedData,
                  evaluating: bool) -> dict[str, Any]:
