@@ -87,6 +87,13 @@ def preflight(
     plan = decide_plan(t, hw, facts, e, mg, attn_implementation=m.attn_implementation,
                        user_set=set(user_set) if user_set is not None else None, task=task, num_labels=num_labels)
     plan.train.labels = labels
+    if task == "preference" and plan.train.method == "kto" and plan.train.micro_batch_size < 2:
+        from lorapipe.hardware.plan import PlanError
+
+        raise PlanError([f"train.method kto with a micro-batch of {plan.train.micro_batch_size}: TRL's KTO estimates "
+                         "its KL term from the other answers of the same micro-batch, so it needs at least 2 (set "
+                         "train.micro_batch_size: 2, and lower train.max_seq_length or set train.quantization: nf4 "
+                         "if memory is short)"])
     stats = validation_report.token_stats
     if stats and stats.truncated_rows:
         plan.train.warnings.append(f"{stats.truncated_rows} row(s) are longer than "

@@ -197,3 +197,33 @@ def test_a_precomputed_reference_gives_the_same_start_and_the_plan_drops_its_for
         for precompute in (False, True)}
     assert any(n.startswith("reference forward") for n in terms[False])
     assert not any(n.startswith("reference forward") for n in terms[True])
+
+
+def test_unpaired_test_rows_are_evaluated_by_ranking_desirable_above_undesirable(dpo):
+    """KTO's feedback has no pairs: evaluation ranks the desirable answers' per-token log-probability above the
+    undesirable ones' (the share of such combinations) for the starting and the tuned model."""
+    from dataclasses import replace
+
+    unpaired = [replace(r, chosen=answer, rejected=None, desirable=good, format="unpaired")
+                for r in dpo["test"].records for answer, good in ((r.chosen, True), (r.rejected, False))]
+    m = evaluate(dpo["adapter"], ConversationDataset(unpaired, name="test"))
+    assert m.tuned.preference_accuracy > m.base.preference_accuracy and m.tuned.preference_accuracy >= 0.9
+    assert m.tuned.reward_margin > 0 and m.scored_rows == 16
+
+
+def test_only_the_judged_answer_is_scored_not_the_prompts_earlier_assistant_turns(tiny_model_dir):
+    """A multi-turn prompt's earlier assistant turns belong to the prompt (as TRL's losses have them): the scored
+    tokens of a side are its last answer's only."""
+    from lorapipe.data.render import encode
+    from lorapipe.models.loading import load_model, load_tokenizer
+    from lorapipe.tasks.preference import answer_logps
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    history = [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "a long earlier answer"},
+               {"role": "user", "content": "and now?"}]
+    rec = Record("p", 1, "", "preference", messages=history, chosen=[{"role": "assistant", "content": "yes."}],
+                 rejected=[{"role": "assistant", "content": "no."}])
+    (_, n), = answer_logps(load_model(str(tiny_model_dir), "float32", device="cpu"), tok, [rec.side("chosen")], PHASE)
+    last_only = encode(tok, Record("p", 1, "", "messages", messages=[{"role": "user", "content": "x"},
+                                                                      {"role": "assistant", "content": "yes."}]))
+    assert n == sum(last_only.assistant_mask) < sum(encode(tok, rec.side("chosen")).assistant_mask) - 1

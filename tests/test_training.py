@@ -123,6 +123,15 @@ def test_the_base_plan_leaves_the_adapter_out_so_every_rank_shares_it(tiny_model
     assert plans[0].base_alone() == plans[1].base_alone()  # ...and not in the base's
     assert not any("LoRA" in t.name for t in plans[0].base_alone().memory_terms)
     assert plans[0].base_alone().predicted_peak_gib < plans[0].predicted_peak_gib
+    # on an 8B model on a 24 GB card the evaluation plan's reason and warnings quote the peak with the adapter: the
+    # base's plan must not carry them
+    from tests.model_facts import facts as public_facts
+    from tests.test_plan import make_probe
+
+    big = [decide_plan(TrainSection(backend="hf", quantization="nf4", gradient_checkpointing=True, lora={"r": r}),
+                       make_probe(cuda_gib=24), public_facts("llama-3.1-8b")).evaluate for r in (8, 64)]
+    assert big[0].reason != big[1].reason or big[0].memory_terms != big[1].memory_terms
+    assert big[0].base_alone() == big[1].base_alone()
 
 
 def test_merge_matches_base_plus_adapter_and_is_idempotent(trained, tmp_path, capsys):

@@ -129,17 +129,6 @@ def span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> l
             mask[hi] = 1
             hi += 1
     return mask
-    starts = [a for a, _ in offsets]
-    ends = [b for _, b in offsets]
-    for s_start, s_end in spans:
-        lo = bisect.bisect_right(ends, s_start)  # the first token ending after the span starts
-        hi = bisect.bisect_left(starts, s_end)  # the first token starting at or after its end
-        if hi > lo:
-            mask[lo:hi] = [1] * (hi - lo)
-        while hi < n and starts[hi] == s_end and ends[hi] == s_end:  # empty tokens that close the span
-            mask[hi] = 1
-            hi += 1
-    return mask
 
 
 def encode(tokenizer: Any, record: Record, max_length: Optional[int] = None) -> Encoded:
@@ -183,7 +172,9 @@ def encode_batch(tokenizer: Any, records: list[Record],
             rendered.append(exc)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     texts = [r[0] for r in rendered if not isinstance(r, RenderError)]
-    if backend is None:  # a slow (Python) tokenizer: one at a time
+    if backend is None or backend.padding is not None or backend.truncation is not None:
+        # a slow (Python) tokenizer, or a fast one whose file sets padding or truncation (a batch would be padded to
+        # its longest row): one at a time, exactly as `encode`
         tokenized = iter([_tokenize_with_offsets(tokenizer, t) for t in texts])
     else:
         with tokenizer_threads():

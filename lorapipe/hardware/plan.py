@@ -114,10 +114,12 @@ class PhasePlan(ReadsGbNames):
             rest = sum(t.bytes for t in terms if t.name not in ("CUDA allocator overhead", "CUDA context"))
             terms = [t.model_copy(update={"bytes": int(rest * CUDA_ALLOCATOR_OVERHEAD)})
                      if t.name == "CUDA allocator overhead" else t for t in terms]
+        peak = round(sum(t.bytes for t in terms) / GIB, 4)
+        # its own words and figures only: the evaluation plan's reason and warnings quote the peak with the adapter
         return PhasePlan(phase="evaluate", device=self.device, dtype=self.dtype, batch_size=self.batch_size,
-                         max_seq_length=self.max_seq_length, reason=f"the untuned base alone: {self.reason}",
-                         predicted_peak_gib=round(sum(t.bytes for t in terms) / GIB, 4), memory_terms=terms,
-                         warnings=self.warnings)
+                         max_seq_length=self.max_seq_length,
+                         reason=f"the untuned base alone, on {self.device} in {self.dtype}, batch {self.batch_size}: "
+                                f"{format_gib(peak)} predicted", predicted_peak_gib=peak, memory_terms=terms)
 
 
 class RunPlan(BaseModel):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -168,25 +169,21 @@ class Preference(SFT):
         if base is not None:
             raise ValueError("task preference scores its starting model with the tuned one (catalog: "
                              "scores_base_apart is False)")
-        pairs = [r for r in test.records if r.rejected is not None][:evaluate.max_samples]
-        if not pairs:
-            raise ValueError("the test split holds no chosen/rejected pair: preference evaluation needs pairs (raise "
-                             "split.test_fraction, or give pairs)")
+        answers = scored_answers(test, evaluate.max_samples)
         meta = read_adapter_metadata(adapter_dir)
         beta = float((meta.get("preference") or {}).get("beta") or 0.1)
         tokenizer = load_tokenizer(adapter_dir, chat_template=chat_template)
-        generated = pairs[:evaluate.generation_samples]
+        generated = _generated_rows(test, evaluate.generation_samples)
         with PhaseMemory(phase.device) as memory, _policy_and_start(adapter_dir, phase) as models:
             logps, scores, generations = {}, {}, {}
             for label in ("base", "tuned"):
                 with models[label]() as model:
-                    logps[label] = pair_logps(model, tokenizer, pairs, phase)
-                    scores[label], generations[label] = _scores(model, tokenizer, logps[label], generated, phase,
-                                                                evaluate, seed)
-        margins = [beta * ((tc - sc) - (tr - sr)) for (tc, tr, _, _), (sc, sr, _, _)
-                   in zip(logps["tuned"], logps["base"])]
-        scores["tuned"].reward_margin = sum(margins) / len(margins)
-        scores["tuned"].reward_accuracy = sum(m > 0 for m in margins) / len(margins)
+                    logps[label] = answer_logps(model, tokenizer, [a.record for a in answers], phase)
+                    scores[label], generations[label] = _scores(model, tokenizer, answers, logps[label], generated,
+                                                                phase, evaluate, seed)
+        # DPO's implicit reward of each answer against the starting model: beta x (log pi - log pi_start)
+        rewards = [beta * (t - b) for (t, _), (b, _) in zip(logps["tuned"], logps["base"])]
+        scores["tuned"].reward_margin, scores["tuned"].reward_accuracy = _margin_and_accuracy(answers, rewards)
         samples = [{"source": t["source"], "prompt": t["prompt"], "reference": t["reference"],
                     "rejected": rec.rejected[-1]["content"] if rec.rejected else "",
                     "base": b["prediction"], "base_stopped": b["stopped"], "base_new_tokens": b["new_tokens"],
@@ -196,8 +193,8 @@ class Preference(SFT):
         gain = (b.perplexity - t.perplexity) / b.perplexity
         from lorapipe.tasks.sft import _generation_settings
 
-        return EvalMetrics(test_rows=len(test), scored_rows=len(pairs), generated_rows=len(samples),
-                           scored_tokens=sum(n for _, _, n, _ in logps["tuned"]), base=b, tuned=t,
+        return EvalMetrics(test_rows=len(test), scored_rows=len({a.row for a in answers}), generated_rows=len(samples),
+                           scored_tokens=sum(n for _, n in logps["tuned"]), base=b, tuned=t,
                            perplexity_gain=gain, tuned_beats_base=t.preference_accuracy > b.preference_accuracy,
                            samples=samples, row_losses={}, memory_gib=memory.peak_gib,
                            memory_at_start_gib=memory.start_gib,
@@ -210,12 +207,13 @@ class Preference(SFT):
         from lorapipe.models.loading import load_model, load_tokenizer
         from lorapipe.training.monitoring import free_memory
 
-        pairs = [r for r in test.records if r.rejected is not None][:evaluate.max_samples]
+        answers = scored_answers(test, evaluate.max_samples)
         tokenizer = load_tokenizer(folder, chat_template=chat_template)
         model = load_model(folder, phase.dtype, device=phase.device)
         try:
-            scores, generations = _scores(model, tokenizer, pair_logps(model, tokenizer, pairs, phase),
-                                          pairs[:evaluate.generation_samples], phase, evaluate, seed)
+            scores, generations = _scores(model, tokenizer, answers,
+                                          answer_logps(model, tokenizer, [a.record for a in answers], phase),
+                                          _generated_rows(test, evaluate.generation_samples), phase, evaluate, seed)
         finally:
             del model
             free_memory(phase.device)
@@ -269,45 +267,111 @@ def _policy_and_start(adapter_dir: str, phase: PhasePlan) -> Iterator[dict[str, 
         release_memory(phase.device)
 
 
-def pair_logps(model: Any, tokenizer: Any, pairs: list[Record], phase: PhasePlan) -> list[tuple[float, float, int,
-                                                                                                    int]]:
-    """Per pair: (summed log-probability of the chosen answer's tokens, of the rejected answer's, chosen tokens,
-    rejected tokens), each answer rendered after its prompt as training renders it, cut to the phase's length."""
-    from lorapipe.evaluation.metrics import masked_loss
+@dataclass(frozen=True)
+class ScoredAnswer:
+    """One answer scored on its prompt: a pair's side (`row` names the pair) or one unpaired answer."""
 
-    out = []
-    sides = {}
-    for name in ("chosen", "rejected"):
-        rows = [p.side(name) for p in pairs]
-        _, _, row_losses = masked_loss(model, tokenizer, rows, phase.max_seq_length, phase.batch_size)
-        counts = [_answer_tokens(tokenizer, r, phase.max_seq_length) for r in rows]
-        sides[name] = [(-(loss or 0.0) * n, n) for loss, n in zip(row_losses, counts)]
-    for (c, nc), (r, nr) in zip(sides["chosen"], sides["rejected"]):
-        out.append((c, r, nc, nr))
+    record: Record  # the prompt with this answer, as an SFT row
+    desirable: bool  # chosen / labelled desirable
+    row: int  # the test row it came from (a pair's two answers share it)
+    paired: bool
+
+
+def scored_answers(test: ConversationDataset, max_rows: int) -> list[ScoredAnswer]:
+    """The answers evaluation scores: both sides of the first `max_rows` pairs, or the first `max_rows` unpaired
+    answers (KTO's feedback) when the test split holds no pair; an error naming the fix when neither can be
+    compared."""
+    pairs = [r for r in test.records if r.rejected is not None][:max_rows]
+    if pairs:
+        return [ScoredAnswer(r.side(side), side == "chosen", i, True) for i, r in enumerate(pairs)
+                for side in ("chosen", "rejected")]
+    unpaired = [r for r in test.records if r.rejected is None and r.desirable is not None][:max_rows]
+    kinds = {r.desirable for r in unpaired}
+    if kinds != {True, False}:
+        raise ValueError("the test split holds no chosen/rejected pair and not both desirable and undesirable answers: "
+                         "preference evaluation compares the two (raise split.test_fraction, or add rows of the "
+                         "missing kind)")
+    return [ScoredAnswer(r.side("chosen"), bool(r.desirable), i, False) for i, r in enumerate(unpaired)]
+
+
+def _generated_rows(test: ConversationDataset, n: int) -> list[Record]:
+    """The rows whose prompts are generated: pairs (scored against the chosen answer), else desirable answers."""
+    pairs = [r for r in test.records if r.rejected is not None]
+    return (pairs or [r for r in test.records if r.desirable])[:n]
+
+
+def answer_logps(model: Any, tokenizer: Any, rows: list[Record], phase: PhasePlan) -> list[tuple[float, int]]:
+    """Per row: the summed log-probability of its last assistant turn's tokens (the answer being judged; earlier
+    assistant turns belong to the prompt, as TRL's losses have it) and their number, the row rendered as training
+    renders it and cut to the phase's length."""
+    import torch
+
+    from lorapipe.data.render import _tokenize_with_offsets, span_mask, trainable_spans
+
+    encoded = []
+    for rec in rows:
+        text, spans = trainable_spans(tokenizer, rec)
+        ids, offsets = _tokenize_with_offsets(tokenizer, text)
+        mask = span_mask(offsets, spans[-1:])
+        encoded.append((list(ids)[:phase.max_seq_length], mask[:phase.max_seq_length]))
+    device = next(model.parameters()).device
+    out: list[tuple[float, int]] = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(encoded), phase.batch_size):
+            batch = encoded[i:i + phase.batch_size]
+            width = max(len(ids) for ids, _ in batch)
+            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            scored = torch.zeros((len(batch), width), dtype=torch.bool)
+            for k, (row_ids, row_mask) in enumerate(batch):
+                ids[k, :len(row_ids)] = torch.tensor(row_ids)
+                attention[k, :len(row_ids)] = 1
+                scored[k, :len(row_mask)] = torch.tensor(row_mask, dtype=torch.bool)
+            logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits.float()
+            logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1))
+            keep = scored[:, 1:].to(device)  # a token is predicted from the one before it
+            sums = (logps.squeeze(-1) * keep).sum(-1)
+            out += [(float(v), int(n)) for v, n in zip(sums.cpu(), keep.sum(-1).cpu())]
     return out
 
 
-def _answer_tokens(tokenizer: Any, rec: Record, max_length: int) -> int:
-    """The tokens masked_loss scores on a row: its trained tokens after the first (a label predicts the next token)."""
-    from lorapipe.data.render import encode
-
-    mask = encode(tokenizer, rec, max_length).assistant_mask
-    return sum(mask[1:])
+def _auc(good: list[float], bad: list[float]) -> float:
+    """The share of (good, bad) combinations ranked good above bad (ties count half)."""
+    wins = sum((g > b) + 0.5 * (g == b) for g in good for b in bad)
+    return wins / (len(good) * len(bad))
 
 
-def _scores(model: Any, tokenizer: Any, logps: list[tuple[float, float, int, int]], generated: list[Record],
-            phase: PhasePlan, evaluate: EvaluateSection, seed: int) -> tuple[ModelScores, list[dict]]:
-    """One model's preference scores from its pair log-probabilities, and its generations for the test prompts
-    (scored against the chosen answer; ROUGE-L against the rejected one too)."""
+def _margin_and_accuracy(answers: list[ScoredAnswer], values: list[float]) -> tuple[float, float]:
+    """Pairs: the mean of chosen minus rejected and the share above 0; unpaired: the mean of the desirable minus
+    the mean of the undesirable, and the AUC of the two."""
+    if answers and answers[0].paired:
+        diffs = [values[i] - values[i + 1] for i in range(0, len(answers), 2)]
+        return sum(diffs) / len(diffs), sum(d > 0 for d in diffs) / len(diffs)
+    good = [v for a, v in zip(answers, values) if a.desirable]
+    bad = [v for a, v in zip(answers, values) if not a.desirable]
+    return sum(good) / len(good) - sum(bad) / len(bad), _auc(good, bad)
+
+
+def _scores(model: Any, tokenizer: Any, answers: list[ScoredAnswer], logps: list[tuple[float, int]],
+            generated: list[Record], phase: PhasePlan, evaluate: EvaluateSection,
+            seed: int) -> tuple[ModelScores, list[dict]]:
+    """One model's preference scores from its answers' log-probabilities (pairs: the summed log-probability ranks
+    chosen above rejected; unpaired: the per-token log-probability ranks desirable above undesirable), and its
+    generations for the test prompts (scored against the chosen answer; ROUGE-L against the rejected one too)."""
     from lorapipe.evaluation.metrics import generate_scores, text_scores
 
-    chosen_tokens = sum(nc for _, _, nc, _ in logps) or 1
-    rejected_tokens = sum(nr for _, _, _, nr in logps) or 1
-    chosen_loss = -sum(c for c, _, _, _ in logps) / chosen_tokens
+    good = [(s, n) for a, (s, n) in zip(answers, logps) if a.desirable]
+    bad = [(s, n) for a, (s, n) in zip(answers, logps) if not a.desirable]
+    good_tokens, bad_tokens = max(1, sum(n for _, n in good)), max(1, sum(n for _, n in bad))
+    chosen_loss = -sum(s for s, _ in good) / good_tokens
+    if answers[0].paired:
+        _, accuracy = _margin_and_accuracy(answers, [s for s, _ in logps])
+    else:
+        accuracy = _auc([s / max(n, 1) for s, n in good], [s / max(n, 1) for s, n in bad])
     scores = ModelScores(loss=chosen_loss, perplexity=math.exp(min(chosen_loss, 50.0)), chosen_loss=chosen_loss,
-                         preference_accuracy=sum(c > r for c, r, _, _ in logps) / len(logps),
-                         chosen_logp_per_token=sum(c for c, _, _, _ in logps) / chosen_tokens,
-                         rejected_logp_per_token=sum(r for _, r, _, _ in logps) / rejected_tokens)
+                         preference_accuracy=accuracy, chosen_logp_per_token=-chosen_loss,
+                         rejected_logp_per_token=sum(s for s, _ in bad) / bad_tokens)
     generations: list[dict] = []
     if generated:
         gscores, generations = generate_scores(model, tokenizer, [p.side("chosen") for p in generated],
@@ -315,7 +379,8 @@ def _scores(model: Any, tokenizer: Any, logps: list[tuple[float, float, int, int
                                                evaluate.generation_metrics)
         for key, value in gscores.items():
             setattr(scores, key, value)
-        scores.rouge_l_rejected = text_scores([g["prediction"] for g in generations],
-                                              [p.rejected[-1]["content"] if p.rejected else "" for p in generated],
-                                              ["rouge_l"])["rouge_l"]
+        if all(p.rejected for p in generated):
+            scores.rouge_l_rejected = text_scores([g["prediction"] for g in generations],
+                                                  [p.rejected[-1]["content"] for p in generated],
+                                                  ["rouge_l"])["rouge_l"]
     return scores, generations

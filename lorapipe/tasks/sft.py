@@ -285,11 +285,12 @@ class SFT:
                 with enter() as model:
                     results[label], tokens, row_losses[label], generations[label] = _score_model(
                         model, tokenizer, scored, generated, phase, evaluate.max_new_tokens, seed, metrics)
-            if base is not None and (base.scored_tokens != tokens or len(base.generations) != len(generated)):
+            if base is not None and (base.scored_tokens != tokens
+                                     or len(base.generations) != len(generations.get("tuned", []))):
                 # another tokenizer or template than the adapter's: the base's figures are not of these tokens
                 log.warning("the base's stored scores cover %d tokens and %d generations, the adapter's rows %d and "
                             "%d (another tokenizer or chat template): scoring the base again", base.scored_tokens,
-                            len(base.generations), tokens, len(generated))
+                            len(base.generations), tokens, len(generations.get("tuned", [])))
                 with models["base"]() as model:
                     results["base"], _, row_losses["base"], generations["base"] = _score_model(
                         model, tokenizer, scored, generated, phase, evaluate.max_new_tokens, seed, metrics)
