@@ -299,7 +299,11 @@ def test_the_mlx_backend_runs_the_whole_pipeline(tiny_model_dir, tmp_path):
     cfg = _config(tmp_path, tiny_model_dir, QUICKSTART_DATA, model_name="lorapipe-mlx")
     assert main(["run", "-c", str(cfg), "--set", "train.backend=mlx", "--set", "train.max_steps=6"]) == 0
     run = _last_run()
-    assert _status(run) == {s: "completed" for s in STEPS}
+    status = _status(run)
+    # the untuned base is scored by transformers whichever backend trains: when an earlier run on this store (this
+    # module's hf runs) scored the same base on the same rows and settings, its scores come from the cache
+    assert status.pop("evaluate_base_model") in ("completed", "cached")
+    assert status == {s: "completed" for s in STEPS if s != "evaluate_base_model"}
     plan = run.steps["preflight"].outputs["training_plan"][0].load()
     assert (plan.backend, plan.device) == ("mlx", "cpu")  # _config pins train.device: cpu
     adapter = run.steps["train_adapter"].outputs["adapter"][0].load()
