@@ -230,3 +230,111 @@ def test_unsloth_qlora_nf4_adamw8bit_on_cuda(tiny, driver, tmp_path):
     assert "8bit" in meta["optimizer_applied"]
     tuned = _load(tiny, tmp_path / "adapter")
     assert any(p.abs().max() > 0 for p in _lora_b(tuned))
+
+
+PREFERENCE_DRIVER = r'''
+import json, sys
+from pathlib import Path
+
+from lorapipe.backends.unsloth import UnslothBackend
+from lorapipe.config import ModelSection, TrainSection
+from lorapipe.data.dataset import ConversationDataset
+from lorapipe.hardware.plan import MemoryEstimate, TrainingPlan
+from lorapipe.logs import show_on_console
+from lorapipe.tasks import get_task
+from tests.test_preference_train import learnable_pairs
+
+show_on_console()
+a = json.loads(sys.argv[1])
+pairs = learnable_pairs()[: a["rows"]]
+memory = MemoryEstimate(weights_gib=0, lora_and_optimizer_gib=0, activations_gib=0, total_gib=0, budget_gib=1)
+for method, steps in a["methods"].items():
+    t = TrainSection(backend="unsloth", device="cpu", method=method, max_steps=steps, save_steps=1000,
+                     learning_rate=5e-3, warmup_steps=0, logging_steps=1, lora={"r": 8, "alpha": 16}, max_seq_length=96)
+    plan = TrainingPlan(backend="unsloth", device="cpu", dtype="float32", quantization="none", method=method,
+                        micro_batch_size=4, gradient_accumulation_steps=2, effective_batch_size=8, max_seq_length=96,
+                        gradient_checkpointing=False, optimizer="adamw_torch", memory=memory, reasons=[], warnings=[])
+    out = Path(a["root"]) / method
+    info = UnslothBackend().train(get_task("preference"), ModelSection(name_or_path=a["model"]), t, 7, plan,
+                                  ConversationDataset(pairs), ConversationDataset([], name="eval"), out / "work",
+                                  out / "adapter")
+    print("ADAPTER_INFO " + json.dumps({"method": method, **json.loads(info.model_dump_json())}), flush=True)
+'''
+
+
+@pytest.fixture(scope="module")
+def preference_runs(tiny, tmp_path_factory):
+    """DPO (long enough to learn the learnable pairs), KTO and ORPO (a few steps) through the unsloth backend, in one
+    child process: {method: (info, adapter folder)}, and the child's output."""
+    root = tmp_path_factory.mktemp("preference")
+    driver = root / "train_unsloth_preference.py"
+    driver.write_text(PREFERENCE_DRIVER)
+    args = {"rows": 80, "model": str(tiny), "root": str(root), "methods": {"dpo": 20, "kto": 3, "orpo": 3}}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(driver), json.dumps(args)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    output = proc.stdout + "\n" + proc.stderr
+    assert proc.returncode == 0, f"unsloth preference training failed (rc {proc.returncode}):\n{output[-6000:]}"
+    infos = [json.loads(ln[len("ADAPTER_INFO "):]) for ln in proc.stdout.splitlines() if ln.startswith("ADAPTER_INFO ")]
+    return {i["method"]: (i, root / i["method"] / "adapter") for i in infos}, output
+
+
+def test_unsloth_dpo_reference_is_the_starting_model_and_the_pairs_are_learnt(preference_runs, tiny):
+    """DPO through unsloth's FastLanguageModel: step 1 scores the policy against itself (ln 2, no margin), and the
+    tuned adapter ranks held-out chosen answers above rejected ones better than the starting model."""
+    from lorapipe.config import EvaluateSection
+    from lorapipe.data.dataset import ConversationDataset
+    from lorapipe.hardware.plan import PhasePlan
+    from lorapipe.tasks import get_task
+    from lorapipe.training.adapter import read_adapter_metadata
+    from tests.test_preference_train import learnable_pairs
+
+    runs, output = preference_runs
+    info, adapter = runs["dpo"]
+    assert "Unsloth" in output and info["backend"] == "unsloth" and info["steps"] == 20
+    log = [json.loads(ln) for ln in (adapter / "training_log.jsonl").read_text().splitlines()]
+    assert log[0]["loss"] == pytest.approx(0.6931472, abs=1e-5) and log[0]["rewards/margins"] == pytest.approx(0.0)
+    assert [e for e in log if "rewards/margins" in e][-1]["rewards/margins"] > 0
+    meta = read_adapter_metadata(adapter)
+    assert meta["preference"]["method"] == "dpo" and meta["preference"]["reference"] == "starting_model"
+    # on CPU unsloth's fallback keeps TRL's own trainers (it patches them on CUDA: the GPU test below)
+    assert meta["trainer_class"] == "trl.trainer.dpo_trainer.DPOTrainer"
+    assert any(p.abs().max() > 0 for p in _lora_b(_load(tiny, adapter)))
+    phase = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=8, max_seq_length=96, reason="test")
+    metrics = get_task("preference").evaluate(
+        str(adapter), ConversationDataset(learnable_pairs()[80:], name="test"), phase,
+        EvaluateSection(max_samples=16, generation_samples=0, max_new_tokens=8))
+    assert metrics.tuned.preference_accuracy > metrics.base.preference_accuracy
+    assert metrics.tuned.reward_margin > 0
+    assert "unsloth" not in sys.modules
+
+
+@pytest.mark.parametrize("method", ["kto", "orpo"])
+def test_unsloth_trains_kto_and_orpo(preference_runs, tiny, method):
+    import math
+
+    from lorapipe.training.adapter import read_adapter_metadata
+
+    runs, _ = preference_runs
+    info, adapter = runs[method]
+    assert info["steps"] == 3 and math.isfinite(info["train_loss"]) and info["train_tokens"] > 0
+    meta = read_adapter_metadata(adapter)
+    assert meta["preference"]["method"] == method
+    assert meta["preference"]["reference"] == (None if method == "orpo" else "starting_model")
+    assert any(p.abs().max() > 0 for p in _lora_b(_load(tiny, adapter)))
+
+
+@pytest.mark.gpu
+def test_unsloth_patches_the_preference_trainers_on_cuda():
+    """On CUDA `import unsloth` replaces TRL's DPO/KTO/ORPO trainers with its compiled ones; lorapipe must pick those
+    up through `preference_trainer`. Needs a GPU (none here)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: unsloth patches TRL's trainers only there (its CPU fallback keeps TRL's own)")
+    code = ("import unsloth\nfrom lorapipe.tasks.preference import preference_trainer\n"
+            "print([preference_trainer(m)[0].__module__ for m in ('dpo', 'kto', 'orpo')])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("unsloth_compiled_cache") == 3, out.stdout

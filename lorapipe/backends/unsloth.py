@@ -1,4 +1,5 @@
-"""Unsloth backend: FastLanguageModel + TRL SFTTrainer, on CUDA (and through unsloth's CPU fallback).
+"""Unsloth backend: FastLanguageModel + TRL's trainers as unsloth patches them (SFT; DPO, KTO and ORPO for task
+preference), on CUDA (and through unsloth's CPU fallback).
 
 `import unsloth` patches transformers, PEFT and TRL for the whole process, so it is imported only here,
 inside `train`; run this backend in a process of its own when the rest of the process must stay unpatched.
@@ -70,6 +71,13 @@ def _point_adapter_at_base(adapter_dir: Path, m: ModelSection) -> None:
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
+def _library_trainer(trainer: Any) -> str:
+    """The library trainer class under lorapipe's wrapper: unsloth's patched one (e.g. unsloth_compiled_cache's
+    UnslothDPOTrainer) when `import unsloth` replaced TRL's."""
+    cls = next(c for c in type(trainer).__mro__ if not c.__module__.startswith("lorapipe."))
+    return f"{cls.__module__}.{cls.__name__}"
+
+
 class UnslothBackend:
     """Trains with Unsloth; its adapters are PEFT folders, evaluated and merged like the hf backend's."""
 
@@ -120,18 +128,27 @@ class UnslothBackend:
 
             torch.cuda.reset_peak_memory_stats()
 
-        rows = cast(TokenizingTask, task)  # sft, checked against the catalog above
-        train_ds = rows.tokenize(train, tokenizer, plan)
-        eval_ds = rows.tokenize(eval_split, tokenizer, plan) if len(eval_split) else None
         ckpt_dir = work_dir / "checkpoints"
         arguments = trainer_arguments(t, plan, seed, ckpt_dir)
         # get_peft_model above already set checkpointing up (unsloth's offloaded variant on CUDA); the Trainer
         # enabling it again would replace that with the stock one
         arguments["gradient_checkpointing"] = False
-        args = SFTConfig(**arguments, max_length=plan.max_seq_length)
-        trainer = trainer_class(SFTTrainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                            processing_class=tokenizer,
-                                            callbacks=[monitor_callback(new_monitor(adapter_dir, m, t, plan, seed))])
+        callbacks = [monitor_callback(new_monitor(adapter_dir, m, t, plan, seed))]
+        data = None
+        if task.spec.name == "sft":
+            rows = cast(TokenizingTask, task)
+            train_ds = rows.tokenize(train, tokenizer, plan)
+            eval_ds = rows.tokenize(eval_split, tokenizer, plan) if len(eval_split) else None
+            args = SFTConfig(**arguments, max_length=plan.max_seq_length)
+            trainer = trainer_class(SFTTrainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                                processing_class=tokenizer, callbacks=callbacks)
+        else:
+            # preference: the task's rows and TRL trainer (DPO, KTO, ORPO), which `import unsloth` above replaced with
+            # unsloth's patched ones; the model is already unsloth's PEFT model, so the reference is its adapter
+            # switched off, as on the hf backend
+            data = task.prepare(m, t, plan, tokenizer, train, eval_split)
+            trainer = task.trainer(model, arguments, t, plan, tokenizer, data, callbacks)
+            task.announce(model, plan, data)
         trainer.remove_callback(PrinterCallback)  # the monitor logs one compact line per log instead
         trainer.lorapipe_checkpoint_files = task.checkpoint_files(plan, trainer.args.world_size)
         resume_from = resume_point(t, ckpt_dir, trainer.args.world_size, trainer.lorapipe_checkpoint_files)
@@ -140,10 +157,16 @@ class UnslothBackend:
             trainer.add_callback(preemption.callback())
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         seconds = time.perf_counter() - start
-        info = finish_trainer_run(
-            trainer, result, seconds, train_tokens(train_ds, t, plan), self.name, adapter_dir, m, t, seed, plan,
-            train, tokenizer, resume_from,
-            extra={"quantization_applied": applied, "optimizer_applied": str(getattr(args.optim, "value", args.optim))})
+        extra: dict[str, Any] = {"quantization_applied": applied,
+                                 "optimizer_applied": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
+                                 "trainer_class": _library_trainer(trainer)}
+        if data is None:
+            tokens = train_tokens(train_ds, t, plan)
+        else:
+            tokens = task.train_tokens(trainer, data, t, plan)
+            extra.update(task.metadata(trainer, t, plan, data, False))
+        info = finish_trainer_run(trainer, result, seconds, tokens, self.name, adapter_dir, m, t, seed, plan, train,
+                                  tokenizer, resume_from, extra=extra)
         _point_adapter_at_base(adapter_dir, m)
         del trainer, model
         return info

@@ -116,10 +116,12 @@ class Preference(SFT):
             arguments = {**arguments, "train_sampling_strategy": "sequential"}
             train_rows = train_rows.shuffle(seed=arguments["seed"])
         args = config_cls(**arguments, **settings)
-        init_adapter = data.facts["init_adapter"]
+        # TRL adds the LoRA layers unless the model has them already: the SFT adapter continued (train.init_adapter),
+        # or a backend that builds its own PEFT model (unsloth's get_peft_model)
+        already_peft = data.facts["init_adapter"] is not None or hasattr(model, "peft_config")
         return trainer_class(trainer_cls)(model=model, args=args, train_dataset=train_rows, eval_dataset=data.eval,
                                           processing_class=tokenizer,
-                                          peft_config=None if init_adapter is not None else lora_config(t.lora),
+                                          peft_config=None if already_peft else lora_config(t.lora),
                                           callbacks=callbacks)
 
     def announce(self, model: Any, plan: TrainingPlan, data: PreparedData) -> None:
