@@ -85,3 +85,25 @@ def test_train_valid_test_files_are_honoured(tmp_path):
     train, evals, test = split_records(recs, 0.3, 0.3)
     assert (len(train), len(evals), len(test)) == (20, 5, 4)
     assert {r.source.split("/")[-1] for r in evals.records} == {"valid.jsonl"}
+
+
+def test_preference_rows_of_one_prompt_never_straddle_splits():
+    """Several pairs (or KTO's rated answers) for one prompt: a test prompt the model was trained on would score its
+    memory, not its preference, so every row of a prompt lands in one split."""
+    recs = []
+    for i in range(400):
+        prompt = [{"role": "user", "content": f"question {i % 100}"}]
+        if i % 2:
+            recs.append(Record("p.jsonl", i + 1, "", "preference", messages=prompt,
+                               chosen=[{"role": "assistant", "content": f"good {i}"}],
+                               rejected=[{"role": "assistant", "content": f"bad {i}"}]))
+        else:
+            recs.append(Record("p.jsonl", i + 1, "", "unpaired", messages=prompt,
+                               chosen=[{"role": "assistant", "content": f"rated {i}"}], desirable=bool(i % 4)))
+    splits = split_records(recs, 0.2, 0.2)
+    where: dict[str, set[str]] = {}
+    for s in splits:
+        for r in s.records:
+            where.setdefault(r.prompt_key(), set()).add(s.name)
+    assert len(where) == 100 and all(len(names) == 1 for names in where.values())
+    assert all(len(s) > 0 for s in splits) and sum(len(s) for s in splits) == 400

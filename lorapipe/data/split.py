@@ -1,8 +1,9 @@
 """Deterministic train/eval/test split by content hash.
 
 A row's split depends only on its (whitespace-normalised) content, its group and the salt, so it is stable when
-rows are reordered or other rows change. Rows are first joined into units: exact duplicates, and rows sharing a
-`group_key` value, are one unit, and a unit never straddles splits. With a `stratify_key`, each label's units are
+rows are reordered or other rows change. Rows are first joined into units: exact duplicates, rows sharing a
+`group_key` value, and preference rows (pairs or rated answers) sharing a prompt are one unit, and a unit never
+straddles splits. With a `stratify_key`, each label's units are
 divided in the requested fractions, so every split keeps the label proportions. Files named train/valid/test
 (e.g. mlx-lm's `train.jsonl`, `valid.jsonl`, `test.jsonl`) are honoured as given.
 """
@@ -53,6 +54,8 @@ def _units(records: list[Record]) -> dict[str, list[Record]]:
         find(content)
         if r.group is not None:  # "0g:" sorts first: a group's unit is named by the group, not by a row in it
             union(content, "0g:" + r.group)
+        if r.chosen is not None:  # preference: every pair or answer of one prompt on one side, or the test set
+            union(content, "0p:" + r.prompt_key())  # would score prompts the model trained on
         keys.append(content)
     units: dict[str, list[Record]] = defaultdict(list)
     for r, key in zip(records, keys):
