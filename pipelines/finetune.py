@@ -43,6 +43,8 @@ def finetune(config: LorapipeConfig, config_sha256: str, user_set: Optional[list
         resolved_data=resolved, data=config.data, validation=config.validation, model=config.model,
         max_seq_length=train.max_seq_length, micro_batch_sizes=micro_batch_candidates(train),
         group_key=config.split.group_key, stratify_key=config.split.stratify_key,
+        kto_weights=([train.preference.desirable_weight, train.preference.undesirable_weight]
+                     if config.task == "preference" and train.method == "kto" else None),
     )
     hardware, _recommended, plan, evaluation_plan, merge_plan, base_evaluation_plan = preflight(
         validation_report=report, model=config.model, train=train, evaluate=config.evaluate, merge=config.merge,

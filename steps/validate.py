@@ -32,7 +32,7 @@ ARTIFACT_ROWS_DIR = Path(tempfile.gettempdir()) / "lorapipe"
 def validate_data(
     resolved_data: ResolvedData, data: DataSection, validation: ValidationSection, model: ModelSection,
     max_seq_length: int, micro_batch_sizes: list[int], group_key: Optional[str] = None,
-    stratify_key: Optional[str] = None,
+    stratify_key: Optional[str] = None, kto_weights: Optional[list[float]] = None,
 ) -> Tuple[
     Annotated[ConversationDataset, "validated_dataset"],
     Annotated[ValidationReport, "validation_report"],
@@ -50,6 +50,8 @@ def validate_data(
         micro_batch_sizes: the micro-batch sizes the plan may choose; the padding waste of each is reported.
         group_key: split.group_key, the row field read to keep a group's rows in one split.
         stratify_key: split.stratify_key, the row field (a class label) read for stratified splitting.
+        kto_weights: train.method kto: train.preference's desirable and undesirable weights, which KTO's balance
+            check applies (None: other methods, unweighted).
 
     Returns:
         The accepted rows, the validation report and the rejected rows (original text, file, line).
@@ -64,7 +66,7 @@ def validate_data(
         max_bad_fraction=v.max_bad_fraction, min_rows=v.min_rows, micro_batch_sizes=micro_batch_sizes,
         group_key=group_key, stratify_key=stratify_key, progress=True,
         label_fields=LabelFields.from_config(d.text_key, d.text_pair_key, d.label_key, d.labels),
-        max_class_imbalance=v.max_class_imbalance,
+        max_class_imbalance=v.max_class_imbalance, kto_weights=tuple(kto_weights or (1.0, 1.0)),
     )
     for line in outcome.report.summary_lines():
         logger.info(line)

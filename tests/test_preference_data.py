@@ -122,6 +122,10 @@ def test_unpaired_feedback_of_one_kind_fails_and_an_unbalanced_set_is_warned(tmp
     unbalanced = validate_dataset([str(path)], fmt="auto_preference", run_expectations=False)
     warning = next(p for p in unbalanced.report.problems if p.code == "unbalanced_feedback")
     assert unbalanced.report.passed and warning.severity == "warning" and "desirable_weight: 0.33" in warning.fix
+    assert "3.00:1" in warning.message
+    # the weights the run will train with are what the balance is judged by: 6 x 0.33 against 2 x 1 is balanced
+    weighted = validate_dataset([str(path)], fmt="auto_preference", run_expectations=False, kto_weights=(0.33, 1.0))
+    assert not any(p.code == "unbalanced_feedback" for p in weighted.report.problems)
     labelled = write_lines(tmp_path / "label.jsonl", [json.dumps({"prompt": "q", "completion": "a", "label": "yes"})
                                                       + "\n"])
     wrong = validate_dataset([str(labelled)], fmt="auto_preference", run_expectations=False)

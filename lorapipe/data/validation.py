@@ -262,6 +262,7 @@ def validate_dataset(
     progress: bool = False,
     label_fields: Optional[LabelFields] = None,
     max_class_imbalance: float = 10.0,
+    kto_weights: tuple[float, float] = (1.0, 1.0),
 ) -> ValidationOutcome:
     """One streaming pass: read, normalise, check, de-duplicate and (with a tokenizer) audit every row.
 
@@ -269,6 +270,7 @@ def validate_dataset(
     `lorapipe validate` does), the problems, the rejected rows and one 16-byte digest per distinct row.
     `micro_batch_sizes`: the batch sizes padding waste is reported at (those the plan may choose).
     `progress`: a progress bar on stderr (by bytes read) when the files are large enough to wait for.
+    `kto_weights`: train.preference (desirable_weight, undesirable_weight): KTO's balance is judged weighted.
     """
     problems: list[Problem] = []
     formats: dict[str, str] = {}
@@ -374,7 +376,7 @@ def validate_dataset(
             facts["label_id"] = array("q", [classification.label2id[r.label] for r in kept])
     preference_data = None
     if preference:
-        preference_data = _preference_data(preference_counts, pairs, audit, problems)
+        preference_data = _preference_data(preference_counts, pairs, audit, problems, kto_weights)
     expectations = None
     if run_expectations and facts:
         expectations = run_suite(facts, max_seq_length if tokenizer is not None else None, min_rows)
@@ -435,9 +437,10 @@ DATASET = "(dataset)"  # where a problem of the whole dataset (not one row) is s
 KTO_BALANCE = (0.5, 2.0)
 
 
-def _preference_data(counts: Counter, pairs: "PairIndex", audit: Any, problems: list[Problem]) -> PreferenceData:
+def _preference_data(counts: Counter, pairs: "PairIndex", audit: Any, problems: list[Problem],
+                     kto_weights: tuple[float, float] = (1.0, 1.0)) -> PreferenceData:
     """task: preference: the counts the report carries, and the data's own problems (unpaired feedback of one kind
-    only; an unbalanced KTO set)."""
+    only; a KTO set unbalanced once train.preference's desirable and undesirable weights are applied)."""
     data = PreferenceData(pairs=counts["pairs"], desirable=counts["desirable"], undesirable=counts["undesirable"],
                           prompts=len(pairs.prompts),
                           contradictions=sum(p.code == "contradictory_pair" for p in problems),
@@ -452,13 +455,16 @@ def _preference_data(counts: Counter, pairs: "PairIndex", audit: Any, problems: 
         kind = "desirable" if good else "undesirable"
         problems.append(Problem(DATASET, 0, "label", f"every unpaired answer is {kind}: KTO needs both kinds",
                                 f"add answers labelled {'false' if good else 'true'}", "one_sided_feedback"))
-    elif good + bad and not KTO_BALANCE[0] <= good / bad <= KTO_BALANCE[1]:
-        weight = bad / good
-        problems.append(Problem(DATASET, 0, "label", f"{good} desirable and {bad} undesirable answers "
-                                f"({good / bad:.2f}:1)", f"set train.preference.desirable_weight: {weight:.2f} (TRL "
-                                "advises desirable weight x desirable / undesirable between 1 and 4/3), or rebalance "
-                                "the data",
-                                "unbalanced_feedback", severity="warning"))
+    elif good + bad and not KTO_BALANCE[0] <= (kto_weights[0] * good) / (kto_weights[1] * bad) <= KTO_BALANCE[1]:
+        desirable_weight, undesirable_weight = kto_weights
+        weighted = (desirable_weight * good) / (undesirable_weight * bad)
+        fix = undesirable_weight * bad / good  # the desirable weight that makes the weighted ratio 1
+        problems.append(Problem(
+            DATASET, 0, "label", f"{good} desirable and {bad} undesirable answers, {weighted:.2f}:1 with "
+            f"desirable_weight {desirable_weight:g} and undesirable_weight {undesirable_weight:g}",
+            f"set train.preference.desirable_weight: {fix:.2f} (TRL advises desirable weight x desirable / "
+            "(undesirable weight x undesirable) between 1 and 4/3), or rebalance the data", "unbalanced_feedback",
+            severity="warning"))
     return data
 
 
