@@ -66,6 +66,10 @@ class ModelSection(_Section):
     registered_version: Optional[str] = Field(
         None, description="Set by lorapipe, not in a config: name_or_path named a registered version (MODEL:STAGE or "
                           "MODEL:VERSION), resolved to its merged model's folder; recorded on the new version")
+    folder_fingerprint: Optional[str] = Field(
+        None, description="Set by lorapipe, not in a config: for a local folder, a digest of its files' names, sizes "
+                          "and modification times when the run was prepared, so the steps that read the model (and "
+                          "their cache keys) see a changed folder as a changed model")
 
 
 class DataSection(_Section):

@@ -151,6 +151,10 @@ def prepare(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[
         problem = model_problem(cfg.model.name_or_path, cfg.model.revision, base_dir=base)
     if problem:
         problems.append(problem)
+    else:  # the steps that read the model take it as a parameter: a changed local folder is a new cache key
+        from lorapipe.models.locate import folder_fingerprint
+
+        resolved.model.folder_fingerprint = folder_fingerprint(resolved.model.name_or_path)
     if problems:
         raise UserMistake(f"{source}: " + "\n".join(problems) if len(problems) == 1 else
                           f"{source}: {len(problems)} problems\n" + "\n".join(f"  - {p}" for p in problems))

@@ -77,3 +77,25 @@ def test_every_shipped_config_names_a_model_the_check_understands(config):
         return
     problem = model_problem(cfg.model.name_or_path, cfg.model.revision, base_dir=REPO_ROOT)
     assert problem is None or "nor a valid hub id" not in problem
+
+
+def test_a_changed_local_model_folder_is_a_new_cache_key_for_every_step_that_reads_it(tiny_model_dir, tmp_path):
+    """The steps take `model` as a parameter, so its folder fingerprint is in their cache keys: a base re-merged or
+    re-downloaded at the same path trains and scores again instead of being served from the cache."""
+    import shutil
+
+    from lorapipe_app.api import prepare
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    config = {"model": {"name_or_path": str(base)}, "data": {"paths": [str(REPO_ROOT / "data" / "quickstart" /
+                                                                           "wwdc25_train_slice.jsonl")]},
+              "train": {"output_root": str(tmp_path / "runs")}}
+    first = prepare(config, base_dir=tmp_path).config.model.folder_fingerprint
+    assert first and prepare(config, base_dir=tmp_path).config.model.folder_fingerprint == first
+    weights = base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"\0")  # the same path, other bytes
+    assert prepare(config, base_dir=tmp_path).config.model.folder_fingerprint != first
+    from lorapipe.models.locate import folder_fingerprint
+
+    assert folder_fingerprint("meta-llama/Llama-3.1-8B-Instruct") is None  # a hub id: its revision keys the cache

@@ -70,3 +70,19 @@ def model_problem(name_or_path: str, revision: Optional[str] = None, key: str = 
                 "connect, give a local folder, or put the model in the hub cache and set HF_HUB_OFFLINE=1"
                 + (f"; or {tiny}" if name_or_path.startswith("models/") else ""))
     return None
+
+
+def folder_fingerprint(name_or_path: str) -> Optional[str]:
+    """A local model folder's files (relative path, size, modification time in ns) digested, or None for a hub id.
+    Stat-based, not the bytes: cheap on a multi-GB checkpoint, and a re-merged or re-downloaded folder at the same
+    path changes it."""
+    import hashlib
+
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
