@@ -129,6 +129,13 @@ class BackendSpec:
     tasks: tuple[str, ...] = ("sft",)  # the TASKS it trains; preflight refuses the others with `limits_note`
     methods: tuple[str, ...] = ("lora",)  # the train.method values it implements (lora covers QLoRA)
     limits_note: Optional[str] = None  # why it lacks a task or method: said when the plan refuses it
+    # train.method dpo: the train.preference.loss_type values it implements (None: every one TRL has) and whether
+    # it honours label_smoothing (robust/conservative DPO)
+    dpo_loss_types: Optional[tuple[str, ...]] = None
+    dpo_label_smoothing: bool = True
+    # DPO: the reference log-probabilities are always computed once before training (the policy at step 0 is the
+    # reference), whatever train.preference.precompute_reference says
+    reference_precomputed: bool = False
     # task sft: the loss projects only the trained tokens through lm_head, this many at a time (TRL's chunked_nll:
     # `trl.trainer.sft_trainer._CHUNKED_LM_HEAD_CHUNK_SIZE`), so the vocabulary-wide logits never span the batch;
     # None: the model's own loss over every position's logits
@@ -155,18 +162,20 @@ BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
         devices=("cuda", "cpu"), auto_on=("cuda",), quantization=QUANTIZATIONS, quantized_by="bitsandbytes",
         optimizers=OPTIMIZERS, lora_bias=LORA_BIAS, features=(), adapter_format="peft",
         cpu_note="unsloth without CUDA trains through its slow CPU fallback",
+        tasks=("sft", "preference"), methods=("lora", "dpo", "kto", "orpo"),
         limits_note="unsloth's FastLanguageModel trains causal LMs with LoRA only (no sequence-classification head, "
-                    "no full fine-tuning); lorapipe runs preference tuning (DPO, KTO, ORPO) through TRL on the hf "
-                    "backend, not yet through unsloth's patched trainers"),
+                    "no full fine-tuning)"),
     BackendSpec(
         name="mlx", summary="mlx-lm: Apple Silicon's unified memory (mlx[cpu] on Linux)",
         modules=("mlx", "mlx_lm"), install="pip install -e '.[mlx]'  (on Linux: pip install 'mlx[cpu]' mlx-lm)",
         devices=("mps", "cpu"), auto_on=("mps",), quantization=QUANTIZATIONS, quantized_by="mlx",
         optimizers=("adamw_torch", "sgd"), lora_bias=("none",), features=(), adapter_format="mlx-lm",
         cpu_note="mlx off Apple Silicon runs on mlx's CPU backend",
-        limits_note="mlx-lm trains causal LMs with SFT LoRA only (no sequence-classification head, no full "
-                    "fine-tuning, no preference tuning; the separate mlx-lm-lora package, 5.10.2 on the index, has DPO "
-                    "and ORPO trainers and no KTO, but lorapipe does not drive it yet)"),
+        tasks=("sft", "preference"), methods=("lora", "dpo", "orpo"),
+        dpo_loss_types=("sigmoid", "ipo", "hinge"), dpo_label_smoothing=False, reference_precomputed=True,
+        limits_note="mlx-lm trains causal LMs with LoRA only (no sequence-classification head, no full fine-tuning); "
+                    "its preference losses come from mlx-lm-lora, which has DPO (sigmoid, ipo, hinge) and ORPO but "
+                    "no KTO"),
 )}
 # train.backend=auto: the first of these whose `auto_on` holds the machine's accelerator and whose packages are
 # installed; the last is the fallback that always applies.

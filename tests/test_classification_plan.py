@@ -254,7 +254,8 @@ def test_a_backend_without_the_task_is_refused_with_the_fix(backend):
 def test_full_fine_tuning_plans_on_hf_and_is_refused_elsewhere():
     catalog = {name: (spec.tasks, spec.methods) for name, spec in BACKENDS.items()}
     assert catalog["hf"] == (("sft", "classification", "preference"), ("lora", "full", "dpo", "kto", "orpo"))
-    assert catalog["unsloth"] == catalog["mlx"] == (("sft",), ("lora",))
+    assert catalog["unsloth"] == (("sft", "preference"), ("lora", "dpo", "kto", "orpo"))
+    assert catalog["mlx"] == (("sft", "preference"), ("lora", "dpo", "orpo"))
     assert backends_for("classification", "full") == ["hf"]
     plan = decide_plan(classify(method="full", profile="conservative"), make_probe(cuda_gib=24, packages=NO_MLX),
                        cls_facts("bert-base-uncased"), task="classification", user_set={"train.profile"})

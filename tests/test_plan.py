@@ -120,6 +120,37 @@ def test_seed_configs_plan_on_their_target_hardware_without_weights():
     assert any(t.name.startswith("reference forward") for t in full.train.memory.terms)
 
 
+def test_preference_methods_plan_on_the_backends_that_have_them_and_are_refused_with_the_fix_elsewhere():
+    from transformers import AutoConfig
+
+    from lorapipe.hardware.facts import facts_from_config
+    from tests.model_facts import CONFIGS
+
+    dpo_facts = facts_from_config(AutoConfig.from_pretrained(str(CONFIGS / "llama-3.1-8b.json")), task="preference")
+
+    def preference_plan(train: TrainSection, machine):
+        return plan_module.decide_plan(train, machine, dpo_facts, task="preference").train
+
+    mac, cuda = make_probe(apple=True, ram_gib=128), make_probe(cuda_gib=80)
+    # backend auto: unsloth on CUDA and mlx on a Mac train DPO; KTO on a Mac goes to hf, saying why
+    assert preference_plan(TrainSection(method="dpo"), cuda).backend == "unsloth"
+    mlx = preference_plan(TrainSection(method="dpo"), mac)
+    assert mlx.backend == "mlx" and not any(t.name.startswith("reference forward") for t in mlx.memory.terms)
+    kto = preference_plan(TrainSection(method="kto"), mac)
+    assert kto.backend == "hf" and "mlx is installed but cannot train train.method kto" in \
+        kto.reasons[0]
+    with pytest.raises(PlanError) as err:  # every option mlx lacks, at once, with the fix
+        preference_plan(TrainSection(backend="mlx", method="dpo",
+                                     preference={"loss_type": "robust", "label_smoothing": 0.1}), mac)
+    assert any(p.startswith("train.preference.loss_type=robust is not available on the mlx backend; allowed there: "
+                            "sigmoid, ipo, hinge") for p in err.value.problems)
+    assert any(p.startswith("train.preference.label_smoothing=0.1 is not available on the mlx backend")
+               for p in err.value.problems)
+    with pytest.raises(PlanError, match="train.backend=mlx cannot train train.method kto: .*"
+                                        "no KTO; set train.backend: hf or unsloth or auto"):
+        preference_plan(TrainSection(backend="mlx", method="kto"), mac)
+
+
 def test_continuing_an_adapter_is_refused_where_the_backend_cannot():
     with pytest.raises(PlanError, match="init_adapter"):
         decide_plan(TrainSection(init_adapter="runs/old/adapter"), make_probe(apple=True, ram_gib=64), SMALL)

@@ -201,6 +201,14 @@ def _refusals(spec: BackendSpec, train: TrainSection) -> list[str]:
         if value not in allowed:
             problems.append(f"train.{key}={value} is not available on the {spec.name} backend; "
                             f"allowed there: {', '.join(allowed)}")
+    if train.method == "dpo":
+        p = train.preference
+        if spec.dpo_loss_types is not None and p.loss_type not in spec.dpo_loss_types:
+            problems.append(f"train.preference.loss_type={p.loss_type} is not available on the {spec.name} backend; "
+                            f"allowed there: {', '.join(spec.dpo_loss_types)} (or set train.backend: hf)")
+        if p.label_smoothing and not spec.dpo_label_smoothing:
+            problems.append(f"train.preference.label_smoothing={p.label_smoothing} is not available on the "
+                            f"{spec.name} backend: set it to 0, or set train.backend: hf")
     return problems
 
 
@@ -341,7 +349,7 @@ def memory_inputs(train: TrainSection, evaluate: EvaluateSection, merge: MergeSe
     method = method or train.method
     return MemoryInputs(task=task, num_labels=num_labels, full_finetune=method == "full",
         preference_method=method if task == "preference" else None,
-        precompute_reference=train.preference.precompute_reference,
+        precompute_reference=train.preference.precompute_reference or BACKENDS[backend].reference_precomputed,
         device=device, backend=backend, dtype=dtype,
         quantization=quantization if quantization is not None else train.quantization,
         micro_batch_size=micro_batch_size or (train.micro_batch_size if isinstance(train.micro_batch_size, int) else 1),
