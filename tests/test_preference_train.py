@@ -102,6 +102,16 @@ def test_kto_and_orpo_train_and_beat_the_starting_model(method, tiny_model_dir, 
     meta = json.loads((tmp_path / "adapter" / "lorapipe_adapter.json").read_text())
     assert meta["preference"]["method"] == method
     assert meta["preference"]["reference"] == (None if method == "orpo" else "starting_model")
+    if method == "orpo":  # the padding counted is of what the model saw: each side with its prompt, not the prompt
+        from lorapipe.data.render import encode  # batch again (TRL's ORPO batches prompt_input_ids beside them)
+        from lorapipe.models.loading import load_tokenizer
+
+        tok = load_tokenizer(str(tmp_path / "adapter"))
+        sides = sum(len(encode(tok, p.side(side), 96).input_ids) for p in learnable_pairs()[:80]
+                    for side in ("chosen", "rejected"))
+        real = meta["padding_waste"]["real_tokens"]
+        # 2 epochs; TRL's ORPO tokenizer adds at most a BOS and an EOS to each of the 160 sides
+        assert 2 * sides <= real <= 2 * (sides + 2 * 160), (real, 2 * sides)
 
 
 def test_continuing_an_sft_adapter_keeps_it_as_the_frozen_reference(hf_adapter, tiny_model_dir, tmp_path):

@@ -153,7 +153,8 @@ class PaddingCounter:
 
     def count(self, inputs: dict[str, Any], real_tokens: Optional[int] = None) -> None:
         if "input_ids" not in inputs:  # a trainer that batches each side apart (ORPO: chosen_/rejected_input_ids)
-            sides = [k[:-len("input_ids")] for k in inputs if k.endswith("_input_ids")]
+            # a decoder sees each side with its prompt inside; the batch's prompt_input_ids never reach the model
+            sides = [k[:-len("input_ids")] for k in inputs if k.endswith("_input_ids") and not k.startswith("prompt_")]
             for side in sides:
                 self.count({"input_ids": inputs[f"{side}input_ids"], "attention_mask":
                             inputs.get(f"{side}attention_mask")})

@@ -173,7 +173,10 @@ class Preference(SFT):
                              "scores_base_apart is False)")
         answers = scored_answers(test, evaluate.max_samples)
         meta = read_adapter_metadata(adapter_dir)
-        beta = float((meta.get("preference") or {}).get("beta") or 0.1)
+        trained = meta.get("preference") or {}
+        # DPO's and KTO's beta scales their implicit reward; ORPO's beta weighs its odds-ratio term, no reward: its
+        # margin is the plain log-ratio against the starting model
+        beta = float(trained.get("beta") or 0.1) if trained.get("method") in ("dpo", "kto") else 1.0
         tokenizer = load_tokenizer(adapter_dir, chat_template=chat_template)
         generated = _generated_rows(test, evaluate.generation_samples)
         with PhaseMemory(phase.device) as memory, _policy_and_start(adapter_dir, phase) as models:
@@ -183,7 +186,7 @@ class Preference(SFT):
                     logps[label] = answer_logps(model, tokenizer, [a.record for a in answers], phase)
                     scores[label], generations[label] = _scores(model, tokenizer, answers, logps[label], generated,
                                                                 phase, evaluate, seed)
-        # DPO's implicit reward of each answer against the starting model: beta x (log pi - log pi_start)
+        # the implicit reward of each answer against the starting model: beta x (log pi - log pi_start)
         rewards = [beta * (t - b) for (t, _), (b, _) in zip(logps["tuned"], logps["base"])]
         scores["tuned"].reward_margin, scores["tuned"].reward_accuracy = _margin_and_accuracy(answers, rewards)
         samples = [{"source": t["source"], "prompt": t["prompt"], "reference": t["reference"],
