@@ -7,7 +7,8 @@ path on a base that mlx quantised (`mlx_lm.utils.quantize_model`) before the LoR
 The training loop is ours, not `mlx_lm.tuner.trainer.train`, because the pipeline needs what that loop lacks:
 the assistant-only loss mask of `lorapipe.data.render.encode` (the same mask as the other backends), an LR
 schedule per `train.lr_scheduler`, and checkpoints that hold the optimizer state and the data order, so an
-interrupted run resumes to the same adapter it would have reached uninterrupted.
+interrupted run resumes to the same adapter it would have reached uninterrupted. Task preference (DPO, ORPO) runs
+the same loop with mlx-lm-lora's losses as its objective (`lorapipe.backends.mlx_preference`).
 
 Determinism: the data order of epoch `e` is `numpy.random.default_rng([seed, e]).permutation(rows)`, and the
 mlx RNG (LoRA dropout) is re-seeded before every optimizer step with a value derived from (seed, step). Both
@@ -29,6 +30,8 @@ from lorapipe.backends.base import BackendUnavailable, TrainingTask
 from lorapipe.backends.mlx_training import (
     ADAPTER_WEIGHTS,
     CLEAR_CACHE_EVERY,
+    Objective,
+    SFTObjective,
     StepRunner,
     learning_rate_at,
     make_optimizer,
@@ -170,6 +173,20 @@ def _lora_model(m: ModelSection, t: TrainSection, plan: TrainingPlan, seed: int)
     return model, params, num_layers, quant
 
 
+def _objective(task: TrainingTask, model: Any, tokenizer: Any, m: ModelSection, t: TrainSection, plan: TrainingPlan,
+               train: ConversationDataset, pad_id: int, work_dir: Path) -> Objective:
+    """What the steps minimise: SFT's masked cross-entropy, or `train.method`'s preference loss. Built before resume
+    loads a checkpoint: DPO's reference is the model as it is now, the starting model."""
+    if task.spec.name == "preference":
+        from lorapipe.backends.mlx_preference import preference_objective
+
+        return preference_objective(model, tokenizer, t, plan, train.records, pad_id, work_dir, m.name_or_path)
+    from lorapipe.data.render import encode
+
+    return SFTObjective([(enc.input_ids, enc.assistant_mask)
+                         for enc in (encode(tokenizer, rec, plan.max_seq_length) for rec in train.records)], pad_id)
+
+
 class MLXBackend:
     name = "mlx"
 
@@ -179,15 +196,19 @@ class MLXBackend:
         """Train LoRA (QLoRA if plan.quantization) with mlx, resuming from work_dir/checkpoints if allowed.
 
         `eval_split` is accepted for the interface and not scored here (train.eval_steps is an hf-only option)."""
-        if task.spec.name not in BACKENDS[self.name].tasks:  # preflight refuses it; a direct call is told the same
-            raise ValueError(f"the mlx backend trains task {', '.join(BACKENDS[self.name].tasks)}, not "
-                             f"{task.spec.name}: {BACKENDS[self.name].limits_note}")
+        spec = BACKENDS[self.name]
+        if task.spec.name not in spec.tasks:  # preflight refuses it; a direct call is told the same
+            raise ValueError(f"the mlx backend trains task {', '.join(spec.tasks)}, not "
+                             f"{task.spec.name}: {spec.limits_note}")
+        if t.method not in spec.methods:
+            choices = ", ".join(name for name in spec.methods if name in task.spec.methods)
+            raise ValueError(f"train.method={t.method} is not available on the mlx backend; set it to one of "
+                             f"{choices}, or train.backend: hf")
         require_mlx()
         import mlx.core as mx
         import numpy as np
         from mlx.utils import tree_flatten
 
-        from lorapipe.data.render import encode
         from lorapipe.training.monitoring import TrainingMonitor
 
         if len(train) == 0:
@@ -208,10 +229,9 @@ class MLXBackend:
         m = model_cfg
         tokenizer = task.tokenizer(m)
         model, params, num_layers, quant = _lora_model(m, t, plan, seed)
-        encoded = [(enc.input_ids, enc.assistant_mask)
-                   for enc in (encode(tokenizer, rec, plan.max_seq_length) for rec in train.records)]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        rows, micro = len(encoded), plan.micro_batch_size
+        objective = _objective(task, model, tokenizer, m, t, plan, train, pad_id, work_dir)
+        rows, micro = objective.rows, plan.micro_batch_size
         total_steps = total_optimizer_steps(t, rows, micro, plan.gradient_accumulation_steps)
         per_epoch = math.ceil(rows / micro)
 
@@ -220,13 +240,14 @@ class MLXBackend:
         ckpt_dir = work_dir / "checkpoints"
         state, resume_from = resume(t, ckpt_dir, model, optimizer, seed, rows)
         model.train()
-        monitor = TrainingMonitor(adapter_dir, _memory_reader(plan.device), run_config(m, t, plan, seed))
+        monitor = TrainingMonitor(adapter_dir, _memory_reader(plan.device), run_config(m, t, plan, seed),
+                                  eval_metrics=task.spec.progress_metrics)
         monitor.begin(state.step, total_steps)
-        step_fn = StepRunner(model, optimizer, plan, seed, encoded, pad_id)
+        step_fn = StepRunner(model, optimizer, plan, seed, objective)
         tokens_this_process = 0
         while state.step < total_steps:
             lr = learning_rate_at(state.step, t, total_steps)
-            loss_value, tokens, seconds, grad_norm = step_fn(state, lr)
+            loss_value, tokens, seconds, grad_norm, metrics = step_fn(state, lr)
             tokens_this_process += tokens
             state.step += 1
             if state.step % CLEAR_CACHE_EVERY == 0:  # as the seed MLX notes: free the buffer cache every few steps
@@ -236,16 +257,20 @@ class MLXBackend:
             state.train_tokens += tokens
             state.train_seconds += seconds
             state.log_window.append([loss_value, tokens, seconds])
+            state.metric_window.append(metrics)
             if state.step % t.logging_steps == 0 or state.step == total_steps:
                 window = state.log_window
+                # the objective's metrics (preference: TRL's reward margin and accuracy), means over the window
+                window_metrics = {k: sum(w[k] for w in state.metric_window) / len(state.metric_window)
+                                  for k in state.metric_window[-1]}
                 entry = {"step": state.step, "epoch": state.epoch(per_epoch),
                          "loss": sum(w[0] for w in window) / len(window), "learning_rate": lr,
                          "tokens_per_second": sum(w[1] for w in window) / max(sum(w[2] for w in window), 1e-9),
-                         "train_tokens": state.train_tokens}
+                         "train_tokens": state.train_tokens, **window_metrics}
                 state.log_history.append(entry)
                 monitor.log(state.step, loss=entry["loss"], learning_rate=lr, grad_norm=grad_norm.item(),
-                            epoch=entry["epoch"], tokens_seen=tokens_this_process)
-                state.log_window = []
+                            epoch=entry["epoch"], tokens_seen=tokens_this_process, eval_metrics=window_metrics)
+                state.log_window, state.metric_window = [], []
             if state.step % t.save_steps == 0 or state.step == total_steps:
                 state.mark_checkpoint(seed, rows, total_steps, per_epoch, micro)
                 save_checkpoint(ckpt_dir, state.step, model, optimizer, asdict(state), t.save_total_limit)
@@ -266,7 +291,7 @@ class MLXBackend:
             peak_memory_gib=round(monitor.memory_gib(), 4),
             resumed_from=str(resume_from) if resume_from else None, log_history=state.log_history)
         return finish_training(run, adapter_dir, m, t, seed, plan, train, tokenizer, save_weights,
-                               extra={"adapter_format": BACKENDS["mlx"].adapter_format})
+                               extra={"adapter_format": spec.adapter_format, **objective.metadata})
 
     def eval_models(self, adapter_dir: str, phase: PhasePlan) -> dict[str, Any]:
         """The base as saved and a float32 fused copy, both scored with transformers like any other adapter."""

@@ -1,7 +1,9 @@
 """The mlx backend's training loop, piece by piece: the LR schedule (transformers' formulas), the data order and the
-micro-batches (functions of the seed, the epoch and the cursor), the masked loss, the optimizer step, checkpoints that
-hold the optimizer state and the data order, and the training state `trainer_state.json` records, so an interrupted
-run resumes to the adapter it would have reached uninterrupted. `lorapipe.backends.mlx` runs them.
+micro-batches (functions of the seed, the epoch and the cursor), the objective (how rows become micro-batches and
+what their loss is: SFT's masked cross-entropy here, the preference losses in `lorapipe.backends.mlx_preference`), the
+optimizer step, checkpoints that hold the optimizer state and the data order, and the training state
+`trainer_state.json` records, so an interrupted run resumes to the adapter it would have reached uninterrupted.
+`lorapipe.backends.mlx` runs them.
 
 mlx imports stay inside the functions.
 """
@@ -16,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 from lorapipe.catalog import BACKENDS
 from lorapipe.config import TrainSection
@@ -109,6 +111,47 @@ def masked_loss(model: Any, inputs: Any, targets: Any, mask: Any, denominator: A
     return (ce * mask).sum() / denominator
 
 
+# ------------------------------------------------------------------------------------------------ objectives
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch as an objective's loss takes it."""
+
+    arrays: tuple[Any, ...]  # the mlx arrays the loss reads
+    units: int  # what the step's loss is a mean over: trained tokens (sft), pairs (preference)
+    tokens: int  # real tokens through the model (throughput)
+
+
+class Objective(Protocol):
+    """What an optimizer step minimises: how rows become micro-batches, and the loss of one. `loss` returns the
+    micro-batch's share of the step's mean (its sum over units / `denominator`, the step's units) and metric sums over
+    its units, which the step divides by the same denominator."""
+
+    rows: int
+    metadata: dict[str, Any]  # what the adapter's lorapipe metadata records about the objective
+
+    def batch(self, indices: list[int]) -> MicroBatch: ...
+
+    def loss(self, model: Any, arrays: tuple[Any, ...], denominator: Any) -> tuple[Any, dict[str, Any]]: ...
+
+
+class SFTObjective:
+    """task sft: the cross-entropy of the assistant tokens (`lorapipe.data.render.encode`'s mask), a mean over the
+    step's trained tokens."""
+
+    def __init__(self, encoded: list[tuple[list[int], list[int]]], pad_id: int) -> None:
+        self.encoded, self.pad_id, self.rows = encoded, pad_id, len(encoded)
+        self.metadata: dict[str, Any] = {}
+
+    def batch(self, indices: list[int]) -> MicroBatch:
+        inputs, targets, mask, trained, real = collate([self.encoded[i] for i in indices], self.pad_id)
+        return MicroBatch((inputs, targets, mask), trained, real)
+
+    def loss(self, model: Any, arrays: tuple[Any, ...], denominator: Any) -> tuple[Any, dict[str, Any]]:
+        return masked_loss(model, *arrays, denominator), {}
+
+
 # -------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -176,18 +219,18 @@ def _step_seed(seed: int, step: int) -> int:
 
 
 class StepRunner:
-    """One optimizer step: the accumulated micro-batches of the step's rows (a function of the cursor), the summed
-    masked loss over the step's trained tokens, the update. Returns (loss, real tokens, seconds, grad norm)."""
+    """One optimizer step: the accumulated micro-batches of the step's rows (a function of the cursor), the objective's
+    loss as a mean over the step's units (trained tokens, or pairs), the update. Returns (loss, real tokens, seconds,
+    grad norm, the objective's metrics as means over the step's units)."""
 
-    def __init__(self, model: Any, optimizer: Any, plan: TrainingPlan, seed: int,
-                 encoded: list[tuple[list[int], list[int]]], pad_id: int) -> None:
+    def __init__(self, model: Any, optimizer: Any, plan: TrainingPlan, seed: int, objective: Objective) -> None:
         import mlx.nn as nn
 
-        self.model, self.optimizer, self.seed, self.encoded, self.pad_id = model, optimizer, seed, encoded, pad_id
+        self.model, self.optimizer, self.seed, self.objective = model, optimizer, seed, objective
         self.micro, self.accum = plan.micro_batch_size, plan.gradient_accumulation_steps
-        self.loss_and_grad = nn.value_and_grad(model, masked_loss)
+        self.loss_and_grad = nn.value_and_grad(model, objective.loss)
 
-    def __call__(self, state: "MLXTrainingState", lr: float) -> tuple[float, int, float, Any]:
+    def __call__(self, state: "MLXTrainingState", lr: float) -> tuple[float, int, float, Any, dict[str, float]]:
         import mlx.core as mx
         from mlx.utils import tree_map
 
@@ -196,20 +239,22 @@ class StepRunner:
         mx.random.seed(_step_seed(self.seed, state.step))  # dropout noise: a function of the step, so resume is exact
         batches = []
         for i in range(self.accum):
-            _, idx = micro_batch_rows(state.micro_batches_consumed + i, len(self.encoded), self.micro, self.seed)
-            batches.append(collate([self.encoded[j] for j in idx], self.pad_id))
-        denominator = mx.array(float(max(1, sum(b[3] for b in batches))))
-        grads, loss, tokens = None, mx.array(0.0), 0
-        for inputs, targets, mask, _, real in batches:
-            value, g = self.loss_and_grad(self.model, inputs, targets, mask, denominator)
+            _, idx = micro_batch_rows(state.micro_batches_consumed + i, self.objective.rows, self.micro, self.seed)
+            batches.append(self.objective.batch(idx))
+        denominator = mx.array(float(max(1, sum(b.units for b in batches))))
+        grads, loss, tokens, sums = None, mx.array(0.0), 0, {}
+        for batch in batches:
+            (value, metrics), g = self.loss_and_grad(self.model, batch.arrays, denominator)
             grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
             loss = loss + value
-            tokens += real
-            mx.eval(loss, grads)
+            sums = {k: sums.get(k, 0.0) + v for k, v in metrics.items()}
+            tokens += batch.tokens
+            mx.eval(loss, grads, sums)
         grad_norm = _grad_norm(grads)  # lazy: evaluated with the update below
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state, grad_norm)
-        return loss.item(), tokens, time.perf_counter() - start, grad_norm
+        means = {k: (v / denominator).item() for k, v in sums.items()}
+        return loss.item(), tokens, time.perf_counter() - start, grad_norm, means
 
 
 @dataclass
@@ -225,6 +270,7 @@ class MLXTrainingState:
     train_seconds: float = 0.0
     log_history: list[dict[str, Any]] = field(default_factory=list)
     log_window: list[list[float]] = field(default_factory=list)  # [loss, tokens, seconds] since the last log line
+    metric_window: list[dict[str, float]] = field(default_factory=list)  # the objective's metrics, the same steps
     seed: Optional[int] = None
     rows: Optional[int] = None
     total_steps: Optional[int] = None

@@ -138,6 +138,14 @@ def encode(tokenizer: Any, record: Record, max_length: Optional[int] = None) -> 
     return _encoded(list(ids), offsets, text, spans, max_length)
 
 
+def encode_judged_answer(tokenizer: Any, record: Record, max_length: int) -> tuple[list[int], list[int]]:
+    """(ids, mask) of a row with 1 on its last assistant turn's tokens only: the answer a preference loss judges
+    (earlier assistant turns belong to the prompt, as TRL's losses have it), cut to `max_length`."""
+    text, spans = trainable_spans(tokenizer, record)
+    ids, offsets = _tokenize_with_offsets(tokenizer, text)
+    return list(ids)[:max_length], span_mask(offsets, spans[-1:])[:max_length]
+
+
 def _encoded(ids: list[int], offsets: list[tuple[int, int]], text: str, spans: list[tuple[int, int]],
              max_length: Optional[int]) -> Encoded:
     mask = span_mask(offsets, spans)

@@ -243,9 +243,13 @@ def _policy_and_start(adapter_dir: str, phase: PhasePlan) -> Iterator[dict[str, 
     switched to the frozen SFT adapter the run continued, kept in the folder as TRL saved it), and on."""
     from peft import PeftModel
 
+    from lorapipe.backends import get_backend
     from lorapipe.backends.peft_adapter import load_base, release_memory
-    from lorapipe.training.adapter import read_adapter_metadata
+    from lorapipe.training.adapter import backend_of, read_adapter_metadata
 
+    if backend_of(adapter_dir) == "mlx":  # an mlx-lm adapter: the base, and a fused copy, scored with transformers
+        yield get_backend("mlx").eval_models(adapter_dir, phase)
+        return
     meta = read_adapter_metadata(adapter_dir)
     model = PeftModel.from_pretrained(load_base(meta, phase.dtype, phase.device), adapter_dir).eval()
     reference = Path(adapter_dir) / REFERENCE_ADAPTER
@@ -311,14 +315,9 @@ def answer_logps(model: Any, tokenizer: Any, rows: list[Record], phase: PhasePla
     renders it and cut to the phase's length."""
     import torch
 
-    from lorapipe.data.render import _tokenize_with_offsets, span_mask, trainable_spans
+    from lorapipe.data.render import encode_judged_answer
 
-    encoded = []
-    for rec in rows:
-        text, spans = trainable_spans(tokenizer, rec)
-        ids, offsets = _tokenize_with_offsets(tokenizer, text)
-        mask = span_mask(offsets, spans[-1:])
-        encoded.append((list(ids)[:phase.max_seq_length], mask[:phase.max_seq_length]))
+    encoded = [encode_judged_answer(tokenizer, rec, phase.max_seq_length) for rec in rows]
     device = next(model.parameters()).device
     out: list[tuple[float, int]] = []
     model.eval()
