@@ -167,7 +167,8 @@ BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
                     "no full fine-tuning)"),
     BackendSpec(
         name="mlx", summary="mlx-lm: Apple Silicon's unified memory (mlx[cpu] on Linux)",
-        modules=("mlx", "mlx_lm"), install="pip install -e '.[mlx]'  (on Linux: pip install 'mlx[cpu]' mlx-lm mlx-lm-lora)",
+        modules=("mlx", "mlx_lm"),
+        install="pip install -e '.[mlx]'  (on Linux: pip install 'mlx[cpu]' mlx-lm mlx-lm-lora)",
         devices=("mps", "cpu"), auto_on=("mps",), quantization=QUANTIZATIONS, quantized_by="mlx",
         optimizers=("adamw_torch", "sgd"), lora_bias=("none",), features=(), adapter_format="mlx-lm",
         cpu_note="mlx off Apple Silicon runs on mlx's CPU backend",

@@ -217,6 +217,12 @@ def preference_objective(model: Any, tokenizer: Any, t: TrainSection, plan: Trai
     """The objective of `train.method` on `records`. DPO's reference is scored here, by `model` as it is now: call
     it on the freshly LoRA'd model, before resume loads a checkpoint."""
     check_settings(t)
+    try:  # the losses' package: said before any pair is encoded, with the install command
+        import mlx_lm_lora  # noqa: F401
+    except ImportError as exc:
+        from lorapipe.backends.base import BackendUnavailable
+
+        raise BackendUnavailable.not_importable("mlx", "mlx-lm-lora (preference tuning on mlx)", exc) from None
     pairs = encode_pairs(tokenizer, records, plan.max_seq_length, t.method)
     reference = None
     if t.method == "dpo":
