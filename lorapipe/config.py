@@ -72,6 +72,34 @@ class ModelSection(_Section):
                           "their cache keys) see a changed folder as a changed model")
 
 
+class DataSourceEntry(_Section):
+    """One source of a mixture (`data.sources`): files or a named artifact, how many of its rows the mixture takes,
+    and how its rows are read (unset keys are data's)."""
+
+    path: Optional[str] = Field(None, description="A JSONL/JSON file or a glob pattern (expanded when the run starts)")
+    artifact: Optional[str] = Field(None, description="A ZenML artifact's name: its latest version's rows")
+    name: Optional[str] = Field(None, description="What the report and the model version call it (default: the path "
+                                                  "or artifact)")
+    weight: Optional[float] = Field(
+        None, gt=0, description="Its share of the mixture, relative to the other sources' weights (give every source "
+                                "a weight, or none). The mixture's size is data.mixture_rows, else the largest that "
+                                "repeats no row")
+    max_rows: Optional[int] = Field(None, ge=1, description="At most this many of its accepted rows")
+    format: Optional[Literal[DATA_FORMAT_CHOICES]] = Field(  # type: ignore[valid-type]
+        None, description="Its rows' format (default: data.format)")
+    prompt_key: Optional[str] = None
+    completion_key: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one_place(self) -> "DataSourceEntry":
+        if bool(self.path) == bool(self.artifact):
+            raise ValueError("a data.sources entry needs exactly one of path (a file or glob) and artifact (a name)")
+        return self
+
+    def label(self) -> str:
+        return self.name or self.path or f"artifact {self.artifact}"
+
+
 class DataSection(_Section):
     paths: list[str] = Field(
         default_factory=list,
@@ -83,6 +111,13 @@ class DataSection(_Section):
     format: Literal[DATA_FORMAT_CHOICES] = Field(  # type: ignore[valid-type]
         "auto", description="auto: detected per row for task sft; classification: rows of text (and an optional text "
                             "pair) with a label, what task: classification reads")
+    sources: list[DataSourceEntry] = Field(
+        default_factory=list, description="A weighted mixture: several sources, each with a weight (its share) or "
+                                          "max_rows and its own format keys, sampled by the run's seed; instead of "
+                                          "paths or artifact")
+    mixture_rows: Optional[int] = Field(
+        None, ge=1, description="data.sources with weights: the rows of the mixture (null: the largest that takes no "
+                                "source's row twice)")
     prompt_key: str = "prompt"
     completion_key: str = "completion"
     text_key: str = Field("text", description="task: classification: the field holding the text to classify")
@@ -111,8 +146,19 @@ class DataSection(_Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSection":
-        if bool(self.paths) == bool(self.artifact):
-            raise ValueError("data needs exactly one source: data.paths (files or globs) or data.artifact (a name)")
+        if sum(map(bool, (self.paths, self.artifact, self.sources))) != 1:
+            raise ValueError("data needs exactly one source: data.paths (files or globs), data.artifact (a name) or "
+                             "data.sources (a mixture)")
+        weighted = [bool(s.weight) for s in self.sources]
+        if any(weighted) and not all(weighted):
+            raise ValueError("data.sources: give every source a weight (its share of the mixture), or none; without "
+                             "weights each source gives all its rows, or max_rows of them: sources "
+                             + ", ".join(s.label() for s in self.sources if not s.weight) + " have none")
+        if self.mixture_rows is not None and not any(weighted):
+            raise ValueError("data.mixture_rows sizes a weighted mixture: give data.sources weights, or unset it")
+        labels = [s.label() for s in self.sources]
+        if len(set(labels)) != len(labels):
+            raise ValueError("data.sources names a source twice: give each a distinct name")
         if self.labels is not None:
             names = list(self.labels.values()) if isinstance(self.labels, dict) else self.labels
             if len(set(names)) < 2:
@@ -348,6 +394,11 @@ class LorapipeConfig(_Section):
             d.format = spec.data_formats[0]
         elif d.format not in spec.data_formats:
             problems.append(needs("data.format", d.format, "data_formats") + ": set data.format: auto")
+        for i, source in enumerate(d.sources):
+            if source.format == "auto":
+                source.format = spec.data_formats[0]
+            elif source.format is not None and source.format not in spec.data_formats:
+                problems.append(needs(f"data.sources[{i}].format", source.format, "data_formats"))
         if "primary_metric" not in r.model_fields_set:
             r.primary_metric = spec.metrics[0]
         elif r.primary_metric not in spec.metrics:
@@ -388,6 +439,10 @@ class LorapipeConfig(_Section):
         """Make relative data/model paths absolute against `base_dir` (the repo or the config's folder)."""
         out = self.model_copy(deep=True)
         out.data.paths = [str((base_dir / p).resolve()) if not Path(p).is_absolute() else p for p in self.data.paths]
+        for source in out.data.sources:
+            if source.path and not Path(source.path).is_absolute():
+                source.name = source.label()  # the name as written, not the machine's absolute path
+                source.path = str((base_dir / source.path).resolve())
         local = base_dir / self.model.name_or_path
         if not Path(self.model.name_or_path).is_absolute() and local.exists():
             out.model.name_or_path = str(local.resolve())

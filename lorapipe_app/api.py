@@ -142,8 +142,9 @@ def prepare(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[
             data_sha = resolve_data(resolved.data, Path(resolved.train.output_root)).sha256
         except DataSourceError as exc:
             problems += exc.problems
-    elif resolved.data.paths:  # a schedule may wait for its first drop (patterns may match nothing yet)
-        problems += expand_paths(resolved.data.paths, patterns_may_be_empty=True)[1]
+    else:  # a schedule may wait for its first drop (patterns may match nothing yet)
+        patterns = resolved.data.paths + [s.path for s in resolved.data.sources if s.path]
+        problems += expand_paths(patterns, patterns_may_be_empty=True)[1] if patterns else []
     if names_registered_version(cfg.model.name_or_path, base):
         resolved.model, problem = resolve_registered_version(resolved.model)
         cfg.model.registered_version = resolved.model.registered_version  # a new SFT version is a new config
@@ -160,6 +161,8 @@ def prepare(config: Union[str, Path, LorapipeConfig, dict], overrides: Optional[
                           f"{source}: {len(problems)} problems\n" + "\n".join(f"  - {p}" for p in problems))
     identity = cfg.model_copy(deep=True)
     identity.data.paths = [Path(p).name for p in cfg.data.paths]
+    for source in identity.data.sources:  # the name as written; a machine's folders are not what was asked
+        source.path = Path(source.path).name if source.path else None
     # where checkpoints live and which one a run resumes from do not change what the config asks for
     identity.train.output_root, identity.train.resume, identity.train.resume_from = "", True, None
     from lorapipe.hardware.plan import user_set_keys

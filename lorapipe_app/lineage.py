@@ -118,7 +118,9 @@ def lineage_tree(mv: Any) -> dict[str, Any]:
 
     source = {"source": resolved.source if resolved else data.get("source"),
               "files": resolved.files if resolved else data.get("files"),
-              "sha256": data.get("files_sha256") or (resolved.sha256 if resolved else None)}
+              "sha256": data.get("files_sha256") or (resolved.sha256 if resolved else None),
+              "sources": data.get("sources") if len(data.get("sources") or []) > 1 or data.get("rows_sampled")
+              else None}
     validated_av = output("validate_data", "validated_dataset")
     validated = {**(_artifact(validated_av) if validated_av else {}), "sha256": data.get("validated_sha256"),
                  "rows": data.get("rows_accepted"), "rows_rejected": data.get("rows_rejected"),
@@ -211,6 +213,9 @@ def render_tree(tree: dict[str, Any]) -> list[str]:
               f"{_fmt(report.get('rows_accepted'))} accepted, {_fmt(report.get('rows_rejected'))} rejected"
               + (f", {report['warnings']} warning(s)" if report.get("warnings") else ""),
               f"         └─ data  {data.get('source') or '?'}  sha256 {data.get('sha256') or '?'}"]
+    for src in data.get("sources") or []:  # a mixture: each source, its rows drawn and share
+        lines.append(f"            source {src['name']}: {src.get('rows_sampled')} of {src.get('rows_accepted')} "
+                     f"accepted rows ({src.get('share', 0):.1%}), sha256 {src.get('sha256') or '?'}")
     lines += [f"            {f}" for f in (data.get("files") or [])[:20]]
     if len(data.get("files") or []) > 20:
         lines.append(f"            ... and {len(data['files']) - 20} more files (--json lists all)")
@@ -236,6 +241,12 @@ def versions_trained_on(dataset: str) -> tuple[set[str], list[dict[str, Any]]]:
                                                           ("validated rows", "validated_sha256"),
                                                           ("train split", "train_split_sha256"))}
             matched = [name for name, value in keys.items() if value and value.lower() in wanted]
+            # one file of several, or one source of a mixture (its share said)
+            matched += [f"file {Path(f).name}" for f, sha in (data.get("file_sha256") or {}).items()
+                        if sha.lower() in wanted and "data files" not in matched]
+            matched += [f"source {src['name']} ({src.get('share', 0):.0%} of the rows)"
+                        for src in data.get("sources") or [] if len(data.get("sources") or []) > 1
+                        and (src.get("sha256") or "").lower() in wanted]
             if matched:
                 found.append({"model": model.name, "version": mv.name, "stage": stage_name(mv), "matched": matched,
                               "registered": mv.created.isoformat(timespec="seconds")})

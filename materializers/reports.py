@@ -88,6 +88,13 @@ def validation_html(report: ValidationReport) -> str:
         ("rows read / accepted / rejected", f"{report.rows_read} / {report.rows_accepted} / {report.rows_rejected}"),
         ("errors / warnings", f"{report.errors} / {report.warnings}"), ("data fingerprint", report.data_fingerprint)])
     parts = [h.paragraph("PASSED" if report.passed else "FAILED", "ok" if report.passed else "bad"), summary]
+    if report.rows_sampled is not None or len(report.sources) > 1:
+        parts.append(h.section(
+            "Mixture" + (f": {report.rows_sampled} rows drawn" if report.rows_sampled is not None else ""),
+            h.table(["source", "weight / max rows", "read", "accepted", "rejected", "sampled", "share", "sha256"],
+                    [(c.name, c.weight if c.weight is not None else f"<= {c.max_rows}" if c.max_rows else "all",
+                      c.rows_read, c.rows_accepted, c.rows_rejected, c.rows_sampled, f"{c.share:.1%}",
+                      c.sha256[:12]) for c in report.sources])))
     if report.problem_counts:
         severity = {p.code: p.severity for p in report.problems}
         parts.append(h.section("Problems by kind", h.table(
@@ -356,8 +363,12 @@ class ReportMaterializer(PydanticMaterializer):
 
     def extract_metadata(self, data: BaseModel) -> Dict[str, Any]:
         if isinstance(data, ValidationReport):
-            return {"passed": data.passed, "rows_accepted": data.rows_accepted, "rows_rejected": data.rows_rejected,
+            meta = {"passed": data.passed, "rows_accepted": data.rows_accepted, "rows_rejected": data.rows_rejected,
                     "data_fingerprint": data.data_fingerprint}
+            if data.rows_sampled is not None:
+                meta["rows_sampled"] = data.rows_sampled
+                meta["source_shares"] = {c.name: c.share for c in data.sources}
+            return meta
         if isinstance(data, EvalMetrics) and data.classification is not None:
             return {"tuned_macro_f1": data.tuned.macro_f1, "tuned_accuracy": data.tuned.accuracy,
                     "untuned_macro_f1": data.base.macro_f1, "tuned_beats_base": data.tuned_beats_base}

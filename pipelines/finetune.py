@@ -45,6 +45,7 @@ def finetune(config: LorapipeConfig, config_sha256: str, user_set: Optional[list
         group_key=config.split.group_key, stratify_key=config.split.stratify_key,
         kto_weights=([train.preference.desirable_weight, train.preference.undesirable_weight]
                      if config.task == "preference" and train.method == "kto" else None),
+        mixture_seed=config.seed if any(s.weight or s.max_rows for s in config.data.sources) else None,
     )
     hardware, _recommended, plan, evaluation_plan, merge_plan, base_evaluation_plan = preflight(
         validation_report=report, model=config.model, train=train, evaluate=config.evaluate, merge=config.merge,

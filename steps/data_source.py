@@ -8,10 +8,12 @@ from typing import Optional
 
 from lorapipe.config import DataSection
 from lorapipe.data.formats import file_fingerprint
+from lorapipe.data.mixture import SourceInput, SourcePlan
 from lorapipe.data.sources import (
     DataSourceError,
     ResolvedData,
-    resolve_files,
+    ResolvedSource,
+    resolve_sources,
     rows_file,
 )
 
@@ -31,17 +33,20 @@ def _artifact_rows(name: str, out_dir: Path, version_id: Optional[str] = None) -
 
 def resolve_data(data: DataSection, artifact_dir: Optional[Path] = None) -> ResolvedData:
     """The files to read now. `artifact_dir`: where an artifact's rows are written (the run's output root)."""
+    out_dir = Path(artifact_dir or "runs") / "data"
     if data.artifact:
-        path, source, version_id = _artifact_rows(data.artifact, Path(artifact_dir or "runs") / "data")
-        return ResolvedData(files=[path], sha256=file_fingerprint([path]), source=source,
-                            artifact_version_id=version_id)
-    return resolve_files(data)
+        path, source, version_id = _artifact_rows(data.artifact, out_dir)
+        sha = file_fingerprint([path])
+        return ResolvedData(files=[path], sha256=sha, source=source, artifact_version_id=version_id,
+                            sources=[ResolvedSource(name=f"artifact {data.artifact}", files=[path], sha256=sha)],
+                            file_sha256={path: sha})
+    return resolve_sources(data, lambda name: _artifact_rows(name, out_dir))
 
 
 def local_files(resolved: ResolvedData, data: DataSection, artifact_dir: Optional[Path] = None) -> list[str]:
     """The resolved files, readable here: on a stack whose steps run in separate containers, an artifact's rows are
     written again from the same artifact version (the files of data.paths must be on storage every step sees)."""
-    if resolved.artifact_version_id and not all(Path(f).is_file() for f in resolved.files):
+    if resolved.artifact_version_id and data.artifact and not all(Path(f).is_file() for f in resolved.files):
         path, _, _ = _artifact_rows(data.artifact or "data", Path(artifact_dir or "runs") / "data",
                                     resolved.artifact_version_id)
         if file_fingerprint([path]) != resolved.sha256:
@@ -49,3 +54,13 @@ def local_files(resolved: ResolvedData, data: DataSection, artifact_dir: Optiona
                                    "rows this run resolved"])
         return [path]
     return resolved.files
+
+
+def source_inputs(resolved: ResolvedData, data: DataSection) -> Optional[list[SourceInput]]:
+    """data.sources as validation reads them: each entry's resolved files, sha256, share and format keys (None for
+    data.paths or data.artifact: one source of every file)."""
+    if not data.sources:
+        return None
+    return [SourceInput(SourcePlan(entry.label(), entry.weight, entry.max_rows), found.files, found.sha256,
+                        entry.format, entry.prompt_key, entry.completion_key)
+            for entry, found in zip(data.sources, resolved.sources)]

@@ -181,7 +181,15 @@ def register_model(
     data = {"files_sha256": data_files_sha256, "source": resolved_data.source, "files": resolved_data.files,
             "validated_sha256": validation_report.data_fingerprint,
             "train_split_sha256": adapter_meta.get("data_fingerprint", ""),
-            "rows_accepted": validation_report.rows_accepted, "rows_rejected": validation_report.rows_rejected}
+            "rows_accepted": validation_report.rows_accepted, "rows_rejected": validation_report.rows_rejected,
+            # each file's own sha256 (lineage finds a version by one file of several) and, for a mixture, each
+            # source's files, sha256, rows drawn and share
+            "file_sha256": resolved_data.file_sha256,
+            "sources": [{"name": c.name, "sha256": c.sha256, "files": c.files, "weight": c.weight,
+                         "max_rows": c.max_rows, "rows_accepted": c.rows_accepted, "rows_sampled": c.rows_sampled,
+                         "share": c.share} for c in validation_report.sources]}
+    if validation_report.rows_sampled is not None:
+        data["rows_sampled"] = validation_report.rows_sampled
     base_model = {"name_or_path": adapter_meta.get("base_model", ""),
                   "revision": adapter_meta.get("base_revision") or ""}
     if adapter_meta.get("base_registered_version"):  # e.g. a preference run on top of a registered SFT version

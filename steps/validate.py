@@ -19,7 +19,7 @@ from lorapipe.data.validation import (
 )
 from materializers import ConversationDatasetMaterializer, ReportMaterializer
 from steps.caching import library_cache_policy
-from steps.data_source import local_files
+from steps.data_source import local_files, source_inputs
 
 logger = get_logger(__name__)
 # where an artifact's rows are written again when this step runs in a container of its own
@@ -32,7 +32,7 @@ ARTIFACT_ROWS_DIR = Path(tempfile.gettempdir()) / "lorapipe"
 def validate_data(
     resolved_data: ResolvedData, data: DataSection, validation: ValidationSection, model: ModelSection,
     max_seq_length: int, micro_batch_sizes: list[int], group_key: Optional[str] = None,
-    stratify_key: Optional[str] = None, kto_weights: Optional[list[float]] = None,
+    stratify_key: Optional[str] = None, kto_weights: Optional[list[float]] = None, mixture_seed: Optional[int] = None,
 ) -> Tuple[
     Annotated[ConversationDataset, "validated_dataset"],
     Annotated[ValidationReport, "validation_report"],
@@ -52,6 +52,8 @@ def validate_data(
         stratify_key: split.stratify_key, the row field (a class label) read for stratified splitting.
         kto_weights: train.method kto: train.preference's desirable and undesirable weights, which KTO's balance
             check applies (None: other methods, unweighted).
+        mixture_seed: data.sources with weights or max_rows: the run's seed, which draws the mixture's rows (None:
+            nothing is sampled, so the seed is not in this step's cache key).
 
     Returns:
         The accepted rows, the validation report and the rejected rows (original text, file, line).
@@ -62,6 +64,7 @@ def validate_data(
     tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, m.chat_template)
     outcome = validate_dataset(
         local_files(resolved_data, d, ARTIFACT_ROWS_DIR), d.format, d.prompt_key, d.completion_key,
+        sources=source_inputs(resolved_data, d), mixture_rows=d.mixture_rows, seed=mixture_seed or 0,
         tokenizer=tokenizer, max_seq_length=max_seq_length, overlength=v.overlength, on_bad_rows=v.on_bad_rows,
         max_bad_fraction=v.max_bad_fraction, min_rows=v.min_rows, micro_batch_sizes=micro_batch_sizes,
         group_key=group_key, stratify_key=stratify_key, progress=True,

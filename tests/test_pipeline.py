@@ -568,3 +568,38 @@ def test_lineage_of_a_version_lorapipe_did_not_register_says_it_has_no_run(runs,
     assert main(["lineage", "lorapipe-made-by-hand", "--version", "by-hand"]) == 1
     err = capsys.readouterr().err
     assert "version by-hand has no pipeline run in this store" in err and "Traceback" not in err
+
+
+def test_a_mixture_is_recorded_per_source_and_found_by_one_of_its_files(tiny_model_dir, tmp_path, capsys):
+    """data.sources: the version records each source's sha256, rows drawn and share; `lineage --dataset` finds it by
+    one source's file (before mixtures a file matched only a run's whole data); the validation view shows the mix."""
+    from zenml.client import Client
+
+    lines = QUICKSTART_DATA.read_text().splitlines(keepends=True)
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("".join(lines[:60]))
+    second.write_text("".join(lines[60:120]))
+    cfg_path = _config(tmp_path, tiny_model_dir, first, model_name="lorapipe-mixture")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["data"] = {"sources": [{"path": str(first), "name": "first", "weight": 1},
+                               {"path": str(second), "name": "second", "weight": 1}], "mixture_rows": 80}
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", "-c", str(cfg_path)]) == 0
+    capsys.readouterr()
+    version = Client().get_model_version("lorapipe-mixture", "latest")
+    data = version.run_metadata["data"]
+    assert data["rows_sampled"] == 80
+    shares = {s["name"]: (s["rows_sampled"], s["share"], s["sha256"]) for s in data["sources"]}
+    from lorapipe.data.formats import file_fingerprint
+
+    assert shares == {"first": (40, 0.5, file_fingerprint([str(first)])),
+                      "second": (40, 0.5, file_fingerprint([str(second)]))}
+    assert main(["lineage", "--dataset", str(second)]) == 0
+    out = capsys.readouterr().out
+    assert f"lorapipe-mixture version {version.name}" in out and "source second (50% of the rows)" in out
+    assert main(["lineage", "lorapipe-mixture"]) == 0
+    assert "source second: 40 of 60 accepted rows (50.0%)" in capsys.readouterr().out
+    report = _last_run().steps["validate_data"].outputs["validation_report"][0].load()
+    from materializers.reports import validation_html
+
+    assert "Mixture: 80 rows drawn" in validation_html(report)

@@ -678,13 +678,23 @@ def read_records(paths: list[str], fmt: str = "auto", prompt_key: str = "prompt"
 
 def file_fingerprint(paths: list[str]) -> str:
     """sha256 over the bytes of every data file, in order: the data part of the cache key and lineage."""
-    h = hashlib.sha256()
+    return file_fingerprints(paths)[0]
+
+
+def file_fingerprints(paths: list[str]) -> tuple[str, dict[str, str]]:
+    """(`file_fingerprint(paths)`, each file's own `file_fingerprint([file])`), reading every file once: lineage
+    finds a file among a run's several files, or among a mixture's sources, by its own."""
+    whole = hashlib.sha256()
+    each: dict[str, str] = {}
     for p in paths:
-        h.update(b"\x00file\x00")
+        single = hashlib.sha256(b"\x00file\x00")
+        whole.update(b"\x00file\x00")
         with open(p, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+                whole.update(chunk)
+                single.update(chunk)
+        each[p] = single.hexdigest()
+    return whole.hexdigest(), each
 
 
 PLACEHOLDER_RE = re.compile(r"\{\{\s*[A-Za-z_][\w.]*\s*\}\}")

@@ -115,6 +115,22 @@ def label_order(names: list[str]) -> list[str]:
     return sorted(names)
 
 
+class SourceCounts(BaseModel):
+    """One source of the data (a mixture's entry, or data.paths as one): what was read from it and what trains."""
+
+    name: str
+    files: list[str]
+    sha256: str = Field("", description="file_fingerprint of its files' bytes")
+    weight: Optional[float] = None
+    max_rows: Optional[int] = None
+    rows_read: int = 0
+    rows_accepted: int = 0
+    rows_rejected: int = 0
+    rows_sampled: int = Field(0, description="the accepted rows the run trains on (all of them unless the source "
+                                             "has a weight or max_rows)")
+    share: float = Field(0.0, description="its rows' share of the rows sampled")
+
+
 class ValidationReport(BaseModel):
     files: dict[str, str] = Field(description="file -> detected format")
     data_fingerprint: str = Field(description="sha256 of the accepted rows' normalised content")
@@ -130,8 +146,21 @@ class ValidationReport(BaseModel):
     expectations: Optional[ExpectationsReport] = None
     classification: Optional[ClassificationData] = None
     preference: Optional[PreferenceData] = None
+    sources: list[SourceCounts] = []
+    rows_sampled: Optional[int] = Field(None, description="a mixture: the rows drawn from the accepted ones (seeded); "
+                                                          "the data fingerprint is theirs")
     passed: bool
     verdict: str
+
+    def source_lines(self) -> list[str]:
+        """The mixture: per source, rows read, accepted, rejected and sampled, and its share."""
+        width = max(len(s.name) for s in self.sources)
+        lines = [f"{'source'.ljust(width)}  weight  read  accepted  rejected  sampled  share"]
+        for s in self.sources:
+            weight = f"{s.weight:g}" if s.weight is not None else f"<={s.max_rows}" if s.max_rows else "all"
+            lines.append(f"{s.name.ljust(width)}  {weight:>6}  {s.rows_read:4d}  {s.rows_accepted:8d}  "
+                         f"{s.rows_rejected:8d}  {s.rows_sampled:7d}  {s.share:5.1%}")
+        return lines
 
     def summary_lines(self, max_rows_per_kind: int = 3) -> list[str]:
         lines = [
@@ -157,6 +186,8 @@ class ValidationReport(BaseModel):
                 if n > max_rows_per_kind:
                     lines.append(f"  ... and {n - max_rows_per_kind} more [{code}] (--json, or the report artifact, "
                                  "lists every one)")
+        if self.rows_sampled is not None or len(self.sources) > 1:
+            lines += self.source_lines()
         if self.token_stats:
             t = self.token_stats
             waste = ", ".join(f"{p.micro_batch_size}: {p.in_order:.1%} / {p.length_grouped:.1%}"

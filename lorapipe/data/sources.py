@@ -9,12 +9,12 @@ from __future__ import annotations
 import glob
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from pydantic import BaseModel
 
 from lorapipe.config import DataSection
-from lorapipe.data.formats import file_fingerprint
+from lorapipe.data.formats import file_fingerprint, file_fingerprints
 
 GLOB_CHARS = set("*?[")
 
@@ -27,6 +27,14 @@ class DataSourceError(ValueError):
         super().__init__("\n".join(problems))
 
 
+class ResolvedSource(BaseModel):
+    """One source's files as the run found them (data.paths and data.artifact are a mixture of one source)."""
+
+    name: str
+    files: list[str]
+    sha256: str
+
+
 class ResolvedData(BaseModel):
     """The files a run reads and the sha256 of their bytes, with where they came from."""
 
@@ -35,6 +43,54 @@ class ResolvedData(BaseModel):
     source: str  # what the config asked for, e.g. "data/drops/*.jsonl" or "artifact support-chats version 7"
     # for an artifact source: its version, so a step in another container writes the same rows again (local_files)
     artifact_version_id: Optional[str] = None
+    # each source of data.sources in the config's order (one for data.paths or data.artifact)
+    sources: list[ResolvedSource] = []
+    file_sha256: dict[str, str] = {}  # each file's own fingerprint: lineage finds a version by one file of many
+
+    def source_files(self) -> list[list[str]]:
+        """The files of each source, in order (all files as one source for a result stored before mixtures)."""
+        return [s.files for s in self.sources] if self.sources else [self.files]
+
+
+def resolve_sources(data: DataSection, artifact_rows: Optional[Any] = None) -> ResolvedData:
+    """data.paths, or every data.sources entry (paths and globs here; an artifact through `artifact_rows(name) ->
+    (file, description, version id)`, which the ZenML side supplies): the files to read now and their sha256, every
+    missing file or empty pattern collected."""
+    problems: list[str] = []
+    resolved: list[tuple[str, list[str]]] = []
+    descriptions: list[str] = []
+    version_ids: list[str] = []
+    entries = data.sources or []
+    if not entries:
+        files, problems = expand_paths(data.paths)
+        resolved.append((", ".join(data.paths), files))
+        descriptions.append(", ".join(data.paths))
+    for i, entry in enumerate(entries):
+        if entry.path:
+            files, found = expand_paths([entry.path])
+            problems += [p.replace("data.paths:", f"data.sources[{i}].path:") for p in found]
+            descriptions.append(entry.label())
+        else:
+            if artifact_rows is None:
+                raise ValueError("an artifact source needs the ZenML side's reader (steps.data_source.resolve_data)")
+            try:
+                path, description, version_id = artifact_rows(entry.artifact)
+            except DataSourceError as exc:
+                problems += [p.replace("data.artifact:", f"data.sources[{i}].artifact:") for p in exc.problems]
+                continue
+            files = [path]
+            descriptions.append(f"{entry.label()} ({description})")
+            version_ids.append(version_id)
+        resolved.append((entry.label(), files))
+    if problems:
+        raise DataSourceError(problems)
+    every = list(dict.fromkeys(f for _, files in resolved for f in files))
+    whole, each = file_fingerprints(every)
+    return ResolvedData(
+        files=every, sha256=whole, source="; ".join(descriptions),
+        sources=[ResolvedSource(name=name, files=files, sha256=file_fingerprint(files) if len(files) != 1 else
+                                each[files[0]]) for name, files in resolved],
+        file_sha256=each, artifact_version_id=",".join(version_ids) or None)
 
 
 def is_pattern(path: str) -> bool:
@@ -95,8 +151,5 @@ def rows_file(value: object, name: str, version: str, out_dir: Path) -> tuple[st
 
 
 def resolve_files(data: DataSection) -> ResolvedData:
-    """The files of `data.paths` to read now (globs expanded) and the sha256 of their bytes."""
-    files, problems = expand_paths(data.paths)
-    if problems:
-        raise DataSourceError(problems)
-    return ResolvedData(files=files, sha256=file_fingerprint(files), source=", ".join(data.paths))
+    """The files of `data.paths` (or of data.sources' paths) to read now (globs expanded) and their sha256."""
+    return resolve_sources(data)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import Counter
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from lorapipe.data.expectations import run_suite
 from lorapipe.data.formats import CONTROL_RE, PLACEHOLDER_RE, PREFERENCE_FORMATS, LabelFields, iter_records
+from lorapipe.data.mixture import MixtureError, SourceInput, SourcePlan, draw, mixture_counts
 from lorapipe.data.records import Problem, RawRow, Record, fingerprint_part
 from lorapipe.data.report import (
     AuditReport,
@@ -25,6 +26,7 @@ from lorapipe.data.report import (
     PreferenceData,
     RejectedRow,
     RejectedRows,
+    SourceCounts,
     ValidationOutcome,
     ValidationReport,
     label_order,
@@ -263,6 +265,9 @@ def validate_dataset(
     label_fields: Optional[LabelFields] = None,
     max_class_imbalance: float = 10.0,
     kto_weights: tuple[float, float] = (1.0, 1.0),
+    sources: Optional[list[SourceInput]] = None,
+    mixture_rows: Optional[int] = None,
+    seed: int = 0,
 ) -> ValidationOutcome:
     """One streaming pass: read, normalise, check, de-duplicate and (with a tokenizer) audit every row.
 
@@ -271,7 +276,16 @@ def validate_dataset(
     `micro_batch_sizes`: the batch sizes padding waste is reported at (those the plan may choose).
     `progress`: a progress bar on stderr (by bytes read) when the files are large enough to wait for.
     `kto_weights`: train.preference (desirable_weight, undesirable_weight): KTO's balance is judged weighted.
+    `sources`: a mixture (data.sources), each source read with its own format keys, counted apart, and (with a
+    weight or max_rows) sampled by `seed` after validation (`lorapipe.data.mixture`; `mixture_rows` sizes it); None:
+    `paths` read as one source.
     """
+    if sources is None:
+        sources = [SourceInput(SourcePlan(", ".join(paths)), list(paths))]
+    paths = [f for src in sources for f in src.files]
+    source_of = {f: i for i, src in enumerate(sources) for f in src.files}
+    read_by, accepted_by, rejected_by = [0] * len(sources), [0] * len(sources), [0] * len(sources)
+    kept_keys: list[str] = []  # each kept row's content key: a mixture's draw ranks rows by it
     problems: list[Problem] = []
     formats: dict[str, str] = {}
     rejected: dict[tuple[str, int], RejectedRow] = {}
@@ -293,12 +307,14 @@ def validate_dataset(
         key = (row.source, row.line)
         if key not in rejected:
             rejected[key] = RejectedRow(source=row.source, line=row.line, raw=row.raw, reasons=[])
+            rejected_by[source_of.get(row.source, 0)] += 1
         rejected[key].reasons.extend(reasons)
 
     def accept(rec: Record, key: str, row_facts_: dict) -> None:
         nonlocal n_kept
         rec.raw = ""  # accepted rows live on in normalised form; raw text is kept only for rejected rows
         n_kept += 1
+        accepted_by[source_of.get(rec.source, 0)] += 1
         if classifying:
             label_counts[rec.label] += 1
         if preference:
@@ -309,6 +325,7 @@ def validate_dataset(
             facts.setdefault(name, array("q")).append(value)
         if keep_records:
             kept.append(rec)
+            kept_keys.append(key)
 
     # Rows wait here, in file order, until AUDIT_BATCH of them need the tokenizer: it encodes a batch in its own
     # threads. Each entry: the problems reading it found, the raw row, and (record, key, its checks' problems,
@@ -336,9 +353,11 @@ def validate_dataset(
         pending.clear()
 
     bar = _progress_bar(paths) if progress else None
-    for row, rec in iter_records(paths, fmt, prompt_key, completion_key, read_problems, formats, group_key,
-                                 None if classifying else stratify_key, label_fields):
+    for index, row, rec, row_prompt_key, row_completion_key in _source_rows(
+            sources, fmt, prompt_key, completion_key, read_problems, formats, group_key,
+            None if classifying else stratify_key, label_fields):
         rows_read += 1
+        read_by[index] += 1
         before, read_problems[:] = list(read_problems), []
         if bar is not None:
             bar.update(len(row.raw) + 1)
@@ -346,7 +365,7 @@ def validate_dataset(
             pending.append((before, row, None))
         else:
             found: list[Problem] = []  # this row's problems from the checks below
-            check_record(rec, found, prompt_key, completion_key)
+            check_record(rec, found, row_prompt_key, row_completion_key)
             key = rec.content_key()
             seen = duplicates.check(rec, bytes.fromhex(key[:32]))
             if seen is not None:
@@ -365,6 +384,23 @@ def validate_dataset(
     problems.extend(read_problems)  # what reading found after the last row (a file's own problems)
     if bar is not None:
         bar.close()
+
+    rows_sampled, sampled_by = None, list(accepted_by)
+    if any(src.mixes for src in sources):
+        try:
+            sampled_by = mixture_counts([src.plan for src in sources], accepted_by, mixture_rows)
+        except MixtureError as exc:
+            problems.append(Problem(DATASET, 0, "data.sources", exc.message, exc.fix, "mixture_too_large"))
+        else:
+            rows_sampled = sum(sampled_by)
+            if keep_records:
+                kept, kept_keys, facts, fingerprint = _draw(kept, kept_keys, facts, source_of, sampled_by, seed)
+    total_sampled = sum(sampled_by) or 1
+    source_counts = [SourceCounts(name=src.plan.name, files=src.files, sha256=src.sha256, weight=src.plan.weight,
+                                  max_rows=src.plan.max_rows, rows_read=read_by[i], rows_accepted=accepted_by[i],
+                                  rows_rejected=rejected_by[i], rows_sampled=sampled_by[i],
+                                  share=round(sampled_by[i] / total_sampled, 6))
+                     for i, src in enumerate(sources)]
 
     token_stats = audit_report = None
     if audit is not None:
@@ -400,10 +436,40 @@ def validate_dataset(
         expectations=expectations,
         classification=classification,
         preference=preference_data,
+        sources=source_counts,
+        rows_sampled=rows_sampled,
         passed=not verdicts,
         verdict="PASSED" if not verdicts else "FAILED: " + "; ".join(verdicts),
     )
     return ValidationOutcome(kept, sorted(rejected.values(), key=lambda r: (r.source, r.line)), report, facts)
+
+
+def _source_rows(sources: list[SourceInput], fmt: str, prompt_key: str, completion_key: str,
+                 problems: list[Problem], formats: dict[str, str], group_key: Optional[str],
+                 label_key: Optional[str], label_fields: Optional[LabelFields]) -> Iterator[tuple]:
+    """(source index, raw row, record or None, its prompt key, its completion key) over every source's files, each
+    read with its own format keys (unset: the data section's)."""
+    for index, src in enumerate(sources):
+        keys = (src.prompt_key or prompt_key, src.completion_key or completion_key)
+        for row, rec in iter_records(src.files, src.fmt or fmt, *keys, problems, formats, group_key, label_key,
+                                     label_fields):
+            yield index, row, rec, *keys
+
+
+def _draw(kept: list[Record], keys: list[str], facts: dict[str, array], source_of: dict[str, int],
+          counts: list[int], seed: int) -> tuple[list[Record], list[str], dict[str, array], Any]:
+    """The mixture's rows (each source's `counts[i]` rows of lowest seeded rank, in file order), their keys and facts,
+    and the fingerprint of what trains."""
+    by_source: dict[int, list[int]] = {}
+    for i, rec in enumerate(kept):
+        by_source.setdefault(source_of.get(rec.source, 0), []).append(i)
+    chosen = sorted(members[j] for s, members in by_source.items()
+                    for j in draw([keys[m] for m in members], counts[s], seed))
+    fingerprint = hashlib.sha256()
+    for i in chosen:
+        fingerprint.update(fingerprint_part(kept[i], keys[i]))
+    return ([kept[i] for i in chosen], [keys[i] for i in chosen],
+            {name: array(values.typecode, (values[i] for i in chosen)) for name, values in facts.items()}, fingerprint)
 
 
 def _verdict(problems: list[Problem], n_rejected: int, rows_read: int, n_kept: int, on_bad_rows: str,
