@@ -60,6 +60,10 @@ class ModelSection(_Section):
     chat_template: Optional[str] = Field(
         None, description="Jinja template (or path to one) used when the tokenizer ships none"
     )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Switches the chat template reads (e.g. Qwen3's {enable_thinking: false}), "
+                                          "passed alike to training, evaluation, predict and export, and saved with "
+                                          "the adapter and the merged model")
     attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = Field(
         None, description="null: transformers' default; flash_attention_2 needs the flash-attn package and a GPU"
     )
@@ -118,6 +122,10 @@ class DataSection(_Section):
     mixture_rows: Optional[int] = Field(
         None, ge=1, description="data.sources with weights: the rows of the mixture (null: the largest that takes no "
                                 "source's row twice)")
+    reasoning: Literal["keep", "drop"] = Field(
+        "keep", description="Reasoning traces of assistant turns (a reasoning_content field, or <think>...</think> "
+                            "before the answer): keep trains them where the template renders them; drop trains the "
+                            "answers alone")
     prompt_key: str = "prompt"
     completion_key: str = "completion"
     text_key: str = Field("text", description="task: classification: the field holding the text to classify")

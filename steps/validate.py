@@ -61,10 +61,12 @@ def validate_data(
     from lorapipe.models.loading import load_tokenizer
 
     m, d, v = model, data, validation
-    tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, m.chat_template)
+    tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, m.chat_template,
+                               m.chat_template_kwargs)
     outcome = validate_dataset(
         local_files(resolved_data, d, ARTIFACT_ROWS_DIR), d.format, d.prompt_key, d.completion_key,
         sources=source_inputs(resolved_data, d), mixture_rows=d.mixture_rows, seed=mixture_seed or 0,
+        reasoning=d.reasoning,
         tokenizer=tokenizer, max_seq_length=max_seq_length, overlength=v.overlength, on_bad_rows=v.on_bad_rows,
         max_bad_fraction=v.max_bad_fraction, min_rows=v.min_rows, micro_batch_sizes=micro_batch_sizes,
         group_key=group_key, stratify_key=stratify_key, progress=True,

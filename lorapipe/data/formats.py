@@ -392,11 +392,37 @@ def normalise(row: RawRow, fmt: str, problems: list[Problem], prompt_key: str = 
         _preference(obj, fmt, rec, row, found, prompt_key, completion_key)
     if fmt in ("messages", "sharegpt") and obj.get("tools") is not None:
         rec.tools = obj["tools"] if isinstance(obj["tools"], str) else json.dumps(obj["tools"], ensure_ascii=False)
+    for turns in (rec.messages, rec.chosen, rec.rejected):
+        for msg in turns or ():
+            split_reasoning(msg)
     row.problems.extend(found)
     problems.extend(found)
     if any(p.severity == "error" for p in found):
         return None
     return rec
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def split_reasoning(msg: dict) -> None:
+    """An assistant turn's reasoning trace as `reasoning_content` (the field Qwen3's and DeepSeek's templates read),
+    apart from its answer: given so, or written inside the content as `<think>...</think>` before the answer (split
+    as Qwen3's template splits it). An empty trace is no trace."""
+    if msg.get("role") != "assistant" or not isinstance(msg.get("content"), str):
+        return
+    content = msg["content"]
+    if "reasoning_content" not in msg and THINK_CLOSE in content:
+        head, _, tail = content.partition(THINK_CLOSE)
+        msg["reasoning_content"] = head.split(THINK_OPEN)[-1].strip("\n")
+        msg["content"] = tail.lstrip("\n")
+    if "reasoning_content" in msg and not msg["reasoning_content"].strip():
+        del msg["reasoning_content"]
+
+
+def reasoning_traces(messages: Optional[list[dict]]) -> int:
+    """How many of the turns carry a reasoning trace."""
+    return sum(1 for m in messages or () if m.get("reasoning_content"))
 
 
 def _chat_messages(msgs: list, fld_name: str, row: RawRow, found: list[Problem]) -> list[dict]:
@@ -420,6 +446,8 @@ def _chat_messages(msgs: list, fld_name: str, row: RawRow, found: list[Problem])
                                  "wrong_type"))
             continue
         msg = {"role": role, "content": content}
+        if isinstance(m.get("reasoning_content"), str):  # DeepSeek's / vLLM's / Qwen3's field for the trace
+            msg["reasoning_content"] = m["reasoning_content"]
         if m.get("tool_calls"):
             msg["tool_calls"] = m["tool_calls"]
             if content is None:

@@ -120,7 +120,10 @@ class Record:
 
 
 def _messages_key(messages: list[dict]) -> str:
-    return "\x1e".join(f"{m['role']}\x1f{' '.join(str(m.get('content') or '').split())}" for m in messages)
+    # a turn's reasoning trace is part of it (the key of a turn without one is what it was before traces were read)
+    return "\x1e".join(f"{m['role']}\x1f{' '.join(str(m.get('content') or '').split())}"
+                        + (f"\x1freasoning\x1f{' '.join(m['reasoning_content'].split())}"
+                           if m.get("reasoning_content") else "") for m in messages)
 
 
 def fingerprint_part(rec: Record, content_key: str) -> bytes:

@@ -68,15 +68,56 @@ def tool_schemas(tools: Optional[str]) -> Optional[list]:
     return parsed if isinstance(parsed, list) else None
 
 
+def template_kwargs(tokenizer: Any) -> dict[str, Any]:
+    """`model.chat_template_kwargs` (e.g. Qwen3's enable_thinking), attached by `load_tokenizer`: every render of
+    training, evaluation, predict and export passes them to the template."""
+    return dict(getattr(tokenizer, "lorapipe_template_kwargs", None) or {})
+
+
+PROBE_TRACE = "lorapipe-probe-trace"
+
+
+def template_reads_reasoning(tokenizer: Any) -> bool:
+    """Whether the chat template renders an assistant turn's `reasoning_content` (Qwen3's does); a template that
+    ignores the field gets the trace back inside the content as `<think>...</think>`, as the data wrote it."""
+    cached = getattr(tokenizer, "_lorapipe_reads_reasoning", None)
+    if cached is None:
+        probe = [{"role": "user", "content": "u"},
+                 {"role": "assistant", "content": "a", "reasoning_content": PROBE_TRACE}]
+        try:
+            cached = PROBE_TRACE in tokenizer.apply_chat_template(probe, tokenize=False, **template_kwargs(tokenizer))
+        except Exception:  # noqa: BLE001 - a template that refuses the probe reads no reasoning field
+            cached = False
+        tokenizer._lorapipe_reads_reasoning = cached
+    return cached
+
+
+def _inline_reasoning(m: dict) -> dict:
+    if not m.get("reasoning_content"):
+        return m
+    out = {k: v for k, v in m.items() if k != "reasoning_content"}
+    out["content"] = f"<think>\n{m['reasoning_content']}\n</think>\n\n{m.get('content') or ''}"
+    return out
+
+
 def render(tokenizer: Any, messages: list[dict], tools: Optional[list], add_generation_prompt: bool) -> str:
-    kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt}
+    kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt,
+                              **template_kwargs(tokenizer)}
     if tools:  # templates that render tool schemas get them; others ignore them
         kwargs["tools"] = tools
+    if any(m.get("reasoning_content") for m in messages) and not template_reads_reasoning(tokenizer):
+        messages = [_inline_reasoning(m) for m in messages]
     return tokenizer.apply_chat_template(messages, **kwargs)
 
 
 def trainable_spans(tokenizer: Any, record: Record) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the character spans [start, end) of every assistant turn."""
+    """The rendered text and the character spans [start, end) of every assistant turn.
+
+    A turn's span runs from the end of the prompt before it (rendered with the generation prompt) to the end of the
+    conversation rendered through it. Templates that render a turn differently once later turns follow (Qwen3's
+    strips the reasoning of turns before the last question and gives the last turn an empty think block) break that
+    prefix rule: such a turn is located in the whole conversation instead, from where the prompt before it stops
+    agreeing with it to the end of its answer and the turn-end text the template writes after an answer."""
     if record.text is not None:
         text = record.text + (tokenizer.eos_token or "")
         return text, [(0, len(text))]
@@ -89,13 +130,64 @@ def trainable_spans(tokenizer: Any, record: Record) -> tuple[str, list[tuple[int
         before = render(tokenizer, msgs[:i], tools, add_generation_prompt=True) if i else ""
         # the last turn rendered through is the whole conversation, rendered already
         through = full if i == len(msgs) - 1 else render(tokenizer, msgs[: i + 1], tools, add_generation_prompt=False)
-        if not full.startswith(through) or not through.startswith(before):
+        if full.startswith(through) and through.startswith(before):
+            spans.append((len(before), len(through)))
+            continue
+        # the conversation before the turn must still render as it does alone: only the turn itself may change
+        history = render(tokenizer, msgs[:i], tools, add_generation_prompt=False) if i else ""
+        if not full.startswith(history):
             raise RenderError(
                 "the chat template does not render conversations prefix by prefix, so assistant turns cannot be "
                 "located; set model.chat_template to a template that does"
             )
-        spans.append((len(before), len(through)))
+        after = max([len(history), *(end for _, end in spans[-1:])])
+        spans.append(_span_in_conversation(tokenizer, full, before, m, after))
     return full, spans
+
+
+def _span_in_conversation(tokenizer: Any, full: str, before: str, turn: dict, after: int) -> tuple[int, int]:
+    """A turn the prefix rule cannot locate, found in the whole conversation (see `trainable_spans`)."""
+    start = max(after, len(os.path.commonprefix([before, full])))
+    answer = (turn.get("content") or "").strip()
+    at = full.find(answer, start) if answer else start
+    if at < 0:
+        raise RenderError("the chat template does not render an assistant turn's content as given, so its tokens "
+                          "cannot be located; set model.chat_template to a template that does")
+    end = at + len(answer)
+    closing = _turn_end(tokenizer)
+    if closing and full.startswith(closing, end):
+        end += len(closing)
+    return start, end
+
+
+def _turn_end(tokenizer: Any) -> str:
+    """What the template writes after an assistant's answer (ChatML: `<|im_end|>` and a newline), read off a probe."""
+    cached = getattr(tokenizer, "_lorapipe_turn_end", None)
+    if cached is None:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "u"},
+                                              {"role": "assistant", "content": PROBE_TRACE}], tokenize=False,
+                                             **template_kwargs(tokenizer))
+        cached = text.split(PROBE_TRACE, 1)[1] if PROBE_TRACE in text else ""
+        tokenizer._lorapipe_turn_end = cached
+    return cached
+
+
+def trained_turns(tokenizer: Any, record: Record) -> list[str]:
+    """The text each assistant turn trains, as the template renders the row (its trained span)."""
+    text, spans = trainable_spans(tokenizer, record)
+    return [text[a:b] for a, b in spans]
+
+
+def reasoning_coverage(tokenizer: Any, record: Record) -> tuple[int, int]:
+    """(turns with a reasoning trace, those whose trace lies inside the turn's trained span as the template renders
+    the row): a template that strips history traces (Qwen3's) or every trace (DeepSeek-R1's) trains fewer."""
+    turns = [m for m in record.messages if m["role"] == "assistant"]
+    traced = [i for i, m in enumerate(turns) if m.get("reasoning_content")]
+    if not traced:
+        return 0, 0
+    trained = trained_turns(tokenizer, record)
+    return len(traced), sum(1 for i in traced if i < len(trained) and turns[i]["reasoning_content"].strip()
+                            in trained[i])
 
 
 def _tokenize_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:

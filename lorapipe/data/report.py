@@ -115,6 +115,27 @@ def label_order(names: list[str]) -> list[str]:
     return sorted(names)
 
 
+class ReasoningData(BaseModel):
+    """Reasoning traces in the data (`reasoning_content`, or `<think>...</think>` before an answer) and what training
+    does with them, checked with the model's own template."""
+
+    setting: str = Field(description="data.reasoning: keep or drop")
+    rows: int = Field(0, description="rows with at least one trace")
+    traces: int = Field(0, description="assistant turns with a trace")
+    trained: int = Field(0, description="keep: traces inside the labels as the template renders the rows")
+    lost: int = Field(0, description="keep: traces the template leaves out (history turns, or every turn)")
+    leaked: int = Field(0, description="drop: traces found inside the labels anyway (must be 0)")
+    template_reads_field: bool = Field(False, description="the template renders reasoning_content itself; otherwise "
+                                                          "traces go back into the content as <think>...</think>")
+
+    def summary(self) -> str:
+        if self.setting == "drop":
+            return (f"reasoning: {self.traces} trace(s) in {self.rows} row(s), dropped (data.reasoning: drop); "
+                    f"{self.leaked} found in the labels")
+        return (f"reasoning: {self.traces} trace(s) in {self.rows} row(s), kept; {self.trained} trained, "
+                f"{self.lost} left out by the chat template")
+
+
 class SourceCounts(BaseModel):
     """One source of the data (a mixture's entry, or data.paths as one): what was read from it and what trains."""
 
@@ -147,6 +168,7 @@ class ValidationReport(BaseModel):
     classification: Optional[ClassificationData] = None
     preference: Optional[PreferenceData] = None
     sources: list[SourceCounts] = []
+    reasoning: Optional[ReasoningData] = None
     rows_sampled: Optional[int] = Field(None, description="a mixture: the rows drawn from the accepted ones (seeded); "
                                                           "the data fingerprint is theirs")
     passed: bool
@@ -199,6 +221,8 @@ class ValidationReport(BaseModel):
             lines.append(self.classification.summary())
         if self.preference:
             lines.append(self.preference.summary())
+        if self.reasoning:
+            lines.append(self.reasoning.summary())
         if self.audit:
             a = self.audit
             lines.append(f"learns-to-stop audit: {a.stop_token_trained_fraction:.1%} rows train the stop token "

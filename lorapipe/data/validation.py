@@ -24,6 +24,7 @@ from lorapipe.data.report import (
     ClassificationData,
     DataValidationError,
     PreferenceData,
+    ReasoningData,
     RejectedRow,
     RejectedRows,
     SourceCounts,
@@ -268,6 +269,7 @@ def validate_dataset(
     sources: Optional[list[SourceInput]] = None,
     mixture_rows: Optional[int] = None,
     seed: int = 0,
+    reasoning: str = "keep",
 ) -> ValidationOutcome:
     """One streaming pass: read, normalise, check, de-duplicate and (with a tokenizer) audit every row.
 
@@ -279,7 +281,10 @@ def validate_dataset(
     `sources`: a mixture (data.sources), each source read with its own format keys, counted apart, and (with a
     weight or max_rows) sampled by `seed` after validation (`lorapipe.data.mixture`; `mixture_rows` sizes it); None:
     `paths` read as one source.
+    `reasoning`: data.reasoning: "drop" removes assistant turns' reasoning traces before anything else sees the row;
+    either way the traces are counted and, with a tokenizer, checked in the labels as the template renders them.
     """
+    traces = ReasoningData(setting=reasoning)
     if sources is None:
         sources = [SourceInput(SourcePlan(", ".join(paths)), list(paths))]
     paths = [f for src in sources for f in src.files]
@@ -365,6 +370,7 @@ def validate_dataset(
             pending.append((before, row, None))
         else:
             found: list[Problem] = []  # this row's problems from the checks below
+            _reasoning(rec, reasoning, tokenizer, traces)
             check_record(rec, found, row_prompt_key, row_completion_key)
             key = rec.content_key()
             seen = duplicates.check(rec, bytes.fromhex(key[:32]))
@@ -385,6 +391,7 @@ def validate_dataset(
     if bar is not None:
         bar.close()
 
+    reasoning_data = _reasoning_verdict(traces, tokenizer, problems)
     rows_sampled, sampled_by = None, list(accepted_by)
     if any(src.mixes for src in sources):
         try:
@@ -437,11 +444,69 @@ def validate_dataset(
         classification=classification,
         preference=preference_data,
         sources=source_counts,
+        reasoning=reasoning_data,
         rows_sampled=rows_sampled,
         passed=not verdicts,
         verdict="PASSED" if not verdicts else "FAILED: " + "; ".join(verdicts),
     )
     return ValidationOutcome(kept, sorted(rejected.values(), key=lambda r: (r.source, r.line)), report, facts)
+
+
+def _reasoning(rec: Record, setting: str, tokenizer: Any, found: ReasoningData) -> None:
+    """Count a row's reasoning traces; drop them (data.reasoning: drop); with a tokenizer, check each against the
+    labels as the template renders the row (kept: inside its turn's trained text; dropped: nowhere)."""
+    turns = [m for part in (rec.messages, rec.chosen, rec.rejected) for m in part or () if m.get("reasoning_content")]
+    if not turns:
+        return
+    found.rows += 1
+    found.traces += len(turns)
+    dropped = [m.pop("reasoning_content") for m in turns] if setting == "drop" else []
+    if tokenizer is None or rec.text is not None:
+        return
+    from lorapipe.data.render import RenderError, reasoning_coverage, template_reads_reasoning, trained_turns
+
+    found.template_reads_field = template_reads_reasoning(tokenizer)
+    sides = [rec] if rec.chosen is None else [rec.side("chosen")] + ([rec.side("rejected")] if rec.rejected else [])
+    try:
+        for side in sides:
+            if dropped:
+                labels = "\n".join(trained_turns(tokenizer, side))
+                found.leaked += sum(1 for trace in dropped if trace.strip() in labels)
+            else:
+                n, trained = reasoning_coverage(tokenizer, side)
+                found.trained += trained
+                found.lost += n - trained
+    except RenderError:  # the row's own problem, said by the token audit
+        return
+
+
+def _reasoning_verdict(found: ReasoningData, tokenizer: Any, problems: list[Problem]) -> Optional[ReasoningData]:
+    """The data's reasoning, and its problems: a template that trains none or only some of the kept traces, or a
+    dropped trace still inside the labels."""
+    if not found.traces:
+        return None
+    if tokenizer is None:
+        return found
+    if found.setting == "keep" and found.lost and not found.trained:
+        problems.append(Problem(
+            DATASET, 0, "reasoning", f"the chat template trains none of the {found.lost} reasoning trace(s) "
+            "data.reasoning: keep asks for (it renders no reasoning: DeepSeek-R1's template strips every "
+            "<think> block)", "set model.chat_template to a template that renders reasoning_content (e.g. "
+            "Qwen3's), or data.reasoning: drop to train the answers alone", "reasoning_not_trained"))
+    elif found.setting == "keep" and found.lost:
+        problems.append(Problem(
+            DATASET, 0, "reasoning", f"the chat template leaves {found.lost} of {found.lost + found.trained} "
+            "reasoning trace(s) out of the labels: it strips the reasoning of turns before the last question (as "
+            "Qwen3's template does, the way it serves them)", "to train every trace, give each traced turn as the "
+            "last turn of a row of its own, or set model.chat_template to a template that renders every turn's "
+            "reasoning_content; data.reasoning: drop trains the answers alone", "reasoning_lost_in_history",
+            severity="warning"))
+    if found.leaked:
+        problems.append(Problem(
+            DATASET, 0, "reasoning", f"{found.leaked} dropped reasoning trace(s) are inside the labels anyway (the "
+            "answer's text repeats them, or the template writes them)", "remove the traces from the answers, or "
+            "set data.reasoning: keep", "reasoning_leaked"))
+    return found
 
 
 def _source_rows(sources: list[SourceInput], fmt: str, prompt_key: str, completion_key: str,

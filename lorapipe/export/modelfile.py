@@ -70,7 +70,9 @@ def detect_family(chat_template: str) -> Optional[ChatFamily]:
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    from lorapipe.data.render import render  # the template's switches, as training rendered with them
+
+    return render(tokenizer, messages, None, add_generation_prompt=True)
 
 
 def read_layout(tokenizer: Any, family: ChatFamily) -> ChatLayout:

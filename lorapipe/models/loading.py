@@ -14,18 +14,46 @@ def torch_dtype(name: str) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+TEMPLATE_RECORD = "lorapipe_template.json"  # beside a tokenizer lorapipe saved: the template's switches and origin
+
+
 def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remote_code: bool = False,
-                   chat_template: Optional[str] = None) -> Any:
+                   chat_template: Optional[str] = None, template_kwargs: Optional[dict[str, Any]] = None) -> Any:
+    """The tokenizer with its chat template (the config's, its own, or the fallback) and the template's switches
+    (`model.chat_template_kwargs`; for a folder lorapipe saved, those it was trained with, unless given)."""
+    import json
+    from pathlib import Path
+
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     # where the template came from (config, tokenizer, fallback): the audit reports it
     tok.lorapipe_chat_template_source = ensure_chat_template(tok, chat_template)
+    record = Path(name_or_path) / TEMPLATE_RECORD
+    if template_kwargs is None and record.is_file():
+        template_kwargs = json.loads(record.read_text()).get("chat_template_kwargs")
+    tok.lorapipe_template_kwargs = dict(template_kwargs or {})
     if tok.pad_token is None:
         # Prefer a token that is not EOS; if only EOS exists, padding is still masked by position
         # (attention mask), never by token id, so EOS keeps being trained. No new token: no resized embeddings.
         tok.pad_token = tok.unk_token or tok.eos_token
     return tok
+
+
+def save_tokenizer(tokenizer: Any, folder: Any) -> None:
+    """The tokenizer with its chat template, and beside it what lorapipe rendered with: the template's switches and
+    where the template came from (read back by `load_tokenizer`, recorded on the model version)."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    tokenizer.save_pretrained(str(folder))
+    template = getattr(tokenizer, "chat_template", None) or ""
+    (Path(folder) / TEMPLATE_RECORD).write_text(json.dumps({
+        "chat_template_kwargs": getattr(tokenizer, "lorapipe_template_kwargs", None) or {},
+        "chat_template_source": getattr(tokenizer, "lorapipe_chat_template_source", "tokenizer"),
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str) else None,
+    }, indent=2, sort_keys=True))
 
 
 # sequence classifiers: modules kept unquantised under QLoRA: the heads (trained in full; transformers keeps only

@@ -114,7 +114,7 @@ def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDatase
     """
     short_lived.freeze_training_imports()  # no-op unless this process runs one command and ends
     from lorapipe.export.model_card import model_card, write_model_card
-    from lorapipe.models.loading import load_tokenizer
+    from lorapipe.models.loading import load_tokenizer, save_tokenizer
     from lorapipe.training.disk import merged_model_bytes, merged_model_write
     from lorapipe.training.monitoring import PhaseMemory
 
@@ -150,7 +150,7 @@ def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDatase
         # a full disk: one error naming the folder, the model's size and the space free there; partial shards removed
         with merged_model_write(out, lambda: merged_model_bytes(meta, phase.dtype), lambda: _clear_weights(out)):
             _reference_then_merge(backend, adapter_dir, out, phase, inputs, reference, shard_bytes(max_shard_size))
-            tokenizer.save_pretrained(str(out))  # with the chat template training used
+            save_tokenizer(tokenizer, out)  # with the chat template and its switches training used
             ends, ollama_family, ollama_note = task.serving_files(out, tokenizer)
         if before_check is not None:
             before_check(out)

@@ -166,7 +166,7 @@ class SFT:
 
         # the project's tokenizer (chat template override, pad token): rendering and masking match validation,
         # evaluation and merge exactly, whichever backend trains
-        return load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, m.chat_template)
+        return load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, m.chat_template, m.chat_template_kwargs)
 
     def tokenize(self, dataset: ConversationDataset, tokenizer: Any, plan: TrainingPlan) -> Any:
         return tokenize_dataset(dataset, tokenizer, plan.max_seq_length)

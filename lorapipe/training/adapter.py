@@ -79,7 +79,9 @@ def finish_training(run: TrainingRun, adapter_dir: Path, model: ModelSection, tr
     if is_main:
         adapter_dir.mkdir(parents=True, exist_ok=True)
         save_weights(adapter_dir)
-        tokenizer.save_pretrained(str(adapter_dir))
+        from lorapipe.models.loading import save_tokenizer
+
+        save_tokenizer(tokenizer, adapter_dir)
         with open(adapter_dir / TRAINING_LOG, "w") as fh:
             for entry in run.log_history:
                 fh.write(json.dumps(entry) + "\n")
