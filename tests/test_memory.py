@@ -392,3 +392,47 @@ def test_probe_measures_real_steps_beside_the_prediction(tiny_model_dir, tmp_pat
         assert row["error"] is not None and row["peak_gib"] > row["resident_at_start_gib"] > 0.3, row
         assert check.status in ("pass", "warn") and "predicted" in check.measured
         assert abs(row["error"]) < 0.25  # the tiny model is mostly the process: the constant is measured
+
+
+def test_preference_terms_count_the_vocabulary_wide_tensors_of_trl_s_backward():
+    """task: preference (TRL 1.14, hf backend): the peak is the backward's first step: the policy's logits, the two
+    gradients of selective_log_softmax (its logsumexp's stacked, its gather's scattered), and ORPO's chosen-half
+    log_softmax; the reference's logits are freed before it, but KTO's metrics copy them out beside it. On the CPU,
+    loss temporaries under glibc's 32 MiB mmap threshold stay resident: the per-sequence ones, and the logged
+    entropy's 128-row chunks (DPO, KTO)."""
+    from transformers import LlamaConfig
+
+    def pref(vocab, method, precompute=False, seq=256, mb=2, device="cpu"):
+        f = facts_from_config(LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab),
+                              task="preference")
+        est = estimate(f, MemoryInputs(task="preference", preference_method=method, precompute_reference=precompute,
+                                       dtype="float32", micro_batch_size=mb, seq_len=seq, device=device))
+        return {t.name: t.bytes for t in est.phase_terms("train")}
+
+    small, big = 32000, 151936
+    dpo, kto, orpo = pref(small, "dpo"), pref(small, "kto"), pref(small, "orpo")
+    tokens = {"dpo": 2 * 2 * 256, "kto": 2 * 256, "orpo": 2 * 2 * 256}  # a pair's two sides, KTO's one answer
+    for method, terms in (("dpo", dpo), ("kto", kto), ("orpo", orpo)):
+        copy = tokens[method] * small * 4
+        assert terms["policy logits (saved for the backward)"] == copy
+        assert terms["gradient of the logits (logsumexp's stacked, the gather's scattered)"] == 2 * copy
+        assert terms["CPU allocator: per-sequence loss temporaries kept resident"] == copy  # 255 x 32000 x 4 < 32 MiB
+        assert ("CPU allocator: the logged entropy's chunks kept resident" in terms) == (method != "orpo")
+        assert ("ORPO's chosen NLL: log_softmax output (saved)" in terms) == (method == "orpo")
+        assert not any(n.startswith("logits and loss") for n in terms)  # not SFT's full-logits loss
+    assert orpo["ORPO's chosen NLL: log_softmax output (saved)"] == tokens["orpo"] * small * 4 // 2
+    # the reference's logits, freed before the backward, beside the metrics' copies: DPO's side holds 2.5 copies (below
+    # the backward's 3: 0 B), KTO's 3.5 (half a copy above); absent when precomputed and for ORPO
+    ref = "reference forward (no gradients): logits, beside the metrics' copies"
+    assert dpo[ref] == 0 and kto[ref] == tokens["kto"] * small * 4 // 2
+    assert ref not in orpo and ref not in pref(small, "dpo", precompute=True) and ref not in pref(small, "kto", True)
+    # vocabulary-wide terms scale with the vocabulary; over the threshold the allocator terms go (unmapped when freed)
+    wide = pref(big, "dpo")
+    logits = "policy logits (saved for the backward)"
+    assert wide[logits] == dpo[logits] * big // small
+    assert not any(n.startswith("CPU allocator: per-sequence") or "entropy" in n for n in wide)
+    long = pref(small, "dpo", seq=512, mb=1)  # 511 x 32000 x 4 B: over; the entropy's 128 rows: under
+    assert "CPU allocator: per-sequence loss temporaries kept resident" not in long
+    assert "CPU allocator: the logged entropy's chunks kept resident" in long
+    assert not any(n.startswith("CPU allocator") for n in pref(small, "dpo", device="cuda"))

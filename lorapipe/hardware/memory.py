@@ -71,6 +71,10 @@ CPU_ACTIVATION_RESIDENT_FACTOR = 2.0
 # backward's (the gradients of each saved tensor), all resident at once. Fitted with CPU_PROCESS_BYTES (above).
 CPU_RECOMPUTE_RESIDENT_FACTOR = 5.25
 
+# task: preference on the hf backend (TRL 1.14's DPO, KTO and ORPO trainers, unfused loss path): TRL's
+# entropy_from_logits, which DPO and KTO log, runs log_softmax over this many rows of the logits at a time
+TRL_ENTROPY_CHUNK_ROWS = 128
+
 
 MERGE_CHECK_TOKENS = 256  # tokens per row the merge check compares, at most (the merge plan's row length)
 
@@ -105,8 +109,8 @@ class MemoryInputs(BaseModel):
     # LoRA, no quantisation
     full_finetune: bool = False
     # task: preference: train.method (dpo, kto, orpo): a pair's two sequences go through the policy together, and the
-    # reference's forward (dpo, kto) runs without gradients beside the policy's saved activations, unless its
-    # log-probabilities are computed once before training (precompute_reference)
+    # reference's forward (dpo, kto) runs without gradients after the policy's, unless its log-probabilities are
+    # computed once before training (precompute_reference); the peak is the backward's (_preference_logits_terms)
     preference_method: Optional[Literal["dpo", "kto", "orpo"]] = None
     precompute_reference: bool = False
 
@@ -403,6 +407,8 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gib: float = 0.0) -> Mem
         rows, per = (x.micro_batch_size, "rows") if facts.block == "encoder" else (tokens, "tokens")
         add("train", "logits and loss", rows * x.num_labels * (a + LOGITS_FP32_COPIES * 4),
             f"{per} x labels x (a + {LOGITS_FP32_COPIES:g} x 4 B) = {rows} x {x.num_labels}")
+    elif x.task == "preference":
+        _preference_logits_terms(add, x, tokens, V, a)
     elif ((chunk := BACKENDS[x.backend].sft_loss_chunk_tokens) and x.loss_chunks == 1 and x.sft_loss == "backend"
           and x.task == "sft"):
         # TRL's chunked_nll: the final hidden states are gathered to the trained tokens (two copies: the shift and
@@ -420,12 +426,6 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gib: float = 0.0) -> Mem
         add("train", "logits and loss", logits,
             f"tokens x vocab x ({'a + ' if a != 4 else ''}{LOGITS_FP32_COPIES:g} x 4 B"
             + (f" / {x.loss_chunks} chunks" if x.loss_chunks > 1 else "") + f") = {tokens} x {V}")
-    if x.task == "preference" and x.preference_method != "orpo" and not x.precompute_reference:
-        # TRL's reference forward under no_grad, after the policy's: its logits (fp32 for the log-softmax) beside the
-        # policy's saved activations; its own layers' activations are freed layer by layer
-        add("train", "reference forward (no gradients): logits", tokens * V * (a + 4 if a != 4 else 4),
-            f"tokens x vocab x {'(a + 4 B)' if a != 4 else '4 B'} = {tokens} x {V} (not measured yet on a preference "
-            "run)")
     if x.device == "cpu":
         saved = {t.name: t.bytes for t in terms if t.phase == "train" and t.name.startswith("activations")}
         saved.pop("activations (checkpointed layer inputs)", None)  # kept tensors alone, no temporaries between them
@@ -520,14 +520,60 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gib: float = 0.0) -> Mem
 
     train_total = sum(t.bytes for t in terms if t.phase == "train")
     weights = sum(b for _, b, _ in weight_terms) + dequant
-    act = sum(t.bytes for t in terms if t.phase == "train" and (t.name.startswith("activations")
-                                                                or t.name.startswith(("logits", "final hidden"))))
+    vocab_wide = ("logits", "final hidden", "policy logits", "gradient of the logits", "ORPO")  # preference's too
+    act = sum(t.bytes for t in terms if t.phase == "train" and t.name.startswith(("activations", *vocab_wide)))
     return MemoryEstimate(
         weights_gib=round(weights / GIB, 4), lora_and_optimizer_gib=round(trainable * per_trained / GIB, 4),
         activations_gib=round(act / GIB, 4), total_gib=round(train_total / GIB, 4), budget_gib=round(budget_gib, 2),
         eval_peak_gib=round(sum(t.bytes for t in terms if t.phase == "eval") / GIB, 4),
         merge_peak_gib=round(sum(t.bytes for t in terms if t.phase == "merge") / GIB, 4),
         terms=terms, trainable_parameters=trainable)
+
+
+def _preference_logits_terms(add: Any, x: MemoryInputs, tokens: int, V: int, a: int) -> None:  # noqa: N803
+    """task: preference: the vocabulary-wide tensors a TRL 1.14 step (hf backend, its unfused loss path) holds at its
+    peak, which is the first step of the backward, when every activation is still saved (docs/MEMORY.md). Counted on
+    torch's allocations of a step on the CPU (a dispatch-mode trace) and checked against its resident peak."""
+    per_copy = tokens * V * a
+    # the policy's logits (lm_head's output) are saved for the backward: selective_log_softmax's logsumexp reads them
+    add("train", "policy logits (saved for the backward)", per_copy,
+        f"tokens x vocab x a = {tokens} x {V} x {a} B")
+    # the backward of selective_log_softmax (x_label - logsumexp(x), one sequence at a time) starts with two
+    # vocabulary-wide gradients beside the logits: the per-sequence logsumexp gradients stacked back into the batch,
+    # and the gather's gradient scattered into zeros (summed in place, then sliced back into the full length)
+    add("train", "gradient of the logits (logsumexp's stacked, the gather's scattered)", 2 * per_copy,
+        f"2 x tokens x vocab x a = 2 x {tokens} x {V} x {a} B")
+    if x.preference_method == "orpo":
+        # ORPO adds the chosen half's NLL: cross_entropy's log_softmax output, saved for its backward
+        add("train", "ORPO's chosen NLL: log_softmax output (saved)", per_copy // 2,
+            f"tokens / 2 x vocab x a = {tokens // 2} x {V} x {a} B")
+    if x.preference_method != "orpo" and not x.precompute_reference:
+        # DPO's and KTO's reference forward runs without gradients after the policy's; its logits are freed before the
+        # backward but sit beside the policy's while TRL logs its metrics: DPO masks a copy of the chosen half's logits
+        # (1 + 1 + 0.5 copies), KTO first copies the chosen and the rejected rows out (index_select) and masks one of
+        # them (1 + 1 + 1 + 0.5). Counted: what that side holds above the backward's 3 copies (DPO none, KTO half)
+        forward = 3.5 if x.preference_method == "kto" else 2.5
+        add("train", "reference forward (no gradients): logits, beside the metrics' copies", max(0.0, forward - 3)
+            * per_copy, f"({forward:g} - 3 copies above, at least 0) x tokens x vocab x a")
+    # the forward's other temporaries (the logged entropy's reshape copy of the logits, the metrics' masked copies)
+    # also stay below the backward's peak
+    if x.device != "cpu":
+        return
+    # glibc serves blocks under its mmap threshold (up to 32 MiB) from the heap and keeps them resident once freed:
+    # what the loss allocates in such blocks stays in the process's peak. Bigger blocks are unmapped when freed.
+    row = x.seq_len * V * 4
+    if row < GLIBC_MMAP_THRESHOLD_MAX:
+        # the backward's per-sequence temporaries (logsumexp's gradient: x - lse, its exp, the product), one sequence
+        # at a time: resident about as much as the batch's logits once
+        add("train", "CPU allocator: per-sequence loss temporaries kept resident", tokens * V * 4,
+            f"tokens x vocab x 4 B, as seq x vocab x 4 B = {format_bytes(row)} is under glibc's mmap threshold "
+            f"({format_bytes(GLIBC_MMAP_THRESHOLD_MAX)})")
+    chunk = TRL_ENTROPY_CHUNK_ROWS * V * 4
+    if x.preference_method in ("dpo", "kto") and chunk < GLIBC_MMAP_THRESHOLD_MAX:
+        # the entropy TRL logs (no gradients): log_softmax, exp and their product over 128 rows at a time
+        add("train", "CPU allocator: the logged entropy's chunks kept resident", tokens * V * 4,
+            f"tokens x vocab x 4 B, as {TRL_ENTROPY_CHUNK_ROWS} rows x vocab x 4 B = {format_bytes(chunk)} is under "
+            f"glibc's mmap threshold")
 
 
 def _full_weight_terms(facts: ModelFacts, x: MemoryInputs) -> tuple[list[tuple[str, int, str]], int]:
