@@ -329,6 +329,11 @@ class MergeSection(_Section):
     logits_atol: Optional[float] = Field(None, gt=0, description="null: by dtype (f32 1e-4, f16/bf16 scaled)")
     max_shard_size: str = Field("2GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|KiB|MiB|GiB)$",
                                 description="Largest safetensors shard of the merged model, e.g. 2GB, 500MB")
+    parity_samples: int = Field(4, ge=0, description="Test prompts answered greedily by base+adapter and by the merged "
+                                                     "model as served (its own tokenizer and template); answers that "
+                                                     "part ways beyond a near tie keep the version from promotion. "
+                                                     "0: no parity check")
+    parity_max_new_tokens: int = Field(16, ge=1, description="Tokens generated per parity prompt")
 
 
 class PreflightSection(_Section):

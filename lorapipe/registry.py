@@ -71,13 +71,16 @@ def improvement(new: float, old: float, lower_is_better: bool) -> float:
 
 def decide_stage(metrics: EvalMetrics, merge_passed: bool, stage_if_better: str, margin: float,
                  primary_metric: str = "perplexity", min_stop_rate: float = 0.0,
-                 holder: Optional[StageHolderScores] = None) -> tuple[Optional[str], str]:
+                 holder: Optional[StageHolderScores] = None,
+                 serving_parity: Optional[dict] = None) -> tuple[Optional[str], str]:
     """(stage or None, reason). Promote only when the tuned model passes the merge check, learned to stop often
     enough, and beats the base and the stage's current holder on the primary metric by `margin` (relative)."""
     if stage_if_better == "none":
         return None, "register.stage_if_better is 'none'"
     if not merge_passed:
         return None, "the merged model failed its logits check"
+    if serving_parity is not None and not serving_parity.get("passed", True):
+        return None, f"the merged model as served answers differently from its adapter: {serving_parity['reason']}"
     if holder is not None and not holder.comparable:
         return None, holder.note
     field, lower = PRIMARY_METRICS[primary_metric]
@@ -144,6 +147,8 @@ class VersionReport(BaseModel):
     base_model: dict[str, Any]
     merge_check: dict[str, Any]
     code: dict[str, Any]
+    # what every render used: the template's origin, sha256 and switches (lorapipe_template.json of the merged model)
+    chat_template: dict[str, Any] = {}
     run: dict[str, str]  # id and name of the pipeline run
     artifacts: dict[str, str]  # artifact name -> artifact version id
 
@@ -198,8 +203,17 @@ def render_text(report: VersionReport, current_stage: Optional[str] = None) -> l
               f"  merge check            {'passed' if report.merge_check.get('passed') else 'FAILED'}: "
               "max |logit diff| "
               f"{report.merge_check.get('max_abs_logit_diff', float('nan')):.3g} (tolerance "
-              f"{report.merge_check.get('tolerance', float('nan')):.3g}, {report.merge_check.get('dtype', '?')})",
-              f"  code                   {report.code.get('commit', '?')}" + (" (uncommitted changes)"
+              f"{report.merge_check.get('tolerance', float('nan')):.3g}, {report.merge_check.get('dtype', '?')})"]
+    parity = report.merge_check.get("serving_parity")
+    if parity:
+        lines.append(f"  serving parity         {'passed' if parity.get('passed') else 'FAILED'}: "
+                     f"{parity.get('reason')}")
+    if report.chat_template:
+        t = report.chat_template
+        lines.append(f"  chat template          {t.get('chat_template_source', '?')}, sha256 "
+                     f"{str(t.get('chat_template_sha256'))[:12]}"
+                     + (f", switches {t['chat_template_kwargs']}" if t.get("chat_template_kwargs") else ""))
+    lines += [f"  code                   {report.code.get('commit', '?')}" + (" (uncommitted changes)"
                                                                              if report.code.get("dirty") else ""),
               f"  run                    {report.run.get('name', '?')} ({report.run.get('id', '?')})",
               "  artifacts (version ids):"]
@@ -223,7 +237,12 @@ def render_html(report: VersionReport) -> str:
         h.section("Merge check", h.key_values([
             ("result", "passed" if check.get("passed") else "FAILED"), ("dtype", check.get("dtype")),
             ("max |logit diff|", check.get("max_abs_logit_diff")), ("tolerance", check.get("tolerance")),
-            ("rows checked", check.get("rows_checked"))])),
+            ("rows checked", check.get("rows_checked")),
+            ("serving parity", (("passed: " if check["serving_parity"].get("passed") else "FAILED: ")
+                                + str(check["serving_parity"].get("reason"))) if check.get("serving_parity") else
+             "not run"),
+            ("chat template", ", ".join(f"{k}: {v}" for k, v in sorted(report.chat_template.items())) or
+             "not recorded")])),
         h.section("Data", h.key_values(sorted(report.data.items()))),
         h.section("Base model and code", h.key_values([
             ("base model", report.base_model.get("name_or_path")), ("revision", report.base_model.get("revision")),

@@ -62,7 +62,8 @@ def merge_model(
                 "a scratch folder, uploaded to the artifact store afterwards")
     try:
         check = merge_adapter(adapter.path, str(out), test_split, merge_plan, mg.check_samples, mg.logits_atol,
-                              max_shard_size=mg.max_shard_size)
+                              max_shard_size=mg.max_shard_size, parity_samples=mg.parity_samples,
+                              parity_max_new_tokens=mg.parity_max_new_tokens)
         check.require_passed()
     except BaseException:
         if in_store is None:  # ZenML removes the output's own folder of a failed step; the scratch one is ours

@@ -1,5 +1,7 @@
 """Register: attach metrics, plan, fingerprints and versions to the Model Control Plane version; set its stage."""
 
+import json
+from pathlib import Path
 from typing import Annotated, Optional, Tuple
 
 from zenml import get_step_context, log_metadata, step
@@ -16,6 +18,7 @@ from lorapipe.hardware.memory import comparable_prediction_gib
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan
 from lorapipe.hardware.preflight import PreflightReport
 from lorapipe.hardware.probe import package_versions
+from lorapipe.models.loading import TEMPLATE_RECORD
 from lorapipe.registry import (
     StageHolderScores,
     VersionReport,
@@ -144,7 +147,7 @@ def register_model(
     check = merged_model.metadata.get("check", {})
     holder = stage_holder_scores
     stage, reason = decide_stage(eval_metrics, bool(check.get("passed")), r.stage_if_better, r.margin,
-                                 r.primary_metric, r.min_stop_rate, holder)
+                                 r.primary_metric, r.min_stop_rate, holder, check.get("serving_parity"))
     if stage and holder.scores is not None:
         this = get_step_context().model
         now, _ = _production_holder(this.name, str(this.version), stage)
@@ -195,6 +198,8 @@ def register_model(
     if adapter_meta.get("base_registered_version"):  # e.g. a preference run on top of a registered SFT version
         base_model["registered_version"] = adapter_meta["base_registered_version"]
     code = git_commit()
+    template_record = Path(merged_model.path) / TEMPLATE_RECORD
+    chat_template = json.loads(template_record.read_text()) if template_record.is_file() else {}
     if holder_metrics is not None:  # scored on this run's rows
         holder_version, shown_holder = holder.version, holder_metrics
     else:  # no holder to score: the production holder's own figures, if one exists
@@ -202,7 +207,7 @@ def register_model(
     report = VersionReport(
         model=model.name, version=str(model.version), stage=stage or "none", decision=reason,
         metrics=metric_rows(metrics, shown_holder), production_version=holder_version, data=data,
-        base_model=base_model, merge_check=check, code=code,
+        base_model=base_model, merge_check=check, code=code, chat_template=chat_template,
         run={"id": str(context.pipeline_run.id), "name": context.pipeline_run.name},
         artifacts={name: str(inputs[0].id) for name, inputs in sorted(context.inputs.items()) if inputs},
     )
@@ -213,6 +218,7 @@ def register_model(
         "base_model": base_model,
         "training": adapter_meta.get("result", {}),
         "merge_check": check,
+        "chat_template": chat_template,
         "seed": seed,
         "config_sha256": config_sha256,
         "package_versions": {k: v or "not installed" for k, v in package_versions().items()},

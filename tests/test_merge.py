@@ -32,7 +32,8 @@ def merged(trained, tmp_path_factory):
     from lorapipe.phases.merge import merge_adapter
 
     out = tmp_path_factory.mktemp("merged") / "model"
-    check = merge_adapter(trained["adapter"], str(out), trained["test"], merge_plan("float32"))
+    check = merge_adapter(trained["adapter"], str(out), trained["test"], merge_plan("float32"), parity_samples=3,
+                          parity_max_new_tokens=8)
     return {"out": out, "check": check}
 
 
@@ -118,6 +119,45 @@ def test_shards_respect_max_shard_size(trained, tmp_path):
         # a shard holds at most max_shard_size of tensors, unless one tensor alone is larger
         assert sum(t.numel() * t.element_size() for t in tensors.values()) <= shard_bytes("200KB") or len(tensors) == 1
     assert AutoModelForCausalLM.from_pretrained(str(out)) is not None
+
+
+def test_the_merged_folder_as_served_answers_as_base_plus_adapter(merged):
+    parity = merged["check"].serving_parity
+    assert parity["passed"] and parity["prompts"] == 3 and parity["identical"] == 3 and parity["form"] == "merged"
+    assert all(r["same_prompt_tokens"] and r["first_divergence"] is None and r["adapter_tokens"] > 0
+               for r in parity["rows"])
+    saved = json.loads((merged["out"] / "lorapipe_merge.json").read_text())
+    assert saved["check"]["serving_parity"] == parity  # stored with the folder (and, through it, on the version)
+
+
+def test_a_merged_tokenizer_with_another_template_fails_parity_and_blocks_promotion(trained, tmp_path):
+    """A deliberately broken export: the merged folder's tokenizer carries another chat template. The logits check
+    (token ids made once, with training's tokenizer) cannot see it; the parity check renders the prompts with the
+    folder's own tokenizer, as a server would, and the version is not promoted with that reason."""
+    from lorapipe.data.render import FALLBACK_CHAT_TEMPLATE
+    from lorapipe.phases.merge import merge_adapter
+    from lorapipe.registry import decide_stage
+    from tests.test_promotion import _metrics
+
+    def another_template(folder: Path) -> None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE  # Alpaca-style, not the template training used
+        tokenizer.save_pretrained(str(folder))
+
+    check = merge_adapter(trained["adapter"], str(tmp_path / "broken"), trained["test"], merge_plan("float32"),
+                          before_check=another_template, parity_samples=2, parity_max_new_tokens=4)
+    assert check.passed  # the logits agree: the weights are right
+    parity = check.serving_parity
+    assert not parity["passed"] and not any(r["same_prompt_tokens"] for r in parity["rows"])
+    assert "renders 2 of 2 prompts to other tokens than training did" in parity["reason"]
+    metrics = _metrics()  # a tuned model that beats its base
+    stage, reason = decide_stage(metrics, check.passed, "staging", 0.0, serving_parity=parity)
+    assert stage is None and reason.startswith("the merged model as served answers differently from its adapter: "
+                                               "the served tokenizer renders 2 of 2 prompts")
+    assert decide_stage(metrics, check.passed, "staging", 0.0, serving_parity={**parity, "passed": True})[0] == \
+        "staging"
 
 
 def test_a_corrupted_merge_is_caught(trained, tmp_path):

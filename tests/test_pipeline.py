@@ -155,6 +155,12 @@ def test_model_version_carries_lineage_and_no_empty_duplicates(runs):
     assert len(meta["data"]["files_sha256"]) == 64 and meta["seed"] == 42
     assert meta["package_versions"]["torch"].startswith("2.")
     assert meta["merge_check"]["passed"] is True
+    # the merged model as served answered as base+adapter, and the template every render used is on the version
+    parity = meta["merge_check"]["serving_parity"]
+    assert parity["passed"] and parity["prompts"] == 4 and all(r["same_prompt_tokens"] for r in parity["rows"])
+    template = meta["chat_template"]
+    assert template["chat_template_source"] == "tokenizer" and template["chat_template_kwargs"] == {}
+    assert len(template["chat_template_sha256"]) == 64
     assert len(meta["code"]["commit"]) == 40 or meta["code"]["commit"] == "unknown"
     metrics = latest.steps["evaluate_model"].outputs["eval_metrics"][0].load()
     assert meta["metrics"]["tuned_perplexity"] == pytest.approx(metrics.tuned.perplexity)

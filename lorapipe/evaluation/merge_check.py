@@ -29,6 +29,9 @@ class MergeCheck(ReadsGbNames):
     positions_checked: int = 0
     memory_gib: float = 0.0  # the merge's peak: CUDA's allocated peak, the process's resident high-water mark on CPU
     memory_at_start_gib: Optional[float] = None  # what the process held when the merge began
+    # greedy answers of base+adapter and of the merged folder as served (lorapipe.phases.parity); a failure
+    # keeps the version from promotion, not from registration
+    serving_parity: Optional[dict] = None
 
     def require_passed(self) -> None:
         if not self.passed:

@@ -92,7 +92,8 @@ def _reference_then_merge(backend_name: str, adapter_dir: str, out: Path, phase:
 
 def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDataset, phase: PhasePlan,
                   check_samples: int = 4, atol: Optional[float] = None, max_shard_size: str = "2GB",
-                  before_check: Optional[Callable[[Path], None]] = None) -> MergeCheck:
+                  before_check: Optional[Callable[[Path], None]] = None, parity_samples: int = 0,
+                  parity_max_new_tokens: int = 16) -> MergeCheck:
     """Merge (PEFT) or fuse (mlx-lm) the adapter with the backend that trained it, on the merge phase's device and in
     its dtype, into `out_dir`; reload the saved folder and compare it with base + adapter on `check_samples` rows.
 
@@ -108,6 +109,9 @@ def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDatase
         atol: the largest allowed absolute logit difference; None: by dtype (DEFAULT_ATOL).
         max_shard_size: the largest safetensors shard, e.g. "2GB".
         before_check: called with the saved folder before it is reloaded (tests corrupt a shard here).
+        parity_samples: test prompts answered greedily by base+adapter and by the saved folder as served
+            (`lorapipe.phases.parity`), for a task that generates; 0: none.
+        parity_max_new_tokens: tokens generated per parity prompt.
 
     Returns:
         The check; `check.require_passed()` raises MergeCheckFailed when it failed.
@@ -156,6 +160,14 @@ def merge_adapter(adapter_dir: str, out_dir: str, check_rows: ConversationDatase
             before_check(out)
         tol = atol if atol is not None else DEFAULT_ATOL[phase.dtype]
         check = task.compare_merged(out, inputs, reference, phase, tol)
+        if parity_samples and task.spec.generates and check.passed:
+            from lorapipe.phases.parity import serving_parity
+
+            parity = serving_parity(adapter_dir, str(out), check_rows.records, phase, parity_samples,
+                                    parity_max_new_tokens, tol)
+            check.serving_parity = parity.model_dump()
+            log.info("serving parity (%d prompts, greedy, %d tokens): %s: %s", parity.prompts,
+                     parity.max_new_tokens, "passed" if parity.passed else "FAILED", parity.reason)
     check.memory_gib = memory.peak_gib
     check.memory_at_start_gib = memory.start_gib
     log.info("merge check: max |logit diff| %.3g, mean %.3g, greedy agreement %.1f%% over %d positions (tolerance "
