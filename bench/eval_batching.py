@@ -39,9 +39,9 @@ def tiny_model_folder() -> Path:
 def main() -> None:
     import torch
 
+    from lorapipe.data.end_tokens import end_token_ids
     from lorapipe.data.formats import read_records
     from lorapipe.evaluation.metrics import generate_batched, generation_rows
-    from lorapipe.models.end_tokens import end_token_ids
     from lorapipe.models.loading import load_model, load_tokenizer
 
     folder = tiny_model_folder()

@@ -95,6 +95,18 @@ def validation_html(report: ValidationReport) -> str:
                     [(c.name, c.weight if c.weight is not None else f"<= {c.max_rows}" if c.max_rows else "all",
                       c.rows_read, c.rows_accepted, c.rows_rejected, c.rows_sampled, f"{c.share:.1%}",
                       c.sha256[:12]) for c in report.sources])))
+    if report.template is not None:
+        t = report.template
+        parts.append(h.section("Chat template (every render: training, evaluation, predict, serving)", h.key_values([
+            ("from", t.source), ("sha256", t.sha256), ("switches", t.kwargs or "none"),
+            ("tokens it added (trained)", ", ".join(t.added_tokens) or "none"), ("tokenizer size", t.tokenizer_size)])))
+    if report.reasoning is not None:
+        r = report.reasoning
+        parts.append(h.section("Reasoning traces", h.key_values([
+            ("data.reasoning", r.setting), ("rows with a trace", r.rows), ("traces", r.traces),
+            *((("trained (inside the labels)", r.trained), ("left out by the template", r.lost))
+              if r.setting == "keep" else (("found in the labels anyway", r.leaked),)),
+            ("the template reads reasoning_content", r.template_reads_field)])))
     if report.problem_counts:
         severity = {p.code: p.severity for p in report.problems}
         parts.append(h.section("Problems by kind", h.table(

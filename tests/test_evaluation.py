@@ -10,6 +10,7 @@ import torch
 
 from lorapipe.config import EvaluateSection
 from lorapipe.data.dataset import ConversationDataset
+from lorapipe.data.end_tokens import end_token_ids
 from lorapipe.data.render import render
 from lorapipe.evaluation.metrics import (
     generate_batched,
@@ -18,7 +19,6 @@ from lorapipe.evaluation.metrics import (
     text_scores,
 )
 from lorapipe.hardware.plan import PhasePlan
-from lorapipe.models.end_tokens import end_token_ids
 
 CPU_F32 = PhasePlan(phase="evaluate", device="cpu", dtype="float32", batch_size=3, max_seq_length=128, reason="test")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lorapipe.data.end_tokens import end_tokens
 from lorapipe.export.modelfile import (
     CHATML,
     LLAMA3,
@@ -14,7 +15,6 @@ from lorapipe.export.modelfile import (
     ollama_modelfile,
     write_modelfile,
 )
-from lorapipe.models.end_tokens import end_tokens
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 

@@ -165,7 +165,7 @@ def test_stop_token_check_equals_the_plain_definition():
     for _ in range(5000):
         n = rng.randint(0, 30)
         ids, mask = [rng.randint(0, 5) for _ in range(n)], [rng.randint(0, 1) for _ in range(n)]
-        assert _turns_end_with(ids, mask, 3) == reference(ids, mask, 3), (ids, mask)
+        assert _turns_end_with(ids, mask, {3}) == reference(ids, mask, 3), (ids, mask)
 
 
 def test_expectation_results_come_with_ge_data_docs(tiny_tokenizer):

@@ -45,7 +45,8 @@ def load_base(meta: dict, dtype: str, device: str) -> Any:
 
     kind = task_spec(task_of(meta)).model_kind
     model = load_model(meta["base_model"], dtype, meta.get("base_revision"), meta.get("trust_remote_code", False),
-                       device=device, kind=kind, labels=meta.get("labels") if kind == "sequence_classifier" else None)
+                       device=device, kind=kind, labels=meta.get("labels") if kind == "sequence_classifier" else None,
+                       vocab_rows=meta.get("tokenizer_size"))
     if model.config.pad_token_id is None and meta.get("pad_token_id") is not None:
         model.config.pad_token_id = meta["pad_token_id"]
     return model

@@ -32,12 +32,43 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
+# model.chat_template by name: a template chosen on purpose (a base model without one, or to replace the tokenizer's),
+# with the special tokens it writes, which are added to the tokenizer where missing and trained (new embedding rows)
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+BUILTIN_TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "chatml": (CHATML_TEMPLATE, ("<|im_start|>", "<|im_end|>")),
+    "llama3": (LLAMA3_TEMPLATE, ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+    "alpaca": (FALLBACK_CHAT_TEMPLATE, ()),
+}
+
+
 class RenderError(ValueError):
     pass
 
 
 def ensure_chat_template(tokenizer: Any, override: Optional[str] = None) -> str:
-    """Give the tokenizer a chat template: the config's, else its own, else the fallback. Returns its source."""
+    """Give the tokenizer a chat template: the config's (a built-in by name, a Jinja file or a Jinja string), else
+    its own, else the fallback. Returns its source. A built-in's special tokens missing from the vocabulary are
+    added (`tokenizer.lorapipe_added_tokens`): the model's embeddings grow by as many rows, which training trains."""
+    tokenizer.lorapipe_added_tokens = list(getattr(tokenizer, "lorapipe_added_tokens", None) or [])
+    if override in BUILTIN_TEMPLATES:
+        template, tokens = BUILTIN_TEMPLATES[override]
+        tokenizer.chat_template = template
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in tokens if t not in vocab]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing},
+                                         replace_extra_special_tokens=False)
+            tokenizer.lorapipe_added_tokens += missing
+        return f"builtin:{override}"
     if override:
         path = Path(override)
         tokenizer.chat_template = path.read_text(encoding="utf-8") if path.exists() else override

@@ -136,6 +136,17 @@ class ReasoningData(BaseModel):
                 f"{self.lost} left out by the chat template")
 
 
+class TemplateInfo(BaseModel):
+    """The chat template every render of the run uses (training, evaluation, predict, serving files)."""
+
+    source: str = Field(description="builtin:<name>, config (a Jinja file or string), tokenizer or fallback")
+    sha256: str = Field("", description="sha256 of the template text")
+    kwargs: dict = Field(default_factory=dict, description="model.chat_template_kwargs")
+    added_tokens: list[str] = Field(default_factory=list, description="special tokens a built-in template added to "
+                                                                      "the vocabulary (their embeddings train)")
+    tokenizer_size: int = 0
+
+
 class SourceCounts(BaseModel):
     """One source of the data (a mixture's entry, or data.paths as one): what was read from it and what trains."""
 
@@ -169,6 +180,7 @@ class ValidationReport(BaseModel):
     preference: Optional[PreferenceData] = None
     sources: list[SourceCounts] = []
     reasoning: Optional[ReasoningData] = None
+    template: Optional[TemplateInfo] = None
     rows_sampled: Optional[int] = Field(None, description="a mixture: the rows drawn from the accepted ones (seeded); "
                                                           "the data fingerprint is theirs")
     passed: bool
@@ -223,6 +235,10 @@ class ValidationReport(BaseModel):
             lines.append(self.preference.summary())
         if self.reasoning:
             lines.append(self.reasoning.summary())
+        if self.template and (self.template.added_tokens or self.template.source.startswith("builtin")):
+            lines.append(f"chat template {self.template.source} (sha256 {self.template.sha256[:12]})"
+                         + (f"; added tokens {', '.join(self.template.added_tokens)}, trained"
+                            if self.template.added_tokens else ""))
         if self.audit:
             a = self.audit
             lines.append(f"learns-to-stop audit: {a.stop_token_trained_fraction:.1%} rows train the stop token "

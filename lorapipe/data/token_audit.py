@@ -54,6 +54,10 @@ class TokenAudit:
     def __init__(self, tokenizer: Any, max_len: Optional[int], overlength: str):
         self.tok, self.max_len, self.overlength = tokenizer, max_len, overlength
         self.eos_id = tokenizer.eos_token_id
+        # what ends a turn: EOS or the template's own turn end (<|eot_id|>, <|im_end|>): generation stops on either
+        from lorapipe.data.end_tokens import end_token_ids
+
+        self.end_ids = set(end_token_ids(tokenizer)) if tokenizer is not None else set()
         self.lengths: list[int] = []
         self.rows = self.stop_rows = self.roundtrip = self.roundtrip_checked = self.truncated = self.trained = 0
 
@@ -90,7 +94,7 @@ class TokenAudit:
                                      "no_trainable_tokens"))
                 out.append((["no_trainable_tokens"], {}))
                 continue
-            if _turns_end_with(enc.input_ids, enc.assistant_mask, self.eos_id):
+            if _turns_end_with(enc.input_ids, enc.assistant_mask, self.end_ids):
                 self.stop_rows += 1
             if not enc.truncated:  # a truncated row cannot round-trip by construction: not counted either way
                 roundtrips.append((enc.input_ids, enc.rendered))
@@ -157,12 +161,13 @@ class TokenAudit:
         return stats, audit
 
 
-def _turns_end_with(ids: list[int], mask: list[int], eos_id: Optional[int], window: int = 3) -> bool:
-    """True when every contiguous trained run has the EOS id among its last `window` tokens."""
-    if eos_id is None:
+def _turns_end_with(ids: list[int], mask: list[int], end_ids: set[int], window: int = 3) -> bool:
+    """True when every contiguous trained run has an end id (EOS or the template's turn end) among its last `window`
+    tokens."""
+    if not end_ids:
         return False
     runs = [m.span() for m in _TRAINED_RUN.finditer(bytes(mask))]  # the runs of 1s, found in C
-    return bool(runs) and all(eos_id in ids[max(s, e - window):e] for s, e in runs)
+    return bool(runs) and all(not end_ids.isdisjoint(ids[max(s, e - window):e]) for s, e in runs)
 
 
 _TRAINED_RUN = re.compile(b"\x01+")
@@ -254,7 +259,7 @@ class PreferenceTokenAudit(TokenAudit):
                                      "no_trainable_tokens"))
                 out.append((["no_trainable_tokens"], {}))
                 continue
-            if all(_turns_end_with(i, m, self.eos_id) for i, m in zip(ids, masks)):
+            if all(_turns_end_with(i, m, self.end_ids) for i, m in zip(ids, masks)):
                 self.stop_rows += 1
             # each side not cut by the limit must decode back to what was rendered (as for SFT rows)
             roundtrips += [(e.input_ids, e.rendered) for e in encs if cut >= e.full_length]

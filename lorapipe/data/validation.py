@@ -28,6 +28,7 @@ from lorapipe.data.report import (
     RejectedRow,
     RejectedRows,
     SourceCounts,
+    TemplateInfo,
     ValidationOutcome,
     ValidationReport,
     label_order,
@@ -445,11 +446,22 @@ def validate_dataset(
         preference=preference_data,
         sources=source_counts,
         reasoning=reasoning_data,
+        template=_template_info(tokenizer),
         rows_sampled=rows_sampled,
         passed=not verdicts,
         verdict="PASSED" if not verdicts else "FAILED: " + "; ".join(verdicts),
     )
     return ValidationOutcome(kept, sorted(rejected.values(), key=lambda r: (r.source, r.line)), report, facts)
+
+
+def _template_info(tokenizer: Any) -> Optional[TemplateInfo]:
+    if tokenizer is None or not isinstance(getattr(tokenizer, "chat_template", None), str):
+        return None
+    return TemplateInfo(source=getattr(tokenizer, "lorapipe_chat_template_source", "tokenizer"),
+                        sha256=hashlib.sha256(tokenizer.chat_template.encode()).hexdigest(),
+                        kwargs=getattr(tokenizer, "lorapipe_template_kwargs", None) or {},
+                        added_tokens=list(getattr(tokenizer, "lorapipe_added_tokens", None) or []),
+                        tokenizer_size=len(tokenizer))
 
 
 def _reasoning(rec: Record, setting: str, tokenizer: Any, found: ReasoningData) -> None:

@@ -7,7 +7,7 @@ Definitions (the same for base, tuned and any model folder scored with `compare.
   its exp.
 - **generation**: greedy (`do_sample=False`), `torch.manual_seed(seed)` first, `batch_size` prompts at a time,
   left-padded with the pad token, at most `max_new_tokens` new tokens, stopping on *every* end token
-  (`lorapipe.models.end_tokens.end_token_ids`: EOS and the chat template's turn end). Padding on the left keeps
+  (`lorapipe.data.end_tokens.end_token_ids`: EOS and the chat template's turn end). Padding on the left keeps
   each prompt's last token next to its first generated token; batched output equals one-at-a-time output.
 - **exact_match**: share of generations equal to the reference after whitespace normalisation (runs of
   whitespace -> one space, ends stripped); case-sensitive.
@@ -293,7 +293,7 @@ def generate_scores(model: Any, tokenizer: Any, records: list[Record], max_new_t
     """Generate every generable row and score it: the text metrics asked, the learned-to-stop rate, the mean
     overshoot and the generation time (ModelScores fields), and one sample per row (source, prompt, reference,
     prediction, stopped, new_tokens)."""
-    from lorapipe.models.end_tokens import end_token_ids
+    from lorapipe.data.end_tokens import end_token_ids
 
     end_ids = end_ids if end_ids is not None else end_token_ids(tokenizer)
     rows = generation_rows(tokenizer, records)

@@ -12,7 +12,7 @@ def write_generation_config(out: Path, tokenizer: Any) -> list[int]:
     the file) stops at the template's turn end as well as at EOS."""
     from transformers import AutoConfig, GenerationConfig
 
-    from lorapipe.models.end_tokens import end_token_ids
+    from lorapipe.data.end_tokens import end_token_ids
 
     ends = end_token_ids(tokenizer)
     try:

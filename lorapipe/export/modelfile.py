@@ -142,7 +142,7 @@ def _quoted(value: str) -> str:
 
 def ollama_modelfile(tokenizer: Any, end_tokens: list[str]) -> OllamaModelfile:
     """The Modelfile's text for a merged folder whose tokenizer is `tokenizer`; `end_tokens`: every token that ends
-    an assistant turn (lorapipe.models.end_tokens), each a `PARAMETER stop`."""
+    an assistant turn (lorapipe.data.end_tokens), each a `PARAMETER stop`."""
     header = ["# Ollama Modelfile written by lorapipe beside the merged weights.",
               "# Build from this folder: ollama create <name> -f Modelfile"]
     family = detect_family(tokenizer.chat_template or "")

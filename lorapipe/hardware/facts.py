@@ -48,6 +48,7 @@ class ModelFacts(BaseModel):
     source: str
     model_type: str
     vocab_size: int
+    added_tokens: int = 0  # special tokens a built-in chat template added (their embedding rows train)
     hidden_size: int
     intermediate_size: int
     layers: int

@@ -385,6 +385,18 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gib: float = 0.0) -> Mem
             add("train", "head gradients", head_n * lora_bytes, f"{head_n:,} x {lora_bytes} B")
         trainable = lora_n + head_n
         per_trained = 2 * lora_bytes + opt
+        if facts.added_tokens and not classifying:
+            # a built-in chat template's new tokens train through PEFT's trainable tokens: their rows of the input
+            # embeddings (and of an untied lm_head), and, each forward, a merged copy of each such matrix and its
+            # gradient (TrainableTokensLayer.get_merged_weights; derived from its code, not measured)
+            modules = 1 if facts.tied_embeddings else 2
+            rows_n = facts.added_tokens * h * modules
+            add("train", "new token rows (trainable) and their gradients", rows_n * 2 * a,
+                f"{facts.added_tokens} tokens x {modules} module(s) x h x 2a")
+            add("train", "new token rows: merged embedding copies and their gradients", modules * 2 * V * h * a,
+                f"{modules} module(s) x 2 x vocab x h x a = {modules} x 2 x {V} x {h} x {a} B (PEFT's trainable "
+                "tokens)")
+            trainable += rows_n
     add("train", "optimizer state", trainable * opt, f"{trainable:,} x {opt:g} B ({x.optimizer})")
     per_layer, formula = _activation_bytes_per_token_layer(facts, x)
     if x.gradient_checkpointing:
@@ -410,7 +422,7 @@ def estimate(facts: ModelFacts, x: MemoryInputs, budget_gib: float = 0.0) -> Mem
     elif x.task == "preference":
         _preference_logits_terms(add, x, tokens, V, a)
     elif ((chunk := BACKENDS[x.backend].sft_loss_chunk_tokens) and x.loss_chunks == 1 and x.sft_loss == "backend"
-          and x.task == "sft"):
+          and x.task == "sft" and not (facts.added_tokens and not facts.tied_embeddings)):
         # TRL's chunked_nll: the final hidden states are gathered to the trained tokens (two copies: the shift and
         # the gather), then lm_head and the loss run on `chunk` of them at a time under checkpointing: one chunk's
         # logits, upcast to fp32, with log_softmax and the entropy TRL logs, forward and recomputed in backward

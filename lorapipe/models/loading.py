@@ -30,9 +30,12 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
     # where the template came from (config, tokenizer, fallback): the audit reports it
     tok.lorapipe_chat_template_source = ensure_chat_template(tok, chat_template)
     record = Path(name_or_path) / TEMPLATE_RECORD
-    if template_kwargs is None and record.is_file():
-        template_kwargs = json.loads(record.read_text()).get("chat_template_kwargs")
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+    if template_kwargs is None:
+        template_kwargs = saved.get("chat_template_kwargs")
     tok.lorapipe_template_kwargs = dict(template_kwargs or {})
+    if saved.get("added_tokens"):  # a folder lorapipe saved: the tokens its template added, trained with it
+        tok.lorapipe_added_tokens = list(dict.fromkeys([*saved["added_tokens"], *tok.lorapipe_added_tokens]))
     if tok.pad_token is None:
         # Prefer a token that is not EOS; if only EOS exists, padding is still masked by position
         # (attention mask), never by token id, so EOS keeps being trained. No new token: no resized embeddings.
@@ -52,6 +55,7 @@ def save_tokenizer(tokenizer: Any, folder: Any) -> None:
     (Path(folder) / TEMPLATE_RECORD).write_text(json.dumps({
         "chat_template_kwargs": getattr(tokenizer, "lorapipe_template_kwargs", None) or {},
         "chat_template_source": getattr(tokenizer, "lorapipe_chat_template_source", "tokenizer"),
+        "added_tokens": getattr(tokenizer, "lorapipe_added_tokens", None) or [],
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str) else None,
     }, indent=2, sort_keys=True))
 
@@ -79,8 +83,12 @@ def quantization_config(quantization: str, compute_dtype: str, skip_modules: Opt
 
 def load_model(name_or_path: str, dtype: str, revision: Optional[str] = None, trust_remote_code: bool = False,
                quantization: str = "none", *, device: str, attn_implementation: Optional[str] = None,
-               kind: ModelKind = "causal_lm", labels: Optional[list[str]] = None) -> Any:
+               kind: ModelKind = "causal_lm", labels: Optional[list[str]] = None,
+               vocab_rows: Optional[int] = None) -> Any:
     """The model on the plan's device in the plan's dtype: both come from the caller's plan, never decided here.
+
+    `vocab_rows`: the tokenizer's length; a tokenizer that gained special tokens (a built-in chat template's) needs
+    that many embedding rows, and the model grows to it (`fit_embeddings`).
 
     `kind` (a task's `TaskSpec.model_kind`) "sequence_classifier": an `AutoModelForSequenceClassification`; with
     `labels`, its head has that many outputs and the names go into its config (id2label / label2id), a fresh head
@@ -114,6 +122,25 @@ def load_model(name_or_path: str, dtype: str, revision: Optional[str] = None, tr
             k for k, *_ in (info.get("mismatched_keys") or [])})
     else:
         model = auto_class.from_pretrained(name_or_path, **kwargs)
+    if vocab_rows is not None:
+        fit_embeddings(model, vocab_rows)
     if qconf is None:
         model.to(device)
     return model
+
+
+def fit_embeddings(model: Any, vocab_rows: int) -> list[int]:
+    """Grow the input (and an untied output) embeddings to `vocab_rows` when the tokenizer has more tokens than the
+    model has rows; each new row starts as the mean of the existing ones (deterministic: the base scores the same in
+    every phase, and the adapter's trained rows replace them). Returns the new rows' ids."""
+    import torch
+
+    rows = model.get_input_embeddings().weight.shape[0]
+    if vocab_rows <= rows:
+        return []
+    model.resize_token_embeddings(vocab_rows, mean_resizing=False)
+    with torch.no_grad():
+        for layer in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+                      and m.weight.shape[0] == vocab_rows}.values():
+            layer.weight[rows:] = layer.weight[:rows].float().mean(0).to(layer.weight.dtype)
+    return list(range(rows, vocab_rows))

@@ -58,8 +58,8 @@ def _greedy(model: Any, tokenizer: Any, prompts: list[tuple[str, list[dict], Any
     nothing but the model and the template decides the tokens)."""
     import torch
 
+    from lorapipe.data.end_tokens import end_token_ids
     from lorapipe.data.render import render
-    from lorapipe.models.end_tokens import end_token_ids
 
     ends = end_token_ids(tokenizer)
     device = next(model.parameters()).device

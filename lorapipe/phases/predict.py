@@ -181,8 +181,8 @@ def generate(model: Any, tokenizer: Any, prompt: str | list[dict], max_new_token
     `stream`: a text stream the answer is written to token by token as it is generated."""
     import torch
 
+    from lorapipe.data.end_tokens import end_token_ids
     from lorapipe.data.render import render
-    from lorapipe.models.end_tokens import end_token_ids
 
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system and not any(m.get("role") == "system" for m in messages):

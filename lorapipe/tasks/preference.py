@@ -34,7 +34,7 @@ from lorapipe.data.dataset import ConversationDataset
 from lorapipe.data.records import Record
 from lorapipe.evaluation.metrics import BaseScores, EvalMetrics, ModelScores
 from lorapipe.hardware.plan import PhasePlan, TrainingPlan
-from lorapipe.tasks.sft import SFT, init_adapter_folder, lora_config
+from lorapipe.tasks.sft import SFT, init_adapter_folder, lora_config, new_token_ids, ties_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,8 @@ class Preference(SFT):
         already_peft = data.facts["init_adapter"] is not None or hasattr(model, "peft_config")
         return trainer_class(trainer_cls)(model=model, args=args, train_dataset=train_rows, eval_dataset=data.eval,
                                           processing_class=tokenizer,
-                                          peft_config=None if already_peft else lora_config(t.lora),
+                                          peft_config=None if already_peft else lora_config(
+                                              t.lora, new_token_ids(tokenizer), ties_embeddings(model)),
                                           callbacks=callbacks)
 
     def announce(self, model: Any, plan: TrainingPlan, data: PreparedData) -> None:

@@ -59,11 +59,29 @@ def tokenize_dataset(dataset: ConversationDataset, tokenizer: Any, max_length: i
     return Dataset.from_dict(rows)
 
 
-def lora_config(lora: LoraSection) -> Any:
+def lora_config(lora: LoraSection, new_tokens: Optional[list[int]] = None, tied: bool = True) -> Any:
+    """LoRA as configured; with `new_tokens` (a built-in chat template's special tokens, added to the vocabulary)
+    their embedding rows train too (PEFT's trainable tokens), and the output rows of an untied lm_head, or the model
+    could read them but never write them (the turn end it must learn to stop on among them)."""
     from peft import LoraConfig
 
+    trainable = None
+    if new_tokens:
+        trainable = {"embed_tokens": list(new_tokens)} if tied else {"embed_tokens": list(new_tokens),
+                                                                      "lm_head": list(new_tokens)}
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
+                      target_modules=lora.target_modules, task_type="CAUSAL_LM", trainable_token_indices=trainable)
+
+
+def new_token_ids(tokenizer: Any) -> list[int]:
+    """The ids of the tokens a built-in chat template added to the tokenizer (none for the others)."""
+    added = getattr(tokenizer, "lorapipe_added_tokens", None) or []
+    return [int(i) for i in tokenizer.convert_tokens_to_ids(added)] if added else []
+
+
+def ties_embeddings(model: Any) -> bool:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return bool(getattr(config, "tie_word_embeddings", True))
 
 
 class PackedRowsCollator:
@@ -148,7 +166,7 @@ def _score_model(model: Any, tokenizer: Any, scored: list[Record], generated: li
 
 
 def _generation_settings(tokenizer: Any, max_new_tokens: int, batch_size: int, seed: int) -> dict[str, Any]:
-    from lorapipe.models.end_tokens import end_tokens
+    from lorapipe.data.end_tokens import end_tokens
 
     return {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "greedy": True, "seed": seed,
             "padding": "left", "end_tokens": end_tokens(tokenizer)}
@@ -185,7 +203,7 @@ class SFT:
         from lorapipe.models.loading import load_model
 
         model = load_model(m.name_or_path, plan.dtype, m.revision, m.trust_remote_code, plan.quantization,
-                           device=device, attn_implementation=m.attn_implementation)
+                           device=device, attn_implementation=m.attn_implementation, vocab_rows=len(tokenizer))
         if plan.quantization != "none":
             from peft import prepare_model_for_kbit_training
 
@@ -212,12 +230,16 @@ class SFT:
                             "the model builds its mask from position ids", impl)
         # chunked_nll named, not left to TRL's default: the memory model counts its chunk (the catalog's
         # sft_loss_chunk_tokens), not the batch's full logits
+        new_tokens, tied = new_token_ids(tokenizer), ties_embeddings(model)
+        # chunked_nll projects through lm_head's weight itself, which PEFT's trainable tokens wrap on an untied head:
+        # then the model's own loss (the memory model counts full logits for it)
         args = SFTConfig(**arguments, max_length=plan.max_seq_length, packing=t.packing, packing_strategy="bfd",
-                         padding_free=t.packing, loss_type="chunked_nll")
+                         padding_free=t.packing, loss_type="nll" if new_tokens and not tied else "chunked_nll")
         init_adapter = data.facts["init_adapter"]
         trainer = trainer_class(SFTTrainer)(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                                             processing_class=tokenizer,
-                                            peft_config=None if init_adapter is not None else lora_config(t.lora),
+                                            peft_config=None if init_adapter is not None else lora_config(
+                                                t.lora, new_tokens, tied),
                                             callbacks=callbacks)
         if t.packing and "flash" not in str(getattr(model.config, "_attn_implementation", "")):
             trainer.data_collator = PackedRowsCollator(trainer.data_collator, tokenizer.pad_token_id)
@@ -321,7 +343,8 @@ class SFT:
         scored, generated = _rows(test, evaluate.max_samples, evaluate.generation_samples)
         tokenizer = self.tokenizer(m)
         with PhaseMemory(phase.device) as memory:
-            model = load_model(m.name_or_path, phase.dtype, m.revision, m.trust_remote_code, device=phase.device)
+            model = load_model(m.name_or_path, phase.dtype, m.revision, m.trust_remote_code, device=phase.device,
+                               vocab_rows=len(tokenizer))
             if model.config.pad_token_id is None:  # as the adapter's base is loaded (peft_adapter.load_base)
                 model.config.pad_token_id = tokenizer.pad_token_id
             try:
@@ -402,9 +425,9 @@ class SFT:
     def serving_files(self, folder: Path, tokenizer: Any) -> tuple[list[str], Optional[str], str]:
         """A generation config that stops at every end token, and an Ollama Modelfile: (end tokens, the Modelfile's
         chat family or None, its note)."""
+        from lorapipe.data.end_tokens import end_tokens
         from lorapipe.export.generation_config import write_generation_config
         from lorapipe.export.modelfile import write_modelfile
-        from lorapipe.models.end_tokens import end_tokens
 
         write_generation_config(folder, tokenizer)
         ends = end_tokens(tokenizer)

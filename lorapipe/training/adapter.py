@@ -85,7 +85,11 @@ def finish_training(run: TrainingRun, adapter_dir: Path, model: ModelSection, tr
         with open(adapter_dir / TRAINING_LOG, "w") as fh:
             for entry in run.log_history:
                 fh.write(json.dumps(entry) + "\n")
-        write_adapter_metadata(adapter_dir, model, train_cfg, seed, plan, info, extra=extra)
+        # the vocabulary the adapter was trained with: a built-in chat template's added tokens grow the base's
+        # embeddings to it wherever the base is loaded again (evaluation, merge)
+        vocab = {"tokenizer_size": len(tokenizer),
+                 "added_tokens": list(getattr(tokenizer, "lorapipe_added_tokens", None) or [])}
+        write_adapter_metadata(adapter_dir, model, train_cfg, seed, plan, info, extra={**vocab, **(extra or {})})
     return info
 
 
