@@ -48,7 +48,7 @@ def test_a_float32_merge_equals_base_plus_adapter(merged):
 def test_the_merged_folder_loads_and_describes_itself(merged, trained, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorapipe.models.end_tokens import end_token_ids
+    from lorapipe.data.end_tokens import end_token_ids
 
     out = merged["out"]
     model = AutoModelForCausalLM.from_pretrained(str(out))
