@@ -271,3 +271,13 @@ def test_a_family_template_with_another_layout_is_not_translated(tiny_model_dir)
     modelfile = ollama_modelfile(tok, end_tokens(tok))
     assert modelfile.template is None and "does not follow the family's layout" in modelfile.note
     assert "# No TEMPLATE" in modelfile.text
+
+
+def test_the_modelfile_says_it_leaves_tools_out_only_where_the_template_has_them(tiny_model_dir):
+    """Qwen2.5's template renders tool definitions and calls, which the Ollama TEMPLATE does not carry: said, with
+    where to serve tool calling instead; the tiny ChatML template has no tools, and nothing is said about them."""
+    with_tools = _tokenizer(tiny_model_dir, **CASES["qwen2.5"])
+    note = ollama_modelfile(with_tools, end_tokens(with_tools)).note
+    assert "renders tool definitions and tool calls, which this TEMPLATE does not carry" in note
+    plain = _tokenizer(tiny_model_dir)
+    assert "tool" not in ollama_modelfile(plain, end_tokens(plain)).note

@@ -158,13 +158,17 @@ def ollama_modelfile(tokenizer: Any, end_tokens: list[str]) -> OllamaModelfile:
         except NotTranslated as exc:
             template, note = None, f"the {family.name} chat template does not follow the family's layout: {exc}"
         else:
-            left_out = ["tool definitions and tool calls are not translated"]
+            left_out = []
+            if "tool" in (tokenizer.chat_template or ""):  # said only where the template has them to leave out
+                left_out.append("the chat template renders tool definitions and tool calls, which this TEMPLATE "
+                                "does not carry: serve tool calling with the model's own Jinja template (llama.cpp "
+                                "--jinja, transformers)")
             if layout.prefix:
                 left_out.insert(0, f"the BOS token {layout.prefix} is left to the runtime, which adds it when it "
                                    "tokenizes")
             if "trim" in (tokenizer.chat_template or ""):
                 left_out.append("the Jinja template trims message whitespace; Ollama passes messages as sent")
-            note = "; ".join(left_out)
+            note = "; ".join(left_out) or "nothing"
     if template is None:
         header += [f"# No TEMPLATE: {note}.",
                    "# Ollama falls back to the template it detects, if any: write one before serving chat."]
