@@ -46,5 +46,6 @@ def test_backends_say_which_task_each_trains(capsys):
     rows = {r["backend"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["hf"]["tasks"] == ["sft", "classification", "preference"]
     assert rows["hf"]["methods"] == ["lora", "full", "dpo", "kto", "orpo"]
-    assert rows["mlx"]["tasks"] == ["sft"] and "causal LMs" in rows["mlx"]["limits"]
-    assert rows["unsloth"]["tasks"] == ["sft"]
+    assert rows["mlx"]["tasks"] == ["sft", "preference"] and "causal LMs" in rows["mlx"]["limits"]
+    assert rows["mlx"]["methods"] == ["lora", "dpo", "orpo"] and "no KTO" in rows["mlx"]["limits"]
+    assert rows["unsloth"]["tasks"] == ["sft", "preference"]
