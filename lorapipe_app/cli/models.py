@@ -178,3 +178,83 @@ def build_tiny_model(out: str, corpus: tuple, seed: int, size: str, encoder: boo
     return 0
 
 
+
+
+def _served(ref: str) -> tuple[str, str]:
+    """(the merged model's folder, the name clients ask for): a registered version as `MODEL:VERSION`, a folder by
+    its name."""
+    if Path(ref).is_dir():
+        return ref, Path(ref).resolve().name
+    from lorapipe_app.lineage import find_model_version
+
+    mv = find_model_version(ref)
+    return _model_folder(ref, False), f"{mv.model.name}:{mv.name}"
+
+
+def _parity_problem(folder: str) -> Optional[str]:
+    """Why the folder's serving-parity check does not vouch for it, or None when it passed."""
+    record = Path(folder) / "lorapipe_merge.json"
+    if not record.is_file():
+        return "it was not merged by lorapipe, so no serving-parity check was run"
+    parity = (json.loads(record.read_text()).get("check") or {}).get("serving_parity")
+    if not parity:
+        return "its merge ran no serving-parity check (merge.parity_samples: 0, or a version from before the check)"
+    return None if parity.get("passed") else f"its serving-parity check failed: {parity.get('reason')}"
+
+
+@click.command()
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="The port (0: a free one, said at start).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Tokens an answer may have when a request gives no max_tokens.")
+@click.option("--allow-unchecked", is_flag=True,
+              help="Serve a model whose serving-parity check did not pass (or never ran).")
+@opens_store
+def serve(model: str, host: str, port: int, max_new_tokens: int, allow_unchecked: bool) -> int:
+    """Serve a registered version (MODEL, MODEL:VERSION or MODEL:STAGE) or a merged model folder over an
+    OpenAI-compatible HTTP API on this machine (transformers): GET /v1/models, POST /v1/chat/completions (streaming
+    too). Prompts use the version's own chat template and stop tokens; a version whose serving-parity check did not
+    pass is refused unless --allow-unchecked. Stops on Ctrl-C or SIGTERM.
+
+    \b
+    Examples:
+      lorapipe serve lorapipe-quickstart:staging
+      lorapipe serve lorapipe-quickstart:3 --port 8080
+      curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
+    """
+    import signal
+    import threading
+
+    from lorapipe.phases.predict import is_classifier
+    from lorapipe.serving.openai_server import ChatModel, make_server
+
+    folder, name = _served(model)
+    if is_classifier(folder):
+        fail(f"{model}: a classifier; `lorapipe serve` serves chat models (use `lorapipe predict` to classify)")
+    problem = _parity_problem(folder)
+    if problem and not allow_unchecked:
+        fail(f"{model}: not served: {problem}; --allow-unchecked serves it anyway")
+    loaded, tokenizer = _load_for_predict(folder, as_json=False)
+    try:
+        server = make_server(ChatModel(loaded, tokenizer, name), host, port, max_new_tokens)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port (0: a free one)")
+    bound_host, bound_port = server.server_address[:2]
+
+    def stop(signum: int, _frame: object) -> None:  # shutdown() waits for serve_forever: from another thread
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    if problem:
+        click.echo(f"warning: serving unchecked: {problem}", err=True)
+    click.echo(f"serving {name} at http://{bound_host}:{bound_port}/v1 (model name {name!r}; POST "
+               "/v1/chat/completions, GET /v1/models); Ctrl-C or SIGTERM stops it", err=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    click.echo("stopped", err=True)
+    return 0
