@@ -12,6 +12,7 @@ registers a new version. ZenML is imported inside the functions: `import lorapip
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import sys
 import time
@@ -22,6 +23,7 @@ from typing import Any, Optional, Union
 
 from lorapipe.config import ConfigError, LorapipeConfig, ModelSection, load_config
 
+log = logging.getLogger("lorapipe")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_NAME = "finetune"
 # ZenML 0.98 orchestrators whose config accepts `Schedule(cron_expression=...)` (checked in their flavors);
@@ -378,3 +380,45 @@ def cannot_schedule_message(stack: str, flavor: str, config: Any, cron: str, ove
             f"is a no-op served from the cache):\n"
             f"  {cron} cd {shlex.quote(str(Path.cwd()))} && {command} run -c {config_arg}{extra} "
             f">> runs/cron.log 2>&1")
+
+
+def deploy_stage(stage: str, model_name: str, deployment_name: Optional[str] = None,
+                 max_new_tokens: int = 256, run_config: Optional[str] = None) -> Any:
+    """Deploy the inference pipeline (prompt -> answer by the version holding `stage`) with the active stack's
+    deployer; deploying again under the same name updates it in place. `run_config`: a ZenML run configuration
+    (the deployer's settings, e.g. configs/stacks/kubernetes-deployer.deploy.yaml). Returns ZenML's deployment."""
+    use_repo_as_source_root()
+    from zenml.client import Client
+
+    client = Client()
+    stack = client.active_stack
+    if stack.deployer is None:
+        raise UserMistake(f"the active stack {stack.name!r} has no deployer: add the local one with `zenml deployer "
+                          f"register local --flavor local && zenml stack update {stack.name} -d local` (a cluster: "
+                          "the kubernetes flavor, settings in configs/deployer-kubernetes.yaml)")
+    try:
+        holder = client.get_model_version(model_name, stage)
+    except KeyError:
+        raise UserMistake(f"no version of {model_name} holds the stage {stage}: train and promote one first (lorapipe "
+                          f"run), or name another stage") from None
+    from pipelines.inference import answer
+
+    name = deployment_name or f"{model_name}-{stage}"
+    log.info("deploying %s: %s:%s answers (the %s holder when each request arrives) with the %s deployer", name,
+             model_name, holder.name, stage, stack.deployer.flavor)
+    options: dict[str, Any] = {"config_path": run_config} if run_config else {}
+    return answer.with_options(extra={"model_name": model_name, "stage": stage, "max_new_tokens": max_new_tokens},
+                               **options).deploy(deployment_name=name, prompt="Hello")
+
+
+def delete_deployment(name: str) -> None:
+    """Stop the deployment and remove it from the store."""
+    from zenml.client import Client
+
+    client = Client()
+    try:
+        client.get_deployment(name)
+    except KeyError:
+        raise UserMistake(f"no deployment named {name}: `zenml deployment list` lists them") from None
+    client.deprovision_deployment(name)
+    client.delete_deployment(name)

@@ -1,3 +1,4 @@
 from pipelines.finetune import finetune
+from pipelines.inference import answer
 
-__all__ = ["finetune"]
+__all__ = ["answer", "finetune"]

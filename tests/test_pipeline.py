@@ -609,3 +609,60 @@ def test_a_mixture_is_recorded_per_source_and_found_by_one_of_its_files(tiny_mod
     from materializers.reports import validation_html
 
     assert "Mixture: 80 rows drawn" in validation_html(report)
+
+
+def test_the_stage_is_deployed_through_zenml_and_a_new_holder_is_served_at_the_same_url(runs, capsys):
+    """`lorapipe deploy staging`: ZenML's local deployer serves the inference pipeline over HTTP (a daemon process on
+    this machine); its answer is predict's with the staging holder; after another version takes the stage, the same
+    URL answers with it, no redeploy; `zenml deployment list` has it; --delete stops it."""
+    import urllib.request
+
+    from zenml.client import Client
+
+    from lorapipe.phases.predict import generate, load_for_inference
+    from lorapipe_app.cli.models import _model_folder
+
+    client = Client()
+    before = client.active_stack_model.name
+    if "lorapipe-deploy-test" not in {c.name for c in client.list_stack_components(type="deployer").items}:
+        client.create_stack_component(name="lorapipe-deploy-test", flavor="local", component_type="deployer",
+                                      configuration={})
+        client.create_stack(name="lorapipe-deploy-test", components={
+            "orchestrator": client.active_stack_model.components["orchestrator"][0].name,
+            "artifact_store": client.active_stack_model.components["artifact_store"][0].name,
+            "deployer": "lorapipe-deploy-test"})
+    client.activate_stack("lorapipe-deploy-test")
+    name = "lorapipe-test-staging"
+
+    def invoke(url: str, prompt: str) -> dict:
+        request = urllib.request.Request(url.rstrip("/") + "/invoke", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"parameters": {"prompt": prompt}}).encode())
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return json.loads(response.read())
+
+    try:
+        assert main(["deploy", "staging", "--model", "lorapipe-test", "--max-new-tokens", "8"]) == 0
+        assert f"deployed {name}" in capsys.readouterr().out
+        deployment = client.get_deployment(name)
+        assert deployment.url and name in {d.name for d in client.list_deployments().items}
+        holder = client.get_model_version("lorapipe-test", "staging")
+        out = invoke(deployment.url, "What did Apple announce at WWDC25?")
+        assert out["success"], "\n".join(list(client.get_deployment_logs(name))[-40:])
+        assert out["outputs"].get("model_version") == f"lorapipe-test:{holder.name}", out["outputs"]
+        model, tokenizer, _ = load_for_inference(_model_folder(f"lorapipe-test:{holder.name}", False), "cpu",
+                                                 "float32")
+        expected = generate(model, tokenizer, "What did Apple announce at WWDC25?", 8)["completion"]
+        assert out["outputs"]["answer"] == expected
+        other = next(v for v in client.list_model_versions(model="lorapipe-test", size=50).items
+                     if v.id != holder.id and (v.model_artifacts.get("merged_model") or
+                                               v.data_artifacts.get("merged_model")))
+        other.set_stage("staging", force=True)  # a new holder: the running deployment serves it
+        again = invoke(client.get_deployment(name).url, "Hi")
+        assert again["outputs"]["model_version"] == f"lorapipe-test:{other.name}"
+        assert client.get_deployment(name).url == deployment.url
+    finally:
+        holder.set_stage("staging", force=True) if "holder" in locals() else None
+        if name in {d.name for d in client.list_deployments().items}:
+            assert main(["deploy", "--delete", name]) == 0
+        client.activate_stack(before)
+    assert name not in {d.name for d in client.list_deployments().items}

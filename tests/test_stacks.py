@@ -190,7 +190,9 @@ def stack_components() -> list[tuple[str, dict]]:
 
 def test_every_yaml_here_is_a_stack_file_or_a_run_config():
     assert RUN_CONFIGS
-    assert {p.name for p in STACKS.glob("*.yaml")} == {STACK_FILE.name} | {p.name for p in RUN_CONFIGS}
+    deploy_configs = {p.name for p in STACKS.glob("*.deploy.yaml")}  # the inference pipeline's, tested below
+    assert {p.name for p in STACKS.glob("*.yaml")} == {STACK_FILE.name} | {p.name for p in RUN_CONFIGS} | \
+        deploy_configs
     for path in STACKS.glob("*.yaml"):
         assert isinstance(load_yaml(path), dict), path.name
 
@@ -393,3 +395,29 @@ def test_every_placeholder_is_listed_in_the_readme():
     assert found and {p for p in found if p not in readme} == set()
     for _, entry in stack_components():
         assert entry["name"] in readme, f"README.md's register commands miss {entry['name']}"
+
+
+def test_the_deployer_config_validates_against_zenmls_kubernetes_deployer_settings():
+    """`lorapipe deploy --run-config configs/stacks/kubernetes-deployer.deploy.yaml`: a run configuration whose
+    deployer settings ZenML's Kubernetes deployer reads; every key known to its settings classes, every Kubernetes
+    object parsed by the kubernetes client (no cluster is reachable: not deployed)."""
+    from kubernetes.utils import parse_quantity
+    from zenml.config.pipeline_run_configuration import PipelineRunConfiguration
+    from zenml.integrations.kubernetes.flavors.kubernetes_deployer_flavor import KubernetesDeployerSettings
+    from zenml.integrations.kubernetes.pod_settings import KubernetesPodSettings
+    from zenml.integrations.kubernetes.serialization_utils import deserialize_kubernetes_model
+
+    data = load_yaml(STACKS / "kubernetes-deployer.deploy.yaml")
+    PipelineRunConfiguration.model_validate(data)
+    deployer = data["settings"]["deployer.kubernetes"]
+    assert not unknown_keys(KubernetesDeployerSettings, deployer, "deployer.kubernetes")
+    settings = KubernetesDeployerSettings.model_validate(deployer)
+    assert settings.namespace == "lorapipe" and settings.service_port == 8000
+    pod = deployer["pod_settings"]
+    assert not unknown_keys(KubernetesPodSettings, pod, "deployer.kubernetes.pod_settings")
+    KubernetesPodSettings.model_validate(pod)
+    for toleration in pod["tolerations"]:
+        deserialize_kubernetes_model(toleration, "V1Toleration")
+    deserialize_kubernetes_model(pod["resources"], "V1ResourceRequirements")
+    assert all(parse_quantity(q) for quantities in pod["resources"].values() for q in quantities.values())
+    assert pod["resources"]["limits"][GPU] == "1"

@@ -64,7 +64,8 @@ def cli(debug: bool, verbose: bool) -> None:
 
 
 for command in (run.run, run.schedule, data.validate, plan.preflight, plan.estimate_memory, plan.backends,
-                models.predict, models.serve, models.build_tiny_model, inspect.lineage, inspect.runs, inspect.watch):
+                models.predict, models.serve, models.deploy, models.build_tiny_model, inspect.lineage, inspect.runs,
+                inspect.watch):
     cli.add_command(command)
 
 

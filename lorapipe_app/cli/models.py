@@ -258,3 +258,44 @@ def serve(model: str, host: str, port: int, max_new_tokens: int, allow_unchecked
         server.server_close()
     click.echo("stopped", err=True)
     return 0
+
+
+@click.command()
+@click.argument("stage", required=False)
+@click.option("--model", "model_name", default="lorapipe-quickstart", show_default=True,
+              help="The registered model (register.model_name) whose stage holder answers.")
+@click.option("--name", "deployment_name", help="The deployment's name (default: MODEL-STAGE).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--run-config", type=click.Path(exists=True, dir_okay=False),
+              help="A ZenML run configuration with the deployer's settings, e.g. "
+                   "configs/stacks/kubernetes-deployer.deploy.yaml.")
+@click.option("--delete", "delete", metavar="NAME", help="Stop and remove the deployment NAME instead.")
+@opens_store
+def deploy(stage: Optional[str], model_name: str, deployment_name: Optional[str], max_new_tokens: int,
+           run_config: Optional[str], delete: Optional[str]) -> int:
+    """Deploy an inference pipeline (prompt -> answer) with the active stack's deployer (the local one here, a
+    Kubernetes one on a cluster): the version holding STAGE answers each request, so a new holder is served on its
+    first request, at the same URL. Deploying again under the same name updates it. `zenml deployment list` shows it.
+
+    \b
+    Examples:
+      lorapipe deploy staging --model lorapipe-quickstart
+      curl -X POST http://127.0.0.1:8000/invoke -H 'Content-Type: application/json' \\
+           -d '{"parameters": {"prompt": "What is new in SwiftUI?"}}'
+      lorapipe deploy --delete lorapipe-quickstart-staging
+    """
+    from lorapipe_app.api import UserMistake, delete_deployment, deploy_stage
+
+    try:
+        if delete:
+            delete_deployment(delete)
+            click.echo(f"deleted deployment {delete}")
+            return 0
+        if not stage:
+            raise click.UsageError("give a STAGE (staging, production), or --delete NAME")
+        deployment = deploy_stage(stage, model_name, deployment_name, max_new_tokens, run_config)
+    except UserMistake as exc:
+        fail(str(exc))
+    click.echo(f"deployed {deployment.name}: the {model_name} {stage} holder answers at {deployment.url}/invoke "
+               f"(POST {{\"parameters\": {{\"prompt\": ...}}}}); status {deployment.status}")
+    return 0
