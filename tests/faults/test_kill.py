@@ -104,9 +104,14 @@ def test_killed_during_merge_and_register_the_rerun_ends_with_the_uninterrupted_
     for art in store["artifacts"] + store["model_version"]["artifacts"]:
         assert "load_error" not in art, art
         assert not art["unreadable_files"], art
-    # what the killed merge wrote into its output folder stays there, but no artifact version points to it: nothing
-    # loads it, nothing lists it (ZenML removes a failed step's output folder; a SIGKILL leaves no one to do so)
-    assert all("/merge_model/merged_model/" in folder for folder in store["orphan_folders"]), store["orphan_folders"]
+    # what the killed steps wrote into their output folders stays there, but no artifact version points to it:
+    # nothing loads it, nothing lists it (ZenML removes a failed step's output folder; a SIGKILL leaves no one to do
+    # so). The merge's folder is always there (killed inside its write); the register step's are there when the kill
+    # lands after ZenML prepared its output folders (it prepares them before the step's code runs): a race, both ways
+    killed = ("/merge_model/merged_model/", "/register_model/")
+    orphans = store["orphan_folders"]
+    assert any("/merge_model/merged_model/" in folder for folder in orphans), orphans
+    assert all(any(step in folder for step in killed) for folder in orphans), orphans
     # and the model the faulted runs registered is the one an uninterrupted run registers, byte for byte (CPU, same
     # seed): the preempted training resumed to the same adapter, and the merge redone after the kill wrote the same
     # weights
