@@ -79,10 +79,13 @@ def test_an_answer_is_predicts_and_streams_the_same(server, merged):
     model, tokenizer, _ = load_for_inference(merged, "cpu", "float32")
     assert answer["message"]["content"] == generate(model, tokenizer, QUESTION, max_new_tokens=12)["completion"]
 
-    status, body = call(server["url"] + "/chat/completions", {"messages": QUESTION, "stream": True})
+    status, body = call(server["url"] + "/chat/completions", {"messages": QUESTION, "stream": True,
+                                                              "stream_options": {"include_usage": True}})
     events = [line[len("data: "):] for line in body.decode().splitlines() if line.startswith("data: ")]
     assert status == 200 and events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
+    usage = json.loads(events[-2])
+    assert usage["choices"] == [] and usage["usage"] == doc["usage"]  # the same tokens counted, streamed or not
+    chunks = [json.loads(e) for e in events[:-2]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert streamed.strip() == answer["message"]["content"]

@@ -36,6 +36,7 @@ class ChatRequest:
     stream: bool
     temperature: float
     stop: list[str]
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
 
 
 def parse_request(body: bytes, served: str, default_max_tokens: int) -> ChatRequest:
@@ -69,8 +70,11 @@ def parse_request(body: bytes, served: str, default_max_tokens: int) -> ChatRequ
         raise BadRequest("'stop' must be a string or a list of strings", "stop")
     if doc.get("n", 1) != 1:
         raise BadRequest("'n' other than 1 is not served here", "n")
+    options = doc.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object", "stream_options")
     return ChatRequest([{"role": m["role"], "content": m["content"]} for m in messages], max_tokens,
-                       bool(doc.get("stream", False)), float(temperature), stop)
+                       bool(doc.get("stream", False)), float(temperature), stop, bool(options.get("include_usage")))
 
 
 class ChatModel:
@@ -185,7 +189,7 @@ def make_handler(chat: ChatModel, default_max_tokens: int) -> type[BaseHTTPReque
             try:
                 prompt_tokens, pieces, result = chat.tokens(request)
                 if request.stream:
-                    return self._stream(completion_id, created, pieces, result)
+                    return self._stream(completion_id, created, pieces, result, prompt_tokens, request.include_usage)
                 text = "".join(pieces)
             except RuntimeError as exc:
                 return self._error(500, f"generation failed: {exc}")
@@ -196,7 +200,8 @@ def make_handler(chat: ChatModel, default_max_tokens: int) -> type[BaseHTTPReque
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text.strip()},
                                           "finish_reason": result.get("finish_reason", "stop")}]})
 
-        def _stream(self, completion_id: str, created: int, pieces: Iterator[str], result: dict) -> None:
+        def _stream(self, completion_id: str, created: int, pieces: Iterator[str], result: dict,
+                    prompt_tokens: int, include_usage: bool) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
@@ -217,6 +222,12 @@ def make_handler(chat: ChatModel, default_max_tokens: int) -> type[BaseHTTPReque
             except RuntimeError as exc:
                 self.wfile.write(f"data: {json.dumps({'error': {'message': str(exc)}})}\n\n".encode())
             event({}, result.get("finish_reason", "stop"))
+            if include_usage:  # as OpenAI's API: one more chunk, no choices, the counts
+                completion = result.get("completion_tokens", 0)
+                doc = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": chat.name,
+                       "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                                "total_tokens": prompt_tokens + completion}}
+                self.wfile.write(f"data: {json.dumps(doc)}\n\n".encode())
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
 
