@@ -108,6 +108,22 @@ def test_a_bad_request_gets_a_clear_4xx_and_the_server_keeps_serving(server, bod
     assert call(server["url"] + "/chat/completions", {"messages": QUESTION, "max_tokens": 2})[0] == 200
 
 
+def test_a_client_that_goes_away_mid_stream_leaves_the_server_serving(server):
+    """A streaming client that closes its connection after the first chunk: the server finishes that generation
+    (the model answers one request at a time) and answers the next request."""
+    import socket
+    from urllib.parse import urlparse
+
+    where = urlparse(server["url"])
+    body = json.dumps({"messages": QUESTION, "stream": True, "max_tokens": 12}).encode()
+    with socket.create_connection((where.hostname, where.port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert b"200 OK" in sock.recv(256)
+    status, answer = call(server["url"] + "/chat/completions", {"messages": QUESTION, "max_tokens": 3})
+    assert status == 200 and json.loads(answer)["choices"][0]["message"]["role"] == "assistant"
+
+
 def test_sigterm_stops_it_cleanly(server):
     proc = server["proc"]
     proc.send_signal(signal.SIGTERM)

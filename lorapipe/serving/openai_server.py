@@ -122,17 +122,18 @@ class ChatModel:
                 worker = threading.Thread(target=run, daemon=True)
                 worker.start()
                 emitted = ""
-                for piece in streamer:
-                    cut = _stop_cut(emitted + piece, request.stop)
-                    if cut is not None:  # a client stop string: the answer ends before it
-                        yield (emitted + piece)[len(emitted):cut]
-                        result["finish_reason"] = "stop"
-                        worker.join()
-                        return
-                    emitted += piece
-                    if piece:
-                        yield piece
-                worker.join()
+                try:
+                    for piece in streamer:
+                        cut = _stop_cut(emitted + piece, request.stop)
+                        if cut is not None:  # a client stop string: the answer ends before it
+                            yield (emitted + piece)[len(emitted):cut]
+                            result["finish_reason"] = "stop"
+                            return
+                        emitted += piece
+                        if piece:
+                            yield piece
+                finally:  # also when the client went away mid-stream: the model is free only once generation ends
+                    worker.join()
             if "error" in result:
                 raise RuntimeError(result["error"])
 
@@ -215,12 +216,15 @@ def make_handler(chat: ChatModel, default_max_tokens: int) -> type[BaseHTTPReque
                 self.wfile.write(f"data: {json.dumps(doc)}\n\n".encode())
                 self.wfile.flush()
 
-            event({"role": "assistant", "content": ""})
             try:
+                event({"role": "assistant", "content": ""})
                 for piece in pieces:
                     event({"content": piece})
             except RuntimeError as exc:
                 self.wfile.write(f"data: {json.dumps({'error': {'message': str(exc)}})}\n\n".encode())
+            except (BrokenPipeError, ConnectionResetError):  # the client went away: nothing more to send it
+                pieces.close()  # type: ignore[attr-defined] - a generator: its lock is released after generation
+                return
             event({}, result.get("finish_reason", "stop"))
             if include_usage:  # as OpenAI's API: one more chunk, no choices, the counts
                 completion = result.get("completion_tokens", 0)
