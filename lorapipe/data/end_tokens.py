@@ -6,17 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-_PROBE = "lorapipe-end-probe"
+from lorapipe.data.render import turn_end_text
 
 
 def _template_turn_end(tokenizer: Any) -> list[int]:
-    """The special token the template writes right after an assistant message, found by rendering one."""
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}], tokenize=False)
-    except Exception:  # noqa: BLE001 - a template that cannot render a plain exchange has no turn end to find
-        return []
-    tail = text.split(_PROBE, 1)[1] if _PROBE in text else ""
+    """The special token the template writes right after an assistant message (render.turn_end_text's first)."""
+    tail = turn_end_text(tokenizer)
     ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     return [ids[0]] if ids and ids[0] in special else []

@@ -105,22 +105,59 @@ def template_kwargs(tokenizer: Any) -> dict[str, Any]:
     return dict(getattr(tokenizer, "lorapipe_template_kwargs", None) or {})
 
 
+def template_record(tokenizer: Any) -> dict[str, Any]:
+    """What every render of this tokenizer uses: the template's origin, sha256 and switches, and the tokens a built-in
+    template added (saved beside a tokenizer, shown in the validation report, recorded on the version)."""
+    import hashlib
+
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return {"chat_template_source": getattr(tokenizer, "lorapipe_chat_template_source", "tokenizer"),
+            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str)
+            else None,
+            "chat_template_kwargs": template_kwargs(tokenizer),
+            "added_tokens": list(getattr(tokenizer, "lorapipe_added_tokens", None) or [])}
+
+
 PROBE_TRACE = "lorapipe-probe-trace"
+
+
+def _probed(tokenizer: Any, attribute: str, probe: Any) -> Any:
+    """A fact read off the chat template by rendering a probe (`probe()`), kept on the tokenizer for this template
+    and these switches: a template replaced later is probed again."""
+    key = (getattr(tokenizer, "chat_template", None), repr(sorted(template_kwargs(tokenizer).items())))
+    cached = getattr(tokenizer, attribute, None)
+    if cached is None or cached[0] != key:
+        cached = (key, probe())
+        setattr(tokenizer, attribute, cached)
+    return cached[1]
 
 
 def template_reads_reasoning(tokenizer: Any) -> bool:
     """Whether the chat template renders an assistant turn's `reasoning_content` (Qwen3's does); a template that
     ignores the field gets the trace back inside the content as `<think>...</think>`, as the data wrote it."""
-    cached = getattr(tokenizer, "_lorapipe_reads_reasoning", None)
-    if cached is None:
-        probe = [{"role": "user", "content": "u"},
-                 {"role": "assistant", "content": "a", "reasoning_content": PROBE_TRACE}]
+    def probe() -> bool:
+        messages = [{"role": "user", "content": "u"},
+                    {"role": "assistant", "content": "a", "reasoning_content": PROBE_TRACE}]
         try:
-            cached = PROBE_TRACE in tokenizer.apply_chat_template(probe, tokenize=False, **template_kwargs(tokenizer))
+            return PROBE_TRACE in tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs(tokenizer))
         except Exception:  # noqa: BLE001 - a template that refuses the probe reads no reasoning field
-            cached = False
-        tokenizer._lorapipe_reads_reasoning = cached
-    return cached
+            return False
+
+    return _probed(tokenizer, "_lorapipe_reads_reasoning", probe)
+
+
+def turn_end_text(tokenizer: Any) -> str:
+    """What the template writes after an assistant's answer (ChatML: `<|im_end|>` and a newline), read off a probe;
+    "" when it writes nothing or cannot render a plain exchange."""
+    def probe() -> str:
+        messages = [{"role": "user", "content": "u"}, {"role": "assistant", "content": PROBE_TRACE}]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs(tokenizer))
+        except Exception:  # noqa: BLE001 - a template that cannot render a plain exchange has no turn end to find
+            return ""
+        return text.split(PROBE_TRACE, 1)[1] if PROBE_TRACE in text else ""
+
+    return _probed(tokenizer, "_lorapipe_turn_end", probe)
 
 
 def _inline_reasoning(m: dict) -> dict:
@@ -185,22 +222,10 @@ def _span_in_conversation(tokenizer: Any, full: str, before: str, turn: dict, af
         raise RenderError("the chat template does not render an assistant turn's content as given, so its tokens "
                           "cannot be located; set model.chat_template to a template that does")
     end = at + len(answer)
-    closing = _turn_end(tokenizer)
+    closing = turn_end_text(tokenizer)
     if closing and full.startswith(closing, end):
         end += len(closing)
     return start, end
-
-
-def _turn_end(tokenizer: Any) -> str:
-    """What the template writes after an assistant's answer (ChatML: `<|im_end|>` and a newline), read off a probe."""
-    cached = getattr(tokenizer, "_lorapipe_turn_end", None)
-    if cached is None:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "u"},
-                                              {"role": "assistant", "content": PROBE_TRACE}], tokenize=False,
-                                             **template_kwargs(tokenizer))
-        cached = text.split(PROBE_TRACE, 1)[1] if PROBE_TRACE in text else ""
-        tokenizer._lorapipe_turn_end = cached
-    return cached
 
 
 def trained_turns(tokenizer: Any, record: Record) -> list[str]:

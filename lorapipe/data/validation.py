@@ -457,10 +457,11 @@ def validate_dataset(
 def _template_info(tokenizer: Any) -> Optional[TemplateInfo]:
     if tokenizer is None or not isinstance(getattr(tokenizer, "chat_template", None), str):
         return None
-    return TemplateInfo(source=getattr(tokenizer, "lorapipe_chat_template_source", "tokenizer"),
-                        sha256=hashlib.sha256(tokenizer.chat_template.encode()).hexdigest(),
-                        kwargs=getattr(tokenizer, "lorapipe_template_kwargs", None) or {},
-                        added_tokens=list(getattr(tokenizer, "lorapipe_added_tokens", None) or []),
+    from lorapipe.data.render import template_record
+
+    record = template_record(tokenizer)
+    return TemplateInfo(source=record["chat_template_source"], sha256=record["chat_template_sha256"],
+                        kwargs=record["chat_template_kwargs"], added_tokens=record["added_tokens"],
                         tokenizer_size=len(tokenizer))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from lorapipe.catalog import ModelKind
-from lorapipe.data.render import ensure_chat_template
+from lorapipe.data.render import ensure_chat_template, template_record
 
 
 def torch_dtype(name: str) -> Any:
@@ -46,18 +46,11 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None, trust_remo
 def save_tokenizer(tokenizer: Any, folder: Any) -> None:
     """The tokenizer with its chat template, and beside it what lorapipe rendered with: the template's switches and
     where the template came from (read back by `load_tokenizer`, recorded on the model version)."""
-    import hashlib
     import json
     from pathlib import Path
 
     tokenizer.save_pretrained(str(folder))
-    template = getattr(tokenizer, "chat_template", None) or ""
-    (Path(folder) / TEMPLATE_RECORD).write_text(json.dumps({
-        "chat_template_kwargs": getattr(tokenizer, "lorapipe_template_kwargs", None) or {},
-        "chat_template_source": getattr(tokenizer, "lorapipe_chat_template_source", "tokenizer"),
-        "added_tokens": getattr(tokenizer, "lorapipe_added_tokens", None) or [],
-        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str) else None,
-    }, indent=2, sort_keys=True))
+    (Path(folder) / TEMPLATE_RECORD).write_text(json.dumps(template_record(tokenizer), indent=2, sort_keys=True))
 
 
 # sequence classifiers: modules kept unquantised under QLoRA: the heads (trained in full; transformers keeps only
