@@ -420,11 +420,6 @@ def split_reasoning(msg: dict) -> None:
         del msg["reasoning_content"]
 
 
-def reasoning_traces(messages: Optional[list[dict]]) -> int:
-    """How many of the turns carry a reasoning trace."""
-    return sum(1 for m in messages or () if m.get("reasoning_content"))
-
-
 def _chat_messages(msgs: list, fld_name: str, row: RawRow, found: list[Problem]) -> list[dict]:
     """A list of {role, content} (tool calls kept), each bad one a problem naming its index."""
     out: list[dict] = []
