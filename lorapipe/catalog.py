@@ -136,6 +136,8 @@ class BackendSpec:
     # DPO: the reference log-probabilities are always computed once before training (the policy at step 0 is the
     # reference), whatever train.preference.precompute_reference says
     reference_precomputed: bool = False
+    # trains the embedding rows of tokens a built-in chat template adds to the vocabulary (PEFT's trainable tokens)
+    trains_new_tokens: bool = False
     # task sft: the loss projects only the trained tokens through lm_head, this many at a time (TRL's chunked_nll:
     # `trl.trainer.sft_trainer._CHUNKED_LM_HEAD_CHUNK_SIZE`), so the vocabulary-wide logits never span the batch;
     # None: the model's own loss over every position's logits
@@ -155,7 +157,7 @@ BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
         devices=("cuda", "cpu", "mps"), auto_on=("cuda", "cpu"), quantization=QUANTIZATIONS,
         quantized_by="bitsandbytes", optimizers=OPTIMIZERS, lora_bias=LORA_BIAS, features=OPTIONAL_FEATURES,
         adapter_format="peft", data_parallel=True, tasks=("sft", "classification", "preference"),
-        methods=("lora", "full", "dpo", "kto", "orpo"), sft_loss_chunk_tokens=256),
+        methods=("lora", "full", "dpo", "kto", "orpo"), sft_loss_chunk_tokens=256, trains_new_tokens=True),
     BackendSpec(
         name="unsloth", summary="Unsloth + TRL: fused kernels and 4-bit QLoRA on CUDA",
         modules=("torch", "transformers", "peft", "trl", "unsloth", "bitsandbytes"), install="pip install -e '.[cuda]'",

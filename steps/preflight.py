@@ -86,19 +86,13 @@ def preflight(
     facts = model_size(m.name_or_path, m.revision, m.trust_remote_code, task=task, num_labels=num_labels)
     template = validation_report.template
     if template is not None and template.added_tokens:
-        # a built-in chat template's new tokens: the embeddings grow to the tokenizer and their rows train
+        # a built-in chat template's new tokens: the embeddings grow to the tokenizer and their rows train (the plan
+        # counts them, and refuses a backend that cannot train them)
         facts = facts.model_copy(update={"vocab_size": max(facts.vocab_size, template.tokenizer_size),
                                          "added_tokens": len(template.added_tokens)})
     plan = decide_plan(t, hw, facts, e, mg, attn_implementation=m.attn_implementation,
                        user_set=set(user_set) if user_set is not None else None, task=task, num_labels=num_labels)
     plan.train.labels = labels
-    if template is not None and template.added_tokens and plan.train.backend != "hf":
-        from lorapipe.hardware.plan import PlanError
-
-        raise PlanError([f"model.chat_template {m.chat_template} adds tokens to the vocabulary "
-                         f"({', '.join(template.added_tokens)}), whose embeddings must train; the "
-                         f"{plan.train.backend} backend trains no embedding rows: set train.backend: hf, or give a "
-                         "template whose tokens the tokenizer has"])
     if task == "preference" and plan.train.method == "kto" and plan.train.micro_batch_size < 2:
         from lorapipe.hardware.plan import PlanError
 

@@ -180,3 +180,15 @@ def test_a_plan_stored_by_an_older_lorapipe_still_loads():
     assert (plan.evaluate.max_seq_length, plan.merge.max_seq_length) == (1024, min(1024, MERGE_CHECK_TOKENS))
     probe = HardwareProbe.model_validate(stored["probe"])
     assert (probe.ram_total_gib, probe.cuda_devices[0].total_memory_gib) == (64.0, 24.0)
+
+
+def test_tokens_a_built_in_template_adds_plan_on_hf_and_are_refused_where_no_embedding_row_trains():
+    """model.chat_template: llama3 on a vocabulary without its header tokens: the facts carry the added tokens (the
+    preflight step reads them off the validation report); hf trains their rows and counts them, mlx is refused."""
+    with_tokens = SMALL.model_copy(update={"added_tokens": 3})
+    planned = decide_plan(TrainSection(backend="hf", device="cpu"), make_probe(ram_gib=128), with_tokens)
+    assert any(t.name == "new token rows (trainable) and their gradients" for t in planned.memory.terms)
+    with pytest.raises(PlanError) as err:
+        decide_plan(TrainSection(backend="mlx"), make_probe(apple=True, ram_gib=128), with_tokens)
+    assert any(p.startswith("model.chat_template adds 3 token(s) to the vocabulary") and "set train.backend: hf" in p
+               for p in err.value.problems)

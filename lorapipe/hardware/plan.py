@@ -544,6 +544,10 @@ def decide_plan(train: TrainSection, probe: HardwareProbe, facts: ModelFacts,
         problems.append(f"{why} needs {module}, not installed here; install with: {install}" + (
             " (or set train.backend to auto/hf)" if why.startswith("train.backend") else ""))
     problems += _refusals(spec, train)
+    if facts.added_tokens and not spec.trains_new_tokens:
+        problems.append(f"model.chat_template adds {facts.added_tokens} token(s) to the vocabulary, whose embeddings "
+                        f"must train; the {spec.name} backend trains no embedding rows: set train.backend: hf, or "
+                        "give a template whose tokens the tokenizer has")
     if train.resume_from is not None and not os.path.isdir(train.resume_from):
         problems.append(f"train.resume_from: {train.resume_from} is not a folder; give a checkpoint folder "
                         "(e.g. runs/<key>/checkpoints/checkpoint-40) or unset it")
