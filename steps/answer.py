@@ -16,11 +16,10 @@ _LOADED: dict[str, Any] = {}
 def _merged_folder(model_name: str, stage: str) -> tuple[str, str]:
     """(the merged model's folder, "model:version") of the version holding `stage` now."""
     mv = Client().get_model_version(model_name, stage)
-    versions = mv.model_artifacts.get("merged_model") or mv.data_artifacts.get("merged_model") or {}
-    if not versions:
+    merged = mv.get_artifact("merged_model")  # its latest, as find_stage_holder and MODEL:STAGE starts read it
+    if merged is None:
         raise ValueError(f"{model_name}:{stage} is version {mv.name}, which holds no merged model")
-    latest = versions[max(versions, key=lambda v: int(v) if str(v).isdigit() else 0)]
-    return latest.load().path, f"{model_name}:{mv.name}"
+    return merged.load().path, f"{model_name}:{mv.name}"
 
 
 def served_stage() -> tuple[str, str, int]:

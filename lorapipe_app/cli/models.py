@@ -19,7 +19,11 @@ def _model_folder(ref: str, adapter: bool) -> str:
         return ref
     from lorapipe_app.lineage import find_model_version
 
-    mv = find_model_version(ref)
+    return _version_folder(find_model_version(ref), ref, adapter)
+
+
+def _version_folder(mv: Any, ref: str, adapter: bool) -> str:
+    """A registered version's merged model folder (its adapter with `adapter`)."""
     name = "adapter" if adapter else "merged_model"
     versions = mv.model_artifacts.get(name) or mv.data_artifacts.get(name)
     if not versions:
@@ -188,7 +192,7 @@ def _served(ref: str) -> tuple[str, str]:
     from lorapipe_app.lineage import find_model_version
 
     mv = find_model_version(ref)
-    return _model_folder(ref, False), f"{mv.model.name}:{mv.name}"
+    return _version_folder(mv, ref, False), f"{mv.model.name}:{mv.name}"
 
 
 def _parity_problem(folder: str) -> Optional[str]:
