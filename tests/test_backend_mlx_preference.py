@@ -8,7 +8,6 @@ Runs on mlx's CPU backend (mlx[cpu] on Linux) as well as on Apple Silicon.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -29,6 +28,7 @@ from lorapipe.data.dataset import ConversationDataset
 from lorapipe.hardware.plan import MemoryEstimate, PhasePlan, TrainingPlan
 from lorapipe.tasks.preference import Preference
 from lorapipe.training.adapter import ADAPTER_METADATA
+from tests.test_backend_mlx import adapter_weights, sha256
 from tests.test_preference_train import learnable_pairs
 
 pytestmark = [pytest.mark.mlx, pytest.mark.slow]
@@ -60,14 +60,6 @@ def plan(method: str = "dpo") -> TrainingPlan:
         memory=MemoryEstimate(weights_gib=0.001, lora_and_optimizer_gib=0.001, activations_gib=0.01, total_gib=0.012,
                               budget_gib=1.0),
     )
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def adapter_weights(adapter_dir: Path) -> dict[str, np.ndarray]:
-    return {k: np.array(v) for k, v in mx.load(str(adapter_dir / "adapters.safetensors")).items()}
 
 
 def training_log(adapter_dir: Path) -> list[dict]:
